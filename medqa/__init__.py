@@ -1,0 +1,1 @@
+"""Shared library behind the DVC stages: data, prompts, models, training, evaluation, reports."""

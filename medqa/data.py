@@ -1,0 +1,255 @@
+"""PubMedQA loading (hub, original layout, HF layout), validation and splitting."""
+from __future__ import annotations
+
+import json
+import logging
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable
+
+from medqa.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+DECISIONS = ("yes", "no", "maybe")
+ORIGINAL_FILE = "ori_pqal.json"
+TEST_FILE = "test_ground_truth.json"
+
+Record = dict[str, Any]
+
+
+# --- loading -------------------------------------------------------------------------------
+
+def _from_original(pmid: str, raw: dict) -> Record:
+    """One record of PubMedQA's original layout (ori_pqal.json) in the normalised layout."""
+    return {
+        "pmid": str(pmid),
+        "question": raw.get("QUESTION"),
+        "contexts": raw.get("CONTEXTS"),
+        "long_answer": raw.get("LONG_ANSWER"),
+        "final_decision": raw.get("final_decision"),
+    }
+
+
+def _from_hf(raw: dict) -> Record:
+    """One record of the Hugging Face layout (pubid, question, context{contexts}, ...)."""
+    context = raw.get("context")
+    contexts = context.get("contexts") if isinstance(context, dict) else context
+    if hasattr(contexts, "tolist"):  # numpy arrays from parquet
+        contexts = contexts.tolist()
+    return {
+        "pmid": str(raw.get("pubid", raw.get("pmid"))),
+        "question": raw.get("question"),
+        "contexts": contexts,
+        "long_answer": raw.get("long_answer"),
+        "final_decision": raw.get("final_decision"),
+    }
+
+
+def _read_json_file(path: Path) -> object:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}") from exc
+    except OSError as exc:
+        raise PipelineError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _load_file(path: Path) -> list[Record]:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pandas as pd
+
+        return [_from_hf(r) for r in pd.read_parquet(path).to_dict("records")]
+    if suffix == ".jsonl":
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(_from_hf(json.loads(line)))
+                    except json.JSONDecodeError as exc:
+                        raise PipelineError(f"{path} line {n} is not valid JSON: {exc.msg}") from exc
+        return rows
+    data = _read_json_file(path)
+    if isinstance(data, dict) and all(isinstance(v, dict) and "QUESTION" in v for v in data.values()):
+        return [_from_original(k, v) for k, v in data.items()]
+    if isinstance(data, list):
+        return [_from_hf(r) for r in data]
+    raise PipelineError(
+        f"{path} is in no known PubMedQA layout: expected the original {{pmid: {{QUESTION, CONTEXTS, "
+        "LONG_ANSWER, final_decision}}}} or a list of records with pubid/question/context/long_answer/"
+        "final_decision"
+    )
+
+
+def _load_hub(dataset: str, config: str) -> list[Record]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(dataset, config, split="train")
+    except Exception as exc:  # the hub raises many kinds; all mean the same to the user
+        raise PipelineError(
+            f"could not load {dataset} ({config}) from the Hugging Face hub: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}\n"
+            "If you are offline, point data.source at a local copy of PubMedQA, e.g. "
+            "`make run DATA=/path/to/pubmedqa/data` or `dvc exp run -S data.source=/path/to/pubmedqa/data` "
+            f"(a directory with {ORIGINAL_FILE} and {TEST_FILE}, or one data file)."
+        ) from exc
+    return [_from_hf(r) for r in ds]
+
+
+def load_records(source: str, hf_dataset: str, hf_config: str) -> list[Record]:
+    """Load PubMedQA from the hub (`source == "hf"`), a data file, or an official data/ directory."""
+    if source == "hf":
+        return _load_hub(hf_dataset, hf_config)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        original = path / ORIGINAL_FILE
+        if not original.exists():
+            raise PipelineError(f"data.source {path} is a directory without {ORIGINAL_FILE}")
+        return _load_file(original)
+    if not path.exists():
+        raise PipelineError(f"data.source {path} does not exist (use 'hf' for the hub or a local path)")
+    return _load_file(path)
+
+
+def load_test_labels(source: str, url: str | None) -> dict[str, str] | None:
+    """The official test split {pmid: decision}: from the source directory, else from `url`.
+
+    Returns None (with a warning) when neither is reachable; the split stage then explains.
+    """
+    if source != "hf" and Path(source).expanduser().is_dir():
+        local = Path(source).expanduser() / TEST_FILE
+        if local.exists():
+            return {str(k): v for k, v in _read_json_file(local).items()}
+    if not url:
+        return None
+    if Path(url).expanduser().exists():
+        return {str(k): v for k, v in _read_json_file(Path(url).expanduser()).items()}
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            return {str(k): v for k, v in json.load(resp).items()}
+    except Exception as exc:
+        log.warning("could not fetch the official test split from %s (%s)", url, exc)
+        return None
+
+
+# --- validation ----------------------------------------------------------------------------
+
+def validate_records(records: list[Record]) -> list[Record]:
+    """Check ids are unique and every field is present and sane; return records sorted by pmid."""
+    if not records:
+        raise PipelineError("the data source holds no records")
+    seen: set[str] = set()
+    for r in records:
+        pmid = r["pmid"]
+        if not pmid or pmid == "None":
+            raise PipelineError(f"a record has no id (pubid/pmid): question {str(r.get('question'))[:60]!r}")
+        if pmid in seen:
+            raise PipelineError(f"record {pmid}: duplicate id")
+        seen.add(pmid)
+        for field in ("question", "long_answer"):
+            if not isinstance(r[field], str) or not r[field].strip():
+                raise PipelineError(f"record {pmid}: field '{field}' is missing or empty")
+        contexts = r["contexts"]
+        if not isinstance(contexts, list) or not any(isinstance(c, str) and c.strip() for c in contexts):
+            raise PipelineError(f"record {pmid}: field 'contexts' is missing or empty")
+        decision = r["final_decision"]
+        if decision not in DECISIONS:
+            raise PipelineError(
+                f"record {pmid}: field 'final_decision' is {decision!r}, expected one of {', '.join(DECISIONS)}"
+            )
+    return sorted(records, key=lambda r: int(r["pmid"]) if r["pmid"].isdigit() else r["pmid"])
+
+
+# --- splitting -----------------------------------------------------------------------------
+
+def _labels(rows: list[Record]) -> list[str]:
+    return [r["final_decision"] for r in rows]
+
+
+def _stratify_ok(labels: list[str], n_small: int) -> bool:
+    counts = Counter(labels)
+    return min(counts.values()) >= 2 and n_small >= len(counts)
+
+
+def split_off(rows: list[Record], size: float | int, seed: int) -> tuple[list[Record], list[Record]]:
+    """Split `rows` into (rest, part) with `part` of `size` (fraction or count), stratified by decision."""
+    from sklearn.model_selection import train_test_split
+
+    n_part = size if isinstance(size, int) else round(len(rows) * size)
+    if n_part <= 0:
+        return list(rows), []
+    if n_part >= len(rows):
+        return [], list(rows)
+    labels = _labels(rows)
+    stratify = labels if _stratify_ok(labels, min(n_part, len(rows) - n_part)) else None
+    rest, part = train_test_split(rows, test_size=n_part, random_state=seed, stratify=stratify)
+    return rest, part
+
+
+def cap(rows: list[Record], max_samples: int | None, seed: int) -> list[Record]:
+    """A seeded, stratified subset of at most `max_samples` rows (never simply the first N)."""
+    if not max_samples or max_samples >= len(rows):
+        return rows
+    _, subset = split_off(rows, int(max_samples), seed)
+    return subset
+
+
+def split_records(
+    rows: list[Record],
+    strategy: str,
+    test_labels: dict[str, str] | None,
+    test_size: float,
+    val_size: float,
+    seed: int,
+) -> dict[str, list[Record]]:
+    """Split into train/val/test by the official test PMIDs or a seeded stratified random split."""
+    if strategy == "official":
+        if not test_labels:
+            raise PipelineError(
+                "split.strategy 'official' needs PubMedQA's test_ground_truth.json, which the download "
+                "stage could not get: point data.source at the official data/ directory, set "
+                "data.test_ids to a local copy, or use split.strategy=random"
+            )
+        by_id = {r["pmid"]: r for r in rows}
+        missing = [p for p in test_labels if p not in by_id]
+        if missing:
+            raise PipelineError(
+                f"{len(missing)} official test PMIDs are not in the data (e.g. {missing[0]}): "
+                "is data.source the pqa_labeled set?"
+            )
+        test = [r for r in rows if r["pmid"] in test_labels]
+        train_val = [r for r in rows if r["pmid"] not in test_labels]
+    elif strategy == "random":
+        train_val, test = split_off(rows, test_size, seed)
+    else:
+        raise PipelineError(f"split.strategy is {strategy!r}, expected 'official' or 'random'")
+    train, val = split_off(train_val, val_size, seed)
+    splits = {"train": train, "val": val, "test": test}
+    for name, part in splits.items():
+        if not part:
+            raise PipelineError(f"the {name} split is empty: check split.test_size / split.val_size")
+    assert_disjoint(splits)
+    return splits
+
+
+def assert_disjoint(splits: dict[str, Iterable[Record]]) -> None:
+    """Fail if any pmid appears in two splits."""
+    owner: dict[str, str] = {}
+    for name, part in splits.items():
+        for r in part:
+            if r["pmid"] in owner:
+                raise PipelineError(f"pmid {r['pmid']} is in both the {owner[r['pmid']]} and {name} splits")
+            owner[r["pmid"]] = name
+
+
+def split_stats(splits: dict[str, list[Record]]) -> dict[str, dict[str, int]]:
+    """Per-split counts and decision distribution, for metrics/split.json."""
+    return {
+        name: {"n": len(rows), **{d: _labels(rows).count(d) for d in DECISIONS}}
+        for name, rows in splits.items()
+    }

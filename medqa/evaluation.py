@@ -1,0 +1,104 @@
+"""The evaluation both eval stages share: same questions, same protocol, base model or adapter."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medqa import metrics
+from medqa.data import DECISIONS
+from medqa.generation import continuation_ids, generate, score_choices
+from medqa.io import read_jsonl, write_json, write_jsonl
+from medqa.models import load_model, load_tokenizer, resolve_hardware
+from medqa.prompts import fit_prompt
+
+log = logging.getLogger(__name__)
+
+
+def long_answer_part(generation: str, answer_prefix: str) -> str:
+    """The generated text before the decision sentence: what is compared with the reference long answer."""
+    cut = generation.lower().find(answer_prefix.lower())
+    return generation[:cut].strip() if cut >= 0 else generation
+
+
+def run_evaluation(
+    params: dict[str, Any],
+    base_dir: str | Path,
+    test_path: str | Path,
+    adapter_dir: str | Path | None,
+    predictions_path: str | Path,
+    official_path: str | Path,
+    metrics_path: str | Path,
+    label: str,
+) -> dict:
+    """Evaluate the base model (or base + adapter) on the test split and write all three outputs."""
+    gen, ev, prefix = params["generation"], params["eval"], params["prompt"]["answer_prefix"]
+    examples = read_jsonl(test_path)
+    hardware = resolve_hardware(params["model"]["quantization"], params["model"]["dtype"])
+    tokenizer = load_tokenizer(base_dir, padding_side="left")
+    model = load_model(base_dir, hardware, adapter_dir)
+    log.info("%s: %d test questions on %s", label, len(examples), hardware.device)
+
+    prompts = [fit_prompt(ex, tokenizer, ev["max_prompt_length"]) for ex in examples]
+    generations = generate(
+        model, tokenizer, prompts, batch_size=ev["batch_size"], max_new_tokens=gen["max_new_tokens"],
+        temperature=gen["temperature"], top_p=gen["top_p"], repetition_penalty=gen["repetition_penalty"],
+        seed=gen["seed"], desc=f"{label}: generating",
+    )
+
+    prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    options = [continuation_ids(tokenizer, prefix, f" {d}") for d in DECISIONS]
+    loglik = np.array(score_choices(
+        model, [p + prefix_ids for p in prompts], options, pad_id=tokenizer.pad_token_id,
+        batch_size=ev["batch_size"], desc=f"{label}: scoring choices",
+    ))
+    probs = np.exp(loglik - loglik.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    del model
+
+    truth = [ex["final_decision"] for ex in examples]
+    choice = [DECISIONS[i] for i in loglik.argmax(axis=1)]
+    parsed = [metrics.parse_decision(g, prefix) for g in generations]
+    answers = [long_answer_part(g, prefix) for g in generations]
+    references = [ex["long_answer"] for ex in examples]
+    per_item = metrics.rouge_scores(answers, references)
+    log.info("%s: BERTScore with %s", label, ev["bertscore_model"])
+    per_item["bertscore_f1"] = metrics.bertscore_f1(
+        answers, references, ev["bertscore_model"], ev["bertscore_num_layers"], ev["batch_size"]
+    )
+
+    n, seed = ev["bootstrap"], ev["seed"]
+    result = {
+        "n_questions": len(examples),
+        "decision": {
+            "choice": metrics.decision_metrics(truth, choice, n, seed),
+            "generated": metrics.decision_metrics(truth, parsed, n, seed),
+        },
+        "text": metrics.text_metrics(per_item, n, seed),
+    }
+    rows = [
+        {
+            "pmid": ex["pmid"],
+            "prompt_id": ex["prompt_id"],
+            "question": ex["question"],
+            "reference": ex["long_answer"],
+            "reference_decision": ex["final_decision"],
+            "generation": g,
+            "decision_generated": d_gen,
+            "decision_choice": d_choice,
+            "choice_probs": {d: round(float(p), 6) for d, p in zip(DECISIONS, row_probs)},
+            **{k: round(float(v[i]), 6) for k, v in per_item.items()},
+        }
+        for i, (ex, g, d_gen, d_choice, row_probs) in enumerate(zip(examples, generations, parsed, choice, probs))
+    ]
+    write_jsonl(predictions_path, rows)
+    write_json(official_path, {ex["pmid"]: d for ex, d in zip(examples, choice)})
+    write_json(metrics_path, result)
+    log.info(
+        "%s: choice accuracy %.3f, generated accuracy %.3f, ROUGE-L %.3f, BERTScore F1 %.3f",
+        label, result["decision"]["choice"]["accuracy"], result["decision"]["generated"]["accuracy"],
+        result["text"]["rougeL"], result["text"]["bertscore_f1"],
+    )
+    return result

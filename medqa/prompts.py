@@ -1,0 +1,115 @@
+"""Prompt building: the one place that turns a PubMedQA record into a prompt and a target."""
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from medqa.errors import PipelineError
+
+
+def user_message(question: str, contexts: list[str]) -> str:
+    """The user turn, as in the reference notebook: the question, then all passages joined by spaces."""
+    return f"Question: {question}\nContext: {join_contexts(contexts)}"
+
+
+def join_contexts(contexts: list[str]) -> str:
+    return " ".join(c.strip() for c in contexts if c and c.strip())
+
+
+def target_text(long_answer: str, decision: str, answer_prefix: str) -> str:
+    """The answer the model learns: the long answer, then the decision in a fixed sentence."""
+    return f"{long_answer.strip()} {answer_prefix} {decision}."
+
+
+def prompt_id(prompt: str) -> str:
+    """A short stable id of a rendered prompt, so a saved answer can be tied to its exact prompt."""
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:12]
+
+
+class PromptFormat:
+    """Renders (system, user) into the model's prompt text and knows the end-of-turn marker.
+
+    With `template` (a string with `{system}` and `{user}`) it is used as is and the turn ends with
+    the tokenizer's EOS token; without one, the tokenizer's own chat template is used.
+    """
+
+    def __init__(self, tokenizer: Any, template: str | None = None):
+        self.tokenizer = tokenizer
+        self.template = template
+        if template is None and not getattr(tokenizer, "chat_template", None):
+            raise PipelineError(
+                "the tokenizer has no chat template: set prompt.template (e.g. "
+                "'<s>[INST] {system}\\n\\n{user} [/INST] ') for this base model"
+            )
+        if template is not None and ("{user}" not in template):
+            raise PipelineError("prompt.template must contain {user} (and may contain {system})")
+        self.end_of_turn = self._end_of_turn()
+
+    def _chat(self, system: str, user: str, answer: str | None = None) -> str:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=answer is None
+            )
+        except Exception:
+            # Some templates (e.g. Mistral's, Gemma's) reject a system turn: fold it into the user turn.
+            merged = [{"role": "user", "content": f"{system}\n\n{user}"}] + messages[2:]
+            return self.tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=answer is None)
+
+    def _end_of_turn(self) -> str:
+        eos = self.tokenizer.eos_token or ""
+        if self.template is not None:
+            return eos
+        marker = "\x00ANSWER\x00"
+        prompt = self._chat("s", "u")
+        full = self._chat("s", "u", marker)
+        if full.startswith(prompt) and marker in full:
+            tail = full[full.index(marker) + len(marker):].rstrip()
+            return tail or eos
+        return eos
+
+    def prompt(self, system: str, user: str) -> str:
+        """The text up to where the model's answer starts."""
+        if self.template is not None:
+            return self.template.format(system=system, user=user)
+        return self._chat(system, user)
+
+
+def format_record(record: dict, fmt: PromptFormat, system: str, answer_prefix: str) -> dict:
+    """A formatted example: the record's ids and references plus the rendered prompt and target."""
+    context = join_contexts(record["contexts"])
+    prompt = fmt.prompt(system, user_message(record["question"], record["contexts"]))
+    return {
+        "pmid": record["pmid"],
+        "prompt_id": prompt_id(prompt),
+        "question": record["question"],
+        "context": context,
+        "long_answer": record["long_answer"],
+        "final_decision": record["final_decision"],
+        "prompt": prompt,
+        "target": target_text(record["long_answer"], record["final_decision"], answer_prefix) + fmt.end_of_turn,
+    }
+
+
+def fit_prompt(example: dict, tokenizer: Any, budget: int) -> list[int]:
+    """Token ids of the example's prompt, with its context cut (never the question) to fit `budget`."""
+    ids = tokenizer(example["prompt"], add_special_tokens=False)["input_ids"]
+    excess = len(ids) - budget
+    if excess <= 0:
+        return ids
+    context_ids = tokenizer(example["context"], add_special_tokens=False)["input_ids"]
+    keep = len(context_ids) - excess
+    while True:
+        if keep <= 0 or example["context"] not in example["prompt"]:
+            raise PipelineError(
+                f"pmid {example['pmid']}: the prompt needs {len(ids)} tokens but only {budget} fit even with "
+                "its context cut: raise train.max_length / eval.max_prompt_length"
+            )
+        short = tokenizer.decode(context_ids[:keep], skip_special_tokens=True)
+        cut = tokenizer(example["prompt"].replace(example["context"], short, 1), add_special_tokens=False)
+        if len(cut["input_ids"]) <= budget:
+            return cut["input_ids"]
+        # Re-tokenising at the cut can merge or split a token or two: cut a little more.
+        keep -= len(cut["input_ids"]) - budget

@@ -1,0 +1,91 @@
+"""The Markdown report: base vs fine-tuned metrics with the change, loss curves, example answers."""
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+# (label, path in the metrics JSON) in the order the table shows them.
+REPORTED = [
+    ("Decision accuracy (choice)", "decision.choice.accuracy"),
+    ("Decision macro-F1 (choice)", "decision.choice.macro_f1"),
+    ("Decision weighted-F1 (choice)", "decision.choice.weighted_f1"),
+    ("Decision accuracy (parsed)", "decision.generated.accuracy"),
+    ("Decision macro-F1 (parsed)", "decision.generated.macro_f1"),
+    ("Decision weighted-F1 (parsed)", "decision.generated.weighted_f1"),
+    ("No decision found (parsed)", "decision.generated.none_rate"),
+    ("ROUGE-1", "text.rouge1"),
+    ("ROUGE-2", "text.rouge2"),
+    ("ROUGE-L", "text.rougeL"),
+    ("BERTScore F1", "text.bertscore_f1"),
+]
+
+
+def _get(tree: dict, dotted: str) -> Any:
+    for key in dotted.split("."):
+        tree = tree[key]
+    return tree
+
+
+def _with_ci(tree: dict, dotted: str) -> str:
+    value = _get(tree, dotted)
+    parent, leaf = dotted.rsplit(".", 1)
+    node = _get(tree, parent)
+    if f"{leaf}_ci_low" in node:
+        return f"{value:.4f} [{node[f'{leaf}_ci_low']:.4f}, {node[f'{leaf}_ci_high']:.4f}]"
+    return f"{value:.4f}"
+
+
+def metrics_table(baseline: dict, finetuned: dict) -> pd.DataFrame:
+    """One row per metric: baseline and fine-tuned (with 95% CIs) and the change."""
+    rows = [
+        {
+            "metric": label,
+            "baseline": _with_ci(baseline, path),
+            "fine-tuned": _with_ci(finetuned, path),
+            "change": f"{_get(finetuned, path) - _get(baseline, path):+.4f}",
+        }
+        for label, path in REPORTED
+    ]
+    return pd.DataFrame(rows)
+
+
+def examples_table(baseline_rows: list[dict], finetuned_rows: list[dict], n: int) -> str:
+    """The first `n` test questions with the reference and both models' answers, as Markdown sections."""
+    tuned = {r["pmid"]: r for r in finetuned_rows}
+    parts = []
+    for row in baseline_rows[:n]:
+        other = tuned.get(row["pmid"], {})
+        parts.append(
+            f"### PMID {row['pmid']}\n\n**Question:** {row['question']}\n\n"
+            f"**Reference** ({row['reference_decision']}): {row['reference']}\n\n"
+            f"**Base** (choice: {row['decision_choice']}, parsed: {row['decision_generated']}): "
+            f"{row['generation'] or '(empty)'}\n\n"
+            f"**Fine-tuned** (choice: {other.get('decision_choice')}, parsed: {other.get('decision_generated')}): "
+            f"{other.get('generation') or '(empty)'}\n"
+        )
+    return "\n".join(parts)
+
+
+def render_report(
+    baseline: dict, finetuned: dict, train: dict, baseline_rows: list[dict], finetuned_rows: list[dict],
+    params: dict, loss_png: str, n_examples: int,
+) -> str:
+    """The whole report as Markdown."""
+    table = metrics_table(baseline, finetuned).to_markdown(index=False, disable_numparse=True)
+    return (
+        "# PubMedQA: base vs fine-tuned\n\n"
+        f"Model `{params['model']['name']}`, LoRA r={params['lora']['r']} alpha={params['lora']['alpha']}, "
+        f"{baseline['n_questions']} test questions (split `{params['split']['strategy']}`). "
+        "Brackets: 95% bootstrap confidence intervals. *Choice*: the decision with the highest "
+        "log-likelihood after the answer prefix; *parsed*: the decision found in the generated text "
+        "(none found counts as wrong).\n\n"
+        f"{table}\n\n"
+        "## Training\n\n"
+        f"Best checkpoint at step {train['best_step']} of {train['steps']} "
+        f"(validation loss {train['best_val_loss']:.4f}), {train['trainable_params']:,} trainable parameters, "
+        f"{train['train_runtime_s']} s.\n\n"
+        f"![loss curves]({loss_png})\n\n"
+        "## Example answers\n\n"
+        f"{examples_table(baseline_rows, finetuned_rows, n_examples)}"
+    )

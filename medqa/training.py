@@ -1,0 +1,199 @@
+"""LoRA / QLoRA fine-tuning with transformers' Trainer: answer-only loss, best checkpoint, resume."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from medqa.errors import PipelineError
+from medqa.io import atomic_dir, read_json, write_json, write_text
+from medqa.models import Hardware, get_profile, load_model, load_tokenizer, lora_targets, resolve_hardware
+from medqa.prompts import fit_prompt
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT = "fingerprint.json"
+
+
+def tokenize_example(example: dict, tokenizer: Any, max_length: int) -> dict[str, list[int]]:
+    """Prompt + target ids with the loss masked (-100) on the prompt; the context is cut, never the target."""
+    target = tokenizer(example["target"], add_special_tokens=False)["input_ids"]
+    if len(target) >= max_length:
+        raise PipelineError(
+            f"pmid {example['pmid']}: the answer alone is {len(target)} tokens; raise train.max_length above it"
+        )
+    prompt = fit_prompt(example, tokenizer, max_length - len(target))
+    return {
+        "input_ids": prompt + target,
+        "attention_mask": [1] * (len(prompt) + len(target)),
+        "labels": [-100] * len(prompt) + target,
+    }
+
+
+def _dataset(examples: list[dict], tokenizer: Any, max_length: int) -> Any:
+    from datasets import Dataset
+
+    return Dataset.from_list([tokenize_example(ex, tokenizer, max_length) for ex in examples])
+
+
+def _fingerprint(params: dict, files: list[Path]) -> str:
+    """What a checkpoint was trained from: the params that shape training and the data files' bytes."""
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    for f in files:
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
+def _resume_point(checkpoints: Path, fingerprint: str) -> str | None:
+    """The last complete checkpoint of an interrupted run with the same params and data, else None
+    (and a stale checkpoints folder is cleared)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    marker = checkpoints / FINGERPRINT
+    if checkpoints.is_dir() and marker.exists() and read_json(marker).get("fingerprint") == fingerprint:
+        last = get_last_checkpoint(str(checkpoints))
+        if last and (Path(last) / "trainer_state.json").exists():
+            return last
+    if checkpoints.exists():
+        shutil.rmtree(checkpoints)
+    checkpoints.mkdir(parents=True)
+    write_json(marker, {"fingerprint": fingerprint})
+    return None
+
+
+def _optimizer(name: str, hardware: Hardware) -> str:
+    if name != "auto":
+        return name
+    return "paged_adamw_8bit" if hardware.quantize_4bit else "adamw_torch"
+
+
+def _write_history(log_history: list[dict], train_csv: Path, val_csv: Path) -> None:
+    """Train and validation loss per step as CSV files for `dvc plots`."""
+    for path, key, extra in ((train_csv, "loss", "learning_rate"), (val_csv, "eval_loss", None)):
+        rows = [e for e in log_history if key in e]
+        lines = [["step", "loss"] + ([extra] if extra else [])]
+        lines += [[e["step"], e[key]] + ([e.get(extra, "")] if extra else []) for e in rows]
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows(lines)
+        write_text(path, buf.getvalue())
+
+
+def train_adapter(
+    params: dict[str, Any],
+    base_dir: Path,
+    train_path: Path,
+    val_path: Path,
+    adapter_dir: Path,
+    checkpoints_dir: Path,
+    train_csv: Path,
+    val_csv: Path,
+    metrics_path: Path,
+) -> dict:
+    """Fine-tune a LoRA adapter on the train split, keep the best by validation loss, write outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (
+        DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer, TrainingArguments, set_seed,
+    )
+
+    from medqa.io import read_jsonl
+
+    tp, lp = params["train"], params["lora"]
+    if tp["save_steps"] % tp["eval_steps"]:
+        raise PipelineError(
+            f"train.save_steps ({tp['save_steps']}) must be a multiple of train.eval_steps ({tp['eval_steps']}) "
+            "so the best checkpoint by validation loss can be kept"
+        )
+    set_seed(tp["seed"])
+    targets = lora_targets(get_profile(params["model"]["name"]), lp["target_modules"])
+    hardware = resolve_hardware(params["model"]["quantization"], params["model"]["dtype"])
+    tokenizer = load_tokenizer(base_dir)
+    train_ds = _dataset(read_jsonl(train_path), tokenizer, tp["max_length"])
+    val_ds = _dataset(read_jsonl(val_path), tokenizer, tp["max_length"])
+    log.info("training on %d examples, validating on %d (%s)", len(train_ds), len(val_ds), hardware.device)
+
+    model = load_model(base_dir, hardware)
+    if hardware.quantize_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = get_peft_model(model, LoraConfig(
+        r=lp["r"], lora_alpha=lp["alpha"], lora_dropout=lp["dropout"], bias="none",
+        target_modules=targets, task_type="CAUSAL_LM",
+    ))
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
+
+    fingerprint = _fingerprint(
+        {k: params[k] for k in ("model", "prompt", "lora", "train")}, [train_path, val_path, base_dir / "source.json"]
+    )
+    resume = _resume_point(checkpoints_dir, fingerprint)
+    if resume:
+        log.info("resuming from %s", resume)
+    cuda = hardware.device == "cuda"
+    args = TrainingArguments(
+        output_dir=str(checkpoints_dir),
+        num_train_epochs=tp["epochs"],
+        max_steps=tp["max_steps"],
+        per_device_train_batch_size=tp["batch_size"],
+        per_device_eval_batch_size=tp["batch_size"],
+        gradient_accumulation_steps=tp["grad_accum"],
+        learning_rate=tp["learning_rate"],
+        weight_decay=tp["weight_decay"],
+        warmup_steps=tp["warmup_ratio"],
+        lr_scheduler_type=tp["scheduler"],
+        optim=_optimizer(tp["optim"], hardware),
+        logging_steps=tp["logging_steps"],
+        eval_strategy="steps",
+        eval_steps=tp["eval_steps"],
+        save_strategy="steps",
+        save_steps=tp["save_steps"],
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        seed=tp["seed"],
+        data_seed=tp["seed"],
+        train_sampling_strategy="group_by_length",
+        bf16=cuda and hardware.dtype == torch.bfloat16,
+        fp16=cuda and hardware.dtype == torch.float16,
+        gradient_checkpointing=cuda,
+        use_cpu=not cuda,
+        report_to="none",
+        dataloader_pin_memory=cuda,
+    )
+    callbacks = []
+    if tp["early_stopping_patience"]:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=tp["early_stopping_patience"]))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    state = trainer.state
+    with atomic_dir(adapter_dir) as tmp:
+        trainer.model.save_pretrained(tmp, safe_serialization=True)
+    _write_history(state.log_history, train_csv, val_csv)
+    best = state.best_model_checkpoint
+    train_losses = [e["loss"] for e in state.log_history if "loss" in e]
+    summary = {
+        "best_step": int(best.rsplit("-", 1)[-1]) if best else state.global_step,
+        "best_val_loss": state.best_metric,
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        "steps": state.global_step,
+        "epochs": state.epoch,
+        "trainable_params": trainable,
+        "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
+        "resumed": bool(resume),
+    }
+    write_json(metrics_path, summary)
+    return summary

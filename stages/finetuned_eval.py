@@ -1,0 +1,15 @@
+"""Stage finetuned_eval: the base model with the trained adapter, on the same test questions."""
+from medqa import paths
+from medqa.errors import stage_main
+from medqa.evaluation import run_evaluation
+from medqa.params import load_params
+
+
+@stage_main
+def main() -> None:
+    run_evaluation(load_params(), paths.BASE_MODEL, paths.TEST, paths.ADAPTER, label="finetuned",
+                   **paths.eval_outputs("finetuned"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Stage report: metrics table (base vs fine-tuned, with the change), loss plot, example answers."""
+from medqa import paths
+from medqa.errors import stage_main
+from medqa.io import read_json, read_jsonl, write_text
+from medqa.params import load_params
+from medqa.plots import plot_losses
+from medqa.report import render_report
+
+
+@stage_main
+def main() -> None:
+    params = load_params()
+    base, tuned = paths.eval_outputs("baseline"), paths.eval_outputs("finetuned")
+    plot_losses(paths.TRAIN_LOSS, paths.VAL_LOSS, paths.LOSS_PNG)
+    text = render_report(
+        read_json(base["metrics_path"]), read_json(tuned["metrics_path"]), read_json(paths.TRAIN_METRICS),
+        read_jsonl(base["predictions_path"]), read_jsonl(tuned["predictions_path"]), params,
+        paths.LOSS_PNG.name, params["report"]["n_examples"],
+    )
+    write_text(paths.REPORT, text)
+    print(f"report: {paths.REPORT}")
+
+
+if __name__ == "__main__":
+    main()

