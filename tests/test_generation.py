@@ -1,0 +1,54 @@
+"""Batched generation and choice scoring against direct, unbatched computations."""
+from __future__ import annotations
+
+import torch
+
+from medqa.generation import continuation_ids, generate, score_choices
+
+
+def _direct_loglik(model, prompt: list[int], option: list[int]) -> float:
+    ids = torch.tensor([prompt + option])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)[0]
+    return sum(logprobs[len(prompt) - 1 + k, tok].item() for k, tok in enumerate(option))
+
+
+def _prompts(tokenizer) -> list[list[int]]:
+    texts = ["Is the sky blue?", "Does a short question work here as well, with more words?", "Yes or no:"]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def test_single_token_choice_scores_match_direct_loglik(tokenizer, tiny_model):
+    prompts = _prompts(tokenizer)
+    options = [continuation_ids(tokenizer, "answer is:", f" {d}") for d in ("yes", "no", "maybe")]
+    assert all(len(o) == 1 for o in options)
+    scores = score_choices(tiny_model, prompts, options, pad_id=tokenizer.pad_token_id, batch_size=2)
+    for prompt, row in zip(prompts, scores):
+        expected = [_direct_loglik(tiny_model, prompt, o) for o in options]
+        assert torch.allclose(torch.tensor(row), torch.tensor(expected), atol=1e-4)
+
+
+def test_multi_token_choice_scores_match_direct_loglik(tokenizer, tiny_model):
+    prompts = _prompts(tokenizer)
+    options = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in (" definitely yes", " no", " perhaps not")]
+    assert any(len(o) > 1 for o in options)
+    scores = score_choices(tiny_model, prompts, options, pad_id=tokenizer.pad_token_id, batch_size=3)
+    for prompt, row in zip(prompts, scores):
+        expected = [_direct_loglik(tiny_model, prompt, o) for o in options]
+        assert torch.allclose(torch.tensor(row), torch.tensor(expected), atol=1e-4)
+
+
+def test_batched_greedy_generation_equals_one_by_one(tokenizer, tiny_model):
+    prompts = _prompts(tokenizer)
+    batched = generate(tiny_model, tokenizer, prompts, batch_size=3, max_new_tokens=8)
+    single = [generate(tiny_model, tokenizer, [p], batch_size=1, max_new_tokens=8)[0] for p in prompts]
+    assert batched == single
+    assert all(isinstance(t, str) for t in batched) and any(batched)
+
+
+def test_sampling_is_seeded(tokenizer, tiny_model):
+    prompts = _prompts(tokenizer)
+    kwargs = dict(batch_size=2, max_new_tokens=8, temperature=1.0, top_p=0.95)
+    assert generate(tiny_model, tokenizer, prompts, seed=1, **kwargs) == generate(
+        tiny_model, tokenizer, prompts, seed=1, **kwargs
+    )

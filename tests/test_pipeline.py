@@ -1,0 +1,109 @@
+"""End to end: the real pipeline, with tiny params, in a throw-away git + DVC copy of the project.
+
+Uses the real default model (offline) and the PubMedQA copy named by PUBMEDQA_DATA, or a small
+synthetic set in the official layout when that is not set.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import pubmedqa_data, write_official_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL_STAGES = {"download", "format", "split", "baseline_eval", "finetune", "finetuned_eval", "report"}
+TINY = {
+    "train": {"max_samples": 6, "max_val_samples": 2, "max_steps": 2, "batch_size": 2, "grad_accum": 1,
+              "eval_steps": 1, "save_steps": 1, "max_length": 384},
+    "generation": {"max_new_tokens": 8},
+    "eval": {"max_samples": 4, "batch_size": 4, "bootstrap": 50},
+}
+
+
+def _run(cmd: list[str], cwd: Path, env: dict) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-4000:]}"
+    return output
+
+
+def _stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Path, dict]:
+    """A git + DVC copy of the project's tracked files with tiny params."""
+    work = tmp_path_factory.mktemp("pipeline")
+    repo = work / "repo"
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    data = pubmedqa_data() or write_official_dir(work / "pubmedqa", n=40, n_test=10)
+    params["data"]["source"] = str(data)
+    for section, values in TINY.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.invalid",
+               GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.invalid",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    _run(["git", "init", "-q"], repo, env)
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "project"], repo, env)
+    return repo, env
+
+
+def test_pipeline_runs_then_reruns_only_what_changed(project):
+    repo, env = project
+    first = _run(["dvc", "repro"], repo, env)
+    assert _stages_run(first) == ALL_STAGES
+
+    again = _run(["dvc", "repro"], repo, env)
+    assert _stages_run(again) == set(), again
+
+    baseline = json.loads((repo / "metrics/baseline.json").read_text())
+    finetuned = json.loads((repo / "metrics/finetuned.json").read_text())
+
+    def keys(tree, prefix=""):
+        return {k2 for k, v in tree.items()
+                for k2 in (keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"})}
+
+    assert keys(baseline) == keys(finetuned)
+    assert {"decision.choice.accuracy", "decision.generated.macro_f1", "decision.choice.weighted_f1",
+            "text.rouge1", "text.rouge2", "text.rougeL", "text.bertscore_f1",
+            "text.bertscore_f1_ci_low"} <= keys(baseline)
+    assert baseline["n_questions"] == 4
+    predictions = [json.loads(line) for line in (repo / "data/predictions/baseline.jsonl").read_text().splitlines()]
+    assert len(predictions) == 4 and all(p["prompt_id"] and p["pmid"] for p in predictions)
+    official = json.loads((repo / "data/predictions/baseline_official.json").read_text())
+    assert set(official) == {p["pmid"] for p in predictions} and set(official.values()) <= {"yes", "no", "maybe"}
+    assert (repo / "models/adapter/adapter_model.safetensors").exists()
+    report = (repo / "reports/report.md").read_text()
+    assert "| Decision accuracy (choice)" in report and "![loss curves](loss.png)" in report
+    assert (repo / "reports/loss.png").stat().st_size > 1000
+
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "baseline run"], repo, env)
+    generation = _run(["dvc", "exp", "run", "-S", "generation.max_new_tokens=6"], repo, env)
+    assert _stages_run(generation) == {"baseline_eval", "finetuned_eval", "report"}
+
+    epochs = _run(["dvc", "exp", "run", "-S", "train.epochs=2"], repo, env)
+    assert _stages_run(epochs) == {"finetune", "finetuned_eval", "report"}
+
+    diff = _run(["dvc", "metrics", "diff", "--all"], repo, env)
+    assert "metrics/baseline.json" in diff and "metrics/finetuned.json" in diff
+    assert "decision.choice.accuracy" in diff
+    _run(["dvc", "plots", "show", "-o", str(repo / "plots_html")], repo, env)
+    assert (repo / "plots_html" / "index.html").exists()

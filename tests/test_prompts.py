@@ -1,0 +1,65 @@
+"""Prompt rendering with the model's chat template or a string template, and context fitting."""
+from __future__ import annotations
+
+import pytest
+
+from medqa.errors import PipelineError
+from medqa.prompts import PromptFormat, fit_prompt, format_record, prompt_id
+from medqa.training import tokenize_example
+
+RECORD = {
+    "pmid": "42",
+    "question": "Does aspirin prevent headaches?",
+    "contexts": ["Aspirin was given to 100 adults.", "Headaches fell by half."],
+    "long_answer": "Aspirin halved headache frequency.",
+    "final_decision": "yes",
+}
+PREFIX = "The direct answer to your question is:"
+
+
+def test_chat_template_prompt_and_target(tokenizer):
+    fmt = PromptFormat(tokenizer)
+    ex = format_record(RECORD, fmt, "Be careful.", PREFIX)
+    assert ex["prompt"] == (
+        "<|im_start|>system\nBe careful.<|im_end|>\n<|im_start|>user\nQuestion: Does aspirin prevent headaches?\n"
+        "Context: Aspirin was given to 100 adults. Headaches fell by half.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert ex["target"] == "Aspirin halved headache frequency. The direct answer to your question is: yes.<|im_end|>"
+    assert ex["prompt_id"] == prompt_id(ex["prompt"]) and len(ex["prompt_id"]) == 12
+
+
+def test_string_template_for_base_models_ends_with_eos(tokenizer):
+    fmt = PromptFormat(tokenizer, "<s>[INST] {system}\n\n{user} [/INST] ")
+    ex = format_record(RECORD, fmt, "Be careful.", PREFIX)
+    assert ex["prompt"].startswith("<s>[INST] Be careful.\n\nQuestion: Does aspirin")
+    assert ex["prompt"].endswith(" [/INST] ")
+    assert ex["target"].endswith(f"yes.{tokenizer.eos_token}")
+    with pytest.raises(PipelineError, match="must contain {user}"):
+        PromptFormat(tokenizer, "[INST] {system} [/INST]")
+
+
+def test_answer_only_loss_mask_decodes_to_the_target(tokenizer):
+    ex = format_record(RECORD, PromptFormat(tokenizer), "Be careful.", PREFIX)
+    item = tokenize_example(ex, tokenizer, max_length=512)
+    answer = [t for t, label in zip(item["input_ids"], item["labels"]) if label != -100]
+    assert tokenizer.decode(answer) == ex["target"]
+    assert item["labels"][: item["labels"].index(answer[0])] == [-100] * item["labels"].index(answer[0])
+    assert len(item["input_ids"]) == len(item["attention_mask"]) == len(item["labels"])
+
+
+def test_truncation_cuts_the_context_and_keeps_question_and_target(tokenizer):
+    long = dict(RECORD, contexts=["Aspirin trial details. " * 200])
+    ex = format_record(long, PromptFormat(tokenizer), "Be careful.", PREFIX)
+    item = tokenize_example(ex, tokenizer, max_length=160)
+    assert len(item["input_ids"]) <= 160
+    text = tokenizer.decode(item["input_ids"])
+    assert "Question: Does aspirin prevent headaches?" in text
+    assert text.endswith(ex["target"]) and text.count("Aspirin trial details.") < 200
+    assert "<|im_start|>assistant\n" in text
+    assert len(fit_prompt(ex, tokenizer, 100)) <= 100
+
+
+def test_prompt_that_cannot_fit_is_a_clear_error(tokenizer):
+    ex = format_record(RECORD, PromptFormat(tokenizer), "Be careful. " * 100, PREFIX)
+    with pytest.raises(PipelineError, match="pmid 42: the prompt needs"):
+        fit_prompt(ex, tokenizer, 50)
