@@ -160,7 +160,9 @@ def train_adapter(
         train_sampling_strategy="group_by_length",
         bf16=cuda and hardware.dtype == torch.bfloat16,
         fp16=cuda and hardware.dtype == torch.float16,
-        gradient_checkpointing=cuda,
+        activation_checkpointing=cuda,
+        # Non-reentrant checkpointing lets gradients reach LoRA weights when the frozen inputs need none.
+        activation_checkpointing_kwargs={"use_reentrant": False} if cuda else None,
         use_cpu=not cuda,
         report_to="none",
         dataloader_pin_memory=cuda,
