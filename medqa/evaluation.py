@@ -9,7 +9,7 @@ import numpy as np
 
 from medqa import metrics
 from medqa.data import DECISIONS
-from medqa.generation import continuation_ids, generate, score_choices
+from medqa.generation import continuation_ids, continuation_logprobs, generate, score_choices
 from medqa.io import read_jsonl, write_json, write_jsonl
 from medqa.models import load_model, load_tokenizer, resolve_hardware
 from medqa.prompts import fit_prompt
@@ -56,11 +56,13 @@ def run_evaluation(
     ))
     probs = np.exp(loglik - loglik.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
+    targets = [tokenizer(ex["target"], add_special_tokens=False)["input_ids"] for ex in examples]
+    target_loglik = continuation_logprobs(
+        model, prompts, targets, pad_id=tokenizer.pad_token_id, batch_size=ev["batch_size"],
+        desc=f"{label}: reference perplexity",
+    )
     del model
 
-    truth = [ex["final_decision"] for ex in examples]
-    choice = [DECISIONS[i] for i in loglik.argmax(axis=1)]
-    parsed = [metrics.parse_decision(g, prefix) for g in generations]
     answers = [long_answer_part(g, prefix) for g in generations]
     references = [ex["long_answer"] for ex in examples]
     per_item = metrics.rouge_scores(answers, references)
@@ -68,16 +70,6 @@ def run_evaluation(
     per_item["bertscore_f1"] = metrics.bertscore_f1(
         answers, references, ev["bertscore_model"], ev["bertscore_num_layers"], ev["batch_size"]
     )
-
-    n, seed = ev["bootstrap"], ev["seed"]
-    result = {
-        "n_questions": len(examples),
-        "decision": {
-            "choice": metrics.decision_metrics(truth, choice, n, seed),
-            "generated": metrics.decision_metrics(truth, parsed, n, seed),
-        },
-        "text": metrics.text_metrics(per_item, n, seed),
-    }
     rows = [
         {
             "pmid": ex["pmid"],
@@ -85,20 +77,26 @@ def run_evaluation(
             "question": ex["question"],
             "reference": ex["long_answer"],
             "reference_decision": ex["final_decision"],
-            "generation": g,
-            "decision_generated": d_gen,
-            "decision_choice": d_choice,
+            "generation": generation,
+            "answer": answer,
+            "decision_generated": metrics.parse_decision(generation, prefix),
+            "decision_choice": DECISIONS[int(np.argmax(row_probs))],
             "choice_probs": {d: round(float(p), 6) for d, p in zip(DECISIONS, row_probs)},
+            "answer_nll": -float(ll),
+            "answer_tokens": len(target),
             **{k: round(float(v[i]), 6) for k, v in per_item.items()},
         }
-        for i, (ex, g, d_gen, d_choice, row_probs) in enumerate(zip(examples, generations, parsed, choice, probs))
+        for i, (ex, generation, answer, row_probs, ll, target) in enumerate(
+            zip(examples, generations, answers, probs, target_loglik, targets)
+        )
     ]
+    result = metrics.summarize(metrics.table_from_rows(rows), ev["bootstrap"], ev["seed"])
     write_jsonl(predictions_path, rows)
-    write_json(official_path, {ex["pmid"]: d for ex, d in zip(examples, choice)})
+    write_json(official_path, {r["pmid"]: r["decision_choice"] for r in rows})
     write_json(metrics_path, result)
     log.info(
-        "%s: choice accuracy %.3f, generated accuracy %.3f, ROUGE-L %.3f, BERTScore F1 %.3f",
+        "%s: choice accuracy %.3f, parsed accuracy %.3f, ROUGE-L %.3f, BERTScore F1 %.3f, perplexity %.2f",
         label, result["decision"]["choice"]["accuracy"], result["decision"]["generated"]["accuracy"],
-        result["text"]["rougeL"], result["text"]["bertscore_f1"],
+        result["text"]["rougeL"], result["text"]["bertscore_f1"], result["text"]["perplexity"],
     )
     return result

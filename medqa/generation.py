@@ -85,6 +85,42 @@ def continuation_ids(tokenizer: Any, context: str, continuation: str) -> list[in
 
 
 @torch.inference_mode()
+def continuation_logprobs(
+    model: Any,
+    contexts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    batch_size: int,
+    desc: str | None = None,
+) -> list[float]:
+    """Summed log-probability of each continuation's tokens after its context, in left-padded batches.
+
+    Only the last positions' logits are computed (`logits_to_keep`), so long contexts cost no
+    vocabulary-sized memory.
+    """
+    device = next(model.parameters()).device
+    sums: list[float] = [0.0] * len(contexts)
+    seqs = [list(c) + list(o) for c, o in zip(contexts, continuations)]
+    with tqdm(total=len(seqs), desc=desc, unit="q", disable=desc is None) as bar:
+        for batch in _batches(_length_order(seqs), batch_size):
+            ids, mask = _left_pad([seqs[i] for i in batch], pad_id, device)
+            keep = max(len(continuations[i]) for i in batch) + 1
+            try:
+                logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+            except TypeError:  # models without logits_to_keep
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, -keep:]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            for row, i in enumerate(batch):
+                n = len(continuations[i])
+                # Logits at position p predict token p + 1: the continuation is the last n tokens.
+                targets = torch.tensor(continuations[i], device=device)
+                sums[i] = logprobs[row, keep - n - 1 : keep - 1].gather(-1, targets[:, None]).sum().item()
+            bar.update(len(batch))
+    return sums
+
+
+@torch.inference_mode()
 def score_choices(
     model: Any,
     prompts: Sequence[Sequence[int]],
@@ -94,31 +130,26 @@ def score_choices(
     batch_size: int,
     desc: str = "scoring choices",
 ) -> list[list[float]]:
-    """Log-likelihood of each option's tokens after each prompt: one forward pass per question.
+    """Log-likelihood of each option's tokens after each prompt.
 
-    When every option is a single token, its log-probability is read off the logits at the last
-    prompt position. Otherwise each option is appended and scored in the same batch.
+    When every option is a single token (the usual case), one forward pass per question reads all
+    options' log-probabilities off the logits at the last prompt position. Otherwise each
+    (prompt, option) pair is scored as a continuation.
     """
+    if not all(len(o) == 1 for o in options):
+        flat = continuation_logprobs(
+            model, [p for p in prompts for _ in options], [o for _ in prompts for o in options],
+            pad_id=pad_id, batch_size=batch_size, desc=desc,
+        )
+        return [flat[i * len(options) : (i + 1) * len(options)] for i in range(len(prompts))]
     device = next(model.parameters()).device
-    single = all(len(o) == 1 for o in options)
+    option_ids = torch.tensor([o[0] for o in options], device=device)
     scores: list[list[float]] = [[] for _ in prompts]
     with tqdm(total=len(prompts), desc=desc, unit="q") as bar:
         for batch in _batches(_length_order(prompts), batch_size):
-            if single:
-                ids, mask = _left_pad([prompts[i] for i in batch], pad_id, device)
-                logits = _last_logits(model, ids, mask)
-                logprobs = torch.log_softmax(logits, dim=-1)
-                option_ids = torch.tensor([o[0] for o in options], device=device)
-                for i, row in zip(batch, logprobs[:, option_ids].tolist()):
-                    scores[i] = row
-            else:
-                seqs = [list(prompts[i]) + list(o) for i in batch for o in options]
-                ids, mask = _left_pad(seqs, pad_id, device)
-                logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-                width = ids.shape[1]
-                for row, (i, o) in enumerate((i, o) for i in batch for o in options):
-                    positions = torch.arange(width - len(o) - 1, width - 1, device=device)
-                    targets = torch.tensor(o, device=device)
-                    scores[i].append(logprobs[row, positions, targets].sum().item())
+            ids, mask = _left_pad([prompts[i] for i in batch], pad_id, device)
+            logprobs = torch.log_softmax(_last_logits(model, ids, mask), dim=-1)
+            for i, row in zip(batch, logprobs[:, option_ids].tolist()):
+                scores[i] = row
             bar.update(len(batch))
     return scores

@@ -1,4 +1,9 @@
-"""Metrics: decision accuracy/F1 (yes/no/maybe), ROUGE, BERTScore, with bootstrap confidence intervals."""
+"""Metrics over a per-question table: decisions (yes/no/maybe), ROUGE, BLEU, BERTScore, perplexity.
+
+Every metric is a function of the per-question table and a set of question indices, so the same
+definition gives the point estimate, its bootstrap interval, and the paired bootstrap interval of a
+difference between two models on the same questions.
+"""
 from __future__ import annotations
 
 import importlib.util
@@ -29,63 +34,6 @@ def parse_decision(text: str, answer_prefix: str) -> str:
             return found.group(1)
     found = _WORD.search(lowered)
     return found.group(1) if found else NONE
-
-
-def bootstrap_ci(
-    statistic: Callable[..., float], samples: Sequence[np.ndarray], n_resamples: int, seed: int
-) -> tuple[float, float]:
-    """95% percentile bootstrap interval of `statistic` over paired samples (scipy.stats.bootstrap)."""
-    from scipy.stats import bootstrap
-
-    point = float(statistic(*samples))
-    if n_resamples <= 0 or len(samples[0]) < 2:
-        return point, point
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # degenerate resamples (all one class) are expected on tiny sets
-        res = bootstrap(
-            tuple(samples), statistic, paired=True, vectorized=False, n_resamples=n_resamples,
-            confidence_level=0.95, method="percentile", random_state=np.random.default_rng(seed),
-        )
-    low, high = res.confidence_interval
-    low = point if np.isnan(low) else float(low)
-    high = point if np.isnan(high) else float(high)
-    return low, high
-
-
-def _with_ci(out: dict, name: str, statistic: Callable[..., float], samples: Sequence[np.ndarray],
-             n_resamples: int, seed: int) -> None:
-    out[name] = float(statistic(*samples))
-    out[f"{name}_ci_low"], out[f"{name}_ci_high"] = bootstrap_ci(statistic, samples, n_resamples, seed)
-
-
-def decision_metrics(y_true: Sequence[str], y_pred: Sequence[str], n_resamples: int, seed: int) -> dict:
-    """Accuracy, macro/weighted F1 (with CIs), per-class F1 and the confusion matrix.
-
-    Predictions outside yes/no/maybe ("none") count as wrong and get their own confusion column.
-    """
-    from sklearn.metrics import confusion_matrix, f1_score
-
-    labels = list(DECISIONS)
-    codes = {label: i for i, label in enumerate(labels + [NONE])}
-    t = np.array([codes[y] for y in y_true])
-    p = np.array([codes.get(y, codes[NONE]) for y in y_pred])
-    label_ids = list(range(len(labels)))
-
-    def f1(average: str) -> Callable[[np.ndarray, np.ndarray], float]:
-        return lambda a, b: f1_score(a, b, labels=label_ids, average=average, zero_division=0)
-
-    out: dict = {}
-    _with_ci(out, "accuracy", lambda a, b: float(np.mean(a == b)), (t, p), n_resamples, seed)
-    _with_ci(out, "macro_f1", f1("macro"), (t, p), n_resamples, seed)
-    _with_ci(out, "weighted_f1", f1("weighted"), (t, p), n_resamples, seed)
-    per_class = f1_score(t, p, labels=label_ids, average=None, zero_division=0)
-    out.update({f"f1_{label}": float(v) for label, v in zip(labels, per_class)})
-    out["none_rate"] = float(np.mean(p == codes[NONE]))
-    matrix = confusion_matrix(t, p, labels=list(range(len(labels) + 1)))
-    out["confusion"] = {
-        truth: {pred: int(matrix[i, j]) for j, pred in enumerate(labels + [NONE])} for i, truth in enumerate(labels)
-    }
-    return out
 
 
 def resolve_bertscore_model(name: str) -> str:
@@ -128,9 +76,125 @@ def bertscore_f1(
     return f1.numpy()
 
 
-def text_metrics(per_item: dict[str, np.ndarray], n_resamples: int, seed: int) -> dict:
-    """Means of per-answer text scores with bootstrap CIs."""
-    out: dict = {}
-    for name, values in per_item.items():
-        _with_ci(out, name, lambda v: float(np.mean(v)), (values,), n_resamples, seed)
+def bleu_sentence_stats(predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
+    """sacrebleu's per-sentence sufficient statistics; corpus BLEU of any subset is a function of their sum."""
+    from sacrebleu.metrics import BLEU
+
+    return np.array(BLEU()._extract_corpus_statistics(list(predictions), [list(references)]), dtype=float)
+
+
+def _bleu_from_stats(stats: np.ndarray) -> float:
+    from sacrebleu.metrics import BLEU
+
+    return float(BLEU()._compute_score_from_stats(list(stats)).score) / 100
+
+
+Table = dict[str, np.ndarray]
+CODES = {label: i for i, label in enumerate(list(DECISIONS) + [NONE])}
+LABEL_IDS = list(range(len(DECISIONS)))
+
+
+def table_from_rows(rows: Sequence[dict]) -> Table:
+    """The per-question table from prediction rows (as written to data/predictions/*.jsonl)."""
+    answers = [r["answer"] for r in rows]
+    references = [r["reference"] for r in rows]
+    return {
+        "truth": np.array([CODES[r["reference_decision"]] for r in rows]),
+        "choice": np.array([CODES[r["decision_choice"]] for r in rows]),
+        "generated": np.array([CODES.get(r["decision_generated"], CODES[NONE]) for r in rows]),
+        **{k: np.array([r[k] for r in rows], dtype=float) for k in ("rouge1", "rouge2", "rougeL", "bertscore_f1")},
+        "nll": np.array([r["answer_nll"] for r in rows], dtype=float),
+        "n_tokens": np.array([r["answer_tokens"] for r in rows], dtype=float),
+        "bleu": bleu_sentence_stats(answers, references),
+    }
+
+
+Statistic = Callable[[Table, np.ndarray], float]
+
+
+def _accuracy(col: str) -> Statistic:
+    return lambda t, i: float(np.mean(t["truth"][i] == t[col][i]))
+
+
+def _f1(col: str, average: str) -> Statistic:
+    from sklearn.metrics import f1_score
+
+    return lambda t, i: float(f1_score(t["truth"][i], t[col][i], labels=LABEL_IDS, average=average, zero_division=0))
+
+
+def _mean(col: str) -> Statistic:
+    return lambda t, i: float(np.mean(t[col][i]))
+
+
+STATISTICS: dict[str, Statistic] = {
+    **{f"decision.{col}.accuracy": _accuracy(col) for col in ("choice", "generated")},
+    **{f"decision.{col}.{avg}_f1": _f1(col, avg) for col in ("choice", "generated") for avg in ("macro", "weighted")},
+    **{f"text.{col}": _mean(col) for col in ("rouge1", "rouge2", "rougeL", "bertscore_f1")},
+    "text.bleu": lambda t, i: _bleu_from_stats(t["bleu"][i].sum(axis=0)),
+    # Perplexity of the reference answers: exp of the mean negative log-likelihood per answer token.
+    "text.perplexity": lambda t, i: float(np.exp(t["nll"][i].sum() / t["n_tokens"][i].sum())),
+}
+
+
+def _interval(statistic: Callable[[np.ndarray], float], n: int, n_resamples: int, seed: int) -> tuple[float, float]:
+    """95% percentile bootstrap interval over questions (scipy.stats.bootstrap, resampling indices)."""
+    from scipy.stats import bootstrap
+
+    point = statistic(np.arange(n))
+    if n_resamples <= 0 or n < 2:
+        return point, point
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # degenerate resamples (one class only) are expected on small sets
+        res = bootstrap(
+            (np.arange(n),), lambda idx: statistic(idx.astype(int)), vectorized=False, n_resamples=n_resamples,
+            confidence_level=0.95, method="percentile", random_state=np.random.default_rng(seed),
+        )
+    low, high = res.confidence_interval
+    return (point if np.isnan(low) else float(low)), (point if np.isnan(high) else float(high))
+
+
+def _set(tree: dict, dotted: str, value: object) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value
+
+
+def _decision_details(table: Table, col: str) -> dict:
+    """Per-class F1, the rate of answers without a decision, and the confusion matrix (+ "none")."""
+    from sklearn.metrics import confusion_matrix, f1_score
+
+    t, p = table["truth"], table[col]
+    per_class = f1_score(t, p, labels=LABEL_IDS, average=None, zero_division=0)
+    matrix = confusion_matrix(t, p, labels=list(CODES.values()))
+    return {
+        **{f"f1_{label}": float(v) for label, v in zip(DECISIONS, per_class)},
+        "none_rate": float(np.mean(p == CODES[NONE])),
+        "confusion": {truth: {pred: int(matrix[i, j]) for pred, j in CODES.items()} for i, truth in enumerate(DECISIONS)},
+    }
+
+
+def summarize(table: Table, n_resamples: int, seed: int) -> dict:
+    """All metrics with `_ci_low`/`_ci_high` siblings, nested as decision.<protocol>.* and text.*."""
+    n = len(table["truth"])
+    out: dict = {"n_questions": n}
+    for name, statistic in STATISTICS.items():
+        low, high = _interval(lambda i, f=statistic: f(table, i), n, n_resamples, seed)
+        _set(out, name, statistic(table, np.arange(n)))
+        _set(out, f"{name}_ci_low", low)
+        _set(out, f"{name}_ci_high", high)
+    for col in ("choice", "generated"):
+        out["decision"][col].update(_decision_details(table, col))
+    return out
+
+
+def paired_differences(base: Table, tuned: Table, n_resamples: int, seed: int) -> dict[str, tuple[float, float, float]]:
+    """For each metric: fine-tuned minus baseline on the same questions, with its paired 95% interval."""
+    n = len(base["truth"])
+    if len(tuned["truth"]) != n or not np.array_equal(base["truth"], tuned["truth"]):
+        raise ValueError("paired differences need both models evaluated on the same questions")
+    out = {}
+    for name, statistic in STATISTICS.items():
+        diff = lambda i, f=statistic: f(tuned, i) - f(base, i)  # noqa: E731
+        out[name] = (diff(np.arange(n)), *_interval(diff, n, n_resamples, seed))
     return out

@@ -18,6 +18,8 @@ REPORTED = [
     ("ROUGE-2", "text.rouge2"),
     ("ROUGE-L", "text.rougeL"),
     ("BERTScore F1", "text.bertscore_f1"),
+    ("BLEU", "text.bleu"),
+    ("Reference-answer perplexity", "text.perplexity"),
 ]
 
 
@@ -36,17 +38,16 @@ def _with_ci(tree: dict, dotted: str) -> str:
     return f"{value:.4f}"
 
 
-def metrics_table(baseline: dict, finetuned: dict) -> pd.DataFrame:
-    """One row per metric: baseline and fine-tuned (with 95% CIs) and the change."""
-    rows = [
-        {
-            "metric": label,
-            "baseline": _with_ci(baseline, path),
-            "fine-tuned": _with_ci(finetuned, path),
-            "change": f"{_get(finetuned, path) - _get(baseline, path):+.4f}",
-        }
-        for label, path in REPORTED
-    ]
+def metrics_table(baseline: dict, finetuned: dict, differences: dict[str, tuple[float, float, float]]) -> pd.DataFrame:
+    """One row per metric: baseline and fine-tuned (with 95% CIs) and the paired change (with its CI)."""
+    rows = []
+    for label, path in REPORTED:
+        change = f"{_get(finetuned, path) - _get(baseline, path):+.4f}"
+        if path in differences:
+            _, low, high = differences[path]
+            change += f" [{low:+.4f}, {high:+.4f}]"
+        rows.append({"metric": label, "baseline": _with_ci(baseline, path),
+                     "fine-tuned": _with_ci(finetuned, path), "change": change})
     return pd.DataFrame(rows)
 
 
@@ -68,16 +69,18 @@ def examples_table(baseline_rows: list[dict], finetuned_rows: list[dict], n: int
 
 
 def render_report(
-    baseline: dict, finetuned: dict, train: dict, baseline_rows: list[dict], finetuned_rows: list[dict],
-    params: dict, loss_png: str, n_examples: int,
+    baseline: dict, finetuned: dict, differences: dict[str, tuple[float, float, float]], train: dict,
+    baseline_rows: list[dict], finetuned_rows: list[dict], params: dict, loss_png: str,
 ) -> str:
     """The whole report as Markdown."""
-    table = metrics_table(baseline, finetuned).to_markdown(index=False, disable_numparse=True)
+    table = metrics_table(baseline, finetuned, differences).to_markdown(index=False, disable_numparse=True)
     return (
         "# PubMedQA: base vs fine-tuned\n\n"
         f"Model `{params['model']['name']}`, LoRA r={params['lora']['r']} alpha={params['lora']['alpha']}, "
         f"{baseline['n_questions']} test questions (split `{params['split']['strategy']}`). "
-        "Brackets: 95% bootstrap confidence intervals. *Choice*: the decision with the highest "
+        "Brackets: 95% bootstrap confidence intervals; for the change, the paired bootstrap interval of "
+        "fine-tuned minus baseline on the same questions (an interval that excludes 0 is a real change "
+        "at that level). *Choice*: the decision with the highest "
         "log-likelihood after the answer prefix; *parsed*: the decision found in the generated text "
         "(none found counts as wrong).\n\n"
         f"{table}\n\n"
@@ -87,5 +90,5 @@ def render_report(
         f"{train['train_runtime_s']} s.\n\n"
         f"![loss curves]({loss_png})\n\n"
         "## Example answers\n\n"
-        f"{examples_table(baseline_rows, finetuned_rows, n_examples)}"
+        f"{examples_table(baseline_rows, finetuned_rows, params['report']['n_examples'])}"
     )

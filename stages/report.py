@@ -2,6 +2,7 @@
 from medqa import paths
 from medqa.errors import stage_main
 from medqa.io import read_json, read_jsonl, write_text
+from medqa.metrics import paired_differences, table_from_rows
 from medqa.params import load_params
 from medqa.plots import plot_losses
 from medqa.report import render_report
@@ -11,11 +12,14 @@ from medqa.report import render_report
 def main() -> None:
     params = load_params()
     base, tuned = paths.eval_outputs("baseline"), paths.eval_outputs("finetuned")
+    base_rows, tuned_rows = read_jsonl(base["predictions_path"]), read_jsonl(tuned["predictions_path"])
+    differences = paired_differences(
+        table_from_rows(base_rows), table_from_rows(tuned_rows), params["eval"]["bootstrap"], params["eval"]["seed"]
+    )
     plot_losses(paths.TRAIN_LOSS, paths.VAL_LOSS, paths.LOSS_PNG)
     text = render_report(
-        read_json(base["metrics_path"]), read_json(tuned["metrics_path"]), read_json(paths.TRAIN_METRICS),
-        read_jsonl(base["predictions_path"]), read_jsonl(tuned["predictions_path"]), params,
-        paths.LOSS_PNG.name, params["report"]["n_examples"],
+        read_json(base["metrics_path"]), read_json(tuned["metrics_path"]), differences,
+        read_json(paths.TRAIN_METRICS), base_rows, tuned_rows, params, paths.LOSS_PNG.name,
     )
     write_text(paths.REPORT, text)
     print(f"report: {paths.REPORT}")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from medqa.metrics import (
-    bertscore_f1, bootstrap_ci, decision_metrics, parse_decision, resolve_bertscore_model, rouge_scores, text_metrics,
+    bertscore_f1, paired_differences, parse_decision, resolve_bertscore_model, rouge_scores, summarize, table_from_rows,
 )
 
 PREFIX = "The direct answer to your question is:"
@@ -26,16 +26,58 @@ def test_parse_decision(text, expected):
     assert parse_decision(text, PREFIX) == expected
 
 
+def _row(truth, choice, generated="none", answer="a b c d", reference="a b c d", nll=1.0, tokens=1, score=0.5):
+    return {"reference_decision": truth, "decision_choice": choice, "decision_generated": generated,
+            "answer": answer, "reference": reference, "answer_nll": nll, "answer_tokens": tokens,
+            "rouge1": score, "rouge2": score, "rougeL": score, "bertscore_f1": score}
+
+
 def test_decision_metrics_known_answer():
-    result = decision_metrics(["yes", "yes", "no", "maybe"], ["yes", "no", "no", "none"], n_resamples=0, seed=0)
-    assert result["accuracy"] == 0.5
-    assert result["f1_yes"] == pytest.approx(2 / 3) and result["f1_no"] == pytest.approx(2 / 3)
-    assert result["f1_maybe"] == 0.0
-    assert result["macro_f1"] == pytest.approx(4 / 9)
-    assert result["weighted_f1"] == pytest.approx((2 * 2 / 3 + 2 / 3) / 4)
-    assert result["none_rate"] == 0.25
-    assert result["confusion"]["yes"] == {"yes": 1, "no": 1, "maybe": 0, "none": 0}
-    assert result["confusion"]["maybe"]["none"] == 1
+    rows = [_row("yes", "yes", "yes"), _row("yes", "no", "no"), _row("no", "no", "no"), _row("maybe", "yes", "none")]
+    result = summarize(table_from_rows(rows), n_resamples=0, seed=0)
+    choice, parsed = result["decision"]["choice"], result["decision"]["generated"]
+    assert choice["accuracy"] == 0.5 and parsed["accuracy"] == 0.5
+    assert parsed["f1_yes"] == pytest.approx(2 / 3) and parsed["f1_no"] == pytest.approx(2 / 3)
+    assert parsed["f1_maybe"] == 0.0
+    assert parsed["macro_f1"] == pytest.approx(4 / 9)
+    assert parsed["weighted_f1"] == pytest.approx((2 * 2 / 3 + 2 / 3) / 4)
+    assert parsed["none_rate"] == 0.25 and choice["none_rate"] == 0.0
+    assert parsed["confusion"]["yes"] == {"yes": 1, "no": 1, "maybe": 0, "none": 0}
+    assert parsed["confusion"]["maybe"]["none"] == 1
+    assert choice["confusion"]["maybe"]["yes"] == 1
+    assert result["n_questions"] == 4
+
+
+def test_bleu_and_perplexity_known_answers():
+    rows = [_row("yes", "yes", nll=2.0, tokens=1), _row("no", "no", nll=4.0, tokens=1)]
+    text = summarize(table_from_rows(rows), n_resamples=0, seed=0)["text"]
+    assert text["bleu"] == pytest.approx(1.0)  # identical answers and references
+    assert text["perplexity"] == pytest.approx(np.exp(3.0))
+    assert text["rougeL"] == 0.5
+    different = [_row("yes", "yes", answer="x y z w", reference="a b c d")] * 2
+    assert summarize(table_from_rows(different), n_resamples=0, seed=0)["text"]["bleu"] == 0.0
+
+
+def test_bootstrap_is_reproducible_brackets_the_estimate_and_pairs():
+    rng = np.random.default_rng(0)
+    rows = [_row(t, c, score=float(s)) for t, c, s in zip(
+        rng.choice(["yes", "no", "maybe"], 60), rng.choice(["yes", "no", "maybe"], 60), rng.random(60))]
+    table = table_from_rows(rows)
+    a, b = summarize(table, 200, seed=3), summarize(table, 200, seed=3)
+    c = summarize(table, 200, seed=4)
+    assert a == b and a["text"]["rougeL_ci_low"] != c["text"]["rougeL_ci_low"]
+    for tree in (a["text"], a["decision"]["choice"]):
+        for name in ("rougeL", "bertscore_f1", "accuracy", "macro_f1"):
+            if name in tree:
+                assert tree[f"{name}_ci_low"] < tree[name] < tree[f"{name}_ci_high"]
+
+    same = paired_differences(table, table, 200, seed=3)
+    assert same["decision.choice.accuracy"] == (0.0, 0.0, 0.0)
+    better = table_from_rows([dict(r, decision_choice=r["reference_decision"], rougeL=r["rougeL"] + 0.1) for r in rows])
+    diff = paired_differences(table, better, 200, seed=3)
+    value, low, high = diff["decision.choice.accuracy"]
+    assert value == pytest.approx(1 - a["decision"]["choice"]["accuracy"]) and 0 < low <= value <= high
+    assert diff["text.rougeL"][1] == pytest.approx(0.1) and diff["text.rougeL"][2] == pytest.approx(0.1)
 
 
 def test_rouge_known_answers():
@@ -43,18 +85,6 @@ def test_rouge_known_answers():
     assert scores["rouge1"].tolist() == [1.0, 0.0] and scores["rougeL"][0] == 1.0
     stemmed = rouge_scores(["treatments reduced"], ["treatment reduces"])  # Porter stemmer
     assert stemmed["rouge1"][0] == 1.0
-
-
-def test_bootstrap_is_reproducible_and_brackets_the_estimate():
-    rng = np.random.default_rng(0)
-    values = rng.random(50)
-    a = bootstrap_ci(lambda v: float(np.mean(v)), (values,), n_resamples=500, seed=3)
-    b = bootstrap_ci(lambda v: float(np.mean(v)), (values,), n_resamples=500, seed=3)
-    c = bootstrap_ci(lambda v: float(np.mean(v)), (values,), n_resamples=500, seed=4)
-    assert a == b and a != c
-    assert a[0] < values.mean() < a[1]
-    out = text_metrics({"rougeL": values}, n_resamples=500, seed=3)
-    assert (out["rougeL_ci_low"], out["rougeL_ci_high"]) == a
 
 
 def test_bertscore_with_the_offline_model():

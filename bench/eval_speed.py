@@ -1,0 +1,70 @@
+"""Questions per second: the notebook way vs the eval stages' way, on the same model and questions.
+
+Notebook way: one `generate` call per question, the decision parsed from the generated text.
+Stage way: left-padded batches with the KV cache (`eval.batch_size`), plus choice scoring of the
+decision (one extra forward pass per question). Greedy generations must be identical.
+
+    python -m bench.eval_speed [--questions 32] [--batch-size 8] [--max-new-tokens 96]
+
+Needs the pipeline's `models/base` and `data/split/test.jsonl` (run `dvc repro split` first).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from medqa import paths
+from medqa.data import DECISIONS
+from medqa.generation import continuation_ids, generate, score_choices
+from medqa.io import read_jsonl
+from medqa.metrics import parse_decision
+from medqa.models import load_model, load_tokenizer, resolve_hardware
+from medqa.params import load_params
+from medqa.prompts import fit_prompt
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--questions", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: generation.max_new_tokens")
+    args = parser.parse_args()
+    params = load_params()
+    batch_size = args.batch_size or params["eval"]["batch_size"]
+    max_new = args.max_new_tokens or params["generation"]["max_new_tokens"]
+    prefix = params["prompt"]["answer_prefix"]
+
+    tokenizer = load_tokenizer(paths.BASE_MODEL, padding_side="left")
+    model = load_model(paths.BASE_MODEL, resolve_hardware(params["model"]["quantization"], params["model"]["dtype"]))
+    examples = read_jsonl(paths.TEST)[: args.questions]
+    prompts = [fit_prompt(ex, tokenizer, params["eval"]["max_prompt_length"]) for ex in examples]
+    print(f"{len(prompts)} questions, {max_new} new tokens, torch threads {torch.get_num_threads()}")
+
+    start = time.perf_counter()
+    notebook = [generate(model, tokenizer, [p], batch_size=1, max_new_tokens=max_new, desc="notebook")[0]
+                for p in prompts]
+    notebook_decisions = [parse_decision(g, prefix) for g in notebook]
+    notebook_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    batched = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new, desc="stage")
+    prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    options = [continuation_ids(tokenizer, prefix, f" {d}") for d in DECISIONS]
+    score_choices(model, [p + prefix_ids for p in prompts], options, pad_id=tokenizer.pad_token_id,
+                  batch_size=batch_size)
+    stage_s = time.perf_counter() - start
+
+    same = sum(a == b for a, b in zip(notebook, batched))
+    n = len(prompts)
+    print(f"notebook way: {n / notebook_s:.3f} questions/s ({notebook_s:.1f} s)")
+    print(f"stage way:    {n / stage_s:.3f} questions/s ({stage_s:.1f} s, batch {batch_size}, with choice scoring)")
+    print(f"ratio:        {notebook_s / stage_s:.2f}x")
+    print(f"identical greedy generations: {same}/{n}; parsed decisions found by the notebook way: "
+          f"{sum(d != 'none' for d in notebook_decisions)}/{n}")
+    assert same == n, "batched greedy generations differ from one-by-one generations"
+
+
+if __name__ == "__main__":
+    main()
