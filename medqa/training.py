@@ -10,6 +10,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+
 from medqa.errors import PipelineError
 from medqa.io import atomic_dir, read_json, write_json, write_text
 from medqa.models import Hardware, get_profile, load_model, load_tokenizer, lora_targets, resolve_hardware
@@ -49,15 +51,33 @@ def _fingerprint(params: dict, files: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def _resume_point(checkpoints: Path, fingerprint: str) -> str | None:
+def last_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest checkpoint that was written to the end.
+
+    The Trainer writes trainer_state.json last, so a checkpoint whose state file is missing, cut
+    short, or names another step was interrupted and is never loaded.
+    """
+    found = []
+    for folder in checkpoints.glob("checkpoint-*"):
+        step = folder.name.rsplit("-", 1)[-1]
+        if step.isdigit():
+            found.append((int(step), folder))
+    for step, folder in sorted(found, reverse=True):
+        try:
+            if json.loads((folder / "trainer_state.json").read_text()).get("global_step") == step:
+                return folder
+        except (OSError, ValueError):
+            log.warning("ignoring the incomplete checkpoint %s", folder)
+    return None
+
+
+def _resume_point(checkpoints: Path, fingerprint: str) -> Path | None:
     """The last complete checkpoint of an interrupted run with the same params and data, else None
     (and a stale checkpoints folder is cleared)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     marker = checkpoints / FINGERPRINT
     if checkpoints.is_dir() and marker.exists() and read_json(marker).get("fingerprint") == fingerprint:
-        last = get_last_checkpoint(str(checkpoints))
-        if last and (Path(last) / "trainer_state.json").exists():
+        last = last_complete_checkpoint(checkpoints)
+        if last is not None:
             return last
     if checkpoints.exists():
         shutil.rmtree(checkpoints)
@@ -72,15 +92,28 @@ def _optimizer(name: str, hardware: Hardware) -> str:
     return "paged_adamw_8bit" if hardware.quantize_4bit else "adamw_torch"
 
 
-def _write_history(log_history: list[dict], train_csv: Path, val_csv: Path) -> None:
+def write_history(log_history: list[dict], train_csv: Path, val_csv: Path) -> None:
     """Train and validation loss per step as CSV files for `dvc plots`."""
     for path, key, extra in ((train_csv, "loss", "learning_rate"), (val_csv, "eval_loss", None)):
-        rows = [e for e in log_history if key in e]
-        lines = [["step", "loss"] + ([extra] if extra else [])]
-        lines += [[e["step"], e[key]] + ([e.get(extra, "")] if extra else []) for e in rows]
+        rows = [["step", "loss"] + ([extra] if extra else [])]
+        rows += [[e["step"], e[key]] + ([e.get(extra, "")] if extra else []) for e in log_history if key in e]
         buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerows(lines)
+        csv.writer(buf, lineterminator="\n").writerows(rows)
         write_text(path, buf.getvalue())
+
+
+class HistoryCallback(TrainerCallback):
+    """Rewrites the loss CSVs at every log, so the curves can be watched during a run and survive a crash.
+
+    The history comes from the trainer state, which a resumed run restores from its checkpoint.
+    """
+
+    def __init__(self, train_csv: Path, val_csv: Path):
+        self.train_csv, self.val_csv = train_csv, val_csv
+
+    def on_log(self, args, state, control, **kwargs) -> None:
+        if state.is_world_process_zero:
+            write_history(state.log_history, self.train_csv, self.val_csv)
 
 
 def train_adapter(
@@ -167,7 +200,7 @@ def train_adapter(
         report_to="none",
         dataloader_pin_memory=cuda,
     )
-    callbacks = []
+    callbacks: list = [HistoryCallback(train_csv, val_csv)]
     if tp["early_stopping_patience"]:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=tp["early_stopping_patience"]))
     trainer = Trainer(
@@ -179,12 +212,12 @@ def train_adapter(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     state = trainer.state
     with atomic_dir(adapter_dir) as tmp:
         trainer.model.save_pretrained(tmp, safe_serialization=True)
-    _write_history(state.log_history, train_csv, val_csv)
+    write_history(state.log_history, train_csv, val_csv)
     best = state.best_model_checkpoint
     train_losses = [e["loss"] for e in state.log_history if "loss" in e]
     summary = {

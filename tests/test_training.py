@@ -1,0 +1,140 @@
+"""Fine-tuning on a tiny model: outputs, early stopping, and resume after a kill."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from medqa.io import write_json, write_jsonl
+from medqa.prompts import PromptFormat, format_record
+from tests.conftest import make_original
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tokenizer) -> Path:
+    """A base model directory (a small random Llama) and formatted train/val splits."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    work = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    ))
+    model.save_pretrained(work / "base")
+    tokenizer.save_pretrained(work / "base")
+    write_json(work / "base" / "source.json", {"hub_id": "tiny", "weights": "local"})
+    fmt = PromptFormat(tokenizer)
+    records = [{"pmid": k, "question": v["QUESTION"], "contexts": v["CONTEXTS"], "long_answer": v["LONG_ANSWER"],
+                "final_decision": v["final_decision"]} for k, v in make_original(24).items()]
+    examples = [format_record(r, fmt, "Answer from the context.", "The answer is:") for r in records]
+    write_jsonl(work / "train.jsonl", examples[:20])
+    write_jsonl(work / "val.jsonl", examples[20:])
+    return work
+
+
+def _params(**train) -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"].update({"max_steps": 6, "batch_size": 2, "grad_accum": 1, "eval_steps": 2, "save_steps": 2,
+                            "max_length": 256, "learning_rate": 0.001, **train})
+    return params
+
+
+SCRIPT = """
+import json, logging, sys
+logging.basicConfig(level=logging.INFO)
+from pathlib import Path
+from medqa.training import train_adapter
+params, out = json.loads(sys.argv[1]), Path(sys.argv[2])
+w = Path(sys.argv[3])
+train_adapter(params, w / "base", w / "train.jsonl", w / "val.jsonl", out / "adapter", out / "checkpoints",
+              out / "train.csv", out / "val.csv", out / "train.json")
+"""
+
+
+def _start(workdir: Path, out: Path, params: dict) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(params), str(out), str(workdir)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _train(workdir: Path, out: Path, params: dict) -> str:
+    proc = _start(workdir, out, params)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    return output
+
+
+def test_training_writes_adapter_history_and_best_step(workdir, tmp_path):
+    _train(workdir, tmp_path, _params())
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert not list((tmp_path / "adapter").glob("*.bin"))
+    summary = json.loads((tmp_path / "train.json").read_text())
+    assert summary["steps"] == 6 and summary["best_step"] in (2, 4, 6) and not summary["resumed"]
+    val = (tmp_path / "val.csv").read_text().splitlines()
+    assert val[0] == "step,loss" and [row.split(",")[0] for row in val[1:]] == ["2", "4", "6"]
+    best = min(float(row.split(",")[1]) for row in val[1:])
+    assert summary["best_val_loss"] == pytest.approx(best)
+    assert len((tmp_path / "train.csv").read_text().splitlines()) == 1 + 6
+
+
+def test_early_stopping_stops(workdir, tmp_path):
+    # With a zero learning rate the validation loss never improves: patience 1 stops at the second eval.
+    _train(workdir, tmp_path, _params(max_steps=20, eval_steps=1, save_steps=1, learning_rate=0.0,
+                                      early_stopping_patience=1, warmup_ratio=0.0))
+    assert json.loads((tmp_path / "train.json").read_text())["steps"] == 2
+
+
+def test_resume_after_kill_gives_the_same_adapter(workdir, tmp_path):
+    params = _params(max_steps=12)
+    _train(workdir, tmp_path / "straight", params)
+
+    out = tmp_path / "killed"
+    proc = _start(workdir, out, params)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "adapter").exists()
+
+    output = _train(workdir, out, params)
+    assert "resuming from" in output
+    summary = json.loads((out / "train.json").read_text())
+    assert summary["resumed"] and summary["steps"] == 12
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max() < 1e-4, key
+
+
+def test_an_interrupted_checkpoint_is_never_loaded(tmp_path):
+    from medqa.training import last_complete_checkpoint
+
+    for step, state in ((2, '{"global_step": 2}'), (4, '{"global_step": 4}'), (6, '{"global_st')):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    (tmp_path / "checkpoint-8").mkdir()  # killed before its state was written
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+    assert last_complete_checkpoint(tmp_path / "nothing-here") is None
+
+
+def test_changed_params_start_fresh(workdir, tmp_path):
+    _train(workdir, tmp_path, _params(max_steps=2))
+    output = _train(workdir, tmp_path, _params(max_steps=4))
+    assert "resuming from" not in output
+    assert json.loads((tmp_path / "train.json").read_text())["steps"] == 4
