@@ -137,11 +137,6 @@ def train_adapter(
     from medqa.io import read_jsonl
 
     tp, lp = params["train"], params["lora"]
-    if tp["save_steps"] % tp["eval_steps"]:
-        raise PipelineError(
-            f"train.save_steps ({tp['save_steps']}) must be a multiple of train.eval_steps ({tp['eval_steps']}) "
-            "so the best checkpoint by validation loss can be kept"
-        )
     set_seed(tp["seed"])
     targets = lora_targets(get_profile(params["model"]["name"]), lp["target_modules"])
     hardware = resolve_hardware(params["model"]["quantization"], params["model"]["dtype"])

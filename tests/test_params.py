@@ -1,0 +1,87 @@
+"""params.yaml validation: one clear message naming the key, the value and what is allowed."""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medqa.errors import PipelineError
+from medqa.params import SCHEMA, load_params, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def _with(key: str, value) -> dict:
+    params = copy.deepcopy(PARAMS)
+    section, leaf = key.split(".")
+    params[section][leaf] = value
+    return params
+
+
+def test_shipped_params_are_valid_and_fully_described():
+    validate(PARAMS)
+    assert {f"{s}.{k}" for s, v in PARAMS.items() for k in v} == set(SCHEMA)
+
+
+@pytest.mark.parametrize(
+    "key, value, allowed",
+    [
+        ("train.epochs", 0, "an integer >= 1"),
+        ("train.epochs", "two", "an integer >= 1"),
+        ("train.epochs", True, "an integer >= 1"),
+        ("split.test_size", 1.5, "a number > 0 and < 1"),
+        ("split.test_size", 0, "a number > 0 and < 1"),
+        ("train.learning_rate", 0, "a number > 0"),
+        ("split.strategy", "alphabetical", "one of official, random"),
+        ("train.batch_size", 0, "an integer >= 1"),
+        ("eval.batch_size", -2, "an integer >= 1"),
+        ("generation.max_new_tokens", 0, "an integer >= 1"),
+        ("generation.top_p", 1.2, "a number > 0 and <= 1"),
+        ("model.quantization", "8bit", "one of auto, 4bit, none"),
+        ("lora.target_modules", "q_proj", "a list of module names or null"),
+        ("eval.max_samples", 0, "an integer >= 1 or null"),
+    ],
+)
+def test_bad_value_names_key_value_and_allowed(key, value, allowed):
+    with pytest.raises(PipelineError) as err:
+        validate(_with(key, value))
+    assert str(err.value) == f"params.yaml: {key} is {value!r}; expected {allowed}"
+
+
+def test_typos_missing_keys_and_cross_field_rules():
+    params = copy.deepcopy(PARAMS)
+    params["train"]["epoch"] = params["train"].pop("epochs")
+    with pytest.raises(PipelineError, match=r"unknown key train.epoch \(did you mean train.epochs\?\)"):
+        validate(params)
+    params = copy.deepcopy(PARAMS)
+    del params["eval"]["seed"]
+    with pytest.raises(PipelineError, match="missing key eval.seed"):
+        validate(params)
+    with pytest.raises(PipelineError, match="must be a multiple of train.eval_steps"):
+        validate(_with("train.save_steps", PARAMS["train"]["eval_steps"] + 1))
+    with pytest.raises(PipelineError, match="unknown model.name 'gpt-5'"):
+        validate(_with("model.name", "gpt-5"))
+    with pytest.raises(PipelineError, match="set lora.target_modules"):
+        validate(_with("model.name", "org/model"))
+    validate(_with("model.name", "org/model") | {"lora": dict(PARAMS["lora"], target_modules=["q_proj"])})
+
+
+def test_a_stage_with_bad_params_stops_at_once_with_one_line(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(_with("split.test_size", 2)))
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "stages.split"], cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), DEBUG=""), timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: params.yaml: split.test_size is 2; expected a number > 0 and < 1"
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert time.time() - start < 30
+    (tmp_path / "params.yaml").write_text("data: [unclosed")
+    with pytest.raises(PipelineError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")
