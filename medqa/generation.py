@@ -1,14 +1,10 @@
-"""Batched inference: left-padded greedy/sampled generation and choice scoring by log-likelihood."""
+"""Batched inference: left-padded greedy/sampled generation and log-likelihood scoring."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
-
-
-def _batches(order: list[int], size: int) -> list[list[int]]:
-    return [order[i : i + size] for i in range(0, len(order), size)]
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,9 +17,31 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[
     return ids.to(device), mask.to(device)
 
 
-def _length_order(prompts: Sequence[Sequence[int]]) -> list[int]:
-    # Batching prompts of similar length wastes less compute on padding.
-    return sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+def _padded_batches(
+    seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int, device: Any, desc: str | None
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """(indices, ids, mask) of left-padded batches of similar length, with a progress bar in questions/s."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths waste less on padding
+    with tqdm(total=len(seqs), desc=desc, unit="q", disable=desc is None) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            ids, mask = _left_pad([seqs[i] for i in batch], pad_id, device)
+            yield batch, ids, mask
+            bar.update(len(batch))
+
+
+def _tail_logprobs(model: Any, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
+    """Log-probabilities at the last `keep` positions; `logits_to_keep` spares the vocabulary
+    projection everywhere else (no vocabulary-sized memory for long prompts)."""
+    try:
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+    except TypeError:  # models without logits_to_keep
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, -keep:]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _device(model: Any) -> Any:
+    return next(model.parameters()).device
 
 
 @torch.inference_mode()
@@ -38,10 +56,9 @@ def generate(
     top_p: float = 1.0,
     repetition_penalty: float = 1.0,
     seed: int = 0,
-    desc: str = "generating",
+    desc: str | None = "generating",
 ) -> list[str]:
     """Generate an answer for each tokenised prompt, in left-padded batches with the KV cache."""
-    device = next(model.parameters()).device
     sample = temperature > 0
     options: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
@@ -55,24 +72,12 @@ def generate(
     else:  # silence warnings about sampling knobs that greedy decoding ignores
         options.update(temperature=None, top_p=None, top_k=None)
     outputs: list[str] = [""] * len(prompts)
-    with tqdm(total=len(prompts), desc=desc, unit="q") as bar:
-        for batch in _batches(_length_order(prompts), batch_size):
-            torch.manual_seed(seed)  # per batch, so a sampled answer does not depend on earlier batches
-            ids, mask = _left_pad([prompts[i] for i in batch], tokenizer.pad_token_id, device)
-            out = model.generate(input_ids=ids, attention_mask=mask, **options)
-            for i, row in zip(batch, out[:, ids.shape[1] :]):
-                outputs[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
-            bar.update(len(batch))
+    for batch, ids, mask in _padded_batches(prompts, batch_size, tokenizer.pad_token_id, _device(model), desc):
+        torch.manual_seed(seed)  # per batch, so a sampled answer does not depend on earlier batches
+        out = model.generate(input_ids=ids, attention_mask=mask, **options)
+        for i, row in zip(batch, out[:, ids.shape[1] :]):
+            outputs[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     return outputs
-
-
-def _last_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Logits at the last position; `logits_to_keep` spares computing the vocabulary projection elsewhere."""
-    try:
-        out = model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
-    except TypeError:  # models without logits_to_keep
-        out = model(input_ids=ids, attention_mask=mask)
-    return out.logits[:, -1, :].float()
 
 
 def continuation_ids(tokenizer: Any, context: str, continuation: str) -> list[int]:
@@ -94,29 +99,18 @@ def continuation_logprobs(
     batch_size: int,
     desc: str | None = None,
 ) -> list[float]:
-    """Summed log-probability of each continuation's tokens after its context, in left-padded batches.
-
-    Only the last positions' logits are computed (`logits_to_keep`), so long contexts cost no
-    vocabulary-sized memory.
-    """
-    device = next(model.parameters()).device
-    sums: list[float] = [0.0] * len(contexts)
+    """Summed log-probability of each continuation's tokens after its context."""
+    device = _device(model)
     seqs = [list(c) + list(o) for c, o in zip(contexts, continuations)]
-    with tqdm(total=len(seqs), desc=desc, unit="q", disable=desc is None) as bar:
-        for batch in _batches(_length_order(seqs), batch_size):
-            ids, mask = _left_pad([seqs[i] for i in batch], pad_id, device)
-            keep = max(len(continuations[i]) for i in batch) + 1
-            try:
-                logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
-            except TypeError:  # models without logits_to_keep
-                logits = model(input_ids=ids, attention_mask=mask).logits[:, -keep:]
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            for row, i in enumerate(batch):
-                n = len(continuations[i])
-                # Logits at position p predict token p + 1: the continuation is the last n tokens.
-                targets = torch.tensor(continuations[i], device=device)
-                sums[i] = logprobs[row, keep - n - 1 : keep - 1].gather(-1, targets[:, None]).sum().item()
-            bar.update(len(batch))
+    sums: list[float] = [0.0] * len(seqs)
+    for batch, ids, mask in _padded_batches(seqs, batch_size, pad_id, device, desc):
+        keep = max(len(continuations[i]) for i in batch) + 1
+        logprobs = _tail_logprobs(model, ids, mask, keep)
+        for row, i in enumerate(batch):
+            # Logits at position p predict token p + 1: the continuation is the last n tokens.
+            n = len(continuations[i])
+            targets = torch.tensor(continuations[i], device=device)
+            sums[i] = logprobs[row, keep - n - 1 : keep - 1].gather(-1, targets[:, None]).sum().item()
     return sums
 
 
@@ -128,7 +122,7 @@ def score_choices(
     *,
     pad_id: int,
     batch_size: int,
-    desc: str = "scoring choices",
+    desc: str | None = "scoring choices",
 ) -> list[list[float]]:
     """Log-likelihood of each option's tokens after each prompt.
 
@@ -142,14 +136,9 @@ def score_choices(
             pad_id=pad_id, batch_size=batch_size, desc=desc,
         )
         return [flat[i * len(options) : (i + 1) * len(options)] for i in range(len(prompts))]
-    device = next(model.parameters()).device
-    option_ids = torch.tensor([o[0] for o in options], device=device)
+    option_ids = torch.tensor([o[0] for o in options], device=_device(model))
     scores: list[list[float]] = [[] for _ in prompts]
-    with tqdm(total=len(prompts), desc=desc, unit="q") as bar:
-        for batch in _batches(_length_order(prompts), batch_size):
-            ids, mask = _left_pad([prompts[i] for i in batch], pad_id, device)
-            logprobs = torch.log_softmax(_last_logits(model, ids, mask), dim=-1)
-            for i, row in zip(batch, logprobs[:, option_ids].tolist()):
-                scores[i] = row
-            bar.update(len(batch))
+    for batch, ids, mask in _padded_batches(prompts, batch_size, pad_id, _device(model), desc):
+        for i, row in zip(batch, _tail_logprobs(model, ids, mask, 1)[:, -1, option_ids].tolist()):
+            scores[i] = row
     return scores

@@ -1,6 +1,7 @@
 """Batched generation and choice scoring against direct, unbatched computations."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from medqa.generation import continuation_ids, generate, score_choices
@@ -18,21 +19,13 @@ def _prompts(tokenizer) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
-def test_single_token_choice_scores_match_direct_loglik(tokenizer, tiny_model):
+@pytest.mark.parametrize("words", [(" yes", " no", " maybe"), (" definitely yes", " no", " perhaps not")])
+def test_choice_scores_match_direct_loglik(tokenizer, tiny_model, words):
+    """Single-token options (read off the last logits) and multi-token ones (scored as continuations)."""
     prompts = _prompts(tokenizer)
-    options = [continuation_ids(tokenizer, "answer is:", f" {d}") for d in ("yes", "no", "maybe")]
-    assert all(len(o) == 1 for o in options)
+    options = [continuation_ids(tokenizer, "answer is:", w) for w in words]
+    assert all(len(o) == 1 for o in options) == (words[0] == " yes")
     scores = score_choices(tiny_model, prompts, options, pad_id=tokenizer.pad_token_id, batch_size=2)
-    for prompt, row in zip(prompts, scores):
-        expected = [_direct_loglik(tiny_model, prompt, o) for o in options]
-        assert torch.allclose(torch.tensor(row), torch.tensor(expected), atol=1e-4)
-
-
-def test_multi_token_choice_scores_match_direct_loglik(tokenizer, tiny_model):
-    prompts = _prompts(tokenizer)
-    options = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in (" definitely yes", " no", " perhaps not")]
-    assert any(len(o) > 1 for o in options)
-    scores = score_choices(tiny_model, prompts, options, pad_id=tokenizer.pad_token_id, batch_size=3)
     for prompt, row in zip(prompts, scores):
         expected = [_direct_loglik(tiny_model, prompt, o) for o in options]
         assert torch.allclose(torch.tensor(row), torch.tensor(expected), atol=1e-4)
