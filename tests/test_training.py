@@ -138,3 +138,23 @@ def test_changed_params_start_fresh(workdir, tmp_path):
     output = _train(workdir, tmp_path, _params(max_steps=4))
     assert "resuming from" not in output
     assert json.loads((tmp_path / "train.json").read_text())["steps"] == 4
+
+
+def test_export_merges_the_adapter(workdir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from medqa.export import merge_adapter
+    from medqa.models import load_model, resolve_hardware
+
+    _train(workdir, tmp_path, _params(max_steps=2, learning_rate=0.01))
+    merge_adapter(workdir / "base", tmp_path / "adapter", tmp_path / "merged", "float32")
+    assert (tmp_path / "merged" / "model.safetensors").exists()
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    ids = torch.tensor([[1, 5, 9, 42, 7]])
+    with torch.no_grad():
+        adapted = load_model(workdir / "base", resolve_hardware("none", "float32"), tmp_path / "adapter")(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(workdir / "base")(ids).logits
+    assert torch.allclose(adapted, merged, atol=1e-4)
+    assert not torch.allclose(base, merged, atol=1e-4)  # the adapter changed something
