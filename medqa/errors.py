@@ -1,11 +1,12 @@
 """User-facing errors and the wrapper that turns them into one clear line instead of a traceback."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import sys
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -38,3 +39,14 @@ def stage_main(func: F) -> F:
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def explain_out_of_memory(what_to_lower: str) -> Iterator[None]:
+    """Turn an out-of-memory error (CUDA or CPU) into a PipelineError that says which params to lower."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+            raise PipelineError(f"out of memory ({type(exc).__name__}): {what_to_lower}") from exc
+        raise

@@ -10,6 +10,7 @@ import numpy as np
 from medqa import metrics
 from medqa.data import DECISIONS
 from medqa.generation import continuation_ids, continuation_logprobs, generate, score_choices
+from medqa.errors import explain_out_of_memory
 from medqa.io import read_jsonl, write_json, write_jsonl
 from medqa.models import load_model, load_tokenizer, resolve_hardware
 from medqa.prompts import fit_prompt
@@ -23,6 +24,7 @@ def long_answer_part(generation: str, answer_prefix: str) -> str:
     return generation[:cut].strip() if cut >= 0 else generation
 
 
+@explain_out_of_memory("lower eval.batch_size or eval.max_prompt_length, or on CUDA keep model.quantization=auto")
 def run_evaluation(
     params: dict[str, Any],
     base_dir: str | Path,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,7 +183,7 @@ def load_model(base_dir: str | Path, hardware: Hardware, adapter_dir: str | Path
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=hardware.dtype,
         )
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}  # one GPU per process
     if source["weights"] == "local":
         name, kwargs["use_safetensors"] = str(base_dir), True
     else:

@@ -6,13 +6,15 @@ import hashlib
 import io
 import json
 import logging
+import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
-from medqa.errors import PipelineError
+from medqa.errors import PipelineError, explain_out_of_memory
 from medqa.io import atomic_dir, read_json, write_json, write_text
 from medqa.models import Hardware, get_profile, load_model, load_tokenizer, lora_targets, resolve_hardware
 from medqa.prompts import fit_prompt
@@ -71,19 +73,57 @@ def last_complete_checkpoint(checkpoints: Path) -> Path | None:
     return None
 
 
-def _resume_point(checkpoints: Path, fingerprint: str) -> Path | None:
-    """The last complete checkpoint of an interrupted run with the same params and data, else None
-    (and a stale checkpoints folder is cleared)."""
+def resume_point(params: dict, base_dir: Path, train_path: Path, val_path: Path, checkpoints: Path) -> Path | None:
+    """The last complete checkpoint of an interrupted run with the same params and data, else None.
+
+    Checkpoints of other params or data are cleared. Idempotent, so every process of a multi-GPU
+    run, started after the launcher called it, gets the same answer without clearing anything.
+    """
+    fingerprint = _fingerprint(
+        {k: params[k] for k in ("model", "prompt", "lora", "train")}, [train_path, val_path, base_dir / "source.json"]
+    )
     marker = checkpoints / FINGERPRINT
-    if checkpoints.is_dir() and marker.exists() and read_json(marker).get("fingerprint") == fingerprint:
-        last = last_complete_checkpoint(checkpoints)
-        if last is not None:
-            return last
+    if marker.exists() and read_json(marker).get("fingerprint") == fingerprint:
+        return last_complete_checkpoint(checkpoints)
     if checkpoints.exists():
         shutil.rmtree(checkpoints)
     checkpoints.mkdir(parents=True)
     write_json(marker, {"fingerprint": fingerprint})
     return None
+
+
+ACCELERATE_CONFIG = Path("configs/accelerate/ddp.yaml")
+
+
+def launched_by_accelerate() -> bool:
+    """True inside a process started by `accelerate launch` / torchrun."""
+    return "LOCAL_RANK" in os.environ
+
+
+def accelerate_command(num_processes: int, module: str = "stages.finetune") -> list[str]:
+    """The command that re-runs `module` as `num_processes` data-parallel processes (one per GPU)."""
+    return ["accelerate", "launch", "--config_file", str(ACCELERATE_CONFIG),
+            "--num_processes", str(num_processes), "-m", module]
+
+
+class NonFiniteLossError(PipelineError):
+    pass
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stops training when the loss becomes NaN or infinite, before a bad checkpoint is written."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        for key in ("loss", "eval_loss"):
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"the {key.replace('_', ' ')} became {value} at step {state.global_step}: lower "
+                    "train.learning_rate or use model.dtype=float32/bfloat16 (fp16 overflows); the last good "
+                    f"checkpoint is kept in {args.output_dir}"
+                )
+
+
 
 
 def _optimizer(name: str, hardware: Hardware) -> str:
@@ -155,10 +195,7 @@ def train_adapter(
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
 
-    fingerprint = _fingerprint(
-        {k: params[k] for k in ("model", "prompt", "lora", "train")}, [train_path, val_path, base_dir / "source.json"]
-    )
-    resume = _resume_point(checkpoints_dir, fingerprint)
+    resume = resume_point(params, base_dir, train_path, val_path, checkpoints_dir)
     if resume:
         log.info("resuming from %s", resume)
     cuda = hardware.device == "cuda"
@@ -194,8 +231,9 @@ def train_adapter(
         use_cpu=not cuda,
         report_to="none",
         dataloader_pin_memory=cuda,
+        ddp_find_unused_parameters=False if launched_by_accelerate() else None,
     )
-    callbacks: list = [HistoryCallback(train_csv, val_csv)]
+    callbacks: list = [HistoryCallback(train_csv, val_csv), StopOnNonFiniteLoss()]
     if tp["early_stopping_patience"]:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=tp["early_stopping_patience"]))
     trainer = Trainer(
@@ -207,9 +245,13 @@ def train_adapter(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    with explain_out_of_memory("lower train.batch_size (raising train.grad_accum keeps the effective batch) "
+                               "or train.max_length, or on CUDA keep model.quantization=auto (4-bit)"):
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     state = trainer.state
+    if not trainer.is_world_process_zero():
+        return {}
     with atomic_dir(adapter_dir) as tmp:
         trainer.model.save_pretrained(tmp, safe_serialization=True)
     write_history(state.log_history, train_csv, val_csv)

@@ -1,17 +1,28 @@
 """Stage finetune: a LoRA adapter (QLoRA on CUDA) trained on the train split."""
+import os
+
 from medqa import paths
 from medqa.errors import stage_main
 from medqa.params import load_params
-from medqa.training import train_adapter
+from medqa.training import accelerate_command, launched_by_accelerate, resume_point, train_adapter
 
 
 @stage_main
 def main() -> None:
+    params = load_params()
+    n = params["train"]["num_processes"]
+    if n > 1 and not launched_by_accelerate():
+        # Settle resume/clean-up once, before the processes start; then become the launcher.
+        resume_point(params, paths.BASE_MODEL, paths.TRAIN, paths.VAL, paths.CHECKPOINTS)
+        command = accelerate_command(n)
+        print("finetune: " + " ".join(command))
+        os.execvp(command[0], command)
     summary = train_adapter(
-        load_params(), paths.BASE_MODEL, paths.TRAIN, paths.VAL, paths.ADAPTER, paths.CHECKPOINTS,
+        params, paths.BASE_MODEL, paths.TRAIN, paths.VAL, paths.ADAPTER, paths.CHECKPOINTS,
         paths.TRAIN_LOSS, paths.VAL_LOSS, paths.TRAIN_METRICS,
     )
-    print(f"finetune: best step {summary['best_step']} (val loss {summary['best_val_loss']}) -> {paths.ADAPTER}")
+    if summary:
+        print(f"finetune: best step {summary['best_step']} (val loss {summary['best_val_loss']}) -> {paths.ADAPTER}")
 
 
 if __name__ == "__main__":

@@ -85,3 +85,14 @@ def test_a_stage_with_bad_params_stops_at_once_with_one_line(tmp_path):
     (tmp_path / "params.yaml").write_text("data: [unclosed")
     with pytest.raises(PipelineError, match="not valid YAML"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_out_of_memory_names_the_params_to_lower():
+    from medqa.errors import explain_out_of_memory
+
+    with pytest.raises(PipelineError, match=r"out of memory \(RuntimeError\): lower eval.batch_size"):
+        with explain_out_of_memory("lower eval.batch_size"):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(ValueError):  # other errors pass through untouched
+        with explain_out_of_memory("lower eval.batch_size"):
+            raise ValueError("bad")

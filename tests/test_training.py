@@ -158,3 +158,29 @@ def test_export_merges_the_adapter(workdir, tmp_path):
         base = AutoModelForCausalLM.from_pretrained(workdir / "base")(ids).logits
     assert torch.allclose(adapted, merged, atol=1e-4)
     assert not torch.allclose(base, merged, atol=1e-4)  # the adapter changed something
+
+
+def test_non_finite_loss_stops_with_a_clear_message(workdir, tmp_path):
+    proc = _start(workdir, tmp_path, _params(max_steps=30, learning_rate=1e8, warmup_ratio=0.0))
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    assert "became nan" in output or "became inf" in output, output[-2000:]
+    assert "lower train.learning_rate" in output
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_resume_point_is_idempotent_and_multi_gpu_launch_command(workdir, tmp_path):
+    from medqa.training import accelerate_command, resume_point
+
+    params, ckpt = _params(), tmp_path / "checkpoints"
+    args = (params, workdir / "base", workdir / "train.jsonl", workdir / "val.jsonl", ckpt)
+    assert resume_point(*args) is None
+    (ckpt / "checkpoint-2").mkdir()
+    (ckpt / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
+    assert resume_point(*args) == ckpt / "checkpoint-2"  # the same params: kept, not cleared
+    assert resume_point(*args) == ckpt / "checkpoint-2"
+    assert resume_point(_params(learning_rate=0.5), *args[1:]) is None and not (ckpt / "checkpoint-2").exists()
+    command = accelerate_command(4)
+    assert command[:2] == ["accelerate", "launch"] and command[-2:] == ["-m", "stages.finetune"]
+    assert (ROOT / command[command.index("--config_file") + 1]).exists()
+    assert command[command.index("--num_processes") + 1] == "4"
