@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: generation.max_new_tokens")
+    parser.add_argument("--dtype", default=None, help="default: model.dtype (float32 on the CPU)")
     args = parser.parse_args()
     params = load_params()
     batch_size = args.batch_size or params["eval"]["batch_size"]
@@ -37,10 +38,12 @@ def main() -> None:
     prefix = params["prompt"]["answer_prefix"]
 
     tokenizer = load_tokenizer(paths.BASE_MODEL, padding_side="left")
-    model = load_model(paths.BASE_MODEL, resolve_hardware(params["model"]["quantization"], params["model"]["dtype"]))
+    hardware = resolve_hardware(params["model"]["quantization"], args.dtype or params["model"]["dtype"])
+    model = load_model(paths.BASE_MODEL, hardware)
     examples = read_jsonl(paths.TEST)[: args.questions]
     prompts = [fit_prompt(ex, tokenizer, params["eval"]["max_prompt_length"]) for ex in examples]
-    print(f"{len(prompts)} questions, {max_new} new tokens, torch threads {torch.get_num_threads()}")
+    print(f"{len(prompts)} questions, {max_new} new tokens, {hardware.dtype} on {hardware.device}, "
+          f"torch threads {torch.get_num_threads()}")
 
     start = time.perf_counter()
     notebook = [generate(model, tokenizer, [p], batch_size=1, max_new_tokens=max_new, desc="notebook")[0]
