@@ -102,8 +102,61 @@ def test_pipeline_runs_then_reruns_only_what_changed(project):
     epochs = _run(["dvc", "exp", "run", "-S", "train.epochs=2"], repo, env)
     assert _stages_run(epochs) == {"finetune", "finetuned_eval", "report"}
 
+    assert (repo / "models/checkpoints").is_dir()  # scratch for resuming, kept by DVC between runs
+
     diff = _run(["dvc", "metrics", "diff", "--all"], repo, env)
     assert "metrics/baseline.json" in diff and "metrics/finetuned.json" in diff
     assert "decision.choice.accuracy" in diff
     _run(["dvc", "plots", "show", "-o", str(repo / "plots_html")], repo, env)
     assert (repo / "plots_html" / "index.html").exists()
+
+
+def _commit(repo: Path, env: dict, message: str) -> None:
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", message, "--allow-empty"], repo, env)
+
+
+def _clone(repo: Path, dest: Path, env: dict) -> Path:
+    _run(["git", "clone", "-q", str(repo), str(dest)], repo.parent, env)
+    return dest
+
+
+def _assert_up_to_date(clone: Path, env: dict) -> None:
+    status = _run(["dvc", "status"], clone, env)
+    assert "Data and pipelines are up to date." in status, status
+    assert _stages_run(_run(["dvc", "repro"], clone, env)) == set()
+
+
+def test_push_then_pull_in_a_fresh_clone_needs_no_rerun(project, tmp_path):
+    repo, env = project
+    _run(["dvc", "remote", "add", "-f", "-d", "storage", str(tmp_path / "remote")], repo, env)
+    _commit(repo, env, "results and remote")
+    pushed = _run(["dvc", "push"], repo, env)
+    assert "pushed" in pushed
+    stored = {p.name for p in (tmp_path / "remote").rglob("*") if p.is_file()}
+    assert stored, "nothing reached the remote"
+
+    clone = _clone(repo, tmp_path / "clone", env)
+    assert not (clone / "models/adapter").exists()
+    _run(["dvc", "pull", "finetune"], clone, env)
+    assert (clone / "models/adapter/adapter_model.safetensors").exists()
+    assert not (clone / "models/checkpoints").exists()  # never shared
+    _run(["dvc", "pull"], clone, env)
+    _assert_up_to_date(clone, env)
+
+    lazy = _clone(repo, tmp_path / "lazy", env)
+    assert _stages_run(_run(["dvc", "repro", "--pull", "--allow-missing"], lazy, env)) == set()
+
+    # An experiment run in one clone, shared through git + the DVC remote, applied in another.
+    ran = _run(["dvc", "exp", "run", "-n", "three-epochs", "-S", "train.epochs=3"], clone, env)
+    assert _stages_run(ran) == {"finetune", "finetuned_eval", "report"}
+    _run(["dvc", "exp", "push", "origin", "three-epochs"], clone, env)
+    other = _clone(repo, tmp_path / "other", env)
+    _run(["dvc", "exp", "pull", "origin", "three-epochs"], other, env)
+    shown = _run(["dvc", "exp", "show", "--no-pager", "--csv"], other, env)
+    assert "three-epochs" in shown and "decision.choice.accuracy" in shown
+    _run(["dvc", "exp", "apply", "three-epochs"], other, env)
+    _run(["dvc", "pull"], other, env)
+    adapter = "models/adapter/adapter_model.safetensors"
+    assert (other / adapter).read_bytes() == (clone / adapter).read_bytes()
+    assert _stages_run(_run(["dvc", "repro"], other, env)) == set()
