@@ -1,12 +1,14 @@
 # make run            set up .venv, then run the pipeline (dvc repro) on the embedded default model
 # make run DATA=dir   the same from a local PubMedQA copy (official data/ layout) instead of the hub
 # make test           set up .venv, then run the tests
+# make remote         use a local directory as the default DVC remote (REMOTE=dir, not committed)
 VENV ?= .venv
 PYTHON ?= python3
 DATA ?=
+REMOTE ?= $(HOME)/.cache/pubmedqa-dvc-remote
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup run test clean
+.PHONY: setup run test remote clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +28,10 @@ endif
 
 test: setup
 	$(VENV)/bin/python -m pytest -q tests
+
+remote: setup
+	dvc remote add --local --force --default local '$(abspath $(REMOTE))'
+	@echo "DVC remote 'local' -> $(abspath $(REMOTE)) (in .dvc/config.local). Now: dvc push / dvc pull"
 
 clean:
 	rm -rf $(VENV)

@@ -160,3 +160,68 @@ def test_push_then_pull_in_a_fresh_clone_needs_no_rerun(project, tmp_path):
     adapter = "models/adapter/adapter_model.safetensors"
     assert (other / adapter).read_bytes() == (clone / adapter).read_bytes()
     assert _stages_run(_run(["dvc", "repro"], other, env)) == set()
+
+
+@pytest.fixture
+def sshd(tmp_path):
+    """A real OpenSSH server on 127.0.0.1 (a free port), accepting one throw-away key."""
+    import getpass
+    import socket
+    import time
+
+    server = shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
+    if server is None:
+        pytest.skip("sshd is not installed (Debian's openssh-server; .ci/run installs it)")
+    privsep = Path("/run/sshd")
+    if not privsep.exists():
+        try:
+            privsep.mkdir(mode=0o755, parents=True)
+        except OSError:
+            pytest.skip("sshd needs /run/sshd, which this user cannot create")
+    d = tmp_path / "sshd"
+    d.mkdir()
+    for key in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
+    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\n"
+        f"AuthorizedKeysFile {d / 'authorized_keys'}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+        f"PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n"
+        f"PidFile {d / 'sshd.pid'}\nSubsystem sftp internal-sftp\n"
+    )
+    proc = subprocess.Popen([server, "-D", "-e", "-f", str(d / "sshd_config")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 15
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"sshd did not start: {proc.communicate()[0][-2000:]}")
+            time.sleep(0.1)
+    yield {"port": port, "key": d / "client_key", "user": getpass.getuser()}
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_round_trip_over_ssh(project, sshd, tmp_path):
+    repo, env = project
+    url = f"ssh://{sshd['user']}@127.0.0.1:{sshd['port']}{tmp_path / 'ssh-remote'}"
+    _run(["dvc", "remote", "add", "-f", "ssh", url], repo, env)
+    _commit(repo, env, "ssh remote")
+    # The key path is machine-specific: it goes in .dvc/config.local, which git never sees.
+    _run(["dvc", "remote", "modify", "--local", "ssh", "keyfile", str(sshd["key"])], repo, env)
+    _run(["dvc", "push", "-r", "ssh"], repo, env)
+    assert any((tmp_path / "ssh-remote").rglob("*"))
+
+    clone = _clone(repo, tmp_path / "clone", env)
+    assert "keyfile" not in (clone / ".dvc/config").read_text()
+    _run(["dvc", "remote", "modify", "--local", "ssh", "keyfile", str(sshd["key"])], clone, env)
+    _run(["dvc", "pull", "-r", "ssh"], clone, env)
+    assert (clone / "models/adapter/adapter_model.safetensors").exists()
+    _assert_up_to_date(clone, env)
