@@ -191,10 +191,17 @@ def split_off(rows: list[Record], size: float | int, seed: int) -> tuple[list[Re
     return rest, part
 
 
-def cap(rows: list[Record], max_samples: int | None, seed: int) -> list[Record]:
-    """A seeded, stratified subset of at most `max_samples` rows (never simply the first N)."""
-    if not max_samples or max_samples >= len(rows):
+def cap(rows: list[Record], max_samples: int | None, seed: int, name: str = "split") -> list[Record]:
+    """A seeded, stratified subset of `max_samples` rows (never simply the first N).
+
+    Asking for more rows than the split has is an error, not a silent shortfall.
+    """
+    if not max_samples or max_samples == len(rows):
         return rows
+    if max_samples > len(rows):
+        raise PipelineError(
+            f"{name} asks for {max_samples} questions but the split has only {len(rows)}: lower it or set it to null"
+        )
     _, subset = split_off(rows, int(max_samples), seed)
     return subset
 

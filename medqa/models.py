@@ -137,7 +137,7 @@ def load_tokenizer(base_dir: str | Path, padding_side: str = "right") -> Any:
     """The base model's tokenizer, with a pad token (EOS if it has none)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
@@ -175,7 +175,8 @@ def load_model(base_dir: str | Path, hardware: Hardware, adapter_dir: str | Path
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     source = read_source(base_dir)
-    kwargs: dict[str, Any] = {"dtype": hardware.dtype}
+    # Weights only from safetensors (pickle checkpoints can run code), and never the hub's custom code.
+    kwargs: dict[str, Any] = {"dtype": hardware.dtype, "use_safetensors": True, "trust_remote_code": False}
     if hardware.quantize_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -185,7 +186,7 @@ def load_model(base_dir: str | Path, hardware: Hardware, adapter_dir: str | Path
         )
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}  # one GPU per process
     if source["weights"] == "local":
-        name, kwargs["use_safetensors"] = str(base_dir), True
+        name = str(base_dir)
     else:
         name, kwargs["revision"] = source["hub_id"], source.get("revision")
     try:

@@ -6,6 +6,10 @@ from medqa.io import read_json, read_jsonl, write_json, write_jsonl
 from medqa.params import load_params
 
 
+# Size caps for CPU runs: split -> the params key that caps it.
+CAPS = {"train": ("train", "max_samples"), "val": ("train", "max_val_samples"), "test": ("eval", "max_samples")}
+
+
 @stage_main
 def main() -> None:
     params = load_params()
@@ -14,9 +18,8 @@ def main() -> None:
         read_jsonl(paths.FORMATTED), sp["strategy"], read_json(paths.TEST_LABELS),
         sp["test_size"], sp["val_size"], sp["seed"],
     )
-    caps = {"train": params["train"]["max_samples"], "val": params["train"]["max_val_samples"],
-            "test": params["eval"]["max_samples"]}
-    splits = {name: cap(rows, caps[name], sp["seed"]) for name, rows in splits.items()}
+    for name, (section, key) in CAPS.items():
+        splits[name] = cap(splits[name], params[section][key], sp["seed"], f"{section}.{key}")
     assert_disjoint(splits)
     for name, path in (("train", paths.TRAIN), ("val", paths.VAL), ("test", paths.TEST)):
         write_jsonl(path, splits[name])

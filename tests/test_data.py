@@ -121,4 +121,6 @@ def test_cap_is_a_seeded_stratified_subset_not_the_first_n():
     assert len(subset) == 10 and subset == cap(rows, 10, seed=3)
     assert subset != rows[:10]
     assert sorted(r["final_decision"] for r in subset) == sorted(["yes"] * 4 + ["no"] * 4 + ["maybe"] * 2)
-    assert cap(rows, None, seed=3) == rows and cap(rows, 500, seed=3) == rows
+    assert cap(rows, None, seed=3) == rows and cap(rows, 100, seed=3) == rows
+    with pytest.raises(PipelineError, match="eval.max_samples asks for 500 questions but the split has only 100"):
+        cap(rows, 500, seed=3, name="eval.max_samples")

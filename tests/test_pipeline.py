@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from tests.conftest import pubmedqa_data, write_official_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_STAGES = {"download", "format", "split", "baseline_eval", "finetune", "finetuned_eval", "report"}
+FAKE_TOKEN = "hf_" + uuid.uuid4().hex  # made at run time, so no file holds it beforehand
 TINY = {
     "train": {"max_samples": 6, "max_val_samples": 2, "max_steps": 2, "batch_size": 2, "grad_accum": 1,
               "eval_steps": 1, "save_steps": 1, "max_length": 384},
@@ -32,6 +34,7 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-4000:]}"
+    assert FAKE_TOKEN not in output
     return output
 
 
@@ -58,7 +61,7 @@ def project(tmp_path_factory) -> tuple[Path, dict]:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.invalid",
                GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.invalid",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_TOKEN=FAKE_TOKEN, PYTHONUNBUFFERED="1")
     _run(["git", "init", "-q"], repo, env)
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "project"], repo, env)
@@ -103,6 +106,8 @@ def test_pipeline_runs_then_reruns_only_what_changed(project):
     assert _stages_run(epochs) == {"finetune", "finetuned_eval", "report"}
 
     assert (repo / "models/checkpoints").is_dir()  # scratch for resuming, kept by DVC between runs
+    leaks = [p for p in repo.rglob("*") if p.is_file() and FAKE_TOKEN.encode() in p.read_bytes()]
+    assert not leaks, f"HF_TOKEN leaked into {leaks}"
 
     diff = _run(["dvc", "metrics", "diff", "--all"], repo, env)
     assert "metrics/baseline.json" in diff and "metrics/finetuned.json" in diff
@@ -225,3 +230,31 @@ def test_round_trip_over_ssh(project, sshd, tmp_path):
     _run(["dvc", "pull", "-r", "ssh"], clone, env)
     assert (clone / "models/adapter/adapter_model.safetensors").exists()
     _assert_up_to_date(clone, env)
+
+
+def test_a_killed_stage_is_never_taken_as_done_and_a_rerun_gives_the_same_outputs(project):
+    import signal
+
+    repo, env = project
+    outputs = ["data/raw/pubmedqa.jsonl", "data/formatted/examples.jsonl", "data/split/train.jsonl",
+               "data/split/test.jsonl", "data/predictions/baseline.jsonl", "metrics/baseline.json",
+               "data/predictions/finetuned.jsonl", "metrics/finetuned.json"]
+    before = {name: (repo / name).read_bytes() for name in outputs}
+    proc = subprocess.Popen(["dvc", "repro", "--force", "--single-item", "baseline_eval"], cwd=repo, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    for line in proc.stdout:
+        if "Running stage 'baseline_eval'" in line:
+            break
+    import time
+
+    time.sleep(4)  # inside the stage: the model is loading or generating
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    status = _run(["dvc", "status"], repo, env)
+    assert "baseline_eval" in status, status
+    assert "Data and pipelines are up to date." not in status
+
+    rerun = _run(["dvc", "repro", "--force", "--no-run-cache"], repo, env)
+    assert _stages_run(rerun) == ALL_STAGES
+    for name in outputs:  # same params and seed: byte-identical data, generations and metrics
+        assert (repo / name).read_bytes() == before[name], name
