@@ -162,7 +162,8 @@ def validate_records(records: list[Record]) -> list[Record]:
             raise PipelineError(
                 f"record {pmid}: field 'final_decision' is {decision!r}, expected one of {', '.join(DECISIONS)}"
             )
-    return sorted(records, key=lambda r: int(r["pmid"]) if r["pmid"].isdigit() else r["pmid"])
+    # Numeric PMIDs in numeric order, any others after them: a stable order whatever the source's.
+    return sorted(records, key=lambda r: (0, int(r["pmid"]), "") if r["pmid"].isdigit() else (1, 0, r["pmid"]))
 
 
 # --- splitting -----------------------------------------------------------------------------

@@ -124,3 +124,8 @@ def test_cap_is_a_seeded_stratified_subset_not_the_first_n():
     assert cap(rows, None, seed=3) == rows and cap(rows, 100, seed=3) == rows
     with pytest.raises(PipelineError, match="eval.max_samples asks for 500 questions but the split has only 100"):
         cap(rows, 500, seed=3, name="eval.max_samples")
+
+
+def test_records_come_out_in_a_stable_order_whatever_the_ids():
+    rows = [dict(r, pmid=p) for r, p in zip(_records(3), ["10", "abc", "9"])]
+    assert [r["pmid"] for r in validate_records(rows)] == ["9", "10", "abc"]
