@@ -12,6 +12,7 @@ Needs the pipeline's `models/base` and `data/split/train.jsonl` (run `dvc repro 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
 import torch
@@ -50,7 +51,7 @@ def run(params: dict, items: list[dict], padded: bool, steps: int) -> tuple[floa
         tokenizer, padding="max_length" if padded else True, max_length=tp["max_length"], label_pad_token_id=-100
     )
     args = TrainingArguments(
-        output_dir="/tmp/bench-train", max_steps=steps, per_device_train_batch_size=tp["batch_size"],
+        output_dir=tempfile.mkdtemp(prefix="bench-train-"), max_steps=steps, per_device_train_batch_size=tp["batch_size"],
         gradient_accumulation_steps=tp["grad_accum"], learning_rate=tp["learning_rate"], report_to="none",
         save_strategy="no", use_cpu=not torch.cuda.is_available(), seed=tp["seed"], logging_steps=steps,
         train_sampling_strategy="random" if padded else "group_by_length", disable_tqdm=True,
