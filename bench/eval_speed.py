@@ -16,8 +16,8 @@ import time
 import torch
 
 from medqa import paths
-from medqa.data import DECISIONS
-from medqa.generation import continuation_ids, generate, score_choices
+from medqa.evaluation import score_decisions
+from medqa.generation import generate
 from medqa.io import read_jsonl
 from medqa.metrics import parse_decision
 from medqa.models import load_model, load_tokenizer, resolve_hardware
@@ -53,10 +53,7 @@ def main() -> None:
 
     start = time.perf_counter()
     batched = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new, desc="stage")
-    prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
-    options = [continuation_ids(tokenizer, prefix, f" {d}") for d in DECISIONS]
-    score_choices(model, [p + prefix_ids for p in prompts], options, pad_id=tokenizer.pad_token_id,
-                  batch_size=batch_size)
+    score_decisions(model, tokenizer, prompts, prefix, batch_size, desc="stage: scoring choices")
     stage_s = time.perf_counter() - start
 
     same = sum(a == b for a, b in zip(notebook, batched))

@@ -9,13 +9,28 @@ import numpy as np
 
 from medqa import metrics
 from medqa.data import DECISIONS
-from medqa.generation import continuation_ids, continuation_logprobs, generate, score_choices
 from medqa.errors import explain_out_of_memory
+from medqa.generation import continuation_ids, continuation_logprobs, generate, score_choices
 from medqa.io import read_jsonl, write_json, write_jsonl
 from medqa.models import load_model, load_tokenizer, resolve_hardware
 from medqa.prompts import fit_prompt
 
 log = logging.getLogger(__name__)
+
+
+def score_decisions(
+    model: Any, tokenizer: Any, prompts: list[list[int]], answer_prefix: str, batch_size: int, desc: str | None
+) -> np.ndarray:
+    """Log-likelihood of " yes", " no", " maybe" after each prompt and the answer prefix, shape (n, 3).
+
+    The options are tokenised in context (after the prefix), as the target spells them.
+    """
+    prefix_ids = tokenizer(answer_prefix, add_special_tokens=False)["input_ids"]
+    options = [continuation_ids(tokenizer, answer_prefix, f" {d}") for d in DECISIONS]
+    return np.array(score_choices(
+        model, [p + prefix_ids for p in prompts], options, pad_id=tokenizer.pad_token_id,
+        batch_size=batch_size, desc=desc,
+    ))
 
 
 def long_answer_part(generation: str, answer_prefix: str) -> str:
@@ -50,12 +65,7 @@ def run_evaluation(
         seed=gen["seed"], desc=f"{label}: generating",
     )
 
-    prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
-    options = [continuation_ids(tokenizer, prefix, f" {d}") for d in DECISIONS]
-    loglik = np.array(score_choices(
-        model, [p + prefix_ids for p in prompts], options, pad_id=tokenizer.pad_token_id,
-        batch_size=ev["batch_size"], desc=f"{label}: scoring choices",
-    ))
+    loglik = score_decisions(model, tokenizer, prompts, prefix, ev["batch_size"], desc=f"{label}: scoring choices")
     probs = np.exp(loglik - loglik.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     targets = [tokenizer(ex["target"], add_special_tokens=False)["input_ids"] for ex in examples]

