@@ -1,6 +1,7 @@
 # make run            set up .venv, then run the pipeline (dvc repro) on the embedded default model
 # make run DATA=dir   the same from a local PubMedQA copy (official data/ layout) instead of the hub
 # make test           set up .venv, then run the tests
+# make chat           serve the base vs fine-tuned app on 127.0.0.1:7860 (CHAT_ARGS="--port 8000")
 # make remote         use a local directory as the default DVC remote (REMOTE=dir, not committed)
 VENV ?= .venv
 PYTHON ?= python3
@@ -8,7 +9,9 @@ DATA ?=
 REMOTE ?= $(HOME)/.cache/pubmedqa-dvc-remote
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup run test remote clean
+CHAT_ARGS ?=
+
+.PHONY: setup run test chat remote clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +31,9 @@ endif
 
 test: setup
 	$(VENV)/bin/python -m pytest -q tests
+
+chat: setup
+	$(VENV)/bin/python -m medqa.chat $(CHAT_ARGS)
 
 remote: setup
 	dvc remote add --local --force --default local '$(abspath $(REMOTE))'

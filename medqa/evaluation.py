@@ -33,6 +33,12 @@ def score_decisions(
     ))
 
 
+def choice_probabilities(loglik: np.ndarray) -> np.ndarray:
+    """The options' log-likelihoods, shape (n, 3), normalised to probabilities over the three decisions."""
+    probs = np.exp(loglik - loglik.max(axis=1, keepdims=True))
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
 def long_answer_part(generation: str, answer_prefix: str) -> str:
     """The generated text before the decision sentence: what is compared with the reference long answer."""
     cut = generation.lower().find(answer_prefix.lower())
@@ -66,8 +72,7 @@ def run_evaluation(
     )
 
     loglik = score_decisions(model, tokenizer, prompts, prefix, ev["batch_size"], desc=f"{label}: scoring choices")
-    probs = np.exp(loglik - loglik.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
+    probs = choice_probabilities(loglik)
     targets = [tokenizer(ex["target"], add_special_tokens=False)["input_ids"] for ex in examples]
     target_loglik = continuation_logprobs(
         model, prompts, targets, pad_id=tokenizer.pad_token_id, batch_size=ev["batch_size"],

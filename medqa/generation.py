@@ -40,8 +40,28 @@ def _tail_logprobs(model: Any, ids: torch.Tensor, mask: torch.Tensor, keep: int)
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def _device(model: Any) -> Any:
+def model_device(model: Any) -> Any:
     return next(model.parameters()).device
+
+
+def generation_options(
+    model: Any, tokenizer: Any, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+) -> dict[str, Any]:
+    """Keyword arguments for `model.generate`: greedy when temperature is 0, else sampling."""
+    sample = temperature > 0
+    options: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": sample,
+        "repetition_penalty": repetition_penalty,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": model.generation_config.eos_token_id or tokenizer.eos_token_id,
+    }
+    if sample:
+        options.update(temperature=temperature, top_p=top_p)
+    else:  # silence warnings about sampling knobs that greedy decoding ignores
+        options.update(temperature=None, top_p=None, top_k=None)
+    return options
 
 
 @torch.inference_mode()
@@ -59,20 +79,10 @@ def generate(
     desc: str | None = "generating",
 ) -> list[str]:
     """Generate an answer for each tokenised prompt, in left-padded batches with the KV cache."""
-    sample = temperature > 0
-    options: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens,
-        "do_sample": sample,
-        "repetition_penalty": repetition_penalty,
-        "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": model.generation_config.eos_token_id or tokenizer.eos_token_id,
-    }
-    if sample:
-        options.update(temperature=temperature, top_p=top_p)
-    else:  # silence warnings about sampling knobs that greedy decoding ignores
-        options.update(temperature=None, top_p=None, top_k=None)
+    options = generation_options(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, repetition_penalty=repetition_penalty)
     outputs: list[str] = [""] * len(prompts)
-    for batch, ids, mask in _padded_batches(prompts, batch_size, tokenizer.pad_token_id, _device(model), desc):
+    for batch, ids, mask in _padded_batches(prompts, batch_size, tokenizer.pad_token_id, model_device(model), desc):
         torch.manual_seed(seed)  # per batch, so a sampled answer does not depend on earlier batches
         out = model.generate(input_ids=ids, attention_mask=mask, **options)
         for i, row in zip(batch, out[:, ids.shape[1] :]):
@@ -100,7 +110,7 @@ def continuation_logprobs(
     desc: str | None = None,
 ) -> list[float]:
     """Summed log-probability of each continuation's tokens after its context."""
-    device = _device(model)
+    device = model_device(model)
     seqs = [list(c) + list(o) for c, o in zip(contexts, continuations)]
     sums: list[float] = [0.0] * len(seqs)
     for batch, ids, mask in _padded_batches(seqs, batch_size, pad_id, device, desc):
@@ -136,9 +146,9 @@ def score_choices(
             pad_id=pad_id, batch_size=batch_size, desc=desc,
         )
         return [flat[i * len(options) : (i + 1) * len(options)] for i in range(len(prompts))]
-    option_ids = torch.tensor([o[0] for o in options], device=_device(model))
+    option_ids = torch.tensor([o[0] for o in options], device=model_device(model))
     scores: list[list[float]] = [[] for _ in prompts]
-    for batch, ids, mask in _padded_batches(prompts, batch_size, pad_id, _device(model), desc):
+    for batch, ids, mask in _padded_batches(prompts, batch_size, pad_id, model_device(model), desc):
         for i, row in zip(batch, _tail_logprobs(model, ids, mask, 1)[:, -1, option_ids].tolist()):
             scores[i] = row
     return scores

@@ -103,6 +103,9 @@ SCHEMA: dict[str, Check] = {
     "eval.bootstrap": integer(0),
     "eval.seed": integer(0),
     "report.n_examples": integer(0),
+    "chat.history_turns": integer(0),
+    "chat.host": text(),
+    "chat.port": (lambda v: _is_int(v) and 1 <= v <= 65535, "a port number 1..65535"),
 }
 
 

@@ -46,17 +46,23 @@ class PromptFormat:
         self.end_of_turn = self._end_of_turn()
 
     def _chat(self, system: str, user: str, answer: str | None = None) -> str:
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        messages = [{"role": "user", "content": user}]
         if answer is not None:
             messages.append({"role": "assistant", "content": answer})
+        return self._render(system, messages)
+
+    def _render(self, system: str, messages: list[dict[str, str]]) -> str:
+        """The chat template over a system turn and `messages`, open for the assistant's reply
+        unless the last message is the assistant's."""
+        open_turn = messages[-1]["role"] != "assistant"
         try:
             return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=answer is None
+                [{"role": "system", "content": system}, *messages], tokenize=False, add_generation_prompt=open_turn
             )
         except Exception:
-            # Some templates (e.g. Mistral's, Gemma's) reject a system turn: fold it into the user turn.
-            merged = [{"role": "user", "content": f"{system}\n\n{user}"}] + messages[2:]
-            return self.tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=answer is None)
+            # Some templates (e.g. Mistral's, Gemma's) reject a system turn: fold it into the first user turn.
+            merged = [{"role": "user", "content": f"{system}\n\n{messages[0]['content']}"}, *messages[1:]]
+            return self.tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=open_turn)
 
     def _end_of_turn(self) -> str:
         eos = self.tokenizer.eos_token or ""
@@ -75,6 +81,22 @@ class PromptFormat:
         if self.template is not None:
             return self.template.format(system=system, user=user)
         return self._chat(system, user)
+
+    def conversation(self, system: str, turns: list[tuple[str, str]], user: str) -> str:
+        """The prompt for `user`'s message after earlier (user, assistant) turns.
+
+        With a chat template the turns are real chat turns; a plain string template has no turns,
+        so the earlier exchanges are quoted in the user message instead.
+        """
+        if self.template is not None:
+            if turns:
+                quoted = "\n".join(f"User: {u}\nAssistant: {a}" for u, a in turns)
+                user = f"Earlier in this conversation:\n{quoted}\n\n{user}"
+            return self.prompt(system, user)
+        messages = [
+            {"role": role, "content": text} for u, a in turns for role, text in (("user", u), ("assistant", a))
+        ]
+        return self._render(system, [*messages, {"role": "user", "content": user}])
 
 
 def format_record(record: dict, fmt: PromptFormat, system: str, answer_prefix: str) -> dict:

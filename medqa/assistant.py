@@ -1,0 +1,169 @@
+"""Answering one question or one chat message with the base model and the fine-tuned one.
+
+One model in memory: the base weights with the LoRA adapter attached; the base model's answers
+come from the same weights with the adapter disabled (peft's `disable_adapter`). A lock keeps
+two requests from toggling the adapter under each other.
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from medqa.data import DECISIONS
+from medqa.errors import PipelineError
+from medqa.evaluation import choice_probabilities, score_decisions
+from medqa.generation import generation_options, model_device
+from medqa.models import load_model, load_tokenizer, read_source, resolve_hardware
+from medqa.prompts import PromptFormat, fit_prompt, join_contexts, user_message
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """The generation knobs the app exposes; defaults come from params.yaml's generation section."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 42
+
+    @classmethod
+    def from_params(cls, generation: dict[str, Any]) -> "GenerationSettings":
+        return cls(**{k: generation[k] for k in ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed")})
+
+
+def message_text(content: Any) -> str:
+    """The text of a chat message's content: a string, or Gradio's list of {"type": "text", "text": ...} parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    if isinstance(content, (list, tuple)):
+        return "".join(message_text(part) for part in content)
+    return ""
+
+
+def recent_turns(history: list[dict[str, Any]], n: int) -> list[tuple[str, str]]:
+    """The last `n` complete (user, assistant) exchanges of a role/content message list."""
+    turns: list[tuple[str, str]] = []
+    pending: str | None = None
+    for message in history:
+        role, text = message.get("role"), message_text(message.get("content"))
+        if role == "user":
+            pending = text
+        elif role == "assistant" and pending is not None:
+            turns.append((pending, text))
+            pending = None
+    return turns[-n:] if n > 0 else []
+
+
+class _Stop:
+    """A stopping criterion that ends generation when the reader goes away (page closed, new request)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class Assistant:
+    """The base model with its adapter, the prompt format of the pipeline, and the answer functions."""
+
+    def __init__(self, model: Any, tokenizer: Any, params: dict[str, Any]):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.system = params["prompt"]["system"]
+        self.answer_prefix = params["prompt"]["answer_prefix"]
+        self.max_prompt_length = params["eval"]["max_prompt_length"]
+        self.history_turns = params["chat"]["history_turns"]
+        self.format = PromptFormat(tokenizer, params["prompt"]["template"])
+        self.lock = threading.Lock()
+
+    @classmethod
+    def load(cls, params: dict[str, Any], base_dir: str | Path, adapter_dir: str | Path) -> "Assistant":
+        """Load the base model once and attach the adapter; clear errors when either is missing."""
+        read_source(base_dir)  # says to run the download stage when the base model is missing
+        if not (Path(adapter_dir) / "adapter_model.safetensors").exists():
+            raise PipelineError(
+                f"no fine-tuned adapter in {adapter_dir}: run `dvc repro` to train it or `dvc pull finetune` "
+                "to fetch it from the DVC remote"
+            )
+        hardware = resolve_hardware(params["model"]["quantization"], params["model"]["dtype"])
+        model = load_model(base_dir, hardware, adapter_dir)
+        return cls(model, load_tokenizer(base_dir, padding_side="left"), params)
+
+    def question_prompt(self, question: str, context: str = "") -> list[int]:
+        """Token ids of a PubMedQA-style prompt (the pipeline's format), the context cut to fit."""
+        if not question.strip():
+            raise PipelineError("type a question first")
+        context = join_contexts([context])
+        example = {
+            "pmid": "question", "context": context,
+            "prompt": self.format.prompt(self.system, user_message(question.strip(), [context])),
+        }
+        return fit_prompt(example, self.tokenizer, self.max_prompt_length)
+
+    def chat_prompt(self, history: list[dict[str, Any]], message: str) -> list[int]:
+        """Token ids of a chat prompt: the last `chat.history_turns` exchanges, then `message`."""
+        if not message.strip():
+            raise PipelineError("type a message first")
+        turns = recent_turns(history, self.history_turns)
+        while True:
+            ids = self.tokenizer(self.format.conversation(self.system, turns, message.strip()),
+                                 add_special_tokens=False)["input_ids"]
+            if len(ids) <= self.max_prompt_length or not turns:
+                return ids[-self.max_prompt_length:]
+            turns = turns[1:]  # too long: forget the oldest exchange first
+
+    @contextmanager
+    def _adapter(self, enabled: bool) -> Iterator[None]:
+        with self.lock, (nullcontext() if enabled else self.model.disable_adapter()):
+            yield
+
+    def decision_probabilities(self, prompt: list[int], adapter: bool) -> dict[str, float]:
+        """P(yes/no/maybe) by choice scoring after the answer prefix, as the eval stages score them."""
+        with self._adapter(adapter):
+            loglik = score_decisions(self.model, self.tokenizer, [prompt], self.answer_prefix, 1, desc=None)
+        return dict(zip(DECISIONS, choice_probabilities(loglik)[0].tolist()))
+
+    def stream(self, prompt: list[int], settings: GenerationSettings, adapter: bool) -> Iterator[str]:
+        """The answer so far, growing token by token while the model generates in a worker thread."""
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stop, failure = _Stop(), []
+        options = generation_options(
+            self.model, self.tokenizer, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+            top_p=settings.top_p, repetition_penalty=settings.repetition_penalty,
+        )
+        ids = torch.tensor([prompt], device=model_device(self.model))
+
+        def work() -> None:
+            try:
+                with self._adapter(adapter), torch.inference_mode():
+                    torch.manual_seed(settings.seed)
+                    self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                                        stopping_criteria=StoppingCriteriaList([stop]), **options)
+            except BaseException as exc:  # surfaced to the reader below, not lost in the thread
+                failure.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        text = ""
+        try:
+            for piece in streamer:
+                text += piece
+                yield text.lstrip()
+        finally:
+            stop.event.set()  # the reader stopped early: let the worker finish and free the lock
+        worker.join()
+        if failure:
+            raise PipelineError(f"generation failed: {failure[0]}") from failure[0]
+        yield text.strip()

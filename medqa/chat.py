@@ -1,0 +1,177 @@
+"""The browser app: the base and the fine-tuned model side by side, and a chat with the fine-tuned one.
+
+    python -m medqa.chat [--host 127.0.0.1] [--port 7860] [--share]      (or: make chat)
+
+Loads the base model named in params.yaml (models/base) and the adapter in models/adapter (from
+`dvc repro` or `dvc pull finetune`) once, and serves a Gradio app on 127.0.0.1 by default.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from medqa import paths
+from medqa.assistant import Assistant, GenerationSettings
+from medqa.data import DECISIONS
+from medqa.errors import PipelineError, stage_main
+from medqa.io import read_jsonl
+from medqa.params import load_params
+
+log = logging.getLogger(__name__)
+
+NOTICE = (
+    "**Research tool, not medical advice.** These models were fine-tuned on a small set of "
+    "PubMedQA abstracts; their answers can be wrong or invented. Do not use them to make decisions about anyone's health."
+)
+
+
+def load_test_questions(path: str | Path) -> dict[str, dict]:
+    """The test split's formatted examples by pmid ({} when the split stage has not run)."""
+    return {ex["pmid"]: ex for ex in read_jsonl(path)} if Path(path).exists() else {}
+
+
+def decision_markdown(probs: dict[str, float]) -> str:
+    """The chosen decision in bold, then the three probabilities."""
+    best = max(probs, key=probs.get)  # type: ignore[arg-type]
+    shown = " · ".join(f"{d} {probs[d]:.2f}" for d in DECISIONS)
+    return f"Choice-scored decision: **{best}** ({shown})"
+
+
+def reference_markdown(example: dict | None) -> str:
+    if not example:
+        return ""
+    return (f"**Reference decision:** {example['final_decision']}\n\n"
+            f"**Reference answer:** {example['long_answer']}")
+
+
+def compare_answers(
+    assistant: Assistant, question: str, context: str, settings: GenerationSettings
+) -> Iterator[tuple[str, str, str, str]]:
+    """(base answer, base decision, fine-tuned answer, fine-tuned decision), updated as tokens stream in."""
+    prompt = assistant.question_prompt(question, context)
+    base_decision = decision_markdown(assistant.decision_probabilities(prompt, adapter=False))
+    tuned_decision = decision_markdown(assistant.decision_probabilities(prompt, adapter=True))
+    base = ""
+    for base in assistant.stream(prompt, settings, adapter=False):
+        yield base, base_decision, "", tuned_decision
+    for tuned in assistant.stream(prompt, settings, adapter=True):
+        yield base, base_decision, tuned, tuned_decision
+
+
+def chat_reply(
+    assistant: Assistant, history: list[dict[str, Any]], message: str, settings: GenerationSettings
+) -> Iterator[list[dict[str, Any]]]:
+    """The conversation with `message` and the fine-tuned model's reply, growing as it streams."""
+    prompt = assistant.chat_prompt(history, message)
+    history = [*history, {"role": "user", "content": message.strip()}]
+    for reply in assistant.stream(prompt, settings, adapter=True):
+        yield [*history, {"role": "assistant", "content": reply}]
+
+
+def build_app(assistant: Assistant, defaults: GenerationSettings, test_questions: dict[str, dict]) -> Any:
+    """The Gradio Blocks app: a notice, generation controls, a Compare tab and a Chat tab."""
+    import gradio as gr
+
+    def settings(temperature: float, top_p: float, max_new_tokens: float) -> GenerationSettings:
+        return GenerationSettings(int(max_new_tokens), float(temperature), float(top_p),
+                                  defaults.repetition_penalty, defaults.seed)
+
+    def on_compare(question, context, temperature, top_p, max_new_tokens):
+        try:
+            yield from compare_answers(assistant, question, context, settings(temperature, top_p, max_new_tokens))
+        except PipelineError as exc:
+            raise gr.Error(str(exc)) from exc
+
+    def on_chat(history, message, temperature, top_p, max_new_tokens):
+        try:
+            for turn in chat_reply(assistant, history or [], message, settings(temperature, top_p, max_new_tokens)):
+                yield turn, ""
+        except PipelineError as exc:
+            raise gr.Error(str(exc)) from exc
+
+    def on_pick(pmid):
+        example = test_questions.get(pmid)
+        if not example:
+            return gr.update(), gr.update(), ""
+        return example["question"], example["context"], reference_markdown(example)
+
+    with gr.Blocks(title="PubMedQA: base vs fine-tuned") as app:
+        gr.Markdown("## PubMedQA: base vs fine-tuned")
+        gr.Markdown(NOTICE, elem_id="notice")
+        with gr.Accordion("Generation settings", open=False):
+            with gr.Row():
+                temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05,
+                                        label="Temperature (0 = greedy)")
+                top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p")
+                max_new_tokens = gr.Slider(1, max(1024, defaults.max_new_tokens), value=defaults.max_new_tokens,
+                                           step=1, label="Max new tokens")
+        controls = [temperature, top_p, max_new_tokens]
+        with gr.Tab("Compare"):
+            pmid = gr.Dropdown(
+                choices=[(f"{k}: {v['question'][:90]}", k) for k, v in test_questions.items()],
+                label="A PubMedQA test question (optional)", value=None, filterable=True,
+                visible=bool(test_questions), elem_id="pmid",
+            )
+            question = gr.Textbox(label="Question", lines=2, elem_id="question")
+            context = gr.Textbox(label="Context passage (optional)", lines=4, elem_id="context")
+            reference = gr.Markdown(elem_id="reference")
+            ask = gr.Button("Compare", variant="primary", elem_id="compare")
+            with gr.Row():
+                with gr.Column():
+                    base_answer = gr.Textbox(label="Base model", lines=8, interactive=False, elem_id="base-answer")
+                    base_decision = gr.Markdown(elem_id="base-decision")
+                with gr.Column():
+                    tuned_answer = gr.Textbox(label="Fine-tuned model", lines=8, interactive=False,
+                                              elem_id="finetuned-answer")
+                    tuned_decision = gr.Markdown(elem_id="finetuned-decision")
+            pmid.change(on_pick, [pmid], [question, context, reference])
+            outputs = [base_answer, base_decision, tuned_answer, tuned_decision]
+            ask.click(on_compare, [question, context, *controls], outputs)
+            question.submit(on_compare, [question, context, *controls], outputs)
+        with gr.Tab("Chat"):
+            gr.Markdown(f"A conversation with the fine-tuned model; it sees the last "
+                        f"{assistant.history_turns} exchanges (`chat.history_turns`).")
+            chatbot = gr.Chatbot(label="Fine-tuned model", elem_id="chatbot")
+            message = gr.Textbox(label="Message", lines=2, elem_id="message")
+            with gr.Row():
+                send = gr.Button("Send", variant="primary", elem_id="send")
+                clear = gr.Button("Clear", elem_id="clear")
+            send.click(on_chat, [chatbot, message, *controls], [chatbot, message])
+            message.submit(on_chat, [chatbot, message, *controls], [chatbot, message])
+            clear.click(lambda: ([], ""), None, [chatbot, message])
+    return app
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m medqa.chat", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", help="address to bind (default: chat.host in params.yaml, 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default: chat.port in params.yaml)")
+    parser.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--base", default=str(paths.BASE_MODEL), help="base model directory (download stage)")
+    parser.add_argument("--adapter", default=str(paths.ADAPTER), help="LoRA adapter directory (finetune stage)")
+    parser.add_argument("--test", default=str(paths.TEST), help="test split for the question picker")
+    return parser.parse_args(argv)
+
+
+@stage_main
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    params = load_params(args.params)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports about a medical tool
+    try:
+        import gradio  # noqa: F401
+    except ImportError as exc:
+        raise PipelineError("gradio is not installed: `pip install -r requirements.txt` (or `make setup`)") from exc
+    log.info("loading %s with the adapter in %s", args.base, args.adapter)
+    assistant = Assistant.load(params, args.base, args.adapter)
+    app = build_app(assistant, GenerationSettings.from_params(params["generation"]), load_test_questions(args.test))
+    host, port = args.host or params["chat"]["host"], args.port or params["chat"]["port"]
+    app.queue().launch(server_name=host, server_port=port, share=args.share, ssr_mode=False)
+
+
+if __name__ == "__main__":
+    main()

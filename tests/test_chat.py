@@ -1,0 +1,218 @@
+"""The chat app: answer and history functions on a tiny model, and the real app in a headless browser."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from medqa.assistant import Assistant, GenerationSettings, recent_turns
+from medqa.chat import chat_reply, compare_answers
+from medqa.errors import PipelineError
+from medqa.generation import generate
+from medqa.io import write_json, write_jsonl
+from medqa.models import load_model, resolve_hardware
+from medqa.prompts import PromptFormat, format_record
+from tests.conftest import make_original
+
+ROOT = Path(__file__).resolve().parents[1]
+GREEDY = GenerationSettings(max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tokenizer) -> Path:
+    """What the app reads: a base model dir (tiny random Llama), an adapter that changes it, the test split."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    work = tmp_path_factory.mktemp("chat")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    ))
+    model.save_pretrained(work / "base")
+    tokenizer.save_pretrained(work / "base")
+    write_json(work / "base" / "source.json", {"hub_id": "tiny", "weights": "local"})
+    # init_lora_weights=False: random B matrices, so the adapter visibly changes the answers.
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                  init_lora_weights=False))
+    peft_model.save_pretrained(work / "adapter")
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["generation"]["max_new_tokens"] = 12
+    params["eval"]["max_prompt_length"] = 200
+    params["chat"]["history_turns"] = 2
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    fmt = PromptFormat(tokenizer)
+    records = [{"pmid": k, "question": v["QUESTION"], "contexts": v["CONTEXTS"], "long_answer": v["LONG_ANSWER"],
+                "final_decision": v["final_decision"]} for k, v in make_original(3).items()]
+    write_jsonl(work / "test.jsonl", [format_record(r, fmt, params["prompt"]["system"], "x") for r in records])
+    return work
+
+
+@pytest.fixture(scope="module")
+def assistant(project) -> Assistant:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    return Assistant.load(params, project / "base", project / "adapter")
+
+
+def test_recent_turns_keeps_the_last_complete_exchanges():
+    history = [
+        {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": [{"type": "text", "text": "q2"}]},  # Gradio's message parts
+        {"role": "assistant", "content": [{"type": "text", "text": "a2"}]},
+        {"role": "user", "content": "q3"}, {"role": "assistant", "content": "a3"},
+        {"role": "user", "content": "unanswered"},
+    ]
+    assert recent_turns(history, 2) == [("q2", "a2"), ("q3", "a3")]
+    assert recent_turns(history, 10) == [("q1", "a1"), ("q2", "a2"), ("q3", "a3")]
+    assert recent_turns(history, 0) == []
+
+
+def test_chat_prompt_sends_recent_history_and_drops_the_oldest_when_too_long(assistant, tokenizer):
+    history = [{"role": r, "content": f"{r} turn {i}"} for i in range(4) for r in ("user", "assistant")]
+    text = tokenizer.decode(assistant.chat_prompt(history, "next question"))
+    assert "user turn 3" in text and "assistant turn 2" in text and "next question" in text
+    assert "user turn 1" not in text  # history_turns = 2
+    long_history = [{"role": r, "content": f"{r} {i} " + "word " * 60} for i in range(2) for r in ("user", "assistant")]
+    ids = assistant.chat_prompt(long_history, "short")
+    assert len(ids) <= assistant.max_prompt_length
+    assert "short" in tokenizer.decode(ids) and "user 0" not in tokenizer.decode(ids)
+
+
+def test_base_answers_come_from_the_same_weights_with_the_adapter_off(assistant, project):
+    prompt = assistant.question_prompt("Does aspirin reduce fever?", "A trial of aspirin in adults.")
+    tuned = assistant.decision_probabilities(prompt, adapter=True)
+    base = assistant.decision_probabilities(prompt, adapter=False)
+    assert set(base) == {"yes", "no", "maybe"} and sum(base.values()) == pytest.approx(1.0)
+    assert max(abs(base[d] - tuned[d]) for d in base) > 1e-4  # the adapter is on for the fine-tuned side
+
+    plain = load_model(project / "base", resolve_hardware("none", "float32"))  # a separate copy, no adapter
+    expected = generate(plain, assistant.tokenizer, [prompt], batch_size=1, max_new_tokens=12, desc=None)[0]
+    assert list(assistant.stream(prompt, GREEDY, adapter=False))[-1] == expected
+    # One model in memory: the LoRA layers wrap the base layers rather than a second copy.
+    assert sum(p.numel() for p in assistant.model.parameters()) < 1.1 * sum(p.numel() for p in plain.parameters())
+
+
+def test_stream_grows_token_by_token_and_matches_batch_generation(assistant):
+    prompt = assistant.question_prompt("Is smoking linked to lung cancer?")
+    steps = list(assistant.stream(prompt, GREEDY, adapter=True))
+    assert len(steps) > 2 and all(b.startswith(a.strip()) for a, b in zip(steps, steps[1:]))
+    expected = generate(assistant.model, assistant.tokenizer, [prompt], batch_size=1, max_new_tokens=12, desc=None)[0]
+    assert steps[-1] == expected and expected
+
+
+def test_sampling_is_seeded(assistant):
+    prompt = assistant.question_prompt("Is smoking linked to lung cancer?")
+    hot = GenerationSettings(max_new_tokens=12, temperature=1.5, top_p=0.95, seed=7)
+    first = list(assistant.stream(prompt, hot, adapter=True))[-1]
+    assert list(assistant.stream(prompt, hot, adapter=True))[-1] == first
+
+
+def test_a_stream_abandoned_by_its_reader_frees_the_model(assistant):
+    stream = assistant.stream(assistant.question_prompt("Q?"), GenerationSettings(max_new_tokens=400), adapter=False)
+    next(stream)
+    stream.close()
+    assert assistant.lock.acquire(timeout=30)  # the worker stopped early and let go
+    assistant.lock.release()
+
+
+def test_compare_fills_both_sides_and_chat_keeps_the_conversation(assistant):
+    *_, (base, base_decision, tuned, tuned_decision) = compare_answers(assistant, "Does it work?", "", GREEDY)
+    assert base and tuned and base != tuned
+    assert "Choice-scored decision" in base_decision and "maybe" in tuned_decision
+    *_, history = chat_reply(assistant, [], "Hello?", GREEDY)
+    assert [m["role"] for m in history] == ["user", "assistant"] and history[1]["content"]
+    *_, history = chat_reply(assistant, history, "And then?", GREEDY)
+    assert [m["content"] for m in history][::2] == ["Hello?", "And then?"]
+    with pytest.raises(PipelineError, match="type a question"):
+        next(compare_answers(assistant, "  ", "", GREEDY))
+
+
+def _run_app(project: Path, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), GRADIO_ANALYTICS_ENABLED="False")
+    return subprocess.Popen(
+        [sys.executable, "-m", "medqa.chat", "--params", str(project / "params.yaml"), "--base", str(project / "base"),
+         "--test", str(project / "test.jsonl"), *args],
+        cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def test_the_app_refuses_to_start_without_an_adapter(project, tmp_path):
+    proc = _run_app(project, "--adapter", str(tmp_path / "missing"))
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "dvc pull finetune" in output and "Traceback" not in output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the app exited: {proc.stdout.read()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"the app did not answer on {url} within {timeout} s")
+
+
+def _chromium() -> str | None:
+    return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+def test_compare_in_a_real_browser(project, tmp_path):
+    """Headless Chromium types a question, presses Compare and sees both answers fill in."""
+    browser_path = _chromium()
+    if browser_path is None:
+        if os.environ.get("REQUIRE_BROWSER"):
+            pytest.fail("REQUIRE_BROWSER is set but no chromium is installed")
+        pytest.skip("no chromium on PATH (apt-get install chromium; .ci/run does)")
+    from playwright.sync_api import expect, sync_playwright
+
+    test_question = make_original(3)["1001"]["QUESTION"]
+    port = _free_port()
+    app = _run_app(project, "--adapter", str(project / "adapter"), "--port", str(port))
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_for(url, app)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=browser_path, headless=True, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(url)
+            expect(page.locator("#notice")).to_contain_text("not medical advice", timeout=60_000)
+            page.locator("#pmid input").click()  # a test question by pmid fills the form and shows its reference
+            page.get_by_role("option", name="1001").click()
+            expect(page.locator("#question textarea")).to_have_value(test_question, timeout=30_000)
+            expect(page.locator("#reference")).to_contain_text("Reference decision", timeout=30_000)
+            page.locator("#question textarea").fill("Does aspirin reduce fever in adults?")
+            page.locator("#compare").click()
+            for pane in ("#base-answer textarea", "#finetuned-answer textarea"):
+                expect(page.locator(pane)).not_to_have_value("", timeout=120_000)
+            expect(page.locator("#finetuned-decision")).to_contain_text("Choice-scored decision", timeout=60_000)
+            page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
+            base = page.locator("#base-answer textarea").input_value()
+            tuned = page.locator("#finetuned-answer textarea").input_value()
+            browser.close()
+        assert base.strip() and tuned.strip()
+        assert (tmp_path / "compare.png").stat().st_size > 0
+    finally:
+        app.terminate()
+        app.wait(timeout=30)
