@@ -8,6 +8,7 @@ Loads the base model named in params.yaml (models/base) and the adapter in model
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -162,10 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     params = load_params(args.params)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports about a medical tool
-    try:
-        import gradio  # noqa: F401
-    except ImportError as exc:
-        raise PipelineError("gradio is not installed: `pip install -r requirements.txt` (or `make setup`)") from exc
+    if importlib.util.find_spec("gradio") is None:
+        raise PipelineError("gradio is not installed: `pip install -r requirements.txt` (or `make setup`)")
     log.info("loading %s with the adapter in %s", args.base, args.adapter)
     assistant = Assistant.load(params, args.base, args.adapter)
     app = build_app(assistant, GenerationSettings.from_params(params["generation"]), load_test_questions(args.test))

@@ -85,11 +85,11 @@ def _load_file(path: Path) -> list[Record]:
     )
 
 
-def _load_hub(dataset: str, config: str) -> list[Record]:
+def _load_hub(dataset: str, config: str, revision: str | None = None) -> list[Record]:
     try:
         import datasets
 
-        ds = datasets.load_dataset(dataset, config, split="train")
+        ds = datasets.load_dataset(dataset, config, split="train", revision=revision)
     except Exception as exc:  # the hub raises many kinds; all mean the same to the user
         raise PipelineError(
             f"could not load {dataset} ({config}) from the Hugging Face hub: {type(exc).__name__}: "
@@ -101,18 +101,39 @@ def _load_hub(dataset: str, config: str) -> list[Record]:
     return [_from_hf(r) for r in ds]
 
 
-def load_records(source: str, hf_dataset: str, hf_config: str) -> list[Record]:
-    """Load PubMedQA from the hub (`source == "hf"`), a data file, or an official data/ directory."""
-    if source == "hf":
-        return _load_hub(hf_dataset, hf_config)
+def is_hub_reference(path: Path) -> bool:
+    return path.suffix in (".yaml", ".yml")
+
+
+def read_hub_reference(path: Path) -> dict[str, str]:
+    """A hub reference file: `dataset`, `config` and optionally `revision` of a PubMedQA copy on the hub."""
+    import yaml
+
+    try:
+        ref = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise PipelineError(f"data.source {path}: cannot read the hub reference: {exc}") from exc
+    if not isinstance(ref, dict) or not ref.get("dataset") or not ref.get("config"):
+        raise PipelineError(f"data.source {path}: a hub reference needs `dataset` and `config` keys")
+    return {k: str(v) for k, v in ref.items() if v is not None}
+
+
+def load_records(source: str) -> list[Record]:
+    """Load PubMedQA from the hub (`source` is a hub reference .yaml), a data file, or an official data/ directory."""
     path = Path(source).expanduser()
+    if not path.exists():
+        raise PipelineError(
+            f"data.source {path} does not exist (a local PubMedQA copy, or a hub reference file like "
+            "data/pubmedqa-hub.yaml)"
+        )
     if path.is_dir():
         original = path / ORIGINAL_FILE
         if not original.exists():
             raise PipelineError(f"data.source {path} is a directory without {ORIGINAL_FILE}")
         return _load_file(original)
-    if not path.exists():
-        raise PipelineError(f"data.source {path} does not exist (use 'hf' for the hub or a local path)")
+    if is_hub_reference(path):
+        ref = read_hub_reference(path)
+        return _load_hub(ref["dataset"], ref["config"], ref.get("revision"))
     return _load_file(path)
 
 
@@ -121,7 +142,7 @@ def load_test_labels(source: str, url: str | None) -> dict[str, str] | None:
 
     Returns None (with a warning) when neither is reachable; the split stage then explains.
     """
-    if source != "hf" and Path(source).expanduser().is_dir():
+    if Path(source).expanduser().is_dir():
         local = Path(source).expanduser() / TEST_FILE
         if local.exists():
             return {str(k): v for k, v in _read_json_file(local).items()}

@@ -54,8 +54,6 @@ def string_list(nullable: bool = True) -> Check:
 
 SCHEMA: dict[str, Check] = {
     "data.source": text(),
-    "data.hf_dataset": text(),
-    "data.hf_config": text(),
     "data.test_ids": text(nullable=True),
     "model.name": text(),
     "model.quantization": one_of("auto", "4bit", "none"),

@@ -11,7 +11,7 @@ SPLIT_METRICS = Path("metrics/split.json")
 ADAPTER = Path("models/adapter")
 CHECKPOINTS = Path("models/checkpoints")
 TRAIN_METRICS = Path("metrics/train.json")
-TRAIN_LOSS, VAL_LOSS = Path("plots/train_loss.csv"), Path("plots/val_loss.csv")
+LIVE_DIR = Path("dvclive")  # DVCLive logs of the finetune stage: loss and learning-rate curves
 PREDICTIONS_DIR = Path("data/predictions")
 
 

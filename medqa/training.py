@@ -1,9 +1,7 @@
 """LoRA / QLoRA fine-tuning with transformers' Trainer: answer-only loss, best checkpoint, resume."""
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
 import math
@@ -15,7 +13,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from medqa.errors import PipelineError, explain_out_of_memory
-from medqa.io import atomic_dir, read_json, write_json, write_text
+from medqa.io import atomic_dir, read_json, write_json
 from medqa.models import Hardware, get_profile, load_model, load_tokenizer, lora_targets, resolve_hardware
 from medqa.prompts import fit_prompt
 
@@ -132,28 +130,43 @@ def _optimizer(name: str, hardware: Hardware) -> str:
     return "paged_adamw_8bit" if hardware.quantize_4bit else "adamw_torch"
 
 
-def write_history(log_history: list[dict], train_csv: Path, val_csv: Path) -> None:
-    """Train and validation loss per step as CSV files for `dvc plots`."""
-    for path, key, extra in ((train_csv, "loss", "learning_rate"), (val_csv, "eval_loss", None)):
-        rows = [["step", "loss"] + ([extra] if extra else [])]
-        rows += [[e["step"], e[key]] + ([e.get(extra, "")] if extra else []) for e in log_history if key in e]
-        buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerows(rows)
-        write_text(path, buf.getvalue())
+# Trainer log keys -> DVCLive metric names (dvclive/plots/metrics/<name>.tsv).
+LIVE_METRICS = {"loss": "train/loss", "learning_rate": "train/learning_rate", "eval_loss": "eval/loss"}
 
 
-class HistoryCallback(TrainerCallback):
-    """Rewrites the loss CSVs at every log, so the curves can be watched during a run and survive a crash.
+class LiveLossCallback(TrainerCallback):
+    """Logs train and validation loss and the learning rate per step with DVCLive.
 
-    The history comes from the trainer state, which a resumed run restores from its checkpoint.
+    The curves are written from the trainer state's log history at every log, so they can be
+    watched during a run (`dvc plots show`), and a run resumed from a checkpoint logs the steps
+    before the interruption too (the trainer restores its history from the checkpoint).
     """
 
-    def __init__(self, train_csv: Path, val_csv: Path):
-        self.train_csv, self.val_csv = train_csv, val_csv
+    def __init__(self, live_dir: Path):
+        self.live_dir = live_dir
+        self.live: Any = None
+        self.logged = 0
 
     def on_log(self, args, state, control, **kwargs) -> None:
-        if state.is_world_process_zero:
-            write_history(state.log_history, self.train_csv, self.val_csv)
+        if not state.is_world_process_zero:
+            return
+        if self.live is None:
+            from dvclive import Live
+
+            # Inside a DVC stage: the pipeline declares these files; DVCLive must not write its own
+            # dvc.yaml, make an experiment or a report.
+            self.live = Live(str(self.live_dir), resume=False, dvcyaml=None, save_dvc_exp=False, report=None)
+        for entry in state.log_history[self.logged:]:
+            self.live.step = entry["step"]
+            for key, name in LIVE_METRICS.items():
+                if key in entry:
+                    self.live.log_metric(name, entry[key], plot=True)
+        self.logged = len(state.log_history)
+        self.live.make_summary()
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        if self.live is not None:
+            self.live.end()
 
 
 def train_adapter(
@@ -163,8 +176,7 @@ def train_adapter(
     val_path: Path,
     adapter_dir: Path,
     checkpoints_dir: Path,
-    train_csv: Path,
-    val_csv: Path,
+    live_dir: Path,
     metrics_path: Path,
 ) -> dict:
     """Fine-tune a LoRA adapter on the train split, keep the best by validation loss, write outputs."""
@@ -233,7 +245,7 @@ def train_adapter(
         dataloader_pin_memory=cuda,
         ddp_find_unused_parameters=False if launched_by_accelerate() else None,
     )
-    callbacks: list = [HistoryCallback(train_csv, val_csv), StopOnNonFiniteLoss()]
+    callbacks: list = [LiveLossCallback(live_dir), StopOnNonFiniteLoss()]
     if tp["early_stopping_patience"]:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=tp["early_stopping_patience"]))
     trainer = Trainer(

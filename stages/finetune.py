@@ -19,7 +19,7 @@ def main() -> None:
         os.execvp(command[0], command)
     summary = train_adapter(
         params, paths.BASE_MODEL, paths.TRAIN, paths.VAL, paths.ADAPTER, paths.CHECKPOINTS,
-        paths.TRAIN_LOSS, paths.VAL_LOSS, paths.TRAIN_METRICS,
+        paths.LIVE_DIR, paths.TRAIN_METRICS,
     )
     if summary:
         print(f"finetune: best step {summary['best_step']} (val loss {summary['best_val_loss']}) -> {paths.ADAPTER}")

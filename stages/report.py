@@ -16,7 +16,7 @@ def main() -> None:
     differences = paired_differences(
         table_from_rows(base_rows), table_from_rows(tuned_rows), params["eval"]["bootstrap"], params["eval"]["seed"]
     )
-    plot_losses(paths.TRAIN_LOSS, paths.VAL_LOSS, paths.LOSS_PNG)
+    plot_losses(paths.LIVE_DIR, paths.LOSS_PNG)
     text = render_report(
         read_json(base["metrics_path"]), read_json(tuned["metrics_path"]), differences,
         read_json(paths.TRAIN_METRICS), base_rows, tuned_rows, params, paths.LOSS_PNG.name,

@@ -26,14 +26,14 @@ def test_original_hf_jsonl_parquet_and_directory_layouts_agree(tmp_path, officia
     rows = _hf_rows(original)
     (tmp_path / "hf.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     pd.DataFrame(rows).to_parquet(tmp_path / "hf.parquet")
-    loaded = [validate_records(load_records(str(tmp_path / name), "x", "y"))
+    loaded = [validate_records(load_records(str(tmp_path / name)))
               for name in ("ori.json", "hf.jsonl", "hf.parquet")]
     assert loaded[0] == loaded[1] == loaded[2]
     assert loaded[0][0] == {
         "pmid": "1000", "question": original["1000"]["QUESTION"], "contexts": original["1000"]["CONTEXTS"],
         "long_answer": original["1000"]["LONG_ANSWER"], "final_decision": "yes",
     }
-    from_dir = validate_records(load_records(str(official_dir), "x", "y"))
+    from_dir = validate_records(load_records(str(official_dir)))
     assert len(from_dir) == 40
     labels = load_test_labels(str(official_dir), None)
     assert len(labels) == 10 and set(labels) <= {r["pmid"] for r in from_dir}
@@ -53,7 +53,7 @@ def test_bad_record_names_record_and_field(tmp_path, field, value, message):
     original["1003"][field] = value
     (tmp_path / "bad.json").write_text(json.dumps(original))
     with pytest.raises(PipelineError, match=message):
-        validate_records(load_records(str(tmp_path / "bad.json"), "x", "y"))
+        validate_records(load_records(str(tmp_path / "bad.json")))
 
 
 def test_duplicate_ids_and_unreadable_files_are_clear_errors(tmp_path):
@@ -61,21 +61,26 @@ def test_duplicate_ids_and_unreadable_files_are_clear_errors(tmp_path):
     rows.append(dict(rows[1]))
     (tmp_path / "dup.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     with pytest.raises(PipelineError, match="record 1001: duplicate id"):
-        validate_records(load_records(str(tmp_path / "dup.jsonl"), "x", "y"))
+        validate_records(load_records(str(tmp_path / "dup.jsonl")))
     (tmp_path / "cut.json").write_text('{"1": {"QUESTION": "a"')
     with pytest.raises(PipelineError, match="cut.json is not valid JSON"):
-        load_records(str(tmp_path / "cut.json"), "x", "y")
+        load_records(str(tmp_path / "cut.json"))
     with pytest.raises(PipelineError, match="does not exist"):
-        load_records(str(tmp_path / "nowhere.json"), "x", "y")
+        load_records(str(tmp_path / "nowhere.json"))
     with pytest.raises(PipelineError, match="without ori_pqal.json"):
-        load_records(str(tmp_path), "x", "y")
+        load_records(str(tmp_path))
 
 
-def test_unreachable_hub_says_how_to_use_a_local_copy(monkeypatch):
+def test_unreachable_hub_says_how_to_use_a_local_copy(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    ref = tmp_path / "hub.yaml"
+    ref.write_text("dataset: qiaojin/PubMedQA-does-not-exist\nconfig: pqa_labeled\n")
     with pytest.raises(PipelineError, match="point data.source at a local copy"):
-        load_records("hf", "qiaojin/PubMedQA-does-not-exist", "pqa_labeled")
+        load_records(str(ref))
+    ref.write_text("dataset: qiaojin/PubMedQA\n")
+    with pytest.raises(PipelineError, match="needs `dataset` and `config`"):
+        load_records(str(ref))
 
 
 def _records(n=60):

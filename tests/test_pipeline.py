@@ -42,10 +42,8 @@ def _stages_run(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> tuple[Path, dict]:
-    """A git + DVC copy of the project's tracked files with tiny params."""
-    work = tmp_path_factory.mktemp("pipeline")
+def make_repo(work: Path, data: Path) -> tuple[Path, dict]:
+    """A git + DVC copy of the project's tracked files in `work`/repo, reading `data`, with tiny params."""
     repo = work / "repo"
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for name in files:
@@ -53,7 +51,6 @@ def project(tmp_path_factory) -> tuple[Path, dict]:
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, repo / name)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    data = pubmedqa_data() or write_official_dir(work / "pubmedqa", n=40, n_test=10)
     params["data"]["source"] = str(data)
     for section, values in TINY.items():
         params[section].update(values)
@@ -66,6 +63,13 @@ def project(tmp_path_factory) -> tuple[Path, dict]:
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "project"], repo, env)
     return repo, env
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Path, dict]:
+    """The project with tiny params, reading the real PubMedQA copy when there is one."""
+    work = tmp_path_factory.mktemp("pipeline")
+    return make_repo(work, pubmedqa_data() or write_official_dir(work / "pubmedqa", n=40, n_test=10))
 
 
 def test_pipeline_runs_then_reruns_only_what_changed(project):
@@ -258,3 +262,69 @@ def test_a_killed_stage_is_never_taken_as_done_and_a_rerun_gives_the_same_output
     assert _stages_run(rerun) == ALL_STAGES
     for name in outputs:  # same params and seed: byte-identical data, generations and metrics
         assert (repo / name).read_bytes() == before[name], name
+
+
+def test_a_changed_source_file_re_runs_download(tmp_path):
+    data = write_official_dir(tmp_path / "pubmedqa", n=40, n_test=10)
+    repo, env = make_repo(tmp_path, data)
+    assert _stages_run(_run(["dvc", "repro", "download"], repo, env)) == {"download"}
+    assert "up to date" in _run(["dvc", "status", "download"], repo, env)
+    raw = (repo / "data/raw/pubmedqa.jsonl").read_bytes()
+
+    records = json.loads((data / "ori_pqal.json").read_text())
+    first = next(iter(records))
+    records[first]["LONG_ANSWER"] = "An edited long answer."
+    (data / "ori_pqal.json").write_text(json.dumps(records))  # same path, same params, new content
+    status = _run(["dvc", "status", "download"], repo, env)
+    assert "changed deps" in status and str(data) in status, status
+    assert _stages_run(_run(["dvc", "repro", "download"], repo, env)) == {"download"}
+    assert (repo / "data/raw/pubmedqa.jsonl").read_bytes() != raw
+    assert "An edited long answer." in (repo / "data/raw/pubmedqa.jsonl").read_text()
+
+    # The hub reference file is a dependency in the same way.
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["source"] = "data/pubmedqa-hub.yaml"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = _run(["dvc", "status", "download"], repo, env)
+    assert "data/pubmedqa-hub.yaml" in status, status
+
+
+def test_a_killed_finetune_resumes_and_gives_the_same_adapter(project):
+    """SIGKILL the finetune stage after its first checkpoint: dvc status says it is not done, and
+    dvc repro resumes from the checkpoint and ends with the adapter an uninterrupted run gives."""
+    import signal
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    from medqa.training import last_complete_checkpoint
+
+    repo, env = project
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"].update(max_steps=4)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    checkpoints, adapter = repo / "models/checkpoints", repo / "models/adapter/adapter_model.safetensors"
+
+    _run(["dvc", "repro", "finetune"], repo, env)
+    straight = load_file(adapter)
+    shutil.rmtree(checkpoints)
+
+    proc = subprocess.Popen(["dvc", "repro", "--force", "--single-item", "finetune"], cwd=repo, env=env, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not (checkpoints.exists() and last_complete_checkpoint(checkpoints)):
+        assert proc.poll() is None and time.monotonic() < deadline, "finetune ended before its first checkpoint"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not adapter.exists()  # DVC removed the old output; the killed run wrote no new one
+    status = _run(["dvc", "status", "finetune"], repo, env)
+    assert "finetune" in status and "up to date" not in status, status
+
+    rerun = _run(["dvc", "repro", "--single-item", "finetune"], repo, env)
+    assert "resuming from" in rerun, rerun[-3000:]
+    resumed = load_file(adapter)
+    assert resumed.keys() == straight.keys()
+    for key in straight:
+        assert torch.allclose(resumed[key], straight[key], atol=1e-4), key

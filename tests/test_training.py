@@ -9,11 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from safetensors.torch import load_file
 
 from medqa.io import write_json, write_jsonl
+from medqa.plots import live_metric_file
 from medqa.prompts import PromptFormat, format_record
 from tests.conftest import make_original
 
@@ -60,7 +62,7 @@ from medqa.training import train_adapter
 params, out = json.loads(sys.argv[1]), Path(sys.argv[2])
 w = Path(sys.argv[3])
 train_adapter(params, w / "base", w / "train.jsonl", w / "val.jsonl", out / "adapter", out / "checkpoints",
-              out / "train.csv", out / "val.csv", out / "train.json")
+              out / "live", out / "train.json")
 """
 
 
@@ -83,11 +85,13 @@ def test_training_writes_adapter_history_and_best_step(workdir, tmp_path):
     assert not list((tmp_path / "adapter").glob("*.bin"))
     summary = json.loads((tmp_path / "train.json").read_text())
     assert summary["steps"] == 6 and summary["best_step"] in (2, 4, 6) and not summary["resumed"]
-    val = (tmp_path / "val.csv").read_text().splitlines()
-    assert val[0] == "step,loss" and [row.split(",")[0] for row in val[1:]] == ["2", "4", "6"]
-    best = min(float(row.split(",")[1]) for row in val[1:])
-    assert summary["best_val_loss"] == pytest.approx(best)
-    assert len((tmp_path / "train.csv").read_text().splitlines()) == 1 + 6
+    val = pd.read_csv(live_metric_file(tmp_path / "live", "eval/loss"), sep="\t")
+    assert list(val["step"]) == [2, 4, 6]
+    assert summary["best_val_loss"] == pytest.approx(val["loss"].min())
+    train = pd.read_csv(live_metric_file(tmp_path / "live", "train/loss"), sep="\t")
+    assert list(train["step"]) == [1, 2, 3, 4, 5, 6]
+    rates = pd.read_csv(live_metric_file(tmp_path / "live", "train/learning_rate"), sep="\t")
+    assert len(rates) == 6 and rates["learning_rate"].iloc[-1] < rates["learning_rate"].max()
 
 
 def test_early_stopping_stops(workdir, tmp_path):
@@ -115,6 +119,11 @@ def test_resume_after_kill_gives_the_same_adapter(workdir, tmp_path):
     assert "resuming from" in output
     summary = json.loads((out / "train.json").read_text())
     assert summary["resumed"] and summary["steps"] == 12
+    # The loss curve of the resumed run has every step, the ones before the kill included.
+    curve = pd.read_csv(live_metric_file(out / "live", "train/loss"), sep="\t")
+    straight = pd.read_csv(live_metric_file(tmp_path / "straight" / "live", "train/loss"), sep="\t")
+    assert list(curve["step"]) == list(range(1, 13))
+    assert list(curve["loss"]) == pytest.approx(list(straight["loss"]), abs=1e-4)
     a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     b = load_file(out / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
