@@ -174,21 +174,31 @@ def resolve_hardware(quantization: str = "auto", dtype: str = "auto") -> Hardwar
     return Hardware("cuda" if cuda else "cpu", torch_dtype, cuda and quantization != "none")
 
 
+def fsdp_enabled() -> bool:
+    """True in a process that `accelerate launch` started with an FSDP config."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
 def load_model(base_dir: str | Path, hardware: Hardware, adapter_dir: str | Path | None = None) -> Any:
     """Load the base model (4-bit on CUDA when asked), optionally with a trained LoRA adapter."""
+    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     source = read_source(base_dir)
     # Weights only from safetensors (pickle checkpoints can run code), and never the hub's custom code.
     kwargs: dict[str, Any] = {"dtype": hardware.dtype, "use_safetensors": True, "trust_remote_code": False}
     if hardware.quantize_4bit:
+        fsdp = fsdp_enabled()
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=hardware.dtype,
+            # FSDP-QLoRA: 4-bit weights stored in the compute dtype, so FSDP can shard them.
+            bnb_4bit_quant_storage=hardware.dtype if fsdp else torch.uint8,
         )
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}  # one GPU per process
+        if not fsdp:  # FSDP places the shards itself
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}  # one GPU per process
     if source["weights"] == "local":
         name = str(base_dir)
     else:
@@ -197,7 +207,7 @@ def load_model(base_dir: str | Path, hardware: Hardware, adapter_dir: str | Path
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
         raise PipelineError(f"could not load the base model {name}: {exc}") from exc
-    if not hardware.quantize_4bit:
+    if not hardware.quantize_4bit and not fsdp_enabled():
         model.to(hardware.device)
     if adapter_dir is not None:
         from peft import PeftModel

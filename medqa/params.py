@@ -88,6 +88,7 @@ SCHEMA: dict[str, Check] = {
     "train.save_steps": integer(1),
     "train.early_stopping_patience": integer(0),
     "train.num_processes": integer(1),
+    "train.distributed": one_of("ddp", "fsdp"),
     "generation.max_new_tokens": integer(1),
     "generation.temperature": number(0),
     "generation.top_p": number(0, 1, low_open=True),

@@ -14,7 +14,9 @@ from transformers import TrainerCallback
 
 from medqa.errors import PipelineError, explain_out_of_memory
 from medqa.io import atomic_dir, read_json, write_json
-from medqa.models import Hardware, get_profile, load_model, load_tokenizer, lora_targets, resolve_hardware
+from medqa.models import (
+    Hardware, fsdp_enabled, get_profile, load_model, load_tokenizer, lora_targets, resolve_hardware,
+)
 from medqa.prompts import fit_prompt
 
 log = logging.getLogger(__name__)
@@ -90,7 +92,7 @@ def resume_point(params: dict, base_dir: Path, train_path: Path, val_path: Path,
     return None
 
 
-ACCELERATE_CONFIG = Path("configs/accelerate/ddp.yaml")
+ACCELERATE_CONFIGS = {"ddp": Path("configs/accelerate/ddp.yaml"), "fsdp": Path("configs/accelerate/fsdp.yaml")}
 
 
 def launched_by_accelerate() -> bool:
@@ -98,9 +100,9 @@ def launched_by_accelerate() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
-def accelerate_command(num_processes: int, module: str = "stages.finetune") -> list[str]:
-    """The command that re-runs `module` as `num_processes` data-parallel processes (one per GPU)."""
-    return ["accelerate", "launch", "--config_file", str(ACCELERATE_CONFIG),
+def accelerate_command(num_processes: int, strategy: str = "ddp", module: str = "stages.finetune") -> list[str]:
+    """The command that re-runs `module` as `num_processes` processes (one per GPU), DDP or FSDP."""
+    return ["accelerate", "launch", "--config_file", str(ACCELERATE_CONFIGS[strategy]),
             "--num_processes", str(num_processes), "-m", module]
 
 
@@ -127,7 +129,8 @@ class StopOnNonFiniteLoss(TrainerCallback):
 def _optimizer(name: str, hardware: Hardware) -> str:
     if name != "auto":
         return name
-    return "paged_adamw_8bit" if hardware.quantize_4bit else "adamw_torch"
+    # bitsandbytes' paged 8-bit states are not sharded by FSDP: plain AdamW there.
+    return "paged_adamw_8bit" if hardware.quantize_4bit and not fsdp_enabled() else "adamw_torch"
 
 
 # Trainer log keys -> DVCLive metric names (dvclive/plots/metrics/<name>.tsv).
@@ -198,7 +201,9 @@ def train_adapter(
     log.info("training on %d examples, validating on %d (%s)", len(train_ds), len(val_ds), hardware.device)
 
     model = load_model(base_dir, hardware)
-    if hardware.quantize_4bit:
+    fsdp = fsdp_enabled()
+    if hardware.quantize_4bit and not fsdp:
+        # (Under FSDP it would upcast the frozen weights to fp32, but FSDP needs one dtype to shard.)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(model, LoraConfig(
         r=lp["r"], lora_alpha=lp["alpha"], lora_dropout=lp["dropout"], bias="none",
@@ -239,7 +244,8 @@ def train_adapter(
         fp16=cuda and hardware.dtype == torch.float16,
         activation_checkpointing=cuda,
         # Non-reentrant checkpointing lets gradients reach LoRA weights when the frozen inputs need none.
-        activation_checkpointing_kwargs={"use_reentrant": False} if cuda else None,
+        # (FSDP-QLoRA wants the reentrant variant, as in peft's FSDP-QLoRA guide.)
+        activation_checkpointing_kwargs={"use_reentrant": fsdp} if cuda else None,
         use_cpu=not cuda,
         report_to="none",
         dataloader_pin_memory=cuda,
@@ -262,10 +268,13 @@ def train_adapter(
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     state = trainer.state
+    if fsdp:
+        _save_fsdp_adapter(trainer, adapter_dir)
     if not trainer.is_world_process_zero():
         return {}
-    with atomic_dir(adapter_dir) as tmp:
-        trainer.model.save_pretrained(tmp, safe_serialization=True)
+    if not fsdp:
+        with atomic_dir(adapter_dir) as tmp:
+            trainer.model.save_pretrained(tmp, safe_serialization=True)
     best = state.best_model_checkpoint
     train_losses = [e["loss"] for e in state.log_history if "loss" in e]
     summary = {
@@ -280,3 +289,15 @@ def train_adapter(
     }
     write_json(metrics_path, summary)
     return summary
+
+
+def _save_fsdp_adapter(trainer: Any, adapter_dir: Path) -> None:
+    """Gather the sharded adapter (every rank must take part) and let rank 0 move it into place."""
+    trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    staging = adapter_dir.parent / f".{adapter_dir.name}.fsdp"
+    trainer.save_model(str(staging))
+    if trainer.is_world_process_zero():
+        with atomic_dir(adapter_dir) as tmp:
+            for name in ("adapter_config.json", "adapter_model.safetensors"):  # not the pickled training args
+                shutil.move(str(staging / name), tmp / name)
+        shutil.rmtree(staging, ignore_errors=True)

@@ -14,7 +14,7 @@ def main() -> None:
     if n > 1 and not launched_by_accelerate():
         # Settle resume/clean-up once, before the processes start; then become the launcher.
         resume_point(params, paths.BASE_MODEL, paths.TRAIN, paths.VAL, paths.CHECKPOINTS)
-        command = accelerate_command(n)
+        command = accelerate_command(n, params["train"]["distributed"])
         print("finetune: " + " ".join(command))
         os.execvp(command[0], command)
     summary = train_adapter(

@@ -189,7 +189,11 @@ def test_resume_point_is_idempotent_and_multi_gpu_launch_command(workdir, tmp_pa
     assert resume_point(*args) == ckpt / "checkpoint-2"  # the same params: kept, not cleared
     assert resume_point(*args) == ckpt / "checkpoint-2"
     assert resume_point(_params(learning_rate=0.5), *args[1:]) is None and not (ckpt / "checkpoint-2").exists()
-    command = accelerate_command(4)
-    assert command[:2] == ["accelerate", "launch"] and command[-2:] == ["-m", "stages.finetune"]
-    assert (ROOT / command[command.index("--config_file") + 1]).exists()
-    assert command[command.index("--num_processes") + 1] == "4"
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    for strategy, kind in (("ddp", "MULTI_GPU"), ("fsdp", "FSDP")):
+        command = accelerate_command(4, strategy)
+        assert command[:2] == ["accelerate", "launch"] and command[-2:] == ["-m", "stages.finetune"]
+        assert command[command.index("--num_processes") + 1] == "4"
+        config = load_config_from_file(str(ROOT / command[command.index("--config_file") + 1]))  # accelerate parses it
+        assert config.distributed_type == kind
