@@ -1,8 +1,10 @@
 """Questions per second: the notebook way vs the eval stages' way, on the same model and questions.
 
 Notebook way: one `generate` call per question, the decision parsed from the generated text.
-Stage way: left-padded batches with the KV cache (`eval.batch_size`), plus choice scoring of the
-decision (one extra forward pass per question). Greedy generations must be identical.
+Stage way: what the eval stages run: `generate_and_score`, left-padded batches (`eval.batch_size`)
+that prefill each prompt once and share its KV cache between choice scoring of the decision, the
+reference answer's likelihood (for perplexity) and generation. It does more than the notebook way
+(two extra scores per question). Greedy generations must be identical.
 
     python -m bench.eval_speed [--questions 32] [--batch-size 8] [--max-new-tokens 96]
 
@@ -16,8 +18,8 @@ import time
 import torch
 
 from medqa import paths
-from medqa.evaluation import score_decisions
-from medqa.generation import generate
+from medqa.evaluation import decision_options
+from medqa.generation import generate, generate_and_score
 from medqa.io import read_jsonl
 from medqa.metrics import parse_decision
 from medqa.models import load_model, load_tokenizer, resolve_hardware
@@ -51,15 +53,20 @@ def main() -> None:
     notebook_decisions = [parse_decision(g, prefix) for g in notebook]
     notebook_s = time.perf_counter() - start
 
+    targets = [tokenizer(ex["target"], add_special_tokens=False)["input_ids"] for ex in examples]
     start = time.perf_counter()
-    batched = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new, desc="stage")
-    score_decisions(model, tokenizer, prompts, prefix, batch_size, desc="stage: scoring choices")
+    batched, _, _ = generate_and_score(
+        model, tokenizer, prompts, choice_prefix=tokenizer(prefix, add_special_tokens=False)["input_ids"],
+        options=decision_options(tokenizer, prefix), targets=targets, batch_size=batch_size,
+        max_new_tokens=max_new, desc="stage",
+    )
     stage_s = time.perf_counter() - start
 
     same = sum(a == b for a, b in zip(notebook, batched))
     n = len(prompts)
     print(f"notebook way: {n / notebook_s:.3f} questions/s ({notebook_s:.1f} s)")
-    print(f"stage way:    {n / stage_s:.3f} questions/s ({stage_s:.1f} s, batch {batch_size}, with choice scoring)")
+    print(f"stage way:    {n / stage_s:.3f} questions/s ({stage_s:.1f} s, batch {batch_size}, with choice scoring "
+          "and reference likelihood)")
     print(f"ratio:        {notebook_s / stage_s:.2f}x")
     print(f"identical greedy generations: {same}/{n}; parsed decisions found by the notebook way: "
           f"{sum(d != 'none' for d in notebook_decisions)}/{n}")

@@ -10,7 +10,9 @@ import numpy as np
 from medqa import metrics
 from medqa.data import DECISIONS
 from medqa.errors import explain_out_of_memory
-from medqa.generation import continuation_ids, continuation_logprobs, generate, score_choices
+from medqa.generation import (
+    continuation_ids, continuation_logprobs, generate, generate_and_score, score_choices,
+)
 from medqa.io import read_jsonl, write_json, write_jsonl
 from medqa.models import load_model, load_tokenizer, resolve_hardware
 from medqa.prompts import fit_prompt
@@ -18,18 +20,19 @@ from medqa.prompts import fit_prompt
 log = logging.getLogger(__name__)
 
 
+def decision_options(tokenizer: Any, answer_prefix: str) -> list[list[int]]:
+    """The tokens of " yes", " no", " maybe" in context after the answer prefix, as the target spells them."""
+    return [continuation_ids(tokenizer, answer_prefix, f" {d}") for d in DECISIONS]
+
+
 def score_decisions(
     model: Any, tokenizer: Any, prompts: list[list[int]], answer_prefix: str, batch_size: int, desc: str | None
 ) -> np.ndarray:
-    """Log-likelihood of " yes", " no", " maybe" after each prompt and the answer prefix, shape (n, 3).
-
-    The options are tokenised in context (after the prefix), as the target spells them.
-    """
+    """Log-likelihood of " yes", " no", " maybe" after each prompt and the answer prefix, shape (n, 3)."""
     prefix_ids = tokenizer(answer_prefix, add_special_tokens=False)["input_ids"]
-    options = [continuation_ids(tokenizer, answer_prefix, f" {d}") for d in DECISIONS]
     return np.array(score_choices(
-        model, [p + prefix_ids for p in prompts], options, pad_id=tokenizer.pad_token_id,
-        batch_size=batch_size, desc=desc,
+        model, [p + prefix_ids for p in prompts], decision_options(tokenizer, answer_prefix),
+        pad_id=tokenizer.pad_token_id, batch_size=batch_size, desc=desc,
     ))
 
 
@@ -65,19 +68,26 @@ def run_evaluation(
     log.info("%s: %d test questions on %s", label, len(examples), hardware.device)
 
     prompts = [fit_prompt(ex, tokenizer, ev["max_prompt_length"]) for ex in examples]
-    generations = generate(
-        model, tokenizer, prompts, batch_size=ev["batch_size"], max_new_tokens=gen["max_new_tokens"],
-        temperature=gen["temperature"], top_p=gen["top_p"], repetition_penalty=gen["repetition_penalty"],
-        seed=gen["seed"], desc=f"{label}: generating",
-    )
-
-    loglik = score_decisions(model, tokenizer, prompts, prefix, ev["batch_size"], desc=f"{label}: scoring choices")
-    probs = choice_probabilities(loglik)
     targets = [tokenizer(ex["target"], add_special_tokens=False)["input_ids"] for ex in examples]
-    target_loglik = continuation_logprobs(
-        model, prompts, targets, pad_id=tokenizer.pad_token_id, batch_size=ev["batch_size"],
-        desc=f"{label}: reference perplexity",
-    )
+    sampling = dict(max_new_tokens=gen["max_new_tokens"], temperature=gen["temperature"], top_p=gen["top_p"],
+                    repetition_penalty=gen["repetition_penalty"], seed=gen["seed"])
+    options = decision_options(tokenizer, prefix)
+    if all(len(o) == 1 for o in options):  # the usual case: one prefill per prompt serves all three
+        generations, choice_loglik, target_loglik = generate_and_score(
+            model, tokenizer, prompts, choice_prefix=tokenizer(prefix, add_special_tokens=False)["input_ids"],
+            options=options, targets=targets, batch_size=ev["batch_size"], desc=f"{label}: generating and scoring",
+            **sampling,
+        )
+        loglik = np.array(choice_loglik)
+    else:
+        generations = generate(model, tokenizer, prompts, batch_size=ev["batch_size"], desc=f"{label}: generating",
+                               **sampling)
+        loglik = score_decisions(model, tokenizer, prompts, prefix, ev["batch_size"], desc=f"{label}: scoring choices")
+        target_loglik = continuation_logprobs(
+            model, prompts, targets, pad_id=tokenizer.pad_token_id, batch_size=ev["batch_size"],
+            desc=f"{label}: reference perplexity",
+        )
+    probs = choice_probabilities(loglik)
     del model
 
     answers = [long_answer_part(g, prefix) for g in generations]

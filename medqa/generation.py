@@ -1,6 +1,8 @@
 """Batched inference: left-padded greedy/sampled generation and log-likelihood scoring."""
 from __future__ import annotations
 
+import copy
+
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -152,3 +154,88 @@ def score_choices(
         for i, row in zip(batch, _tail_logprobs(model, ids, mask, 1)[:, -1, option_ids].tolist()):
             scores[i] = row
     return scores
+
+
+def _position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as `generate` computes them."""
+    positions = mask.long().cumsum(-1) - 1
+    return positions.masked_fill(mask == 0, 1)
+
+
+def _extension_logits(
+    model: Any, cache: Any, last: torch.Tensor, mask: torch.Tensor, extensions: Sequence[Sequence[int]], pad_id: int,
+    keep: int = 0,
+) -> torch.Tensor:
+    """Logits over each row's prompt extended by its `extensions` tokens (right-padded), reading the
+    prompt from a copy of its KV cache, which holds all but the prompt's `last` token. Position j
+    predicts extension token j; `keep` > 0 keeps only the last `keep` positions."""
+    width = max(len(e) for e in extensions)
+    ext = torch.full((len(extensions), 1 + width), pad_id, dtype=torch.long, device=last.device)
+    ext_mask = torch.zeros_like(ext)
+    ext[:, :1], ext_mask[:, :1] = last, 1
+    for row, tokens in enumerate(extensions):
+        ext[row, 1 : 1 + len(tokens)] = torch.tensor(list(tokens), dtype=torch.long)
+        ext_mask[row, 1 : 1 + len(tokens)] = 1  # right padding comes after every real token: it changes none
+    full_mask = torch.cat([mask, ext_mask[:, 1:]], dim=1)
+    return model(
+        input_ids=ext, attention_mask=full_mask, position_ids=_position_ids(full_mask)[:, -ext.shape[1]:],
+        past_key_values=copy.deepcopy(cache), use_cache=True, logits_to_keep=keep,
+    ).logits
+
+
+@torch.inference_mode()
+def generate_and_score(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    choice_prefix: Sequence[int],
+    options: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    batch_size: int,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    seed: int = 0,
+    desc: str | None = "generating",
+) -> tuple[list[str], list[list[float]], list[float]]:
+    """Per prompt: the generated answer, the log-likelihood of each option after `choice_prefix`, and
+    the summed log-likelihood of its reference `target` — from one prefill of the prompt per batch.
+
+    The prompt's KV cache (all tokens but the last) is computed once and shared: choice scoring and
+    the target's likelihood extend copies of it by a few tokens, and generation continues from it.
+    Gives the same generations as `generate` and the same scores as `score_choices` and
+    `continuation_logprobs` (up to floating-point rounding), at about a third of the prompt compute.
+    """
+    from transformers import DynamicCache
+
+    gen_options = generation_options(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
+                                     top_p=top_p, repetition_penalty=repetition_penalty)
+    if not all(len(o) == 1 for o in options):
+        raise ValueError("generate_and_score needs single-token options; use score_choices otherwise")
+    option_ids = torch.tensor([o[0] for o in options], device=model_device(model))
+    pad_id = tokenizer.pad_token_id
+    generations: list[str] = [""] * len(prompts)
+    choices: list[list[float]] = [[] for _ in prompts]
+    target_loglik: list[float] = [0.0] * len(prompts)
+    for batch, ids, mask in _padded_batches(prompts, batch_size, pad_id, model_device(model), desc):
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=_position_ids(mask[:, :-1]),
+              past_key_values=cache, use_cache=True, logits_to_keep=1)
+        last = ids[:, -1:]
+        # Every row's extension has the prefix's length: its last position predicts the option.
+        choice_logits = _extension_logits(model, cache, last, mask, [choice_prefix] * len(batch), pad_id, keep=1)
+        option_lp = torch.log_softmax(choice_logits[:, -1].float(), dim=-1)[:, option_ids]
+        target_logits = _extension_logits(model, cache, last, mask, [targets[i] for i in batch], pad_id)
+        for row, i in enumerate(batch):
+            tokens = torch.tensor(list(targets[i]), device=target_logits.device)
+            logprobs = torch.log_softmax(target_logits[row, : len(tokens)].float(), dim=-1)
+            target_loglik[i] = logprobs.gather(-1, tokens[:, None]).sum().item()
+            choices[i] = option_lp[row].tolist()
+        del choice_logits, target_logits
+        torch.manual_seed(seed)  # per batch, as in `generate`
+        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **gen_options)
+        for row, i in enumerate(batch):
+            generations[i] = tokenizer.decode(out[row, ids.shape[1]:], skip_special_tokens=True).strip()
+    return generations, choices, target_loglik

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medqa.generation import continuation_ids, generate, score_choices
+from medqa.generation import continuation_ids, generate, generate_and_score, score_choices
 
 
 def _direct_loglik(model, prompt: list[int], option: list[int]) -> float:
@@ -45,3 +45,23 @@ def test_sampling_is_seeded(tokenizer, tiny_model):
     assert generate(tiny_model, tokenizer, prompts, seed=1, **kwargs) == generate(
         tiny_model, tokenizer, prompts, seed=1, **kwargs
     )
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_one_prefill_gives_what_the_separate_passes_give(tokenizer, tiny_model, temperature):
+    """generate_and_score shares each prompt's KV cache between choice scoring, the reference answer's
+    likelihood and generation: the same answers as `generate`, the scores of direct computation."""
+    prompts = _prompts(tokenizer)
+    prefix = tokenizer("The answer is:", add_special_tokens=False)["input_ids"]
+    options = [continuation_ids(tokenizer, "The answer is:", w) for w in (" yes", " no", " maybe")]
+    targets = [tokenizer(t, add_special_tokens=False)["input_ids"]
+               for t in ("It is blue. The answer is: yes.", "No.", "A longer reference answer with more tokens in it.")]
+    sampling = dict(batch_size=2, max_new_tokens=8, temperature=temperature, top_p=0.95, seed=3)
+    generations, choices, target_loglik = generate_and_score(
+        tiny_model, tokenizer, prompts, choice_prefix=prefix, options=options, targets=targets, **sampling
+    )
+    assert generations == generate(tiny_model, tokenizer, prompts, **sampling)
+    for prompt, target, row, loglik in zip(prompts, targets, choices, target_loglik):
+        expected = [_direct_loglik(tiny_model, prompt + prefix, o) for o in options]
+        assert torch.allclose(torch.tensor(row), torch.tensor(expected), atol=1e-4)
+        assert loglik == pytest.approx(_direct_loglik(tiny_model, prompt, target), abs=1e-3)
