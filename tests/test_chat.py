@@ -148,6 +148,14 @@ def _run_app(project: Path, *args: str) -> subprocess.Popen:
     )
 
 
+def test_the_app_is_local_only_by_default():
+    from medqa.chat import parse_args
+
+    assert yaml.safe_load((ROOT / "params.yaml").read_text())["chat"]["host"] == "127.0.0.1"
+    args = parse_args([])
+    assert args.host is None and not args.share  # so chat.host applies, and no public link
+
+
 def test_the_app_refuses_to_start_without_an_adapter(project, tmp_path):
     proc = _run_app(project, "--adapter", str(tmp_path / "missing"))
     output, _ = proc.communicate(timeout=120)
