@@ -55,6 +55,25 @@ def tokenizer():
     return tok
 
 
+def save_tiny_base(path: Path, tokenizer, **config):
+    """A random Llama with SmolLM2's vocabulary saved as a base model directory (what the download
+    stage writes: safetensors weights, the tokenizer, source.json). Returns the model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medqa.io import write_json
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), num_attention_heads=4, num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **config,
+    ))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    write_json(path / "source.json", {"hub_id": "tiny", "weights": "local"})
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tokenizer):
     """A 2-layer random Llama with SmolLM2's vocabulary: real shapes, runs in milliseconds."""

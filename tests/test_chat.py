@@ -11,17 +11,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from medqa.assistant import Assistant, GenerationSettings, recent_turns
 from medqa.chat import chat_reply, compare_answers
 from medqa.errors import PipelineError
 from medqa.generation import generate
-from medqa.io import write_json, write_jsonl
+from medqa.io import write_jsonl
 from medqa.models import load_model, resolve_hardware
 from medqa.prompts import PromptFormat, format_record
-from tests.conftest import make_original
+from tests.conftest import make_original, save_tiny_base
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = GenerationSettings(max_new_tokens=12)
@@ -31,18 +30,10 @@ GREEDY = GenerationSettings(max_new_tokens=12)
 def project(tmp_path_factory, tokenizer) -> Path:
     """What the app reads: a base model dir (tiny random Llama), an adapter that changes it, the test split."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     work = tmp_path_factory.mktemp("chat")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    ))
-    model.save_pretrained(work / "base")
-    tokenizer.save_pretrained(work / "base")
-    write_json(work / "base" / "source.json", {"hub_id": "tiny", "weights": "local"})
+    model = save_tiny_base(work / "base", tokenizer, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           max_position_embeddings=1024)
     # init_lora_weights=False: random B matrices, so the adapter visibly changes the answers.
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"],
                                                   init_lora_weights=False))

@@ -14,10 +14,10 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from medqa.io import write_json, write_jsonl
+from medqa.io import write_jsonl
 from medqa.plots import live_metric_file
 from medqa.prompts import PromptFormat, format_record
-from tests.conftest import make_original
+from tests.conftest import make_original, save_tiny_base
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,19 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tokenizer) -> Path:
     """A base model directory (a small random Llama) and formatted train/val splits."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     work = tmp_path_factory.mktemp("train")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    ))
-    model.save_pretrained(work / "base")
-    tokenizer.save_pretrained(work / "base")
-    write_json(work / "base" / "source.json", {"hub_id": "tiny", "weights": "local"})
+    save_tiny_base(work / "base", tokenizer, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                   max_position_embeddings=512)
     fmt = PromptFormat(tokenizer)
     records = [{"pmid": k, "question": v["QUESTION"], "contexts": v["CONTEXTS"], "long_answer": v["LONG_ANSWER"],
                 "final_decision": v["final_decision"]} for k, v in make_original(24).items()]
