@@ -42,6 +42,12 @@ def _tail_logprobs(model: Any, ids: torch.Tensor, mask: torch.Tensor, keep: int)
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+def _logprob_sum(logprobs: torch.Tensor, tokens: Sequence[int]) -> float:
+    """The sum of `logprobs[j, tokens[j]]`: the log-likelihood of `tokens` given per-position log-probs."""
+    index = torch.tensor(list(tokens), device=logprobs.device)[:, None]
+    return logprobs.gather(-1, index).sum().item()
+
+
 def model_device(model: Any) -> Any:
     return next(model.parameters()).device
 
@@ -121,8 +127,7 @@ def continuation_logprobs(
         for row, i in enumerate(batch):
             # Logits at position p predict token p + 1: the continuation is the last n tokens.
             n = len(continuations[i])
-            targets = torch.tensor(continuations[i], device=device)
-            sums[i] = logprobs[row, keep - n - 1 : keep - 1].gather(-1, targets[:, None]).sum().item()
+            sums[i] = _logprob_sum(logprobs[row, keep - n - 1 : keep - 1], continuations[i])
     return sums
 
 
@@ -229,9 +234,8 @@ def generate_and_score(
         option_lp = torch.log_softmax(choice_logits[:, -1].float(), dim=-1)[:, option_ids]
         target_logits = _extension_logits(model, cache, last, mask, [targets[i] for i in batch], pad_id)
         for row, i in enumerate(batch):
-            tokens = torch.tensor(list(targets[i]), device=target_logits.device)
-            logprobs = torch.log_softmax(target_logits[row, : len(tokens)].float(), dim=-1)
-            target_loglik[i] = logprobs.gather(-1, tokens[:, None]).sum().item()
+            logprobs = torch.log_softmax(target_logits[row, : len(targets[i])].float(), dim=-1)
+            target_loglik[i] = _logprob_sum(logprobs, targets[i])
             choices[i] = option_lp[row].tolist()
         del choice_logits, target_logits
         torch.manual_seed(seed)  # per batch, as in `generate`
