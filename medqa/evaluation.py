@@ -10,9 +10,7 @@ import numpy as np
 from medqa import metrics
 from medqa.data import DECISIONS
 from medqa.errors import explain_out_of_memory
-from medqa.generation import (
-    continuation_ids, continuation_logprobs, generate, generate_and_score, score_choices,
-)
+from medqa.generation import continuation_ids, generate_and_score, score_choices
 from medqa.io import read_jsonl, write_json, write_jsonl
 from medqa.models import load_model, load_tokenizer, resolve_hardware
 from medqa.prompts import fit_prompt
@@ -69,24 +67,14 @@ def run_evaluation(
 
     prompts = [fit_prompt(ex, tokenizer, ev["max_prompt_length"]) for ex in examples]
     targets = [tokenizer(ex["target"], add_special_tokens=False)["input_ids"] for ex in examples]
-    sampling = dict(max_new_tokens=gen["max_new_tokens"], temperature=gen["temperature"], top_p=gen["top_p"],
-                    repetition_penalty=gen["repetition_penalty"], seed=gen["seed"])
-    options = decision_options(tokenizer, prefix)
-    if all(len(o) == 1 for o in options):  # the usual case: one prefill per prompt serves all three
-        generations, choice_loglik, target_loglik = generate_and_score(
-            model, tokenizer, prompts, choice_prefix=tokenizer(prefix, add_special_tokens=False)["input_ids"],
-            options=options, targets=targets, batch_size=ev["batch_size"], desc=f"{label}: generating and scoring",
-            **sampling,
-        )
-        loglik = np.array(choice_loglik)
-    else:
-        generations = generate(model, tokenizer, prompts, batch_size=ev["batch_size"], desc=f"{label}: generating",
-                               **sampling)
-        loglik = score_decisions(model, tokenizer, prompts, prefix, ev["batch_size"], desc=f"{label}: scoring choices")
-        target_loglik = continuation_logprobs(
-            model, prompts, targets, pad_id=tokenizer.pad_token_id, batch_size=ev["batch_size"],
-            desc=f"{label}: reference perplexity",
-        )
+    # One prefill per prompt serves generation, choice scoring and the reference likelihood.
+    generations, choice_loglik, target_loglik = generate_and_score(
+        model, tokenizer, prompts, choice_prefix=tokenizer(prefix, add_special_tokens=False)["input_ids"],
+        options=decision_options(tokenizer, prefix), targets=targets, batch_size=ev["batch_size"],
+        max_new_tokens=gen["max_new_tokens"], temperature=gen["temperature"], top_p=gen["top_p"],
+        repetition_penalty=gen["repetition_penalty"], seed=gen["seed"], desc=f"{label}: generating and scoring",
+    )
+    loglik = np.array(choice_loglik)
     probs = choice_probabilities(loglik)
     del model
 

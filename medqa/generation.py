@@ -188,6 +188,31 @@ def _extension_logits(
     ).logits
 
 
+def _option_logprobs(
+    model: Any, cache: Any, last: torch.Tensor, mask: torch.Tensor, prefix: Sequence[int],
+    options: Sequence[Sequence[int]], pad_id: int,
+) -> torch.Tensor:
+    """Log-likelihood of each option after each row's prompt and `prefix`, shape (rows, options).
+
+    Single-token options (the usual case) are read off one extension by the prefix; longer ones
+    each extend the prompt by prefix + option and sum over the option's tokens.
+    """
+    rows = last.shape[0]
+    if all(len(o) == 1 for o in options):
+        # Every row's extension has the prefix's length: its last position predicts the option.
+        logits = _extension_logits(model, cache, last, mask, [prefix] * rows, pad_id, keep=1)
+        option_ids = torch.tensor([o[0] for o in options], device=logits.device)
+        return torch.log_softmax(logits[:, -1].float(), dim=-1)[:, option_ids]
+    columns = []
+    for option in options:
+        # The last len(option) + 1 positions: all but the final one predict the option's tokens.
+        logits = _extension_logits(model, cache, last, mask, [list(prefix) + list(option)] * rows, pad_id,
+                                   keep=len(option) + 1)
+        logprobs = torch.log_softmax(logits[:, : len(option)].float(), dim=-1)
+        columns.append(torch.tensor([_logprob_sum(logprobs[r], option) for r in range(rows)]))
+    return torch.stack(columns, dim=1)
+
+
 @torch.inference_mode()
 def generate_and_score(
     model: Any,
@@ -217,9 +242,6 @@ def generate_and_score(
 
     gen_options = generation_options(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
                                      top_p=top_p, repetition_penalty=repetition_penalty)
-    if not all(len(o) == 1 for o in options):
-        raise ValueError("generate_and_score needs single-token options; use score_choices otherwise")
-    option_ids = torch.tensor([o[0] for o in options], device=model_device(model))
     pad_id = tokenizer.pad_token_id
     generations: list[str] = [""] * len(prompts)
     choices: list[list[float]] = [[] for _ in prompts]
@@ -229,15 +251,13 @@ def generate_and_score(
         model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=_position_ids(mask[:, :-1]),
               past_key_values=cache, use_cache=True, logits_to_keep=1)
         last = ids[:, -1:]
-        # Every row's extension has the prefix's length: its last position predicts the option.
-        choice_logits = _extension_logits(model, cache, last, mask, [choice_prefix] * len(batch), pad_id, keep=1)
-        option_lp = torch.log_softmax(choice_logits[:, -1].float(), dim=-1)[:, option_ids]
+        option_lp = _option_logprobs(model, cache, last, mask, choice_prefix, options, pad_id)
         target_logits = _extension_logits(model, cache, last, mask, [targets[i] for i in batch], pad_id)
         for row, i in enumerate(batch):
             logprobs = torch.log_softmax(target_logits[row, : len(targets[i])].float(), dim=-1)
             target_loglik[i] = _logprob_sum(logprobs, targets[i])
             choices[i] = option_lp[row].tolist()
-        del choice_logits, target_logits
+        del target_logits
         torch.manual_seed(seed)  # per batch, as in `generate`
         out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **gen_options)
         for row, i in enumerate(batch):

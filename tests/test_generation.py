@@ -47,13 +47,16 @@ def test_sampling_is_seeded(tokenizer, tiny_model):
     )
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_one_prefill_gives_what_the_separate_passes_give(tokenizer, tiny_model, temperature):
+@pytest.mark.parametrize("temperature, words", [
+    (0.0, (" yes", " no", " maybe")), (1.0, (" yes", " no", " maybe")), (0.0, (" definitely yes", " no", " perhaps not")),
+])
+def test_one_prefill_gives_what_the_separate_passes_give(tokenizer, tiny_model, temperature, words):
     """generate_and_score shares each prompt's KV cache between choice scoring, the reference answer's
     likelihood and generation: the same answers as `generate`, the scores of direct computation."""
     prompts = _prompts(tokenizer)
     prefix = tokenizer("The answer is:", add_special_tokens=False)["input_ids"]
-    options = [continuation_ids(tokenizer, "The answer is:", w) for w in (" yes", " no", " maybe")]
+    options = [continuation_ids(tokenizer, "The answer is:", w) for w in words]
+    assert all(len(o) == 1 for o in options) == (words[0] == " yes")  # both scoring paths are covered
     targets = [tokenizer(t, add_special_tokens=False)["input_ids"]
                for t in ("It is blue. The answer is: yes.", "No.", "A longer reference answer with more tokens in it.")]
     sampling = dict(batch_size=2, max_new_tokens=8, temperature=temperature, top_p=0.95, seed=3)
