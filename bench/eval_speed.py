@@ -1,10 +1,10 @@
 """Questions per second: the notebook way vs the eval stages' way, on the same model and questions.
 
 Notebook way: one `generate` call per question, the decision parsed from the generated text.
-Stage way: what the eval stages run: `generate_and_score`, left-padded batches (`eval.batch_size`)
-that prefill each prompt once and share its KV cache between choice scoring of the decision, the
-reference answer's likelihood (for perplexity) and generation. It does more than the notebook way
-(two extra scores per question). Greedy generations must be identical.
+Stage way: what the eval stages run: `generate_and_score`, which prefills each prompt once, alone,
+shares its KV cache between choice scoring of the decision and the reference answer's likelihood
+(for perplexity), then decodes `eval.batch_size` prompts together from their stacked caches. It does
+more than the notebook way (two extra scores per question). Greedy generations must be identical.
 
     python -m bench.eval_speed [--questions 32] [--batch-size 8] [--max-new-tokens 96]
 

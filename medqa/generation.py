@@ -1,8 +1,6 @@
 """Batched inference: left-padded greedy/sampled generation and log-likelihood scoring."""
 from __future__ import annotations
 
-import copy
-
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -161,56 +159,57 @@ def score_choices(
     return scores
 
 
-def _position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, as `generate` computes them."""
-    positions = mask.long().cumsum(-1) - 1
-    return positions.masked_fill(mask == 0, 1)
+def _prefill_and_score(
+    model: Any, prompt: Sequence[int], choice_prefix: Sequence[int], options: Sequence[Sequence[int]],
+    target: Sequence[int],
+) -> tuple[Any, list[float], float]:
+    """One prompt, alone (no padding to compute): its KV cache of all tokens but the last, the
+    log-likelihood of each option after the prompt and `choice_prefix`, and that of its `target`.
 
-
-def _extension_logits(
-    model: Any, cache: Any, last: torch.Tensor, mask: torch.Tensor, extensions: Sequence[Sequence[int]], pad_id: int,
-    keep: int = 0,
-) -> torch.Tensor:
-    """Logits over each row's prompt extended by its `extensions` tokens (right-padded), reading the
-    prompt from a copy of its KV cache, which holds all but the prompt's `last` token. Position j
-    predicts extension token j; `keep` > 0 keeps only the last `keep` positions."""
-    width = max(len(e) for e in extensions)
-    ext = torch.full((len(extensions), 1 + width), pad_id, dtype=torch.long, device=last.device)
-    ext_mask = torch.zeros_like(ext)
-    ext[:, :1], ext_mask[:, :1] = last, 1
-    for row, tokens in enumerate(extensions):
-        ext[row, 1 : 1 + len(tokens)] = torch.tensor(list(tokens), dtype=torch.long)
-        ext_mask[row, 1 : 1 + len(tokens)] = 1  # right padding comes after every real token: it changes none
-    full_mask = torch.cat([mask, ext_mask[:, 1:]], dim=1)
-    return model(
-        input_ids=ext, attention_mask=full_mask, position_ids=_position_ids(full_mask)[:, -ext.shape[1]:],
-        past_key_values=copy.deepcopy(cache), use_cache=True, logits_to_keep=keep,
-    ).logits
-
-
-def _option_logprobs(
-    model: Any, cache: Any, last: torch.Tensor, mask: torch.Tensor, prefix: Sequence[int],
-    options: Sequence[Sequence[int]], pad_id: int,
-) -> torch.Tensor:
-    """Log-likelihood of each option after each row's prompt and `prefix`, shape (rows, options).
-
-    Single-token options (the usual case) are read off one extension by the prefix; longer ones
-    each extend the prompt by prefix + option and sum over the option's tokens.
+    Each score extends the cache by the prompt's last token and a few more, then crops it back, so
+    the prompt is read once.
     """
-    rows = last.shape[0]
-    if all(len(o) == 1 for o in options):
-        # Every row's extension has the prefix's length: its last position predicts the option.
-        logits = _extension_logits(model, cache, last, mask, [prefix] * rows, pad_id, keep=1)
-        option_ids = torch.tensor([o[0] for o in options], device=logits.device)
-        return torch.log_softmax(logits[:, -1].float(), dim=-1)[:, option_ids]
-    columns = []
-    for option in options:
-        # The last len(option) + 1 positions: all but the final one predict the option's tokens.
-        logits = _extension_logits(model, cache, last, mask, [list(prefix) + list(option)] * rows, pad_id,
-                                   keep=len(option) + 1)
-        logprobs = torch.log_softmax(logits[:, : len(option)].float(), dim=-1)
-        columns.append(torch.tensor([_logprob_sum(logprobs[r], option) for r in range(rows)]))
-    return torch.stack(columns, dim=1)
+    from transformers import DynamicCache
+
+    device = model_device(model)
+    cache = DynamicCache(config=model.config)
+    if len(prompt) > 1:
+        model(input_ids=torch.tensor([list(prompt[:-1])], device=device), past_key_values=cache, use_cache=True,
+              logits_to_keep=1)
+
+    def extension_logprobs(tokens: Sequence[int], keep: int) -> torch.Tensor:
+        """Log-probabilities at the last `keep` positions of the prompt's last token + `tokens`."""
+        ids = torch.tensor([list(prompt[-1:]) + list(tokens)], device=device)
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=keep).logits[0]
+        cache.crop(len(prompt) - 1 - cache.get_seq_length())
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    if all(len(o) == 1 for o in options):  # one extension by the prefix: its last position predicts them all
+        last = extension_logprobs(choice_prefix, keep=1)[-1]
+        choices = [last[o[0]].item() for o in options]
+    else:  # the last len(option) + 1 positions: all but the final one predict the option's tokens
+        choices = [_logprob_sum(extension_logprobs(list(choice_prefix) + list(o), keep=len(o) + 1)[: len(o)], o)
+                   for o in options]
+    target_loglik = _logprob_sum(extension_logprobs(target, keep=len(target) + 1)[: len(target)], target)
+    return cache, choices, target_loglik
+
+
+def _batch_cache(model: Any, caches: Sequence[Any], width: int, max_new_tokens: int) -> Any:
+    """The prompts' caches left-padded to `width` tokens, stacked in one StaticCache with room for
+    `max_new_tokens` more. A static cache is written in place at each decoding step, where a dynamic
+    one would concatenate every layer's keys and values anew."""
+    from transformers import StaticCache
+
+    batched = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
+    for index, layer in enumerate(caches[0].layers):
+        keys, values = (torch.zeros((len(caches), *t.shape[1:2], width, t.shape[3]), dtype=t.dtype, device=t.device)
+                        for t in (layer.keys, layer.values))
+        for row, cache in enumerate(caches):
+            length = cache.layers[index].keys.shape[2]  # padding on the left, masked out by the attention mask
+            keys[row, :, width - length :] = cache.layers[index].keys[0]
+            values[row, :, width - length :] = cache.layers[index].values[0]
+        batched.update(keys, values, index)
+    return batched
 
 
 @torch.inference_mode()
@@ -231,33 +230,28 @@ def generate_and_score(
     desc: str | None = "generating",
 ) -> tuple[list[str], list[list[float]], list[float]]:
     """Per prompt: the generated answer, the log-likelihood of each option after `choice_prefix`, and
-    the summed log-likelihood of its reference `target` — from one prefill of the prompt per batch.
+    the summed log-likelihood of its reference `target` — reading each prompt once.
 
-    The prompt's KV cache (all tokens but the last) is computed once and shared: choice scoring and
-    the target's likelihood extend copies of it by a few tokens, and generation continues from it.
-    Gives the same generations as `generate` and the same scores as `score_choices` and
-    `continuation_logprobs` (up to floating-point rounding), at about a third of the prompt compute.
+    Each prompt is prefilled alone (no compute spent on padding); choice scoring and the target's
+    likelihood extend its KV cache by a few tokens and crop it back. Then `batch_size` prompts'
+    caches are stacked, left-padded, into one static cache and decoded together, where batching
+    pays off. Gives the same generations as `generate` and the same scores as `score_choices` and
+    `continuation_logprobs` (up to floating-point rounding).
     """
-    from transformers import DynamicCache
-
     gen_options = generation_options(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
                                      top_p=top_p, repetition_penalty=repetition_penalty)
-    pad_id = tokenizer.pad_token_id
     generations: list[str] = [""] * len(prompts)
     choices: list[list[float]] = [[] for _ in prompts]
     target_loglik: list[float] = [0.0] * len(prompts)
-    for batch, ids, mask in _padded_batches(prompts, batch_size, pad_id, model_device(model), desc):
-        cache = DynamicCache(config=model.config)
-        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=_position_ids(mask[:, :-1]),
-              past_key_values=cache, use_cache=True, logits_to_keep=1)
-        last = ids[:, -1:]
-        option_lp = _option_logprobs(model, cache, last, mask, choice_prefix, options, pad_id)
-        target_logits = _extension_logits(model, cache, last, mask, [targets[i] for i in batch], pad_id)
-        for row, i in enumerate(batch):
-            logprobs = torch.log_softmax(target_logits[row, : len(targets[i])].float(), dim=-1)
-            target_loglik[i] = _logprob_sum(logprobs, targets[i])
-            choices[i] = option_lp[row].tolist()
-        del target_logits
+    for batch, ids, mask in _padded_batches(prompts, batch_size, tokenizer.pad_token_id, model_device(model), desc):
+        caches = []
+        for i in batch:
+            cache, choices[i], target_loglik[i] = _prefill_and_score(model, prompts[i], choice_prefix, options,
+                                                                     targets[i])
+            caches.append(cache)
+        width = ids.shape[1] - 1
+        cache = _batch_cache(model, caches, width, max_new_tokens) if width else None
+        del caches
         torch.manual_seed(seed)  # per batch, as in `generate`
         out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **gen_options)
         for row, i in enumerate(batch):

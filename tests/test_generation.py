@@ -47,24 +47,36 @@ def test_sampling_is_seeded(tokenizer, tiny_model):
     )
 
 
+def _check_against_separate_passes(tokenizer, model, prompts, words, temperature, batch_size):
+    prefix = tokenizer("The answer is:", add_special_tokens=False)["input_ids"]
+    options = [continuation_ids(tokenizer, "The answer is:", w) for w in words]
+    texts = ("It is blue. The answer is: yes.", "No.", "A longer reference answer with more tokens in it.", "Maybe")
+    targets = [tokenizer(texts[i % len(texts)], add_special_tokens=False)["input_ids"] for i in range(len(prompts))]
+    sampling = dict(batch_size=batch_size, max_new_tokens=8, temperature=temperature, top_p=0.95, seed=3)
+    generations, choices, target_loglik = generate_and_score(
+        model, tokenizer, prompts, choice_prefix=prefix, options=options, targets=targets, **sampling
+    )
+    assert generations == generate(model, tokenizer, prompts, **sampling)
+    for prompt, target, row, loglik in zip(prompts, targets, choices, target_loglik):
+        expected = [_direct_loglik(model, prompt + prefix, o) for o in options]
+        assert torch.allclose(torch.tensor(row), torch.tensor(expected), atol=1e-4)
+        assert loglik == pytest.approx(_direct_loglik(model, prompt, target), abs=1e-3)
+
+
 @pytest.mark.parametrize("temperature, words", [
     (0.0, (" yes", " no", " maybe")), (1.0, (" yes", " no", " maybe")), (0.0, (" definitely yes", " no", " perhaps not")),
 ])
 def test_one_prefill_gives_what_the_separate_passes_give(tokenizer, tiny_model, temperature, words):
-    """generate_and_score shares each prompt's KV cache between choice scoring, the reference answer's
-    likelihood and generation: the same answers as `generate`, the scores of direct computation."""
-    prompts = _prompts(tokenizer)
-    prefix = tokenizer("The answer is:", add_special_tokens=False)["input_ids"]
-    options = [continuation_ids(tokenizer, "The answer is:", w) for w in words]
-    assert all(len(o) == 1 for o in options) == (words[0] == " yes")  # both scoring paths are covered
-    targets = [tokenizer(t, add_special_tokens=False)["input_ids"]
-               for t in ("It is blue. The answer is: yes.", "No.", "A longer reference answer with more tokens in it.")]
-    sampling = dict(batch_size=2, max_new_tokens=8, temperature=temperature, top_p=0.95, seed=3)
-    generations, choices, target_loglik = generate_and_score(
-        tiny_model, tokenizer, prompts, choice_prefix=prefix, options=options, targets=targets, **sampling
-    )
-    assert generations == generate(tiny_model, tokenizer, prompts, **sampling)
-    for prompt, target, row, loglik in zip(prompts, targets, choices, target_loglik):
-        expected = [_direct_loglik(tiny_model, prompt + prefix, o) for o in options]
-        assert torch.allclose(torch.tensor(row), torch.tensor(expected), atol=1e-4)
-        assert loglik == pytest.approx(_direct_loglik(tiny_model, prompt, target), abs=1e-3)
+    """generate_and_score prefills each prompt once and shares its KV cache between choice scoring, the
+    reference answer's likelihood and batched generation (prompts of different lengths, stacked
+    left-padded): the same answers as `generate`, the scores of direct computation."""
+    assert all(len(o) == 1 for o in (continuation_ids(tokenizer, "The answer is:", w) for w in words)) == (
+        words[0] == " yes")  # both scoring paths are covered
+    _check_against_separate_passes(tokenizer, tiny_model, _prompts(tokenizer), words, temperature, batch_size=2)
+
+
+@pytest.mark.parametrize("lengths", [(1, 1), (1, 5, 2)])
+def test_one_token_prompts(tokenizer, tiny_model, lengths):
+    """A one-token prompt has nothing to prefill: alone in its batch, or padded beside longer ones."""
+    prompts = [list(range(100, 100 + n)) for n in lengths]
+    _check_against_separate_passes(tokenizer, tiny_model, prompts, (" yes", " no", " maybe"), 0.0, batch_size=3)
