@@ -1,7 +1,7 @@
 """Questions per second: the notebook way vs the eval stages' way, on the same model and questions.
 
 Notebook way: one `generate` call per question, the decision parsed from the generated text.
-Stage way: what the eval stages run: `generate_and_score`, which prefills each prompt once, alone,
+Stage way: what the eval stages run: `answer_and_score`, which prefills each prompt once, alone,
 shares its KV cache between choice scoring of the decision and the reference answer's likelihood
 (for perplexity), then decodes `eval.batch_size` prompts together from their stacked caches. It does
 more than the notebook way (two extra scores per question). Greedy generations must be identical.
@@ -18,8 +18,8 @@ import time
 import torch
 
 from medqa import paths
-from medqa.evaluation import decision_options
-from medqa.generation import generate, generate_and_score
+from medqa.evaluation import answer_and_score
+from medqa.generation import generate
 from medqa.io import read_jsonl
 from medqa.metrics import parse_decision
 from medqa.models import load_model, load_tokenizer, resolve_hardware
@@ -53,13 +53,9 @@ def main() -> None:
     notebook_decisions = [parse_decision(g, prefix) for g in notebook]
     notebook_s = time.perf_counter() - start
 
-    targets = [tokenizer(ex["target"], add_special_tokens=False)["input_ids"] for ex in examples]
+    greedy = {"max_new_tokens": max_new, "temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0, "seed": 0}
     start = time.perf_counter()
-    batched, _, _ = generate_and_score(
-        model, tokenizer, prompts, choice_prefix=tokenizer(prefix, add_special_tokens=False)["input_ids"],
-        options=decision_options(tokenizer, prefix), targets=targets, batch_size=batch_size,
-        max_new_tokens=max_new, desc="stage",
-    )
+    batched, _, _, _ = answer_and_score(model, tokenizer, examples, prompts, prefix, greedy, batch_size, desc="stage")
     stage_s = time.perf_counter() - start
 
     same = sum(a == b for a, b in zip(notebook, batched))

@@ -40,6 +40,24 @@ def choice_probabilities(loglik: np.ndarray) -> np.ndarray:
     return probs / probs.sum(axis=1, keepdims=True)
 
 
+def answer_and_score(
+    model: Any, tokenizer: Any, examples: list[dict], prompts: list[list[int]], answer_prefix: str,
+    generation: dict[str, Any], batch_size: int, desc: str | None,
+) -> tuple[list[str], np.ndarray, list[float], list[int]]:
+    """The eval stages' pass over the test questions, one prefill per prompt: the generated answers,
+    the log-likelihoods of " yes", " no", " maybe" after the answer prefix (n, 3), and the summed
+    log-likelihood and token count of each reference target."""
+    targets = [tokenizer(ex["target"], add_special_tokens=False)["input_ids"] for ex in examples]
+    generations, choice_loglik, target_loglik = generate_and_score(
+        model, tokenizer, prompts, choice_prefix=tokenizer(answer_prefix, add_special_tokens=False)["input_ids"],
+        options=decision_options(tokenizer, answer_prefix), targets=targets, batch_size=batch_size,
+        max_new_tokens=generation["max_new_tokens"], temperature=generation["temperature"],
+        top_p=generation["top_p"], repetition_penalty=generation["repetition_penalty"], seed=generation["seed"],
+        desc=desc,
+    )
+    return generations, np.array(choice_loglik), target_loglik, [len(t) for t in targets]
+
+
 def long_answer_part(generation: str, answer_prefix: str) -> str:
     """The generated text before the decision sentence: what is compared with the reference long answer."""
     cut = generation.lower().find(answer_prefix.lower())
@@ -66,15 +84,9 @@ def run_evaluation(
     log.info("%s: %d test questions on %s", label, len(examples), hardware.device)
 
     prompts = [fit_prompt(ex, tokenizer, ev["max_prompt_length"]) for ex in examples]
-    targets = [tokenizer(ex["target"], add_special_tokens=False)["input_ids"] for ex in examples]
-    # One prefill per prompt serves generation, choice scoring and the reference likelihood.
-    generations, choice_loglik, target_loglik = generate_and_score(
-        model, tokenizer, prompts, choice_prefix=tokenizer(prefix, add_special_tokens=False)["input_ids"],
-        options=decision_options(tokenizer, prefix), targets=targets, batch_size=ev["batch_size"],
-        max_new_tokens=gen["max_new_tokens"], temperature=gen["temperature"], top_p=gen["top_p"],
-        repetition_penalty=gen["repetition_penalty"], seed=gen["seed"], desc=f"{label}: generating and scoring",
+    generations, loglik, target_loglik, target_tokens = answer_and_score(
+        model, tokenizer, examples, prompts, prefix, gen, ev["batch_size"], desc=f"{label}: generating and scoring"
     )
-    loglik = np.array(choice_loglik)
     probs = choice_probabilities(loglik)
     del model
 
@@ -98,11 +110,11 @@ def run_evaluation(
             "decision_choice": DECISIONS[int(np.argmax(row_probs))],
             "choice_probs": {d: round(float(p), 6) for d, p in zip(DECISIONS, row_probs)},
             "answer_nll": -float(ll),
-            "answer_tokens": len(target),
+            "answer_tokens": n_tokens,
             **{k: round(float(v[i]), 6) for k, v in per_item.items()},
         }
-        for i, (ex, generation, answer, row_probs, ll, target) in enumerate(
-            zip(examples, generations, answers, probs, target_loglik, targets)
+        for i, (ex, generation, answer, row_probs, ll, n_tokens) in enumerate(
+            zip(examples, generations, answers, probs, target_loglik, target_tokens)
         )
     ]
     result = metrics.summarize(metrics.table_from_rows(rows), ev["bootstrap"], ev["seed"])

@@ -70,6 +70,16 @@ def generation_options(
     return options
 
 
+def _generate_batch(
+    model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, options: dict[str, Any], seed: int,
+    cache: Any = None,
+) -> list[str]:
+    """The decoded new text of each row of a left-padded batch, continuing from `cache` if given."""
+    torch.manual_seed(seed)  # per batch, so a sampled answer does not depend on earlier batches
+    out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **options)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, ids.shape[1] :]]
+
+
 @torch.inference_mode()
 def generate(
     model: Any,
@@ -89,10 +99,8 @@ def generate(
                                  top_p=top_p, repetition_penalty=repetition_penalty)
     outputs: list[str] = [""] * len(prompts)
     for batch, ids, mask in _padded_batches(prompts, batch_size, tokenizer.pad_token_id, model_device(model), desc):
-        torch.manual_seed(seed)  # per batch, so a sampled answer does not depend on earlier batches
-        out = model.generate(input_ids=ids, attention_mask=mask, **options)
-        for i, row in zip(batch, out[:, ids.shape[1] :]):
-            outputs[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+        for i, text in zip(batch, _generate_batch(model, tokenizer, ids, mask, options, seed)):
+            outputs[i] = text
     return outputs
 
 
@@ -200,15 +208,14 @@ def _batch_cache(model: Any, caches: Sequence[Any], width: int, max_new_tokens: 
     one would concatenate every layer's keys and values anew."""
     from transformers import StaticCache
 
+    def stacked(states: list[torch.Tensor]) -> torch.Tensor:
+        # (1, heads, length, head_dim) each; zeros on the left, masked out by the attention mask
+        return torch.cat([torch.nn.functional.pad(t, (0, 0, width - t.shape[2], 0)) for t in states])
+
     batched = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
-    for index, layer in enumerate(caches[0].layers):
-        keys, values = (torch.zeros((len(caches), *t.shape[1:2], width, t.shape[3]), dtype=t.dtype, device=t.device)
-                        for t in (layer.keys, layer.values))
-        for row, cache in enumerate(caches):
-            length = cache.layers[index].keys.shape[2]  # padding on the left, masked out by the attention mask
-            keys[row, :, width - length :] = cache.layers[index].keys[0]
-            values[row, :, width - length :] = cache.layers[index].values[0]
-        batched.update(keys, values, index)
+    for index in range(len(caches[0].layers)):
+        layers = [cache.layers[index] for cache in caches]
+        batched.update(stacked([layer.keys for layer in layers]), stacked([layer.values for layer in layers]), index)
     return batched
 
 
@@ -252,8 +259,6 @@ def generate_and_score(
         width = ids.shape[1] - 1
         cache = _batch_cache(model, caches, width, max_new_tokens) if width else None
         del caches
-        torch.manual_seed(seed)  # per batch, as in `generate`
-        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **gen_options)
-        for row, i in enumerate(batch):
-            generations[i] = tokenizer.decode(out[row, ids.shape[1]:], skip_special_tokens=True).strip()
+        for i, text in zip(batch, _generate_batch(model, tokenizer, ids, mask, gen_options, seed, cache)):
+            generations[i] = text
     return generations, choices, target_loglik
