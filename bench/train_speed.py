@@ -1,96 +1,141 @@
-"""Training throughput: the finetune stage's batching against padding every batch to max_length.
+"""Training throughput and memory: the finetune stage's way against the reference notebooks' way.
 
-Stage way: length-grouped batches padded to their longest example (DataCollatorForSeq2Seq).
-Reference-notebook way: random batches, every one padded to `train.max_length`.
-Both count only non-padding tokens. The achieved FLOP rate is set against this machine's fp32
-matmul rate measured in the same process.
+Notebook way: random batches, each padded to `train.max_length`, logits and loss at every position
+(the model's own loss). Stage way: `medqa.training.build_trainer` as the finetune stage runs it:
+length-grouped, left-padded batches, logits only over the columns that predict answer tokens.
 
-    python -m bench.train_speed [--steps 6]
+Each way runs `--steps` optimiser steps with the default params in a fresh process, which reports
+its non-padding tokens/s, its achieved rate of the FLOPs the model needs, and its peak resident
+set (ru_maxrss). The FLOPs the model needs, per sequence of length l with a answer tokens:
 
-Needs the pipeline's `models/base` and `data/split/train.jsonl` (run `dvc repro split` first).
+    4 * N_blocks * l                      forward 2N, backward 2N for activation gradients
+                                          (frozen weights need no weight gradients)
+  + 6 * n_layers * d_model * l^2 / 2      causal attention scores and mixing: forward 2x, backward 4x
+  + 4 * vocab * d_model * a               the vocabulary projection at the answer tokens only
+  + 6 * r * (d_in + d_out) * l per LoRA module   LoRA forward and both gradients
+
+set against this machine's fp32 matmul rate, measured in the parent process.
+
+    python -m bench.train_speed [--steps 4]
+
+Needs the pipeline's `models/base` and `data/split/train.jsonl` (`dvc repro split`).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from medqa import paths
 from medqa.io import read_jsonl
-from medqa.models import get_profile, load_model, load_tokenizer, lora_targets, resolve_hardware
+from medqa.models import load_tokenizer, resolve_hardware
 from medqa.params import load_params
-from medqa.training import tokenize_example
+from medqa.training import build_trainer, setup_model, tokenize_example, training_arguments
+
+WAYS = ("notebook", "stage")
 
 
 def matmul_flops(size: int = 2048, repeats: int = 5) -> float:
-    """fp32 FLOP/s of large square matmuls on this machine."""
+    """fp32 FLOP/s of large square matmuls on this machine (best of three)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start))
+    return best
 
 
-def run(params: dict, items: list[dict], padded: bool, steps: int) -> tuple[float, float]:
-    """(non-padding tokens/s, achieved FLOP/s) over `steps` optimiser steps."""
-    tp = params["train"]
-    tokenizer = load_tokenizer(paths.BASE_MODEL)
-    model = load_model(paths.BASE_MODEL, resolve_hardware("none", "float32"))
-    lp = params["lora"]
-    model = get_peft_model(model, LoraConfig(
-        r=lp["r"], lora_alpha=lp["alpha"], lora_dropout=lp["dropout"], task_type="CAUSAL_LM",
-        target_modules=lora_targets(get_profile(params["model"]["name"]), lp["target_modules"]),
-    ))
-    n_params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
-    collator = DataCollatorForSeq2Seq(
-        tokenizer, padding="max_length" if padded else True, max_length=tp["max_length"], label_pad_token_id=-100
-    )
-    args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="bench-train-"), max_steps=steps, per_device_train_batch_size=tp["batch_size"],
-        gradient_accumulation_steps=tp["grad_accum"], learning_rate=tp["learning_rate"], report_to="none",
-        save_strategy="no", use_cpu=not torch.cuda.is_available(), seed=tp["seed"], logging_steps=steps,
-        train_sampling_strategy="random" if padded else "group_by_length", disable_tqdm=True,
-    )
+def needed_flops(model: torch.nn.Module, features: list[dict]) -> float:
+    """The FLOPs a LoRA training step needs for these examples (formula in the module docstring)."""
+    config = model.get_base_model().config
+    d, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    blocks = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n and "lora_" not in n)
+    lora = sum(6 * p.numel() for n, p in model.named_parameters() if "lora_" in n)  # r*(d_in+d_out) per module
+    total = 0.0
+    for f in features:
+        length, answer = len(f["input_ids"]), sum(1 for x in f["labels"] if x != -100)
+        total += 4 * blocks * length + 3 * layers * d * length**2 + 4 * vocab * d * answer + lora * length
+    return total
+
+
+def run_way(way: str, steps: int) -> dict:
+    """Train `steps` optimiser steps the given way; tokens/s, needed FLOP/s and peak RSS."""
     from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
-    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(items), data_collator=collator)
-    seen = []
-    original = collator.__call__
+    params = load_params()
+    tp = params["train"]
+    set_seed(tp["seed"])
+    hardware = resolve_hardware("none", "float32")
+    tokenizer = load_tokenizer(paths.BASE_MODEL)
+    items = [tokenize_example(ex, tokenizer, tp["max_length"]) for ex in read_jsonl(paths.TRAIN)]
+    dataset = Dataset.from_list(items)
+    model = setup_model(paths.BASE_MODEL, params["model"], params["lora"], hardware)
+    args = dataclasses.replace(
+        training_arguments(tp, hardware, tempfile.mkdtemp(prefix="bench-train-")),
+        max_steps=steps, eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
+        logging_steps=steps, disable_tqdm=True,
+        train_sampling_strategy="group_by_length" if way == "stage" else "random",
+    )
+    if way == "stage":
+        trainer = build_trainer(model, tokenizer, args, dataset, None, [])
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=tp["max_length"],
+                                          label_pad_token_id=-100)
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    seen: list[dict] = []
+    collate = trainer.data_collator
 
     def counting(features):
-        seen.append(sum(len(f["input_ids"]) for f in features))
-        return original(features)
+        seen.extend(features)
+        return collate(features)
 
     trainer.data_collator = counting
     start = time.perf_counter()
     trainer.train()
     elapsed = time.perf_counter() - start
-    tokens = sum(seen[: steps * tp["grad_accum"]])
-    # forward 2N per token, backward ~2N for activation gradients (LoRA weights' own are negligible)
-    return tokens / elapsed, 4 * n_params * tokens / elapsed
+    used = seen[: steps * tp["grad_accum"] * tp["batch_size"]]
+    return {
+        "tokens_per_s": sum(len(f["input_ids"]) for f in used) / elapsed,
+        "flops_per_s": needed_flops(model, used) / elapsed,
+        "seconds_per_step": elapsed / steps,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--way", choices=WAYS, help=argparse.SUPPRESS)  # one way, in a child process
     args = parser.parse_args()
-    params = load_params()
-    tokenizer = load_tokenizer(paths.BASE_MODEL)
-    items = [tokenize_example(ex, tokenizer, params["train"]["max_length"]) for ex in read_jsonl(paths.TRAIN)]
+    if args.way:
+        print(json.dumps(run_way(args.way, args.steps)))
+        return
+    tp = load_params()["train"]
     peak = matmul_flops()
-    print(f"{len(items)} train examples, max_length {params['train']['max_length']}, "
-          f"batch {params['train']['batch_size']} x {params['train']['grad_accum']}, {args.steps} steps")
-    print(f"fp32 matmul rate: {peak / 1e9:.1f} GFLOP/s")
-    padded = run(params, items, padded=True, steps=args.steps)
-    stage = run(params, items, padded=False, steps=args.steps)
-    for name, (tok_s, flops) in (("padded to max_length", padded), ("stage batching", stage)):
-        print(f"{name:22s} {tok_s:8.1f} tokens/s  {flops / 1e9:6.1f} GFLOP/s  ({flops / peak:.1%} of matmul rate)")
-    print(f"ratio: {stage[0] / padded[0]:.2f}x")
+    print(f"max_length {tp['max_length']}, batch {tp['batch_size']} x {tp['grad_accum']}, {args.steps} steps, "
+          f"{torch.get_num_threads()} threads; fp32 matmul rate {peak / 1e9:.1f} GFLOP/s")
+    results = {}
+    for way in WAYS:
+        child = subprocess.run([sys.executable, "-m", "bench.train_speed", "--way", way, "--steps", str(args.steps)],
+                               capture_output=True, text=True, check=True)
+        results[way] = json.loads(child.stdout.strip().splitlines()[-1])
+    print(f"| way | tokens/s | needed GFLOP/s | share of matmul rate | s/step | peak RSS GB |")
+    print("|---|---|---|---|---|---|")
+    for way, r in results.items():
+        print(f"| {way} | {r['tokens_per_s']:.1f} | {r['flops_per_s'] / 1e9:.1f} | {r['flops_per_s'] / peak:.1%} "
+              f"| {r['seconds_per_step']:.1f} | {r['peak_rss_gb']:.2f} |")
+    print(f"stage / notebook tokens/s: {results['stage']['tokens_per_s'] / results['notebook']['tokens_per_s']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from medqa.errors import explain_out_of_memory
 from medqa.generation import continuation_ids, generate_and_score, score_choices
 from medqa.io import read_jsonl, write_json, write_jsonl
 from medqa.models import load_model, load_tokenizer, resolve_hardware
-from medqa.prompts import fit_prompt
+from medqa.prompts import fit_prompt, long_answer_part, parse_decision
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,24 @@ def score_decisions(
         model, [p + prefix_ids for p in prompts], decision_options(tokenizer, answer_prefix),
         pad_id=tokenizer.pad_token_id, batch_size=batch_size, desc=desc,
     ))
+
+
+def validation_decisions(
+    model: Any, tokenizer: Any, examples: list[dict], answer_prefix: str, max_prompt_length: int, batch_size: int
+) -> dict[str, Any]:
+    """Choice-scored decisions on held-out examples: accuracy, macro-F1 and how often each decision
+    was chosen (the finetune stage's validation check, cheap: one forward pass per question)."""
+    from sklearn.metrics import f1_score
+
+    prompts = [fit_prompt(ex, tokenizer, max_prompt_length) for ex in examples]
+    chosen = score_decisions(model, tokenizer, prompts, answer_prefix, batch_size, desc="validation decisions")
+    predicted = chosen.argmax(axis=1)
+    truth = np.array([DECISIONS.index(ex["final_decision"]) for ex in examples])
+    return {
+        "accuracy": float(np.mean(predicted == truth)),
+        "macro_f1": float(f1_score(truth, predicted, labels=[0, 1, 2], average="macro", zero_division=0)),
+        "chosen": {d: int(np.sum(predicted == i)) for i, d in enumerate(DECISIONS)},
+    }
 
 
 def choice_probabilities(loglik: np.ndarray) -> np.ndarray:
@@ -56,12 +74,6 @@ def answer_and_score(
         desc=desc,
     )
     return generations, np.array(choice_loglik), target_loglik, [len(t) for t in targets]
-
-
-def long_answer_part(generation: str, answer_prefix: str) -> str:
-    """The generated text before the decision sentence: what is compared with the reference long answer."""
-    cut = generation.lower().find(answer_prefix.lower())
-    return generation[:cut].strip() if cut >= 0 else generation
 
 
 @explain_out_of_memory("lower eval.batch_size or eval.max_prompt_length, or on CUDA keep model.quantization=auto")
@@ -106,7 +118,7 @@ def run_evaluation(
             "reference_decision": ex["final_decision"],
             "generation": generation,
             "answer": answer,
-            "decision_generated": metrics.parse_decision(generation, prefix),
+            "decision_generated": parse_decision(generation, prefix),
             "decision_choice": DECISIONS[int(np.argmax(row_probs))],
             "choice_probs": {d: round(float(p), 6) for d, p in zip(DECISIONS, row_probs)},
             "answer_nll": -float(ll),

@@ -7,7 +7,6 @@ difference between two models on the same questions.
 from __future__ import annotations
 
 import logging
-import re
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -15,24 +14,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from medqa.data import DECISIONS
+from medqa.prompts import NO_DECISION
 
 log = logging.getLogger(__name__)
 
-NONE = "none"  # a generated answer from which no decision could be parsed
-_WORD = re.compile(r"\b(yes|no|maybe)\b", re.IGNORECASE)
-
-
-def parse_decision(text: str, answer_prefix: str) -> str:
-    """The decision stated in a generated answer: after the answer prefix if present, else the first
-    yes/no/maybe word; "none" when there is none (scored as wrong)."""
-    lowered = text.lower()
-    start = lowered.rfind(answer_prefix.lower())
-    if start >= 0:
-        found = _WORD.search(lowered, start + len(answer_prefix))
-        if found:
-            return found.group(1)
-    found = _WORD.search(lowered)
-    return found.group(1) if found else NONE
+NONE = NO_DECISION
 
 
 def resolve_bertscore_model(name: str) -> str:
@@ -60,16 +46,24 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[
 def bertscore_f1(
     predictions: Sequence[str], references: Sequence[str], model: str, num_layers: int | None, batch_size: int
 ) -> np.ndarray:
-    """Per-answer BERTScore F1 (bert_score), without baseline rescaling."""
+    """Per-answer BERTScore F1 (bert_score), without baseline rescaling.
+
+    An empty answer (or reference) scores 0, as it does for ROUGE: it shares nothing with the other
+    text. bert_score itself cannot encode an empty string with transformers 5.
+    """
     import torch
     from bert_score import score
 
-    _, _, f1 = score(
-        list(predictions), list(references), model_type=resolve_bertscore_model(model),
-        num_layers=num_layers, batch_size=batch_size, device="cuda" if torch.cuda.is_available() else "cpu",
-        verbose=False,
-    )
-    return f1.numpy()
+    f1 = np.zeros(len(predictions), dtype=np.float32)
+    scored = [i for i, (p, r) in enumerate(zip(predictions, references)) if p.strip() and r.strip()]
+    if scored:
+        _, _, values = score(
+            [predictions[i] for i in scored], [references[i] for i in scored],
+            model_type=resolve_bertscore_model(model), num_layers=num_layers, batch_size=batch_size,
+            device="cuda" if torch.cuda.is_available() else "cpu", verbose=False,
+        )
+        f1[scored] = values.numpy()
+    return f1
 
 
 def bleu_sentence_stats(predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
@@ -181,7 +175,27 @@ def summarize(table: Table, n_resamples: int, seed: int) -> dict:
         _set(out, f"{name}_ci_high", high)
     for col in ("choice", "generated"):
         out["decision"][col].update(_decision_details(table, col))
+    out["decision"].update(trivial_baselines(table["truth"]))
     return out
+
+
+def trivial_baselines(truth: np.ndarray) -> dict:
+    """What the test questions' labels alone give: their distribution, and the scores of always
+    answering the most frequent decision (the majority-class predictor) on the same questions."""
+    from sklearn.metrics import f1_score
+
+    counts = np.bincount(truth, minlength=len(DECISIONS))[: len(DECISIONS)]
+    majority = int(np.argmax(counts))
+    constant = np.full_like(truth, majority)
+    return {
+        "labels": {d: int(c) for d, c in zip(DECISIONS, counts)},
+        "majority": {
+            "decision": DECISIONS[majority],
+            "accuracy": float(np.mean(truth == majority)),
+            **{f"{avg}_f1": float(f1_score(truth, constant, labels=LABEL_IDS, average=avg, zero_division=0))
+               for avg in ("macro", "weighted")},
+        },
+    }
 
 
 def paired_differences(base: Table, tuned: Table, n_resamples: int, seed: int) -> dict[str, tuple[float, float, float]]:

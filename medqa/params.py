@@ -43,6 +43,10 @@ def text(nullable: bool = False) -> Check:
             "a non-empty string" + (" or null" if nullable else ""))
 
 
+def boolean() -> Check:
+    return (lambda v: isinstance(v, bool)), "true or false"
+
+
 def one_of(*options: str) -> Check:
     return (lambda v: v in options), "one of " + ", ".join(options)
 
@@ -61,6 +65,7 @@ SCHEMA: dict[str, Check] = {
     "prompt.system": text(),
     "prompt.template": text(nullable=True),
     "prompt.answer_prefix": text(),
+    "prompt.decision_first": boolean(),
     "split.strategy": one_of("official", "random"),
     "split.test_size": number(0, 1, low_open=True, high_open=True),
     "split.val_size": number(0, 1, low_open=True, high_open=True),

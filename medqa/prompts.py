@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
 from medqa.errors import PipelineError
@@ -16,9 +17,46 @@ def join_contexts(contexts: list[str]) -> str:
     return " ".join(c.strip() for c in contexts if c and c.strip())
 
 
-def target_text(long_answer: str, decision: str, answer_prefix: str) -> str:
-    """The answer the model learns: the long answer, then the decision in a fixed sentence."""
-    return f"{long_answer.strip()} {answer_prefix} {decision}."
+NO_DECISION = "none"  # a generated answer from which no decision could be parsed
+
+
+def decision_sentence(decision: str, answer_prefix: str) -> str:
+    """The fixed sentence that states the decision: "<prefix> <decision>."."""
+    return f"{answer_prefix} {decision}."
+
+
+def target_text(long_answer: str, decision: str, answer_prefix: str, decision_first: bool = False) -> str:
+    """The answer the model learns: the long answer and the decision sentence, in either order.
+
+    Decision last is the reference runs' order; decision first puts the decision where choice
+    scoring reads it (right after the prompt and the answer prefix), so it is trained there.
+    """
+    parts = [long_answer.strip(), decision_sentence(decision, answer_prefix)]
+    return " ".join(reversed(parts) if decision_first else parts)
+
+
+def _sentence_pattern(answer_prefix: str) -> re.Pattern:
+    """The answer prefix and the decision word and full stop after it, when they are there."""
+    return re.compile(re.escape(answer_prefix) + r"(?:\s*(?:yes|no|maybe)\b\.?)?", re.IGNORECASE)
+
+
+_WORD = re.compile(r"\b(yes|no|maybe)\b", re.IGNORECASE)
+
+
+def parse_decision(text: str, answer_prefix: str) -> str:
+    """The decision stated in a generated answer: the first yes/no/maybe word after the last answer
+    prefix if present, else the first in the text; "none" when there is none (scored as wrong)."""
+    lowered = text.lower()
+    start = lowered.rfind(answer_prefix.lower())
+    found = _WORD.search(lowered, start + len(answer_prefix)) if start >= 0 else None
+    found = found or _WORD.search(lowered)
+    return found.group(1) if found else NO_DECISION
+
+
+def long_answer_part(generation: str, answer_prefix: str) -> str:
+    """The generated text without its decision sentence(s), wherever they stand: what is compared
+    with the reference long answer. May be empty (an answer that is only the decision)."""
+    return " ".join(_sentence_pattern(answer_prefix).sub(" ", generation).split())
 
 
 def prompt_id(prompt: str) -> str:
@@ -99,7 +137,9 @@ class PromptFormat:
         return self._render(system, [*messages, {"role": "user", "content": user}])
 
 
-def format_record(record: dict, fmt: PromptFormat, system: str, answer_prefix: str) -> dict:
+def format_record(
+    record: dict, fmt: PromptFormat, system: str, answer_prefix: str, decision_first: bool = False
+) -> dict:
     """A formatted example: the record's ids and references plus the rendered prompt and target."""
     context = join_contexts(record["contexts"])
     prompt = fmt.prompt(system, user_message(record["question"], record["contexts"]))
@@ -111,7 +151,8 @@ def format_record(record: dict, fmt: PromptFormat, system: str, answer_prefix: s
         "long_answer": record["long_answer"],
         "final_decision": record["final_decision"],
         "prompt": prompt,
-        "target": target_text(record["long_answer"], record["final_decision"], answer_prefix) + fmt.end_of_turn,
+        "target": target_text(record["long_answer"], record["final_decision"], answer_prefix, decision_first)
+        + fmt.end_of_turn,
     }
 
 

@@ -10,6 +10,9 @@ REPORTED = [
     ("Decision accuracy (choice)", "decision.choice.accuracy"),
     ("Decision macro-F1 (choice)", "decision.choice.macro_f1"),
     ("Decision weighted-F1 (choice)", "decision.choice.weighted_f1"),
+    ("Decision accuracy: majority class, same questions", "decision.majority.accuracy"),
+    ("Decision macro-F1: majority class, same questions", "decision.majority.macro_f1"),
+    ("Decision weighted-F1: majority class, same questions", "decision.majority.weighted_f1"),
     ("Decision accuracy (parsed)", "decision.generated.accuracy"),
     ("Decision macro-F1 (parsed)", "decision.generated.macro_f1"),
     ("Decision weighted-F1 (parsed)", "decision.generated.weighted_f1"),
@@ -42,13 +45,19 @@ def metrics_table(baseline: dict, finetuned: dict, differences: dict[str, tuple[
     """One row per metric: baseline and fine-tuned (with 95% CIs) and the paired change (with its CI)."""
     rows = []
     for label, path in REPORTED:
-        change = f"{_get(finetuned, path) - _get(baseline, path):+.4f}"
+        change = "" if path.startswith("decision.majority.") else f"{_get(finetuned, path) - _get(baseline, path):+.4f}"
         if path in differences:
             _, low, high = differences[path]
             change += f" [{low:+.4f}, {high:+.4f}]"
         rows.append({"metric": label, "baseline": _with_ci(baseline, path),
                      "fine-tuned": _with_ci(finetuned, path), "change": change})
     return pd.DataFrame(rows)
+
+
+def label_distribution(counts: dict[str, int]) -> str:
+    """"yes 27 (56%), no 16 (33%), maybe 5 (10%)"."""
+    total = sum(counts.values()) or 1
+    return ", ".join(f"{label} {n} ({n / total:.0%})" for label, n in counts.items())
 
 
 def examples_table(baseline_rows: list[dict], finetuned_rows: list[dict], n: int) -> str:
@@ -74,6 +83,7 @@ def render_report(
 ) -> str:
     """The whole report as Markdown."""
     table = metrics_table(baseline, finetuned, differences).to_markdown(index=False, disable_numparse=True)
+    decision = baseline["decision"]
     return (
         "# PubMedQA: base vs fine-tuned\n\n"
         f"Model `{params['model']['name']}`, LoRA r={params['lora']['r']} alpha={params['lora']['alpha']}, "
@@ -82,7 +92,10 @@ def render_report(
         "fine-tuned minus baseline on the same questions (an interval that excludes 0 is a real change "
         "at that level). *Choice*: the decision with the highest "
         "log-likelihood after the answer prefix; *parsed*: the decision found in the generated text "
-        "(none found counts as wrong).\n\n"
+        "(none found counts as wrong). *Majority class*: always answering the test questions' most "
+        f"frequent decision ({decision['majority']['decision']!r}); a model that does not beat it has learned "
+        "nothing about the decisions.\n\n"
+        f"Test labels: {label_distribution(decision['labels'])}.\n\n"
         f"{table}\n\n"
         "## Training\n\n"
         f"Best checkpoint at step {train['best_step']} of {train['steps']} "

@@ -1,6 +1,7 @@
 """LoRA / QLoRA fine-tuning with transformers' Trainer: answer-only loss, best checkpoint, resume."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -13,7 +14,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from medqa.errors import PipelineError, explain_out_of_memory
-from medqa.io import atomic_dir, read_json, write_json
+from medqa.io import atomic_dir, read_json, read_jsonl, write_json
 from medqa.models import (
     Hardware, fsdp_enabled, get_profile, load_model, load_tokenizer, lora_targets, resolve_hardware,
 )
@@ -172,52 +173,90 @@ class LiveLossCallback(TrainerCallback):
             self.live.end()
 
 
-def train_adapter(
-    params: dict[str, Any],
-    base_dir: Path,
-    train_path: Path,
-    val_path: Path,
-    adapter_dir: Path,
-    checkpoints_dir: Path,
-    live_dir: Path,
-    metrics_path: Path,
-) -> dict:
-    """Fine-tune a LoRA adapter on the train split, keep the best by validation loss, write outputs."""
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (
-        DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer, TrainingArguments, set_seed,
+class AnswerBatchCollator:
+    """Pads a batch on the left, so every answer ends in the last column, and asks the model for
+    logits only over the columns that predict answer tokens (`logits_to_keep`).
+
+    The loss is on the answer only (~15% of each sequence), but a plain batch would run the
+    vocabulary projection, its log-softmax and their gradients at every position. Position ids
+    are given explicitly, so a left-padded row sees the same positions as an unpadded one.
+    """
+
+    def __init__(self, tokenizer: Any, window_logits: bool = True):
+        from transformers import DataCollatorForSeq2Seq
+
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.padding_side = "left"
+        self.pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+        self.window_logits = window_logits
+
+    def __call__(self, features: list[dict]) -> dict[str, Any]:
+        batch = self.pad(features)
+        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        if self.window_logits:
+            labelled = batch["labels"] != -100
+            first = int(labelled.int().argmax(-1)[labelled.any(-1)].min())
+            # The logits at column c predict the token at c + 1: keep from the column before the first answer token.
+            batch["logits_to_keep"] = batch["labels"].shape[1] - first + 1
+        return batch
+
+
+def answer_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
+    """Cross-entropy of the answer tokens from logits over the last columns of the batch (all, or
+    the `logits_to_keep` window): the same value as the model's own causal-LM loss.
+
+    Normalised by `num_items_in_batch` (the labelled tokens of the whole accumulated batch, as
+    the Trainer counts them) when given, else by this batch's labelled tokens.
+    """
+    import torch.nn.functional as F
+
+    logits = outputs.logits
+    targets = labels[:, labels.shape[1] - logits.shape[1] + 1 :].to(logits.device)
+    total = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
     )
+    return total / (num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum())
 
-    from medqa.io import read_jsonl
 
-    tp, lp = params["train"], params["lora"]
-    set_seed(tp["seed"])
-    targets = lora_targets(get_profile(params["model"]["name"]), lp["target_modules"])
-    hardware = resolve_hardware(params["model"]["quantization"], params["model"]["dtype"])
-    tokenizer = load_tokenizer(base_dir)
-    train_ds = _dataset(read_jsonl(train_path), tokenizer, tp["max_length"])
-    val_ds = _dataset(read_jsonl(val_path), tokenizer, tp["max_length"])
-    log.info("training on %d examples, validating on %d (%s)", len(train_ds), len(val_ds), hardware.device)
+def supports_logits_to_keep(model: Any) -> bool:
+    """Whether the (possibly peft-wrapped) causal LM's forward takes `logits_to_keep`."""
+    import inspect
 
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def _setup_data(train: list[dict], val: list[dict], tokenizer: Any, max_length: int) -> tuple[Any, Any]:
+    return _dataset(train, tokenizer, max_length), _dataset(val, tokenizer, max_length)
+
+
+def setup_model(base_dir: Path, model_params: dict, lora_params: dict, hardware: Hardware) -> Any:
+    """The base model (4-bit on CUDA) prepared for k-bit training where it applies, with a fresh LoRA adapter."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    targets = lora_targets(get_profile(model_params["name"]), lora_params["target_modules"])
     model = load_model(base_dir, hardware)
-    fsdp = fsdp_enabled()
-    if hardware.quantize_4bit and not fsdp:
+    if hardware.quantize_4bit and not fsdp_enabled():
         # (Under FSDP it would upcast the frozen weights to fp32, but FSDP needs one dtype to shard.)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(model, LoraConfig(
-        r=lp["r"], lora_alpha=lp["alpha"], lora_dropout=lp["dropout"], bias="none",
+        r=lora_params["r"], lora_alpha=lora_params["alpha"], lora_dropout=lora_params["dropout"], bias="none",
         target_modules=targets, task_type="CAUSAL_LM",
     ))
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
+    return model
 
-    resume = resume_point(params, base_dir, train_path, val_path, checkpoints_dir)
-    if resume:
-        log.info("resuming from %s", resume)
+
+def training_arguments(tp: dict, hardware: Hardware, output_dir: Path) -> Any:
+    """transformers' TrainingArguments from the `train` params and the hardware."""
+    import torch
+    from transformers import TrainingArguments
+
     cuda = hardware.device == "cuda"
-    args = TrainingArguments(
-        output_dir=str(checkpoints_dir),
+    fsdp = fsdp_enabled()
+    return TrainingArguments(
+        output_dir=str(output_dir),
         num_train_epochs=tp["epochs"],
         max_steps=tp["max_steps"],
         per_device_train_batch_size=tp["batch_size"],
@@ -237,6 +276,7 @@ def train_adapter(
         load_best_model_at_end=True,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
+        prediction_loss_only=True,
         seed=tp["seed"],
         data_seed=tp["seed"],
         train_sampling_strategy="group_by_length",
@@ -251,33 +291,54 @@ def train_adapter(
         dataloader_pin_memory=cuda,
         ddp_find_unused_parameters=False if launched_by_accelerate() else None,
     )
-    callbacks: list = [LiveLossCallback(live_dir), StopOnNonFiniteLoss()]
-    if tp["early_stopping_patience"]:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=tp["early_stopping_patience"]))
-    trainer = Trainer(
+
+
+def build_trainer(model: Any, tokenizer: Any, args: Any, train_ds: Any, val_ds: Any, callbacks: list) -> Any:
+    """A Trainer with answer-only loss computed from the answer columns' logits alone."""
+    from transformers import Trainer
+
+    return Trainer(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=val_ds,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        data_collator=AnswerBatchCollator(tokenizer, window_logits=supports_logits_to_keep(model)),
+        compute_loss_func=answer_loss,
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    with explain_out_of_memory("lower train.batch_size (raising train.grad_accum keeps the effective batch) "
-                               "or train.max_length, or on CUDA keep model.quantization=auto (4-bit)"):
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
-    state = trainer.state
-    if fsdp:
+
+def _callbacks(tp: dict, live_dir: Path) -> list:
+    from transformers import EarlyStoppingCallback
+
+    callbacks: list = [LiveLossCallback(live_dir), StopOnNonFiniteLoss()]
+    if tp["early_stopping_patience"]:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=tp["early_stopping_patience"]))
+    return callbacks
+
+
+def _save_adapter(trainer: Any, adapter_dir: Path) -> None:
+    if fsdp_enabled():
         _save_fsdp_adapter(trainer, adapter_dir)
-    if not trainer.is_world_process_zero():
-        return {}
-    if not fsdp:
+    elif trainer.is_world_process_zero():
         with atomic_dir(adapter_dir) as tmp:
             trainer.model.save_pretrained(tmp, safe_serialization=True)
+
+
+def _validation_decisions(trainer: Any, tokenizer: Any, val: list[dict], answer_prefix: str, tp: dict) -> dict:
+    """The best checkpoint's choice-scored decisions on the validation split."""
+    from medqa.evaluation import validation_decisions
+
+    trainer.model.eval()
+    return validation_decisions(trainer.model, tokenizer, val, answer_prefix, tp["max_length"], tp["batch_size"])
+
+
+def _summary(trainer: Any, result: Any, trainable: int, resumed: bool, val_decisions: dict) -> dict:
+    state = trainer.state
     best = state.best_model_checkpoint
     train_losses = [e["loss"] for e in state.log_history if "loss" in e]
-    summary = {
+    return {
         "best_step": int(best.rsplit("-", 1)[-1]) if best else state.global_step,
         "best_val_loss": state.best_metric,
         "final_train_loss": train_losses[-1] if train_losses else None,
@@ -285,8 +346,53 @@ def train_adapter(
         "epochs": state.epoch,
         "trainable_params": trainable,
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
-        "resumed": bool(resume),
+        "resumed": resumed,
+        "val_choice_accuracy": val_decisions["accuracy"],
+        "val_choice_macro_f1": val_decisions["macro_f1"],
+        "val_chosen": val_decisions["chosen"],
     }
+
+
+def train_adapter(
+    params: dict[str, Any],
+    base_dir: Path,
+    train_path: Path,
+    val_path: Path,
+    adapter_dir: Path,
+    checkpoints_dir: Path,
+    live_dir: Path,
+    metrics_path: Path,
+) -> dict:
+    """Fine-tune a LoRA adapter on the train split, keep the best by validation loss, write outputs."""
+    from transformers import set_seed
+
+    tp = params["train"]
+    set_seed(tp["seed"])
+    hardware = resolve_hardware(params["model"]["quantization"], params["model"]["dtype"])
+    tokenizer = load_tokenizer(base_dir)
+    val = read_jsonl(val_path)
+    train_ds, val_ds = _setup_data(read_jsonl(train_path), val, tokenizer, tp["max_length"])
+    log.info("training on %d examples, validating on %d (%s)", len(train_ds), len(val_ds), hardware.device)
+    model = setup_model(base_dir, params["model"], params["lora"], hardware)
+    trainable = model.get_nb_trainable_parameters()[0]
+
+    resume = resume_point(params, base_dir, train_path, val_path, checkpoints_dir)
+    if resume:
+        log.info("resuming from %s", resume)
+    trainer = build_trainer(model, tokenizer, training_arguments(tp, hardware, checkpoints_dir), train_ds, val_ds,
+                            _callbacks(tp, live_dir))
+    with explain_out_of_memory("lower train.batch_size (raising train.grad_accum keeps the effective batch) "
+                               "or train.max_length, or on CUDA keep model.quantization=auto (4-bit)"):
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+    _save_adapter(trainer, adapter_dir)
+    # Every process takes part (FSDP shards the weights); rank 0 writes.
+    val_decisions = _validation_decisions(trainer, tokenizer, val, params["prompt"]["answer_prefix"], tp)
+    if not trainer.is_world_process_zero():
+        return {}
+    summary = _summary(trainer, result, trainable, bool(resume), val_decisions)
+    log.info("validation decisions (choice): accuracy %.3f, macro-F1 %.3f, chosen %s",
+             val_decisions["accuracy"], val_decisions["macro_f1"], val_decisions["chosen"])
     write_json(metrics_path, summary)
     return summary
 

@@ -14,7 +14,8 @@ def main() -> None:
     template = prompt["template"] or get_profile(params["model"]["name"]).template
     fmt = PromptFormat(load_tokenizer(paths.BASE_MODEL), template)
     examples = [
-        format_record(r, fmt, prompt["system"], prompt["answer_prefix"]) for r in read_jsonl(paths.RAW_DATA)
+        format_record(r, fmt, prompt["system"], prompt["answer_prefix"], prompt["decision_first"])
+        for r in read_jsonl(paths.RAW_DATA)
     ]
     write_jsonl(paths.FORMATTED, examples)
     print(f"format: {len(examples)} examples -> {paths.FORMATTED}")

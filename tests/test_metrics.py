@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from medqa.metrics import (
-    bertscore_f1, paired_differences, parse_decision, resolve_bertscore_model, rouge_scores, summarize, table_from_rows,
+    bertscore_f1, paired_differences, resolve_bertscore_model, rouge_scores, summarize, table_from_rows,
 )
+from medqa.prompts import parse_decision
 
 PREFIX = "The direct answer to your question is:"
 
