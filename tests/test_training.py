@@ -187,3 +187,69 @@ def test_resume_point_is_idempotent_and_multi_gpu_launch_command(workdir, tmp_pa
         assert command[command.index("--num_processes") + 1] == "4"
         config = load_config_from_file(str(ROOT / command[command.index("--config_file") + 1]))  # accelerate parses it
         assert config.distributed_type == kind
+
+
+def _lora_trainer(workdir: Path, out: Path, stage_way: bool):
+    """A LoRA trainer over the tiny base: the stage's (answer-column logits) or the plain one."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+
+    from medqa.io import read_jsonl
+    from medqa.models import load_tokenizer, resolve_hardware
+    from medqa.training import _dataset, build_trainer, setup_model, training_arguments
+
+    params = _params(max_steps=4, batch_size=3, grad_accum=2, learning_rate=0.01, warmup_ratio=0.0,
+                     logging_steps=1, eval_steps=4, save_steps=4)
+    params["lora"]["dropout"] = 0.0  # dropout masks would differ between the two layouts
+    set_seed(0)
+    hardware = resolve_hardware("none", "float32")
+    tokenizer = load_tokenizer(workdir / "base")
+    data = _dataset(read_jsonl(workdir / "train.jsonl"), tokenizer, 256)
+    model = setup_model(workdir / "base", params["model"], params["lora"], hardware)
+    args = training_arguments(params["train"], hardware, out)
+    if stage_way:
+        return build_trainer(model, tokenizer, args, data, data, [])
+    return Trainer(model=model, args=args, train_dataset=data, eval_dataset=data,
+                   data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+
+
+def test_answer_column_loss_trains_as_the_full_logits_loss(workdir, tmp_path):
+    """The stage's way (left-padded, logits only where answers are predicted) gives the plain way's
+    loss at every step, the same validation loss and the same adapter."""
+    runs = {}
+    for stage_way in (True, False):
+        trainer = _lora_trainer(workdir, tmp_path / str(stage_way), stage_way)
+        trainer.train()
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        weights = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if "lora_" in k}
+        runs[stage_way] = (losses, trainer.evaluate()["eval_loss"], weights)
+    (fast_losses, fast_val, fast_w), (plain_losses, plain_val, plain_w) = runs[True], runs[False]
+    assert len(fast_losses) == 4
+    assert fast_losses == pytest.approx(plain_losses, abs=1e-4)
+    assert fast_val == pytest.approx(plain_val, abs=1e-4)
+    assert fast_losses[-1] < fast_losses[0]  # it trained: the comparison is not of two idle runs
+    for key in plain_w:
+        assert (fast_w[key] - plain_w[key]).abs().max() < 1e-4, key
+
+
+def test_answer_batch_keeps_only_the_answer_columns(tokenizer):
+    import torch
+
+    from medqa.training import AnswerBatchCollator, answer_loss
+
+    features = [
+        {"input_ids": [5, 6, 7, 8, 9], "attention_mask": [1] * 5, "labels": [-100, -100, -100, -100, 9]},
+        {"input_ids": [5, 6, 7], "attention_mask": [1] * 3, "labels": [-100, 6, 7]},
+    ]
+    batch = AnswerBatchCollator(tokenizer)(features)
+    # Left-padded: both answers end in the last column, positions count from each row's first token.
+    assert batch["input_ids"][1].tolist() == [tokenizer.pad_token_id] * 2 + [5, 6, 7]
+    assert batch["labels"].tolist() == [[-100, -100, -100, -100, 9], [-100, -100, -100, 6, 7]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]]
+    # The first answer token is in column 3, predicted from column 2: keep the last 3 columns.
+    assert batch["logits_to_keep"] == 3
+    logits = torch.randn(2, 5, 11)
+    full = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), batch["labels"][:, 1:].reshape(-1),
+                                             ignore_index=-100)
+    window = type("Out", (), {"logits": logits[:, -batch["logits_to_keep"]:]})()
+    assert answer_loss(window, batch["labels"]).item() == pytest.approx(full.item(), abs=1e-6)
+    assert answer_loss(window, batch["labels"], num_items_in_batch=6).item() == pytest.approx(full.item() / 2, abs=1e-6)
