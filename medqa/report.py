@@ -5,6 +5,8 @@ from typing import Any
 
 import pandas as pd
 
+from medqa.data import DECISIONS
+
 # (label, path in the metrics JSON) in the order the table shows them.
 REPORTED = [
     ("Decision accuracy (choice)", "decision.choice.accuracy"),
@@ -57,7 +59,7 @@ def metrics_table(baseline: dict, finetuned: dict, differences: dict[str, tuple[
 def label_distribution(counts: dict[str, int]) -> str:
     """"yes 27 (56%), no 16 (33%), maybe 5 (10%)"."""
     total = sum(counts.values()) or 1
-    return ", ".join(f"{label} {n} ({n / total:.0%})" for label, n in counts.items())
+    return ", ".join(f"{label} {counts.get(label, 0)} ({counts.get(label, 0) / total:.0%})" for label in DECISIONS)
 
 
 def examples_table(baseline_rows: list[dict], finetuned_rows: list[dict], n: int) -> str:
