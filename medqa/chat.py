@@ -17,7 +17,7 @@ from typing import Any, Iterator
 from medqa import paths
 from medqa.assistant import Assistant, GenerationSettings
 from medqa.data import DECISIONS
-from medqa.errors import PipelineError, stage_main
+from medqa.errors import PipelineError, command_main
 from medqa.io import read_jsonl
 from medqa.params import load_params
 
@@ -158,7 +158,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@stage_main
+@command_main
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     params = load_params(args.params)

@@ -47,10 +47,22 @@ def _from_hf(raw: dict) -> Record:
     }
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys must be unique: json.load would keep the last duplicate silently."""
+    obj: dict = {}
+    for key, value in pairs:
+        if key in obj:
+            raise PipelineError(f"duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
 def _read_json_file(path: Path) -> object:
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            return json.load(f, object_pairs_hook=_unique_keys)
+    except PipelineError as exc:  # a duplicated pmid in ori_pqal.json, or a duplicated field
+        raise PipelineError(f"{path}: {exc}") from exc
     except json.JSONDecodeError as exc:
         raise PipelineError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}") from exc
     except OSError as exc:
@@ -118,8 +130,9 @@ def read_hub_reference(path: Path) -> dict[str, str]:
     return {k: str(v) for k, v in ref.items() if v is not None}
 
 
-def load_records(source: str) -> list[Record]:
-    """Load PubMedQA from the hub (`source` is a hub reference .yaml), a data file, or an official data/ directory."""
+def check_source(source: str) -> Path:
+    """The file `source` names (a data file, the official directory's ori_pqal.json, or a hub
+    reference), or a PipelineError saying what is missing. Cheap: reads nothing."""
     path = Path(source).expanduser()
     if not path.exists():
         raise PipelineError(
@@ -127,10 +140,15 @@ def load_records(source: str) -> list[Record]:
             "data/pubmedqa-hub.yaml)"
         )
     if path.is_dir():
-        original = path / ORIGINAL_FILE
-        if not original.exists():
+        if not (path / ORIGINAL_FILE).exists():
             raise PipelineError(f"data.source {path} is a directory without {ORIGINAL_FILE}")
-        return _load_file(original)
+        return path / ORIGINAL_FILE
+    return path
+
+
+def load_records(source: str) -> list[Record]:
+    """Load PubMedQA from the hub (`source` is a hub reference .yaml), a data file, or an official data/ directory."""
+    path = check_source(source)
     if is_hub_reference(path):
         ref = read_hub_reference(path)
         return _load_hub(ref["dataset"], ref["config"], ref.get("revision"))
@@ -145,14 +163,14 @@ def load_test_labels(source: str, url: str | None) -> dict[str, str] | None:
     if Path(source).expanduser().is_dir():
         local = Path(source).expanduser() / TEST_FILE
         if local.exists():
-            return {str(k): v for k, v in _read_json_file(local).items()}
+            return {str(k): _normal_decision(v) for k, v in _read_json_file(local).items()}
     if not url:
         return None
     if Path(url).expanduser().exists():
-        return {str(k): v for k, v in _read_json_file(Path(url).expanduser()).items()}
+        return {str(k): _normal_decision(v) for k, v in _read_json_file(Path(url).expanduser()).items()}
     try:
         with urllib.request.urlopen(url, timeout=30) as resp:
-            return {str(k): v for k, v in json.load(resp).items()}
+            return {str(k): _normal_decision(v) for k, v in json.load(resp).items()}
     except Exception as exc:
         log.warning("could not fetch the official test split from %s (%s)", url, exc)
         return None
@@ -160,29 +178,37 @@ def load_test_labels(source: str, url: str | None) -> dict[str, str] | None:
 
 # --- validation ----------------------------------------------------------------------------
 
-def validate_records(records: list[Record]) -> list[Record]:
-    """Check ids are unique and every field is present and sane; return records sorted by pmid."""
+def _normal_decision(value: object) -> object:
+    """" Yes" -> "yes": the decision's case and surrounding spaces carry no meaning."""
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+def validate_records(records: list[Record], source: str = "the data source") -> list[Record]:
+    """Check ids are unique and every field is present and sane; normalise the decision's case and
+    spacing; return the records sorted by pmid. Errors name `source`, the record and the field."""
     if not records:
-        raise PipelineError("the data source holds no records")
+        raise PipelineError(f"{source} holds no records")
     seen: set[str] = set()
     for r in records:
         pmid = r["pmid"]
         if not pmid or pmid == "None":
-            raise PipelineError(f"a record has no id (pubid/pmid): question {str(r.get('question'))[:60]!r}")
+            raise PipelineError(f"{source}: a record has no id (pubid/pmid): question {str(r.get('question'))[:60]!r}")
         if pmid in seen:
-            raise PipelineError(f"record {pmid}: duplicate id")
+            raise PipelineError(f"{source}: record {pmid}: duplicate id")
         seen.add(pmid)
         for field in ("question", "long_answer"):
             if not isinstance(r[field], str) or not r[field].strip():
-                raise PipelineError(f"record {pmid}: field '{field}' is missing or empty")
+                raise PipelineError(f"{source}: record {pmid}: field '{field}' is missing or empty")
         contexts = r["contexts"]
         if not isinstance(contexts, list) or not any(isinstance(c, str) and c.strip() for c in contexts):
-            raise PipelineError(f"record {pmid}: field 'contexts' is missing or empty")
-        decision = r["final_decision"]
+            raise PipelineError(f"{source}: record {pmid}: field 'contexts' is missing or empty")
+        decision = _normal_decision(r["final_decision"])
         if decision not in DECISIONS:
             raise PipelineError(
-                f"record {pmid}: field 'final_decision' is {decision!r}, expected one of {', '.join(DECISIONS)}"
+                f"{source}: record {pmid}: field 'final_decision' is {r['final_decision']!r}, "
+                f"expected one of {', '.join(DECISIONS)}"
             )
+        r["final_decision"] = decision
     # Numeric PMIDs in numeric order, any others after them: a stable order whatever the source's.
     return sorted(records, key=lambda r: (0, int(r["pmid"]), "") if r["pmid"].isdigit() else (1, 0, r["pmid"]))
 

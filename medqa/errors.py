@@ -6,6 +6,8 @@ import functools
 import logging
 import os
 import sys
+import traceback
+from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -20,9 +22,13 @@ def debug_enabled() -> bool:
     return os.environ.get("DEBUG", "") not in ("", "0")
 
 
-def stage_main(func: F) -> F:
-    """Run a stage entry point: configure logging, print PipelineErrors as one line, exit non-zero."""
+RESTORE_HINT = (
+    "{stage}: failed; the outputs of its last successful run are in the DVC cache: "
+    "`dvc checkout` brings them back (`dvc status` lists what is missing)"
+)
 
+
+def _entry_point(func: F, after_failure: str | None) -> F:
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         logging.basicConfig(
@@ -36,9 +42,28 @@ def stage_main(func: F) -> F:
             if debug_enabled():
                 raise
             print(f"error: {exc}", file=sys.stderr)
-            sys.exit(1)
+            code = 1
+        except KeyboardInterrupt:
+            code = 130
+        except Exception:
+            traceback.print_exc()
+            code = 1
+        if after_failure:
+            print(after_failure.format(stage=Path(sys.argv[0]).stem), file=sys.stderr)
+        sys.exit(code)
 
     return wrapper  # type: ignore[return-value]
+
+
+def command_main(func: F) -> F:
+    """Run a command's entry point: configure logging, print PipelineErrors as one line, exit non-zero."""
+    return _entry_point(func, None)
+
+
+def stage_main(func: F) -> F:
+    """Run a DVC stage's entry point as `command_main` does; whatever stops it (a PipelineError, any
+    other exception, Ctrl-C), its last line says how to get back the outputs DVC deleted before running it."""
+    return _entry_point(func, RESTORE_HINT)
 
 
 @contextlib.contextmanager

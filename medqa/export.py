@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from medqa import paths
-from medqa.errors import stage_main
+from medqa.errors import command_main
 from medqa.io import atomic_dir
 from medqa.models import load_model, load_tokenizer, resolve_hardware
 
@@ -25,7 +25,7 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str =
         load_tokenizer(base_dir).save_pretrained(tmp)
 
 
-@stage_main
+@command_main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("models/merged"))

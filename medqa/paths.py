@@ -1,6 +1,7 @@
 """Where each stage reads and writes (the same paths dvc.yaml declares)."""
 from pathlib import Path
 
+PARAMS_CHECKED = Path("data/params.checked")  # written by check_params, read by no code
 RAW_DATA = Path("data/raw/pubmedqa.jsonl")
 TEST_LABELS = Path("data/raw/test_ground_truth.json")
 BASE_MODEL = Path("models/base")

@@ -11,7 +11,7 @@ from medqa.params import load_params
 def main() -> None:
     params = load_params()
     data = params["data"]
-    records = validate_records(load_records(data["source"]))
+    records = validate_records(load_records(data["source"]), f"data.source {data['source']}")
     write_jsonl(paths.RAW_DATA, records)
     write_json(paths.TEST_LABELS, load_test_labels(data["source"], data["test_ids"]) or {})
     print(f"download: {len(records)} records -> {paths.RAW_DATA}")

@@ -69,6 +69,22 @@ def test_duplicate_ids_and_unreadable_files_are_clear_errors(tmp_path):
         load_records(str(tmp_path / "nowhere.json"))
     with pytest.raises(PipelineError, match="without ori_pqal.json"):
         load_records(str(tmp_path))
+    # json.load keeps the last of two equal keys: a pmid given twice in ori_pqal.json must not vanish.
+    text = json.dumps(make_original(3))
+    (tmp_path / "twice.json").write_text(text[:-1] + ', "1001": ' + json.dumps(make_original(3)["1001"]) + "}")
+    with pytest.raises(PipelineError, match="twice.json: duplicate key '1001'"):
+        load_records(str(tmp_path / "twice.json"))
+
+
+def test_decision_case_and_spacing_are_normalised(tmp_path):
+    original = make_original(3)
+    original["1000"]["final_decision"] = " Yes"
+    original["1001"]["final_decision"] = "NO "
+    (tmp_path / "ori_pqal.json").write_text(json.dumps(original))
+    (tmp_path / "test_ground_truth.json").write_text(json.dumps({"1000": "Yes "}))
+    records = validate_records(load_records(str(tmp_path)))
+    assert [r["final_decision"] for r in records] == ["yes", "no", "yes"]
+    assert load_test_labels(str(tmp_path), None) == {"1000": "yes"}
 
 
 def test_unreachable_hub_says_how_to_use_a_local_copy(monkeypatch, tmp_path):

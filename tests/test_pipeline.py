@@ -20,7 +20,7 @@ import yaml
 from tests.conftest import pubmedqa_data, write_official_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL_STAGES = {"download", "format", "split", "baseline_eval", "finetune", "finetuned_eval", "report"}
+ALL_STAGES = {"check_params", "download", "format", "split", "baseline_eval", "finetune", "finetuned_eval", "report"}
 FAKE_TOKEN = "hf_" + uuid.uuid4().hex  # made at run time, so no file holds it beforehand
 TINY = {
     "train": {"max_samples": 6, "max_val_samples": 2, "max_steps": 2, "batch_size": 2, "grad_accum": 1,
@@ -109,10 +109,11 @@ def test_pipeline_runs_then_reruns_only_what_changed(project):
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "baseline run"], repo, env)
     generation = _run(["dvc", "exp", "run", "-S", "generation.max_new_tokens=6"], repo, env)
-    assert _stages_run(generation) == {"baseline_eval", "finetuned_eval", "report"}
+    # check_params runs on any param change; its output never changes, so it re-runs nothing else.
+    assert _stages_run(generation) == {"check_params", "baseline_eval", "finetuned_eval", "report"}
 
     epochs = _run(["dvc", "exp", "run", "-S", "train.epochs=2"], repo, env)
-    assert _stages_run(epochs) == {"finetune", "finetuned_eval", "report"}
+    assert _stages_run(epochs) == {"check_params", "finetune", "finetuned_eval", "report"}
 
     assert (repo / "models/checkpoints").is_dir()  # scratch for resuming, kept by DVC between runs
     leaks = [p for p in repo.rglob("*") if p.is_file() and FAKE_TOKEN.encode() in p.read_bytes()]
@@ -163,7 +164,7 @@ def test_push_then_pull_in_a_fresh_clone_needs_no_rerun(project, tmp_path):
 
     # An experiment run in one clone, shared through git + the DVC remote, applied in another.
     ran = _run(["dvc", "exp", "run", "-n", "three-epochs", "-S", "train.epochs=3"], clone, env)
-    assert _stages_run(ran) == {"finetune", "finetuned_eval", "report"}
+    assert _stages_run(ran) == {"check_params", "finetune", "finetuned_eval", "report"}
     _run(["dvc", "exp", "push", "origin", "three-epochs"], clone, env)
     other = _clone(repo, tmp_path / "other", env)
     _run(["dvc", "exp", "pull", "origin", "three-epochs"], other, env)
@@ -272,7 +273,7 @@ def test_a_killed_stage_is_never_taken_as_done_and_a_rerun_gives_the_same_output
 def test_a_changed_source_file_re_runs_download(tmp_path):
     data = write_official_dir(tmp_path / "pubmedqa", n=40, n_test=10)
     repo, env = make_repo(tmp_path, data)
-    assert _stages_run(_run(["dvc", "repro", "download"], repo, env)) == {"download"}
+    assert _stages_run(_run(["dvc", "repro", "download"], repo, env)) == {"check_params", "download"}
     assert "up to date" in _run(["dvc", "status", "download"], repo, env)
     raw = (repo / "data/raw/pubmedqa.jsonl").read_bytes()
 
@@ -334,3 +335,88 @@ def test_a_killed_finetune_resumes_and_gives_the_same_adapter(project):
     assert resumed.keys() == straight.keys()
     for key in straight:
         assert torch.allclose(resumed[key], straight[key], atol=1e-4), key
+
+
+def _fail(cmd: list[str], cwd: Path, env: dict) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, f"{' '.join(cmd)} should have failed:\n{output[-4000:]}"
+    return output
+
+
+def _outputs(repo: Path) -> dict[str, bytes]:
+    """Every file of every output dvc.lock records, by path: what a run has to keep."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    files = {}
+    for stage in lock["stages"].values():
+        for out in stage.get("outs", []):
+            path = repo / out["path"]
+            for f in ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())):
+                files[str(f.relative_to(repo))] = f.read_bytes()
+    return files
+
+
+def test_a_failed_run_loses_nothing_and_says_how_to_restore(project):
+    repo, env = project
+    _run(["dvc", "repro"], repo, env)
+    _commit(repo, env, "before failures")
+    before = _outputs(repo)
+    assert {"metrics/train.json", "metrics/baseline.json", "dvclive/metrics.json"} <= set(before)
+
+    # Fails inside finetune (the answers do not fit 32 tokens: only the data can tell), after DVC
+    # deleted finetune's outputs.
+    failed = _fail(["dvc", "exp", "run", "-S", "train.max_length=32"], repo, env)
+    assert "raise train.max_length" in failed
+    assert re.search(r"finetune: failed; .*`dvc checkout` brings them back", failed), failed[-2000:]
+    assert not (repo / "metrics/train.json").exists()
+    _run(["git", "checkout", "params.yaml"], repo, env)
+    _run(["dvc", "checkout"], repo, env)
+    assert _outputs(repo) == before
+
+    # A bad param stops the run in check_params, before DVC has deleted anything of the other stages.
+    failed = _fail(["dvc", "exp", "run", "-S", "model.name=no-such-model"], repo, env)
+    assert "unknown model.name 'no-such-model'" in failed
+    assert _stages_run(failed) == {"check_params"}
+    assert {k: v for k, v in _outputs(repo).items() if k != "data/params.checked"} == {
+        k: v for k, v in before.items() if k != "data/params.checked"}
+    _run(["git", "checkout", "params.yaml"], repo, env)
+    _run(["dvc", "checkout"], repo, env)
+    assert _outputs(repo) == before
+
+    # params.yaml that is not YAML: DVC stops before any stage.
+    params = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(params + "train: [unclosed\n")
+    failed = _fail(["dvc", "repro"], repo, env)
+    assert "params.yaml" in failed and not _stages_run(failed)
+    (repo / "params.yaml").write_text(params)
+    assert _outputs(repo) == before
+    # Only check_params ran with a bad value (and succeeded), so only it is out of date.
+    assert _stages_run(_run(["dvc", "repro"], repo, env)) <= {"check_params"}
+    assert _outputs(repo) == before
+
+
+def _readme_block(marker: str) -> str:
+    """The fenced code block that follows `marker` in the README."""
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(re.escape(marker) + r"\s*```[a-z]*\n(.*?)```", readme, re.S)
+    assert match, f"README has no code block after {marker}"
+    return match.group(1)
+
+
+def test_the_readme_commands_after_make_run_work_in_a_new_shell(project):
+    """The README's block of commands after `make run`, as written, in a shell with only the system PATH."""
+    repo, env = project
+    block = _readme_block("<!-- after make run -->")
+    assert block.startswith(". .venv/bin/activate") and "dvc exp run" in block and "dvc metrics diff" in block
+    shell = {k: v for k, v in env.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    shell["PATH"] = "/usr/local/bin:/usr/bin:/bin"
+    (repo / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)  # what `make run` made
+    try:
+        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=repo, env=shell,
+                              capture_output=True, text=True, timeout=900)
+    finally:
+        (repo / ".venv").unlink()
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert "Running stage 'finetune'" in output  # a new experiment, not a cached one
+    assert (repo / "dvc_plots" / "index.html").exists()

@@ -1,0 +1,21 @@
+"""Stage check_params: every param checked before any other stage runs, so a typo in
+`dvc exp run -S ...` fails in a second and before DVC has deleted any other stage's outputs."""
+from medqa import paths
+from medqa.data import check_source
+from medqa.errors import stage_main
+from medqa.io import write_text
+from medqa.params import load_params
+
+
+@stage_main
+def main() -> None:
+    params = load_params()
+    check_source(params["data"]["source"])
+    # Always the same bytes: the download stage depends on this file only to run after the check,
+    # so a param change re-runs nothing else through it.
+    write_text(paths.PARAMS_CHECKED, "params.yaml passed medqa.params.validate\n")
+    print("check_params: params.yaml is valid")
+
+
+if __name__ == "__main__":
+    main()
