@@ -19,7 +19,7 @@ from medqa.errors import PipelineError
 from medqa.evaluation import choice_probabilities, score_decisions
 from medqa.generation import generation_options, model_device
 from medqa.models import load_model, load_tokenizer, read_source, resolve_hardware
-from medqa.prompts import PromptFormat, fit_prompt, join_contexts, user_message
+from medqa.prompts import fit_prompt, join_contexts, prompt_format, user_message
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class Assistant:
         self.answer_prefix = params["prompt"]["answer_prefix"]
         self.max_prompt_length = params["eval"]["max_prompt_length"]
         self.history_turns = params["chat"]["history_turns"]
-        self.format = PromptFormat(tokenizer, params["prompt"]["template"])
+        self.format = prompt_format(tokenizer, params["prompt"], params["model"]["name"])
         self.lock = threading.Lock()
 
     @classmethod

@@ -6,6 +6,7 @@ import re
 from typing import Any
 
 from medqa.errors import PipelineError
+from medqa.models import get_profile
 
 
 def user_message(question: str, contexts: list[str]) -> str:
@@ -135,6 +136,13 @@ class PromptFormat:
             {"role": role, "content": text} for u, a in turns for role, text in (("user", u), ("assistant", a))
         ]
         return self._render(system, [*messages, {"role": "user", "content": user}])
+
+
+def prompt_format(tokenizer: Any, prompt: dict[str, Any], model_name: str) -> PromptFormat:
+    """The one way a model's prompt format is chosen, for the format stage and the chat app alike:
+    `prompt.template` if set, else the model profile's template (base models whose tokenizer has no
+    chat template), else the tokenizer's chat template."""
+    return PromptFormat(tokenizer, prompt["template"] or get_profile(model_name).template)
 
 
 def format_record(

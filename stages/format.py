@@ -2,17 +2,16 @@
 from medqa import paths
 from medqa.errors import stage_main
 from medqa.io import read_jsonl, write_jsonl
-from medqa.models import get_profile, load_tokenizer
+from medqa.models import load_tokenizer
 from medqa.params import load_params
-from medqa.prompts import PromptFormat, format_record
+from medqa.prompts import format_record, prompt_format
 
 
 @stage_main
 def main() -> None:
     params = load_params()
     prompt = params["prompt"]
-    template = prompt["template"] or get_profile(params["model"]["name"]).template
-    fmt = PromptFormat(load_tokenizer(paths.BASE_MODEL), template)
+    fmt = prompt_format(load_tokenizer(paths.BASE_MODEL), prompt, params["model"]["name"])
     examples = [
         format_record(r, fmt, prompt["system"], prompt["answer_prefix"], prompt["decision_first"])
         for r in read_jsonl(paths.RAW_DATA)

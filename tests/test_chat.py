@@ -18,8 +18,8 @@ from medqa.chat import chat_reply, compare_answers
 from medqa.errors import PipelineError
 from medqa.generation import generate
 from medqa.io import write_jsonl
-from medqa.models import load_model, resolve_hardware
-from medqa.prompts import PromptFormat, format_record
+from medqa.models import PROFILES, load_model, resolve_hardware
+from medqa.prompts import PromptFormat, format_record, prompt_format
 from tests.conftest import make_original, save_tiny_base
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +79,24 @@ def test_chat_prompt_sends_recent_history_and_drops_the_oldest_when_too_long(ass
     ids = assistant.chat_prompt(long_history, "short")
     assert len(ids) <= assistant.max_prompt_length
     assert "short" in tokenizer.decode(ids) and "user 0" not in tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_the_app_builds_the_prompt_the_format_stage_trained_on(assistant, tokenizer, profile):
+    """For every profile (some carry their own template: Mistral base, distilgpt2), the app's question
+    prompt is the format stage's prompt for the same record, token for token."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"]["name"] = profile
+    params["eval"]["max_prompt_length"] = 1000
+    app = Assistant(assistant.model, tokenizer, params)
+    record = {"pmid": "1", "question": "Does aspirin reduce fever?", "contexts": ["A trial of aspirin in adults."],
+              "long_answer": "It did.", "final_decision": "yes"}
+    fmt = prompt_format(tokenizer, params["prompt"], profile)
+    trained = format_record(record, fmt, params["prompt"]["system"], params["prompt"]["answer_prefix"])["prompt"]
+    assert app.question_prompt(record["question"], record["contexts"][0]) == tokenizer(
+        trained, add_special_tokens=False)["input_ids"]
+    if PROFILES[profile].template:
+        assert trained.startswith(PROFILES[profile].template.split("{")[0])
 
 
 def test_base_answers_come_from_the_same_weights_with_the_adapter_off(assistant, project):
