@@ -4,7 +4,9 @@ Notebook way: random batches, each padded to `train.max_length`, logits and loss
 (the model's own loss). Stage way: `medqa.training.build_trainer` as the finetune stage runs it:
 length-grouped, left-padded batches, logits only over the columns that predict answer tokens.
 
-Each way runs `--steps` optimiser steps with the default params in a fresh process, which reports
+Both ways train on the same examples: a seeded sample of `steps x batch_size x grad_accum` train
+questions, one pass over them (the notebook in random order, the stage length-grouped), so they read
+the same tokens and only the way differs. Each way runs in a fresh process, which reports
 its non-padding tokens/s, its achieved rate of the FLOPs the model needs, and its peak resident
 set (ru_maxrss). The FLOPs the model needs, per sequence of length l with a answer tokens:
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
 import resource
 import subprocess
 import sys
@@ -78,8 +81,12 @@ def run_way(way: str, steps: int) -> dict:
     set_seed(tp["seed"])
     hardware = resolve_hardware("none", "float32")
     tokenizer = load_tokenizer(paths.BASE_MODEL)
-    items = [tokenize_example(ex, tokenizer, tp["max_length"]) for ex in read_jsonl(paths.TRAIN)]
-    dataset = Dataset.from_list(items)
+    examples = read_jsonl(paths.TRAIN)
+    n = steps * tp["batch_size"] * tp["grad_accum"]
+    if n > len(examples):
+        raise SystemExit(f"{steps} steps need {n} train questions; data/split/train.jsonl has {len(examples)}")
+    sample = random.Random(tp["seed"]).sample(examples, n)  # the same questions for both ways
+    dataset = Dataset.from_list([tokenize_example(ex, tokenizer, tp["max_length"]) for ex in sample])
     model = setup_model(paths.BASE_MODEL, params["model"], params["lora"], hardware)
     args = dataclasses.replace(
         training_arguments(tp, hardware, tempfile.mkdtemp(prefix="bench-train-")),
@@ -104,7 +111,8 @@ def run_way(way: str, steps: int) -> dict:
     start = time.perf_counter()
     trainer.train()
     elapsed = time.perf_counter() - start
-    used = seen[: steps * tp["grad_accum"] * tp["batch_size"]]
+    assert len(seen) == n, (len(seen), n)  # every sampled question once, nothing else
+    used = seen
     return {
         "tokens_per_s": sum(len(f["input_ids"]) for f in used) / elapsed,
         "flops_per_s": needed_flops(model, used) / elapsed,

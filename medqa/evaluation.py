@@ -37,18 +37,18 @@ def score_decisions(
 def validation_decisions(
     model: Any, tokenizer: Any, examples: list[dict], answer_prefix: str, max_prompt_length: int, batch_size: int
 ) -> dict[str, Any]:
-    """Choice-scored decisions on held-out examples: accuracy, macro-F1 and how often each decision
-    was chosen (the finetune stage's validation check, cheap: one forward pass per question)."""
-    from sklearn.metrics import f1_score
-
+    """Choice-scored decisions on held-out examples: accuracy, macro-F1 (the eval stages' statistics)
+    and how often each decision was chosen (the finetune stage's validation check: one forward pass
+    per question)."""
     prompts = [fit_prompt(ex, tokenizer, max_prompt_length) for ex in examples]
     chosen = score_decisions(model, tokenizer, prompts, answer_prefix, batch_size, desc="validation decisions")
-    predicted = chosen.argmax(axis=1)
-    truth = np.array([DECISIONS.index(ex["final_decision"]) for ex in examples])
+    table = {"truth": np.array([metrics.CODES[ex["final_decision"]] for ex in examples]),
+             "choice": chosen.argmax(axis=1)}  # option i is DECISIONS[i], coded i
+    every = np.arange(len(examples))
     return {
-        "accuracy": float(np.mean(predicted == truth)),
-        "macro_f1": float(f1_score(truth, predicted, labels=[0, 1, 2], average="macro", zero_division=0)),
-        "chosen": {d: int(np.sum(predicted == i)) for i, d in enumerate(DECISIONS)},
+        "accuracy": metrics.STATISTICS["decision.choice.accuracy"](table, every),
+        "macro_f1": metrics.STATISTICS["decision.choice.macro_f1"](table, every),
+        "chosen": {d: int(np.sum(table["choice"] == metrics.CODES[d])) for d in DECISIONS},
     }
 
 
@@ -76,6 +76,49 @@ def answer_and_score(
     return generations, np.array(choice_loglik), target_loglik, [len(t) for t in targets]
 
 
+def _setup_model(model_params: dict, base_dir: str | Path, adapter_dir: str | Path | None) -> tuple[Any, Any, Any]:
+    """The model to evaluate (base, or base + adapter), its left-padding tokenizer and the hardware."""
+    hardware = resolve_hardware(model_params["quantization"], model_params["dtype"])
+    return load_model(base_dir, hardware, adapter_dir), load_tokenizer(base_dir, padding_side="left"), hardware
+
+
+def _text_scores(answers: list[str], references: list[str], ev: dict, label: str) -> dict[str, list[float]]:
+    """Per question: ROUGE-1/2/L and BERTScore F1 of the generated long answer against the reference."""
+    scores = metrics.rouge_scores(answers, references)
+    log.info("%s: BERTScore with %s", label, ev["bertscore_model"])
+    scores["bertscore_f1"] = metrics.bertscore_f1(
+        answers, references, ev["bertscore_model"], ev["bertscore_num_layers"], ev["batch_size"]
+    )
+    return scores
+
+
+def _prediction_row(ex: dict, generation: str, answer: str, probs: np.ndarray, target_loglik: float,
+                    target_tokens: int, scores: dict[str, float], answer_prefix: str) -> dict:
+    """One line of the predictions file: the question, what the model said and how it scored."""
+    return {
+        "pmid": ex["pmid"],
+        "prompt_id": ex["prompt_id"],
+        "question": ex["question"],
+        "reference": ex["long_answer"],
+        "reference_decision": ex["final_decision"],
+        "generation": generation,
+        "answer": answer,
+        "decision_generated": parse_decision(generation, answer_prefix),
+        "decision_choice": DECISIONS[int(np.argmax(probs))],
+        "choice_probs": {d: round(float(p), 6) for d, p in zip(DECISIONS, probs)},
+        "answer_nll": -float(target_loglik),
+        "answer_tokens": target_tokens,
+        **{k: round(float(v), 6) for k, v in scores.items()},
+    }
+
+
+def _write_outputs(rows: list[dict], result: dict, predictions_path: str | Path, official_path: str | Path,
+                   metrics_path: str | Path) -> None:
+    write_jsonl(predictions_path, rows)
+    write_json(official_path, {r["pmid"]: r["decision_choice"] for r in rows})  # the official format
+    write_json(metrics_path, result)
+
+
 @explain_out_of_memory("lower eval.batch_size or eval.max_prompt_length, or on CUDA keep model.quantization=auto")
 def run_evaluation(
     params: dict[str, Any],
@@ -90,9 +133,7 @@ def run_evaluation(
     """Evaluate the base model (or base + adapter) on the test split and write all three outputs."""
     gen, ev, prefix = params["generation"], params["eval"], params["prompt"]["answer_prefix"]
     examples = read_jsonl(test_path)
-    hardware = resolve_hardware(params["model"]["quantization"], params["model"]["dtype"])
-    tokenizer = load_tokenizer(base_dir, padding_side="left")
-    model = load_model(base_dir, hardware, adapter_dir)
+    model, tokenizer, hardware = _setup_model(params["model"], base_dir, adapter_dir)
     log.info("%s: %d test questions on %s%s", label, len(examples), hardware.device,
              " (4-bit nf4 base)" if hardware.quantize_4bit else "")
 
@@ -100,40 +141,17 @@ def run_evaluation(
     generations, loglik, target_loglik, target_tokens = answer_and_score(
         model, tokenizer, examples, prompts, prefix, gen, ev["batch_size"], desc=f"{label}: generating and scoring"
     )
-    probs = choice_probabilities(loglik)
-    del model
+    del model  # BERTScore loads its own model next
 
     answers = [long_answer_part(g, prefix) for g in generations]
-    references = [ex["long_answer"] for ex in examples]
-    per_item = metrics.rouge_scores(answers, references)
-    log.info("%s: BERTScore with %s", label, ev["bertscore_model"])
-    per_item["bertscore_f1"] = metrics.bertscore_f1(
-        answers, references, ev["bertscore_model"], ev["bertscore_num_layers"], ev["batch_size"]
-    )
+    scores = _text_scores(answers, [ex["long_answer"] for ex in examples], ev, label)
     rows = [
-        {
-            "pmid": ex["pmid"],
-            "prompt_id": ex["prompt_id"],
-            "question": ex["question"],
-            "reference": ex["long_answer"],
-            "reference_decision": ex["final_decision"],
-            "generation": generation,
-            "answer": answer,
-            "decision_generated": parse_decision(generation, prefix),
-            "decision_choice": DECISIONS[int(np.argmax(row_probs))],
-            "choice_probs": {d: round(float(p), 6) for d, p in zip(DECISIONS, row_probs)},
-            "answer_nll": -float(ll),
-            "answer_tokens": n_tokens,
-            **{k: round(float(v[i]), 6) for k, v in per_item.items()},
-        }
-        for i, (ex, generation, answer, row_probs, ll, n_tokens) in enumerate(
-            zip(examples, generations, answers, probs, target_loglik, target_tokens)
-        )
+        _prediction_row(ex, generations[i], answers[i], probs, target_loglik[i], target_tokens[i],
+                        {k: v[i] for k, v in scores.items()}, prefix)
+        for i, (ex, probs) in enumerate(zip(examples, choice_probabilities(loglik)))
     ]
     result = metrics.summarize(metrics.table_from_rows(rows), ev["bootstrap"], ev["seed"])
-    write_jsonl(predictions_path, rows)
-    write_json(official_path, {r["pmid"]: r["decision_choice"] for r in rows})
-    write_json(metrics_path, result)
+    _write_outputs(rows, result, predictions_path, official_path, metrics_path)
     log.info(
         "%s: choice accuracy %.3f, parsed accuracy %.3f, ROUGE-L %.3f, BERTScore F1 %.3f, perplexity %.2f",
         label, result["decision"]["choice"]["accuracy"], result["decision"]["generated"]["accuracy"],

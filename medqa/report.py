@@ -79,17 +79,21 @@ def examples_table(baseline_rows: list[dict], finetuned_rows: list[dict], n: int
     return "\n".join(parts)
 
 
+def describe_run(model_name: str, lora: dict, split_strategy: str) -> str:
+    """What was compared, for the report's first line."""
+    return f"Model `{model_name}`, LoRA r={lora['r']} alpha={lora['alpha']}, split `{split_strategy}`"
+
+
 def render_report(
     baseline: dict, finetuned: dict, differences: dict[str, tuple[float, float, float]], train: dict,
-    baseline_rows: list[dict], finetuned_rows: list[dict], params: dict, loss_png: str,
+    baseline_rows: list[dict], finetuned_rows: list[dict], run: str, n_examples: int, loss_png: str,
 ) -> str:
-    """The whole report as Markdown."""
+    """The whole report as Markdown; `run` is `describe_run`'s line."""
     table = metrics_table(baseline, finetuned, differences).to_markdown(index=False, disable_numparse=True)
     decision = baseline["decision"]
     return (
         "# PubMedQA: base vs fine-tuned\n\n"
-        f"Model `{params['model']['name']}`, LoRA r={params['lora']['r']} alpha={params['lora']['alpha']}, "
-        f"{baseline['n_questions']} test questions (split `{params['split']['strategy']}`). "
+        f"{run}, {baseline['n_questions']} test questions. "
         "Brackets: 95% bootstrap confidence intervals; for the change, the paired bootstrap interval of "
         "fine-tuned minus baseline on the same questions (an interval that excludes 0 is a real change "
         "at that level). *Choice*: the decision with the highest "
@@ -105,5 +109,5 @@ def render_report(
         f"{train['train_runtime_s']} s.\n\n"
         f"![loss curves]({loss_png})\n\n"
         "## Example answers\n\n"
-        f"{examples_table(baseline_rows, finetuned_rows, params['report']['n_examples'])}"
+        f"{examples_table(baseline_rows, finetuned_rows, n_examples)}"
     )

@@ -264,6 +264,8 @@ def training_arguments(tp: dict, hardware: Hardware, output_dir: Path) -> Any:
         gradient_accumulation_steps=tp["grad_accum"],
         learning_rate=tp["learning_rate"],
         weight_decay=tp["weight_decay"],
+        # transformers 5 reads a warmup_steps value below 1 as a fraction of the total steps (its
+        # warmup_ratio argument is gone); train.warmup_ratio is validated to be in [0, 1).
         warmup_steps=tp["warmup_ratio"],
         lr_scheduler_type=tp["scheduler"],
         optim=_optimizer(tp["optim"], hardware),

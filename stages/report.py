@@ -5,7 +5,7 @@ from medqa.io import read_json, read_jsonl, write_text
 from medqa.metrics import paired_differences, table_from_rows
 from medqa.params import load_params
 from medqa.plots import plot_losses
-from medqa.report import render_report
+from medqa.report import describe_run, render_report
 
 
 @stage_main
@@ -19,7 +19,9 @@ def main() -> None:
     plot_losses(paths.LIVE_DIR, paths.LOSS_PNG)
     text = render_report(
         read_json(base["metrics_path"]), read_json(tuned["metrics_path"]), differences,
-        read_json(paths.TRAIN_METRICS), base_rows, tuned_rows, params, paths.LOSS_PNG.name,
+        read_json(paths.TRAIN_METRICS), base_rows, tuned_rows,
+        describe_run(params["model"]["name"], params["lora"], params["split"]["strategy"]),
+        params["report"]["n_examples"], paths.LOSS_PNG.name,
     )
     write_text(paths.REPORT, text)
     print(f"report: {paths.REPORT}")
