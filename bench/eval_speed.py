@@ -21,10 +21,9 @@ from medqa import paths
 from medqa.evaluation import answer_and_score
 from medqa.generation import generate
 from medqa.io import read_jsonl
-from medqa.prompts import parse_decision
 from medqa.models import load_model, load_tokenizer, resolve_hardware
 from medqa.params import load_params
-from medqa.prompts import fit_prompt
+from medqa.prompts import fit_prompt, parse_decision
 
 
 def main() -> None:

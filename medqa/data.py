@@ -155,6 +155,11 @@ def load_records(source: str) -> list[Record]:
     return _load_file(path)
 
 
+def _test_labels(raw: dict) -> dict[str, str]:
+    """{pmid: decision} with string ids and normalised decisions, whichever place it came from."""
+    return {str(k): _normal_decision(v) for k, v in raw.items()}
+
+
 def load_test_labels(source: str, url: str | None) -> dict[str, str] | None:
     """The official test split {pmid: decision}: from the source directory, else from `url`.
 
@@ -163,14 +168,14 @@ def load_test_labels(source: str, url: str | None) -> dict[str, str] | None:
     if Path(source).expanduser().is_dir():
         local = Path(source).expanduser() / TEST_FILE
         if local.exists():
-            return {str(k): _normal_decision(v) for k, v in _read_json_file(local).items()}
+            return _test_labels(_read_json_file(local))
     if not url:
         return None
     if Path(url).expanduser().exists():
-        return {str(k): _normal_decision(v) for k, v in _read_json_file(Path(url).expanduser()).items()}
+        return _test_labels(_read_json_file(Path(url).expanduser()))
     try:
         with urllib.request.urlopen(url, timeout=30) as resp:
-            return {str(k): _normal_decision(v) for k, v in json.load(resp).items()}
+            return _test_labels(json.load(resp))
     except Exception as exc:
         log.warning("could not fetch the official test split from %s (%s)", url, exc)
         return None

@@ -18,7 +18,6 @@ from medqa.prompts import NO_DECISION
 
 log = logging.getLogger(__name__)
 
-NONE = NO_DECISION
 
 
 def resolve_bertscore_model(name: str) -> str:
@@ -80,7 +79,7 @@ def _bleu_from_stats(stats: np.ndarray) -> float:
 
 
 Table = dict[str, np.ndarray]
-CODES = {label: i for i, label in enumerate(list(DECISIONS) + [NONE])}
+CODES = {label: i for i, label in enumerate(list(DECISIONS) + [NO_DECISION])}
 LABEL_IDS = list(range(len(DECISIONS)))
 
 
@@ -91,7 +90,7 @@ def table_from_rows(rows: Sequence[dict]) -> Table:
     return {
         "truth": np.array([CODES[r["reference_decision"]] for r in rows]),
         "choice": np.array([CODES[r["decision_choice"]] for r in rows]),
-        "generated": np.array([CODES.get(r["decision_generated"], CODES[NONE]) for r in rows]),
+        "generated": np.array([CODES.get(r["decision_generated"], CODES[NO_DECISION]) for r in rows]),
         **{k: np.array([r[k] for r in rows], dtype=float) for k in ("rouge1", "rouge2", "rougeL", "bertscore_f1")},
         "nll": np.array([r["answer_nll"] for r in rows], dtype=float),
         "n_tokens": np.array([r["answer_tokens"] for r in rows], dtype=float),
@@ -159,7 +158,7 @@ def _decision_details(table: Table, col: str) -> dict:
     matrix = confusion_matrix(t, p, labels=list(CODES.values()))
     return {
         **{f"f1_{label}": float(v) for label, v in zip(DECISIONS, per_class)},
-        "none_rate": float(np.mean(p == CODES[NONE])),
+        "none_rate": float(np.mean(p == CODES[NO_DECISION])),
         "confusion": {truth: {pred: int(matrix[i, j]) for pred, j in CODES.items()} for i, truth in enumerate(DECISIONS)},
     }
 
@@ -182,18 +181,17 @@ def summarize(table: Table, n_resamples: int, seed: int) -> dict:
 def trivial_baselines(truth: np.ndarray) -> dict:
     """What the test questions' labels alone give: their distribution, and the scores of always
     answering the most frequent decision (the majority-class predictor) on the same questions."""
-    from sklearn.metrics import f1_score
-
     counts = np.bincount(truth, minlength=len(DECISIONS))[: len(DECISIONS)]
     majority = int(np.argmax(counts))
-    constant = np.full_like(truth, majority)
+    # Scored by the same statistics as the models' choices, with the constant answer as the choice.
+    table = {"truth": truth, "choice": np.full_like(truth, majority)}
+    every = np.arange(len(truth))
     return {
         "labels": {d: int(c) for d, c in zip(DECISIONS, counts)},
         "majority": {
             "decision": DECISIONS[majority],
-            "accuracy": float(np.mean(truth == majority)),
-            **{f"{avg}_f1": float(f1_score(truth, constant, labels=LABEL_IDS, average=avg, zero_division=0))
-               for avg in ("macro", "weighted")},
+            **{stat: STATISTICS[f"decision.choice.{stat}"](table, every)
+               for stat in ("accuracy", "macro_f1", "weighted_f1")},
         },
     }
 

@@ -5,6 +5,7 @@ import hashlib
 import re
 from typing import Any
 
+from medqa.data import DECISIONS
 from medqa.errors import PipelineError
 from medqa.models import get_profile
 
@@ -36,12 +37,15 @@ def target_text(long_answer: str, decision: str, answer_prefix: str, decision_fi
     return " ".join(reversed(parts) if decision_first else parts)
 
 
+_ALTERNATIVES = "|".join(map(re.escape, DECISIONS))  # the decision words, as a regex alternation
+
+
 def _sentence_pattern(answer_prefix: str) -> re.Pattern:
     """The answer prefix and the decision word and full stop after it, when they are there."""
-    return re.compile(re.escape(answer_prefix) + r"(?:\s*(?:yes|no|maybe)\b\.?)?", re.IGNORECASE)
+    return re.compile(re.escape(answer_prefix) + rf"(?:\s*(?:{_ALTERNATIVES})\b\.?)?", re.IGNORECASE)
 
 
-_WORD = re.compile(r"\b(yes|no|maybe)\b", re.IGNORECASE)
+_WORD = re.compile(rf"\b({_ALTERNATIVES})\b", re.IGNORECASE)
 
 
 def parse_decision(text: str, answer_prefix: str) -> str:
