@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medqa.models import LLAMA_MODULES, PROFILES, get_profile
+from medqa.models import LLAMA_MODULES, PROFILES, get_profile, resolve_hardware
 from tests.conftest import write_official_dir
 from tests.test_pipeline import ALL_STAGES, ROOT, _run, _stages_run, make_repo
 
@@ -54,15 +54,16 @@ def test_a_local_model_directory_is_a_model_name(tmp_path, tokenizer):
         get_profile(str(tmp_path))
 
 
-def test_4bit_loads_nf4_on_the_cpu_and_auto_stays_unquantised(tmp_path, tokenizer):
+def test_4bit_loads_nf4_on_any_device_and_auto_is_4bit_on_cuda_only(tmp_path, tokenizer):
     import bitsandbytes as bnb
+    import torch
 
     from medqa.io import write_json
     from medqa.models import load_model, resolve_hardware
 
     stand_in = save_stand_in(tmp_path / "llama", "llama", tokenizer)
     write_json(stand_in / "source.json", {"hub_id": "stand-in", "weights": "local"})
-    assert not resolve_hardware("auto").quantize_4bit
+    assert resolve_hardware("auto").quantize_4bit == torch.cuda.is_available()  # auto: 4-bit on CUDA only
     model = load_model(stand_in, resolve_hardware("4bit"))
     layer = model.model.layers[0]
     assert isinstance(layer.self_attn.q_proj, bnb.nn.Linear4bit) and isinstance(layer.mlp.down_proj, bnb.nn.Linear4bit)
@@ -99,8 +100,9 @@ def test_the_gpu_profile_runs_end_to_end_on_a_4bit_stand_in(tmp_path, tokenizer,
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert set(config["target_modules"]) == set(LLAMA_MODULES) and config["lora_dropout"] == 0.05
     trained_on = json.loads((adapter / "trained_on.json").read_text())
-    assert trained_on == {"quantization": "nf4-double-quant", "dtype": "float32", "device": "cpu",
-                          "optim": "paged_adamw_8bit"}
+    hardware = resolve_hardware("4bit")  # the same test runs on a CUDA machine: bf16 there, fp32 here
+    assert trained_on == {"quantization": "nf4-double-quant", "dtype": str(hardware.dtype).removeprefix("torch."),
+                          "device": hardware.device, "optim": "paged_adamw_8bit"}
     predictions = (repo / "data/predictions/finetuned.jsonl").read_text().splitlines()
     assert len(predictions) == 3 and json.loads(predictions[0])["prompt_id"]
     assert "[INST]" in (repo / "data/formatted/examples.jsonl").read_text().splitlines()[0]
