@@ -4,7 +4,10 @@ Notebook way: one `generate` call per question, the decision parsed from the gen
 Stage way: what the eval stages run: `answer_and_score`, which prefills each prompt once, alone,
 shares its KV cache between choice scoring of the decision and the reference answer's likelihood
 (for perplexity), then decodes `eval.batch_size` prompts together from their stacked caches. It does
-more than the notebook way (two extra scores per question). Greedy generations must be identical.
+more than the notebook way (three extra scores per question: the direct choice, the reference's
+likelihood, and the choice after the generated answer). Greedy generations must be identical.
+The added cost of the after_answer and calibrated decision protocols is measured against the
+stage way without them, on the same questions.
 
     python -m bench.eval_speed [--questions 32] [--batch-size 8] [--max-new-tokens 96]
 
@@ -18,12 +21,13 @@ import time
 import torch
 
 from medqa import paths
-from medqa.evaluation import answer_and_score
-from medqa.generation import generate
+from medqa.answers import decision_options, parse_decision
+from medqa.evaluation import answer_and_score, content_free_prior
+from medqa.generation import generate, generate_and_score
 from medqa.io import read_jsonl
 from medqa.models import load_model, load_tokenizer, resolve_hardware
 from medqa.params import load_params
-from medqa.prompts import fit_prompt, parse_decision
+from medqa.prompts import fit_prompt
 
 
 def main() -> None:
@@ -54,15 +58,31 @@ def main() -> None:
 
     greedy = {"max_new_tokens": max_new, "temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0, "seed": 0}
     start = time.perf_counter()
-    batched, _, _, _ = answer_and_score(model, tokenizer, examples, prompts, prefix, greedy, batch_size, desc="stage")
+    batched = answer_and_score(model, tokenizer, examples, prompts, prefix, greedy, batch_size, desc="stage").generations
     stage_s = time.perf_counter() - start
+
+    # The same pass without after_answer scoring, and the calibration prior on its own.
+    start = time.perf_counter()
+    generate_and_score(
+        model, tokenizer, prompts, choice_prefix=tokenizer(prefix, add_special_tokens=False)["input_ids"],
+        options=decision_options(tokenizer, prefix),
+        targets=[tokenizer(ex["target"], add_special_tokens=False)["input_ids"] for ex in examples],
+        batch_size=batch_size, desc="stage without after_answer", **greedy,
+    )
+    without_s = time.perf_counter() - start
+    start = time.perf_counter()
+    content_free_prior(model, tokenizer, params["prompt"], params["model"]["name"])
+    prior_s = time.perf_counter() - start
 
     same = sum(a == b for a, b in zip(notebook, batched))
     n = len(prompts)
     print(f"notebook way: {n / notebook_s:.3f} questions/s ({notebook_s:.1f} s)")
-    print(f"stage way:    {n / stage_s:.3f} questions/s ({stage_s:.1f} s, batch {batch_size}, with choice scoring "
-          "and reference likelihood)")
+    print(f"stage way:    {n / stage_s:.3f} questions/s ({stage_s:.1f} s, batch {batch_size}, with choice scoring, "
+          "reference likelihood and after_answer scoring)")
     print(f"ratio:        {notebook_s / stage_s:.2f}x")
+    added = stage_s - without_s + prior_s
+    print(f"after_answer + calibration: {stage_s - without_s:+.1f} s + {prior_s:.1f} s = {100 * added / without_s:+.1f}% "
+          f"of the stage way without them ({without_s:.1f} s)")
     print(f"identical greedy generations: {same}/{n}; parsed decisions found by the notebook way: "
           f"{sum(d != 'none' for d in notebook_decisions)}/{n}")
     assert same == n, "batched greedy generations differ from one-by-one generations"

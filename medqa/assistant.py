@@ -14,9 +14,9 @@ from typing import Any, Iterator
 
 import torch
 
-from medqa.data import DECISIONS
+from medqa.answers import DECISIONS, choice_probabilities
 from medqa.errors import PipelineError
-from medqa.evaluation import choice_probabilities, score_decisions
+from medqa.evaluation import score_after_answers, score_decisions
 from medqa.generation import generation_options, model_device
 from medqa.models import load_model, load_tokenizer, read_source, resolve_hardware
 from medqa.prompts import fit_prompt, join_contexts, prompt_format, user_message
@@ -126,10 +126,14 @@ class Assistant:
         with self.lock, (nullcontext() if enabled else self.model.disable_adapter()):
             yield
 
-    def decision_probabilities(self, prompt: list[int], adapter: bool) -> dict[str, float]:
-        """P(yes/no/maybe) by choice scoring after the answer prefix, as the eval stages score them."""
+    def decision_probabilities(self, prompt: list[int], adapter: bool, answer: str | None = None) -> dict[str, float]:
+        """P(yes/no/maybe) as the eval stages score them: straight after the prompt and the answer prefix
+        (`choice`), or, given the model's `answer`, after it and the prefix (`after_answer`)."""
         with self._adapter(adapter):
-            loglik = score_decisions(self.model, self.tokenizer, [prompt], self.answer_prefix, 1, desc=None)
+            if answer is None:
+                loglik = score_decisions(self.model, self.tokenizer, [prompt], self.answer_prefix, 1, desc=None)
+            else:
+                loglik = score_after_answers(self.model, self.tokenizer, [prompt], [answer], self.answer_prefix, 1)
         return dict(zip(DECISIONS, choice_probabilities(loglik)[0].tolist()))
 
     def stream(self, prompt: list[int], settings: GenerationSettings, adapter: bool) -> Iterator[str]:

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 from medqa import paths
 from medqa.assistant import Assistant, GenerationSettings
-from medqa.data import DECISIONS
+from medqa.answers import DECISIONS
 from medqa.errors import PipelineError, command_main
 from medqa.io import read_jsonl
 from medqa.params import load_params
@@ -34,11 +34,18 @@ def load_test_questions(path: str | Path) -> dict[str, dict]:
     return {ex["pmid"]: ex for ex in read_jsonl(path)} if Path(path).exists() else {}
 
 
-def decision_markdown(probs: dict[str, float]) -> str:
-    """The chosen decision in bold, then the three probabilities."""
-    best = max(probs, key=probs.get)  # type: ignore[arg-type]
-    shown = " · ".join(f"{d} {probs[d]:.2f}" for d in DECISIONS)
-    return f"Choice-scored decision: **{best}** ({shown})"
+def _probabilities(probs: dict[str, float]) -> str:
+    return " · ".join(f"{d} {probs[d]:.2f}" for d in DECISIONS)
+
+
+def decision_markdown(direct: dict[str, float], after: dict[str, float] | None = None) -> str:
+    """The decision read after the model's streamed answer (`after_answer`, the pane's decision) in
+    bold, with the direct choice (straight after the question, the published protocol) beside it;
+    only the direct choice while the answer is still streaming."""
+    choice = f"straight after the question (choice): {max(direct, key=direct.get)} ({_probabilities(direct)})"
+    if after is None:
+        return f"Decision after its answer: *(when the answer is complete)* · {choice}"
+    return f"Decision after its answer: **{max(after, key=after.get)}** ({_probabilities(after)}) · {choice}"
 
 
 def reference_markdown(example: dict | None) -> str:
@@ -53,13 +60,18 @@ def compare_answers(
 ) -> Iterator[tuple[str, str, str, str]]:
     """(base answer, base decision, fine-tuned answer, fine-tuned decision), updated as tokens stream in."""
     prompt = assistant.question_prompt(question, context)
-    base_decision = decision_markdown(assistant.decision_probabilities(prompt, adapter=False))
-    tuned_decision = decision_markdown(assistant.decision_probabilities(prompt, adapter=True))
+    base_direct = assistant.decision_probabilities(prompt, adapter=False)
+    tuned_direct = assistant.decision_probabilities(prompt, adapter=True)
+    base_decision, tuned_decision = decision_markdown(base_direct), decision_markdown(tuned_direct)
     base = ""
     for base in assistant.stream(prompt, settings, adapter=False):
         yield base, base_decision, "", tuned_decision
+    base_decision = decision_markdown(base_direct, assistant.decision_probabilities(prompt, False, answer=base))
+    tuned = ""
     for tuned in assistant.stream(prompt, settings, adapter=True):
         yield base, base_decision, tuned, tuned_decision
+    tuned_decision = decision_markdown(tuned_direct, assistant.decision_probabilities(prompt, True, answer=tuned))
+    yield base, base_decision, tuned, tuned_decision
 
 
 def chat_reply(

@@ -8,11 +8,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
+from medqa.answers import DECISIONS
 from medqa.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-DECISIONS = ("yes", "no", "maybe")
 ORIGINAL_FILE = "ori_pqal.json"
 TEST_FILE = "test_ground_truth.json"
 

@@ -7,20 +7,15 @@ from typing import Any
 
 import numpy as np
 
-from medqa import metrics
-from medqa.data import DECISIONS
+from medqa import answers, metrics
+from medqa.answers import DECISIONS
 from medqa.errors import explain_out_of_memory
-from medqa.generation import continuation_ids, generate_and_score, score_choices
+from medqa.generation import ScoredAnswers, generate_and_score, score_choices
 from medqa.io import read_jsonl, write_json, write_jsonl
 from medqa.models import load_model, load_tokenizer, resolve_hardware
-from medqa.prompts import fit_prompt, long_answer_part, parse_decision
+from medqa.prompts import content_free_prompts, fit_prompt, prompt_format
 
 log = logging.getLogger(__name__)
-
-
-def decision_options(tokenizer: Any, answer_prefix: str) -> list[list[int]]:
-    """The tokens of " yes", " no", " maybe" in context after the answer prefix, as the target spells them."""
-    return [continuation_ids(tokenizer, answer_prefix, f" {d}") for d in DECISIONS]
 
 
 def score_decisions(
@@ -29,7 +24,22 @@ def score_decisions(
     """Log-likelihood of " yes", " no", " maybe" after each prompt and the answer prefix, shape (n, 3)."""
     prefix_ids = tokenizer(answer_prefix, add_special_tokens=False)["input_ids"]
     return np.array(score_choices(
-        model, [p + prefix_ids for p in prompts], decision_options(tokenizer, answer_prefix),
+        model, [p + prefix_ids for p in prompts], answers.decision_options(tokenizer, answer_prefix),
+        pad_id=tokenizer.pad_token_id, batch_size=batch_size, desc=desc,
+    ))
+
+
+def score_after_answers(
+    model: Any, tokenizer: Any, prompts: list[list[int]], generations: list[str], answer_prefix: str,
+    batch_size: int, desc: str | None = None,
+) -> np.ndarray:
+    """Log-likelihood of " yes", " no", " maybe" after each prompt, its generated answer and the answer
+    prefix (`answers.after_answer_context`), read from scratch, shape (n, 3). The eval stages get the
+    same numbers from the generation's cache (`generate_and_score`); the chat app uses this."""
+    followups = [tokenizer(answers.after_answer_context(g, answer_prefix), add_special_tokens=False)["input_ids"]
+                 for g in generations]
+    return np.array(score_choices(
+        model, [p + f for p, f in zip(prompts, followups)], answers.decision_options(tokenizer, answer_prefix),
         pad_id=tokenizer.pad_token_id, batch_size=batch_size, desc=desc,
     ))
 
@@ -52,28 +62,35 @@ def validation_decisions(
     }
 
 
-def choice_probabilities(loglik: np.ndarray) -> np.ndarray:
-    """The options' log-likelihoods, shape (n, 3), normalised to probabilities over the three decisions."""
-    probs = np.exp(loglik - loglik.max(axis=1, keepdims=True))
-    return probs / probs.sum(axis=1, keepdims=True)
-
-
 def answer_and_score(
     model: Any, tokenizer: Any, examples: list[dict], prompts: list[list[int]], answer_prefix: str,
     generation: dict[str, Any], batch_size: int, desc: str | None,
-) -> tuple[list[str], np.ndarray, list[float], list[int]]:
+) -> ScoredAnswers:
     """The eval stages' pass over the test questions, one prefill per prompt: the generated answers,
-    the log-likelihoods of " yes", " no", " maybe" after the answer prefix (n, 3), and the summed
-    log-likelihood and token count of each reference target."""
+    the log-likelihoods of " yes", " no", " maybe" after the answer prefix, those after the model's
+    own answer and the prefix (`after_answer`), and the summed log-likelihood of each reference target."""
     targets = [tokenizer(ex["target"], add_special_tokens=False)["input_ids"] for ex in examples]
-    generations, choice_loglik, target_loglik = generate_and_score(
+
+    def followup(text: str) -> list[int]:
+        return tokenizer(answers.after_answer_context(text, answer_prefix), add_special_tokens=False)["input_ids"]
+
+    return generate_and_score(
         model, tokenizer, prompts, choice_prefix=tokenizer(answer_prefix, add_special_tokens=False)["input_ids"],
-        options=decision_options(tokenizer, answer_prefix), targets=targets, batch_size=batch_size,
+        options=answers.decision_options(tokenizer, answer_prefix), targets=targets, batch_size=batch_size,
         max_new_tokens=generation["max_new_tokens"], temperature=generation["temperature"],
         top_p=generation["top_p"], repetition_penalty=generation["repetition_penalty"], seed=generation["seed"],
-        desc=desc,
+        followup=followup, desc=desc,
     )
-    return generations, np.array(choice_loglik), target_loglik, [len(t) for t in targets]
+
+
+def content_free_prior(model: Any, tokenizer: Any, prompt: dict[str, Any], model_name: str) -> np.ndarray:
+    """This model's option probabilities for prompts with no content (`answers.CONTENT_FREE` as the
+    question and the context), averaged: what `calibrated` divides out."""
+    fmt = prompt_format(tokenizer, prompt, model_name)
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"]
+           for p in content_free_prompts(fmt, prompt["system"], answers.CONTENT_FREE)]
+    loglik = score_decisions(model, tokenizer, ids, prompt["answer_prefix"], len(ids), desc=None)
+    return answers.content_free_prior(loglik)
 
 
 def _setup_model(model_params: dict, base_dir: str | Path, adapter_dir: str | Path | None) -> tuple[Any, Any, Any]:
@@ -82,18 +99,45 @@ def _setup_model(model_params: dict, base_dir: str | Path, adapter_dir: str | Pa
     return load_model(base_dir, hardware, adapter_dir), load_tokenizer(base_dir, padding_side="left"), hardware
 
 
-def _text_scores(answers: list[str], references: list[str], ev: dict, label: str) -> dict[str, list[float]]:
-    """Per question: ROUGE-1/2/L and BERTScore F1 of the generated long answer against the reference."""
-    scores = metrics.rouge_scores(answers, references)
+def _text_scores(long_answers: list[str], references: list[str], ev: dict, label: str) -> dict[str, list[float]]:
+    """Per question: ROUGE-1/2/L, token F1 and BERTScore F1 of the generated long answer against the reference."""
+    scores = metrics.rouge_scores(long_answers, references)
+    scores["token_f1"] = metrics.token_f1(long_answers, references)
     log.info("%s: BERTScore with %s", label, ev["bertscore_model"])
     scores["bertscore_f1"] = metrics.bertscore_f1(
-        answers, references, ev["bertscore_model"], ev["bertscore_num_layers"], ev["batch_size"]
+        long_answers, references, ev["bertscore_model"], ev["bertscore_num_layers"], ev["batch_size"]
     )
     return scores
 
 
-def _prediction_row(ex: dict, generation: str, answer: str, probs: np.ndarray, target_loglik: float,
-                    target_tokens: int, scores: dict[str, float], answer_prefix: str) -> dict:
+def _rounded(probs: np.ndarray) -> dict[str, float]:
+    return {d: round(float(p), 6) for d, p in zip(DECISIONS, probs)}
+
+
+def _decision_columns(scored: ScoredAnswers, prior: np.ndarray, answer_prefix: str) -> list[dict]:
+    """Per question, the decision of each protocol (see `answers.PROTOCOLS`) and the probabilities behind it."""
+    choice = answers.choice_probabilities(np.array(scored.choices))
+    calibrated = answers.calibrate(choice, prior)
+    after = answers.choice_probabilities(np.array(scored.after_answer))
+    return [
+        {
+            "decision_choice": DECISIONS[int(np.argmax(choice[i]))],
+            "choice_probs": _rounded(choice[i]),
+            "decision_generated": answers.parse_decision(generation, answer_prefix),
+            "decision_after_answer": DECISIONS[int(np.argmax(after[i]))],
+            "after_answer_probs": _rounded(after[i]),
+            # Which text the after_answer options followed: the generation up to its own answer
+            # prefix, or all of it (no prefix in it) and then the prefix.
+            "after_answer_at": "its answer prefix" if answer_prefix.lower() in generation.lower() else "its end",
+            "decision_calibrated": DECISIONS[int(np.argmax(calibrated[i]))],
+            "calibrated_probs": _rounded(calibrated[i]),
+        }
+        for i, generation in enumerate(scored.generations)
+    ]
+
+
+def _prediction_row(ex: dict, generation: str, long_answer: str, decisions: dict, target_loglik: float,
+                    target_tokens: int, scores: dict[str, float]) -> dict:
     """One line of the predictions file: the question, what the model said and how it scored."""
     return {
         "pmid": ex["pmid"],
@@ -102,10 +146,8 @@ def _prediction_row(ex: dict, generation: str, answer: str, probs: np.ndarray, t
         "reference": ex["long_answer"],
         "reference_decision": ex["final_decision"],
         "generation": generation,
-        "answer": answer,
-        "decision_generated": parse_decision(generation, answer_prefix),
-        "decision_choice": DECISIONS[int(np.argmax(probs))],
-        "choice_probs": {d: round(float(p), 6) for d, p in zip(DECISIONS, probs)},
+        "answer": long_answer,
+        **decisions,
         "answer_nll": -float(target_loglik),
         "answer_tokens": target_tokens,
         **{k: round(float(v), 6) for k, v in scores.items()},
@@ -115,7 +157,8 @@ def _prediction_row(ex: dict, generation: str, answer: str, probs: np.ndarray, t
 def _write_outputs(rows: list[dict], result: dict, predictions_path: str | Path, official_path: str | Path,
                    metrics_path: str | Path) -> None:
     write_jsonl(predictions_path, rows)
-    write_json(official_path, {r["pmid"]: r["decision_choice"] for r in rows})  # the official format
+    # The official format holds the published protocol's decisions: choice.
+    write_json(official_path, {r["pmid"]: r["decision_choice"] for r in rows})
     write_json(metrics_path, result)
 
 
@@ -138,23 +181,28 @@ def run_evaluation(
              " (4-bit nf4 base)" if hardware.quantize_4bit else "")
 
     prompts = [fit_prompt(ex, tokenizer, ev["max_prompt_length"]) for ex in examples]
-    generations, loglik, target_loglik, target_tokens = answer_and_score(
+    scored = answer_and_score(
         model, tokenizer, examples, prompts, prefix, gen, ev["batch_size"], desc=f"{label}: generating and scoring"
     )
+    prior = content_free_prior(model, tokenizer, params["prompt"], params["model"]["name"])
     del model  # BERTScore loads its own model next
 
-    answers = [long_answer_part(g, prefix) for g in generations]
-    scores = _text_scores(answers, [ex["long_answer"] for ex in examples], ev, label)
+    long_answers = [answers.long_answer_part(g, prefix) for g in scored.generations]
+    scores = _text_scores(long_answers, [ex["long_answer"] for ex in examples], ev, label)
+    target_tokens = [len(tokenizer(ex["target"], add_special_tokens=False)["input_ids"]) for ex in examples]
     rows = [
-        _prediction_row(ex, generations[i], answers[i], probs, target_loglik[i], target_tokens[i],
-                        {k: v[i] for k, v in scores.items()}, prefix)
-        for i, (ex, probs) in enumerate(zip(examples, choice_probabilities(loglik)))
+        _prediction_row(ex, scored.generations[i], long_answers[i], decisions, scored.target_loglik[i],
+                        target_tokens[i], {k: v[i] for k, v in scores.items()})
+        for i, (ex, decisions) in enumerate(zip(examples, _decision_columns(scored, prior, prefix)))
     ]
     result = metrics.summarize(metrics.table_from_rows(rows), ev["bootstrap"], ev["seed"])
+    result["decision"]["calibrated"]["content_free_prior"] = _rounded(prior)
     _write_outputs(rows, result, predictions_path, official_path, metrics_path)
     log.info(
-        "%s: choice accuracy %.3f, parsed accuracy %.3f, ROUGE-L %.3f, BERTScore F1 %.3f, perplexity %.2f",
-        label, result["decision"]["choice"]["accuracy"], result["decision"]["generated"]["accuracy"],
-        result["text"]["rougeL"], result["text"]["bertscore_f1"], result["text"]["perplexity"],
+        "%s: decision accuracy choice %.3f, after answer %.3f, calibrated %.3f, parsed %.3f; ROUGE-L %.3f, "
+        "token F1 %.3f, BERTScore F1 %.3f, perplexity %.2f",
+        label, *(result["decision"][p]["accuracy"] for p in ("choice", "after_answer", "calibrated", "generated")),
+        result["text"]["rougeL"], result["text"]["token_f1"], result["text"]["bertscore_f1"],
+        result["text"]["perplexity"],
     )
     return result

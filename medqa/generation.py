@@ -1,7 +1,8 @@
 """Batched inference: left-padded greedy/sampled generation and log-likelihood scoring."""
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -104,15 +105,6 @@ def generate(
     return outputs
 
 
-def continuation_ids(tokenizer: Any, context: str, continuation: str) -> list[int]:
-    """Token ids that `continuation` adds after `context`, tokenised together (as lm-eval does)."""
-    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    full = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    if full[: len(ctx)] != ctx:  # the join merged tokens: fall back to separate tokenisation
-        return tokenizer(continuation, add_special_tokens=False)["input_ids"]
-    return full[len(ctx) :]
-
-
 @torch.inference_mode()
 def continuation_logprobs(
     model: Any,
@@ -167,6 +159,27 @@ def score_choices(
     return scores
 
 
+def _extension_logprobs(model: Any, cache: Any, prompt: Sequence[int], tokens: Sequence[int], keep: int) -> torch.Tensor:
+    """Log-probabilities at the last `keep` positions of the prompt's last token + `tokens`, read
+    from `cache` (which holds the prompt but its last token); the cache is cropped back after."""
+    ids = torch.tensor([list(prompt[-1:]) + list(tokens)], device=model_device(model))
+    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=keep).logits[0]
+    cache.crop(len(prompt) - 1 - cache.get_seq_length())
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _option_logliks(
+    model: Any, cache: Any, prompt: Sequence[int], prefix: Sequence[int], options: Sequence[Sequence[int]]
+) -> list[float]:
+    """The log-likelihood of each option after the prompt (in `cache`) and `prefix`."""
+    if all(len(o) == 1 for o in options):  # one extension by the prefix: its last position predicts them all
+        last = _extension_logprobs(model, cache, prompt, prefix, keep=1)[-1]
+        return [last[o[0]].item() for o in options]
+    # Otherwise the last len(option) + 1 positions: all but the final one predict the option's tokens.
+    return [_logprob_sum(_extension_logprobs(model, cache, prompt, list(prefix) + list(o), keep=len(o) + 1)[: len(o)], o)
+            for o in options]
+
+
 def _prefill_and_score(
     model: Any, prompt: Sequence[int], choice_prefix: Sequence[int], options: Sequence[Sequence[int]],
     target: Sequence[int],
@@ -179,27 +192,29 @@ def _prefill_and_score(
     """
     from transformers import DynamicCache
 
-    device = model_device(model)
     cache = DynamicCache(config=model.config)
     if len(prompt) > 1:
-        model(input_ids=torch.tensor([list(prompt[:-1])], device=device), past_key_values=cache, use_cache=True,
-              logits_to_keep=1)
-
-    def extension_logprobs(tokens: Sequence[int], keep: int) -> torch.Tensor:
-        """Log-probabilities at the last `keep` positions of the prompt's last token + `tokens`."""
-        ids = torch.tensor([list(prompt[-1:]) + list(tokens)], device=device)
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=keep).logits[0]
-        cache.crop(len(prompt) - 1 - cache.get_seq_length())
-        return torch.log_softmax(logits.float(), dim=-1)
-
-    if all(len(o) == 1 for o in options):  # one extension by the prefix: its last position predicts them all
-        last = extension_logprobs(choice_prefix, keep=1)[-1]
-        choices = [last[o[0]].item() for o in options]
-    else:  # the last len(option) + 1 positions: all but the final one predict the option's tokens
-        choices = [_logprob_sum(extension_logprobs(list(choice_prefix) + list(o), keep=len(o) + 1)[: len(o)], o)
-                   for o in options]
-    target_loglik = _logprob_sum(extension_logprobs(target, keep=len(target) + 1)[: len(target)], target)
+        model(input_ids=torch.tensor([list(prompt[:-1])], device=model_device(model)), past_key_values=cache,
+              use_cache=True, logits_to_keep=1)
+    choices = _option_logliks(model, cache, prompt, choice_prefix, options)
+    target_loglik = _logprob_sum(_extension_logprobs(model, cache, prompt, target, keep=len(target) + 1)[: len(target)],
+                                 target)
     return cache, choices, target_loglik
+
+
+def _row_cache(model: Any, batched: Any, row: int, width: int, length: int) -> Any:
+    """Row `row`'s prompt (its last `length` cached positions before `width`, i.e. all of the prompt
+    but its last token) out of a batch's static cache, as a cache of its own. Decoding writes only
+    after `width`, so the prompt's keys and values are as the prefill left them."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    if batched is None or length == 0:  # a one-token prompt: nothing cached before its last token
+        return cache
+    for index, layer in enumerate(batched.layers):
+        cache.update(layer.keys[row : row + 1, :, width - length : width], layer.values[row : row + 1, :, width - length : width],
+                     index)
+    return cache
 
 
 def _batch_cache(model: Any, caches: Sequence[Any], width: int, max_new_tokens: int) -> Any:
@@ -219,6 +234,16 @@ def _batch_cache(model: Any, caches: Sequence[Any], width: int, max_new_tokens: 
     return batched
 
 
+@dataclass
+class ScoredAnswers:
+    """What `generate_and_score` returns, per prompt."""
+
+    generations: list[str]
+    choices: list[list[float]]  # each option's log-likelihood after the prompt and the choice prefix
+    target_loglik: list[float]  # the summed log-likelihood of the reference target
+    after_answer: list[list[float]]  # each option's log-likelihood after the prompt + followup(generation)
+
+
 @torch.inference_mode()
 def generate_and_score(
     model: Any,
@@ -234,31 +259,37 @@ def generate_and_score(
     top_p: float = 1.0,
     repetition_penalty: float = 1.0,
     seed: int = 0,
+    followup: Callable[[str], Sequence[int]] | None = None,
     desc: str | None = "generating",
-) -> tuple[list[str], list[list[float]], list[float]]:
-    """Per prompt: the generated answer, the log-likelihood of each option after `choice_prefix`, and
-    the summed log-likelihood of its reference `target` — reading each prompt once.
+) -> ScoredAnswers:
+    """Per prompt: the generated answer, the log-likelihood of each option after `choice_prefix`, the
+    summed log-likelihood of its reference `target` — reading each prompt once — and, with
+    `followup`, each option's log-likelihood after the prompt and `followup(generated text)`.
 
     Each prompt is prefilled alone (no compute spent on padding); choice scoring and the target's
     likelihood extend its KV cache by a few tokens and crop it back. Then `batch_size` prompts'
     caches are stacked, left-padded, into one static cache and decoded together, where batching
-    pays off. Gives the same generations as `generate` and the same scores as `score_choices` and
-    `continuation_logprobs` (up to floating-point rounding).
+    pays off. The followup is read on top of the prompt's keys and values in that static cache
+    (decoding writes only after them), so the prompt is not read again. Gives the same generations as
+    `generate` and the same scores as `score_choices` and `continuation_logprobs` (up to rounding).
     """
     gen_options = generation_options(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
                                      top_p=top_p, repetition_penalty=repetition_penalty)
-    generations: list[str] = [""] * len(prompts)
-    choices: list[list[float]] = [[] for _ in prompts]
-    target_loglik: list[float] = [0.0] * len(prompts)
+    out = ScoredAnswers([""] * len(prompts), [[] for _ in prompts], [0.0] * len(prompts), [[] for _ in prompts])
     for batch, ids, mask in _padded_batches(prompts, batch_size, tokenizer.pad_token_id, model_device(model), desc):
         caches = []
         for i in batch:
-            cache, choices[i], target_loglik[i] = _prefill_and_score(model, prompts[i], choice_prefix, options,
-                                                                     targets[i])
+            cache, out.choices[i], out.target_loglik[i] = _prefill_and_score(model, prompts[i], choice_prefix, options,
+                                                                             targets[i])
             caches.append(cache)
         width = ids.shape[1] - 1
         cache = _batch_cache(model, caches, width, max_new_tokens) if width else None
         del caches
         for i, text in zip(batch, _generate_batch(model, tokenizer, ids, mask, gen_options, seed, cache)):
-            generations[i] = text
-    return generations, choices, target_loglik
+            out.generations[i] = text
+        if followup is not None:
+            for row, i in enumerate(batch):
+                prompt_cache = _row_cache(model, cache, row, width, len(prompts[i]) - 1)
+                out.after_answer[i] = _option_logliks(model, prompt_cache, prompts[i], followup(out.generations[i]),
+                                                      options)
+    return out

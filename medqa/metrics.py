@@ -13,8 +13,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from medqa.data import DECISIONS
-from medqa.prompts import NO_DECISION
+from medqa.answers import DECISIONS, NO_DECISION, PROTOCOLS
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +64,19 @@ def bertscore_f1(
     return f1
 
 
+def token_f1(predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
+    """SQuAD token-overlap F1 per answer (lowercased, punctuation and articles removed, as the official
+    SQuAD script normalises), via torchmetrics' offline port of that script; in [0, 1]."""
+    from torchmetrics.functional.text import squad
+
+    def one(prediction: str, reference: str) -> float:
+        scores = squad([{"prediction_text": prediction, "id": "0"}],
+                       [{"answers": {"answer_start": [0], "text": [reference]}, "id": "0"}])
+        return float(scores["f1"]) / 100
+
+    return np.array([one(p, r) for p, r in zip(predictions, references)], dtype=float)
+
+
 def bleu_sentence_stats(predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
     """sacrebleu's per-sentence sufficient statistics; corpus BLEU of any subset is a function of their sum."""
     from sacrebleu.metrics import BLEU
@@ -79,6 +91,7 @@ def _bleu_from_stats(stats: np.ndarray) -> float:
 
 
 Table = dict[str, np.ndarray]
+TEXT_SCORES = ("rouge1", "rouge2", "rougeL", "token_f1", "bertscore_f1")  # per question, averaged
 CODES = {label: i for i, label in enumerate(list(DECISIONS) + [NO_DECISION])}
 LABEL_IDS = list(range(len(DECISIONS)))
 
@@ -89,9 +102,9 @@ def table_from_rows(rows: Sequence[dict]) -> Table:
     references = [r["reference"] for r in rows]
     return {
         "truth": np.array([CODES[r["reference_decision"]] for r in rows]),
-        "choice": np.array([CODES[r["decision_choice"]] for r in rows]),
-        "generated": np.array([CODES.get(r["decision_generated"], CODES[NO_DECISION]) for r in rows]),
-        **{k: np.array([r[k] for r in rows], dtype=float) for k in ("rouge1", "rouge2", "rougeL", "bertscore_f1")},
+        **{protocol: np.array([CODES.get(r[f"decision_{protocol}"], CODES[NO_DECISION]) for r in rows])
+           for protocol in PROTOCOLS},
+        **{k: np.array([r[k] for r in rows], dtype=float) for k in TEXT_SCORES},
         "nll": np.array([r["answer_nll"] for r in rows], dtype=float),
         "n_tokens": np.array([r["answer_tokens"] for r in rows], dtype=float),
         "bleu": bleu_sentence_stats(answers, references),
@@ -116,9 +129,9 @@ def _mean(col: str) -> Statistic:
 
 
 STATISTICS: dict[str, Statistic] = {
-    **{f"decision.{col}.accuracy": _accuracy(col) for col in ("choice", "generated")},
-    **{f"decision.{col}.{avg}_f1": _f1(col, avg) for col in ("choice", "generated") for avg in ("macro", "weighted")},
-    **{f"text.{col}": _mean(col) for col in ("rouge1", "rouge2", "rougeL", "bertscore_f1")},
+    **{f"decision.{col}.accuracy": _accuracy(col) for col in PROTOCOLS},
+    **{f"decision.{col}.{avg}_f1": _f1(col, avg) for col in PROTOCOLS for avg in ("macro", "weighted")},
+    **{f"text.{col}": _mean(col) for col in TEXT_SCORES},
     "text.bleu": lambda t, i: _bleu_from_stats(t["bleu"][i].sum(axis=0)),
     # Perplexity of the reference answers: exp of the mean negative log-likelihood per answer token.
     "text.perplexity": lambda t, i: float(np.exp(t["nll"][i].sum() / t["n_tokens"][i].sum())),
@@ -172,7 +185,7 @@ def summarize(table: Table, n_resamples: int, seed: int) -> dict:
         _set(out, name, statistic(table, np.arange(n)))
         _set(out, f"{name}_ci_low", low)
         _set(out, f"{name}_ci_high", high)
-    for col in ("choice", "generated"):
+    for col in PROTOCOLS:
         out["decision"][col].update(_decision_details(table, col))
     out["decision"].update(trivial_baselines(table["truth"]))
     return out

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from typing import Any
 
-from medqa.data import DECISIONS
+from medqa.answers import target_text
 from medqa.errors import PipelineError
 from medqa.models import get_profile
 
@@ -17,51 +16,6 @@ def user_message(question: str, contexts: list[str]) -> str:
 
 def join_contexts(contexts: list[str]) -> str:
     return " ".join(c.strip() for c in contexts if c and c.strip())
-
-
-NO_DECISION = "none"  # a generated answer from which no decision could be parsed
-
-
-def decision_sentence(decision: str, answer_prefix: str) -> str:
-    """The fixed sentence that states the decision: "<prefix> <decision>."."""
-    return f"{answer_prefix} {decision}."
-
-
-def target_text(long_answer: str, decision: str, answer_prefix: str, decision_first: bool = False) -> str:
-    """The answer the model learns: the long answer and the decision sentence, in either order.
-
-    Decision last is the reference runs' order; decision first puts the decision where choice
-    scoring reads it (right after the prompt and the answer prefix), so it is trained there.
-    """
-    parts = [long_answer.strip(), decision_sentence(decision, answer_prefix)]
-    return " ".join(reversed(parts) if decision_first else parts)
-
-
-_ALTERNATIVES = "|".join(map(re.escape, DECISIONS))  # the decision words, as a regex alternation
-
-
-def _sentence_pattern(answer_prefix: str) -> re.Pattern:
-    """The answer prefix and the decision word and full stop after it, when they are there."""
-    return re.compile(re.escape(answer_prefix) + rf"(?:\s*(?:{_ALTERNATIVES})\b\.?)?", re.IGNORECASE)
-
-
-_WORD = re.compile(rf"\b({_ALTERNATIVES})\b", re.IGNORECASE)
-
-
-def parse_decision(text: str, answer_prefix: str) -> str:
-    """The decision stated in a generated answer: the first yes/no/maybe word after the last answer
-    prefix if present, else the first in the text; "none" when there is none (scored as wrong)."""
-    lowered = text.lower()
-    start = lowered.rfind(answer_prefix.lower())
-    found = _WORD.search(lowered, start + len(answer_prefix)) if start >= 0 else None
-    found = found or _WORD.search(lowered)
-    return found.group(1) if found else NO_DECISION
-
-
-def long_answer_part(generation: str, answer_prefix: str) -> str:
-    """The generated text without its decision sentence(s), wherever they stand: what is compared
-    with the reference long answer. May be empty (an answer that is only the decision)."""
-    return " ".join(_sentence_pattern(answer_prefix).sub(" ", generation).split())
 
 
 def prompt_id(prompt: str) -> str:
@@ -166,6 +120,12 @@ def format_record(
         "target": target_text(record["long_answer"], record["final_decision"], answer_prefix, decision_first)
         + fmt.end_of_turn,
     }
+
+
+def content_free_prompts(fmt: PromptFormat, system: str, fillers: tuple[str, ...]) -> list[str]:
+    """The prompt with each filler as both the question and the context: what a model answers with
+    no content to go on (for contextual calibration)."""
+    return [fmt.prompt(system, user_message(filler, [filler])) for filler in fillers]
 
 
 def fit_prompt(example: dict, tokenizer: Any, budget: int) -> list[int]:

@@ -5,7 +5,7 @@ from typing import Any
 
 import pandas as pd
 
-from medqa.data import DECISIONS
+from medqa.answers import DECISIONS
 
 # (label, path in the metrics JSON) in the order the table shows them.
 REPORTED = [
@@ -15,6 +15,10 @@ REPORTED = [
     ("Decision accuracy: majority class, same questions", "decision.majority.accuracy"),
     ("Decision macro-F1: majority class, same questions", "decision.majority.macro_f1"),
     ("Decision weighted-F1: majority class, same questions", "decision.majority.weighted_f1"),
+    ("Decision accuracy (after answer)", "decision.after_answer.accuracy"),
+    ("Decision macro-F1 (after answer)", "decision.after_answer.macro_f1"),
+    ("Decision accuracy (calibrated)", "decision.calibrated.accuracy"),
+    ("Decision macro-F1 (calibrated)", "decision.calibrated.macro_f1"),
     ("Decision accuracy (parsed)", "decision.generated.accuracy"),
     ("Decision macro-F1 (parsed)", "decision.generated.macro_f1"),
     ("Decision weighted-F1 (parsed)", "decision.generated.weighted_f1"),
@@ -22,6 +26,7 @@ REPORTED = [
     ("ROUGE-1", "text.rouge1"),
     ("ROUGE-2", "text.rouge2"),
     ("ROUGE-L", "text.rougeL"),
+    ("Token F1 (SQuAD)", "text.token_f1"),
     ("BERTScore F1", "text.bertscore_f1"),
     ("BLEU", "text.bleu"),
     ("Reference-answer perplexity", "text.perplexity"),
@@ -62,6 +67,12 @@ def label_distribution(counts: dict[str, int]) -> str:
     return ", ".join(f"{label} {counts.get(label, 0)} ({counts.get(label, 0) / total:.0%})" for label in DECISIONS)
 
 
+def _decisions(row: dict) -> str:
+    return ", ".join(f"{label}: {row.get(f'decision_{key}')}" for label, key in
+                     (("choice", "choice"), ("after answer", "after_answer"), ("calibrated", "calibrated"),
+                      ("parsed", "generated")))
+
+
 def examples_table(baseline_rows: list[dict], finetuned_rows: list[dict], n: int) -> str:
     """The first `n` test questions with the reference and both models' answers, as Markdown sections."""
     tuned = {r["pmid"]: r for r in finetuned_rows}
@@ -71,12 +82,15 @@ def examples_table(baseline_rows: list[dict], finetuned_rows: list[dict], n: int
         parts.append(
             f"### PMID {row['pmid']}\n\n**Question:** {row['question']}\n\n"
             f"**Reference** ({row['reference_decision']}): {row['reference']}\n\n"
-            f"**Base** (choice: {row['decision_choice']}, parsed: {row['decision_generated']}): "
-            f"{row['generation'] or '(empty)'}\n\n"
-            f"**Fine-tuned** (choice: {other.get('decision_choice')}, parsed: {other.get('decision_generated')}): "
-            f"{other.get('generation') or '(empty)'}\n"
+            f"**Base** ({_decisions(row)}): {row['generation'] or '(empty)'}\n\n"
+            f"**Fine-tuned** ({_decisions(other)}): {other.get('generation') or '(empty)'}\n"
         )
     return "\n".join(parts)
+
+
+def _prior(result: dict) -> str:
+    prior = result["decision"]["calibrated"].get("content_free_prior", {})
+    return " · ".join(f"{d} {prior[d]:.2f}" for d in DECISIONS if d in prior) or "n/a"
 
 
 def describe_run(model_name: str, lora: dict, split_strategy: str) -> str:
@@ -96,11 +110,16 @@ def render_report(
         f"{run}, {baseline['n_questions']} test questions. "
         "Brackets: 95% bootstrap confidence intervals; for the change, the paired bootstrap interval of "
         "fine-tuned minus baseline on the same questions (an interval that excludes 0 is a real change "
-        "at that level). *Choice*: the decision with the highest "
-        "log-likelihood after the answer prefix; *parsed*: the decision found in the generated text "
-        "(none found counts as wrong). *Majority class*: always answering the test questions' most "
-        f"frequent decision ({decision['majority']['decision']!r}); a model that does not beat it has learned "
-        "nothing about the decisions.\n\n"
+        "at that level). Decision protocols: *choice*: the most likely of yes/no/maybe straight after the "
+        "prompt and the answer prefix (the published zero-shot protocol; the official-format predictions "
+        "file holds these); *after answer*: the same options after the model's own generated answer and "
+        "the prefix (the order the fine-tuning target teaches); *calibrated*: choice, with each option's "
+        "probability divided by the model's own probability for it on content-free prompts (its prior: "
+        f"base {_prior(baseline)}, fine-tuned {_prior(finetuned)}); *parsed*: the decision word found in the "
+        "generated text (none found counts as wrong). *Majority class*: always answering the test "
+        f"questions' most frequent decision ({decision['majority']['decision']!r}); a model that does not beat "
+        "it has learned nothing about the decisions. *Token F1*: SQuAD-style word overlap of the generated "
+        "long answer with the reference.\n\n"
         f"Test labels: {label_distribution(decision['labels'])}.\n\n"
         f"{table}\n\n"
         "## Training\n\n"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -139,7 +140,11 @@ def test_a_stream_abandoned_by_its_reader_frees_the_model(assistant):
 def test_compare_fills_both_sides_and_chat_keeps_the_conversation(assistant):
     *_, (base, base_decision, tuned, tuned_decision) = compare_answers(assistant, "Does it work?", "", GREEDY)
     assert base and tuned and base != tuned
-    assert "Choice-scored decision" in base_decision and "maybe" in tuned_decision
+    assert "Decision after its answer: **" in base_decision and "(choice)" in tuned_decision
+    # The pane's decision is the one read after the streamed answer, as the eval stages' after_answer reads it.
+    prompt = assistant.question_prompt("Does it work?", "")
+    after = assistant.decision_probabilities(prompt, adapter=True, answer=tuned)
+    assert f"**{max(after, key=after.get)}** (" in tuned_decision
     *_, history = chat_reply(assistant, [], "Hello?", GREEDY)
     assert [m["role"] for m in history] == ["user", "assistant"] and history[1]["content"]
     *_, history = chat_reply(assistant, history, "And then?", GREEDY)
@@ -223,7 +228,9 @@ def test_compare_in_a_real_browser(project, tmp_path):
             page.locator("#compare").click()
             for pane in ("#base-answer textarea", "#finetuned-answer textarea"):
                 expect(page.locator(pane)).not_to_have_value("", timeout=120_000)
-            expect(page.locator("#finetuned-decision")).to_contain_text("Choice-scored decision", timeout=60_000)
+            # Rendered Markdown: the decision read after the complete answer, then the direct choice.
+            expect(page.locator("#finetuned-decision")).to_contain_text(
+                re.compile(r"Decision after its answer: (yes|no|maybe) \(.*\(choice\): (yes|no|maybe)"), timeout=60_000)
             page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
             base = page.locator("#base-answer textarea").input_value()
             tuned = page.locator("#finetuned-answer textarea").input_value()

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medqa.generation import continuation_ids, generate, generate_and_score, score_choices
+from medqa.answers import continuation_ids
+from medqa.generation import generate, generate_and_score, score_choices
 
 
 def _direct_loglik(model, prompt: list[int], option: list[int]) -> float:
@@ -53,14 +54,20 @@ def _check_against_separate_passes(tokenizer, model, prompts, words, temperature
     texts = ("It is blue. The answer is: yes.", "No.", "A longer reference answer with more tokens in it.", "Maybe")
     targets = [tokenizer(texts[i % len(texts)], add_special_tokens=False)["input_ids"] for i in range(len(prompts))]
     sampling = dict(batch_size=batch_size, max_new_tokens=8, temperature=temperature, top_p=0.95, seed=3)
-    generations, choices, target_loglik = generate_and_score(
-        model, tokenizer, prompts, choice_prefix=prefix, options=options, targets=targets, **sampling
+    def followup(text: str) -> list[int]:
+        return tokenizer(f"{text} The answer is:", add_special_tokens=False)["input_ids"]
+
+    scored = generate_and_score(
+        model, tokenizer, prompts, choice_prefix=prefix, options=options, targets=targets, followup=followup, **sampling
     )
-    assert generations == generate(model, tokenizer, prompts, **sampling)
-    for prompt, target, row, loglik in zip(prompts, targets, choices, target_loglik):
+    assert scored.generations == generate(model, tokenizer, prompts, **sampling)
+    for i, (prompt, target) in enumerate(zip(prompts, targets)):
         expected = [_direct_loglik(model, prompt + prefix, o) for o in options]
-        assert torch.allclose(torch.tensor(row), torch.tensor(expected), atol=1e-4)
-        assert loglik == pytest.approx(_direct_loglik(model, prompt, target), abs=1e-3)
+        assert torch.allclose(torch.tensor(scored.choices[i]), torch.tensor(expected), atol=1e-4)
+        assert scored.target_loglik[i] == pytest.approx(_direct_loglik(model, prompt, target), abs=1e-3)
+        # after_answer, read on the prompt's cached keys and values = the concatenated sequence from scratch
+        after = [_direct_loglik(model, prompt + followup(scored.generations[i]), o) for o in options]
+        assert torch.allclose(torch.tensor(scored.after_answer[i]), torch.tensor(after), atol=1e-4)
 
 
 @pytest.mark.parametrize("temperature, words", [
@@ -80,3 +87,20 @@ def test_one_token_prompts(tokenizer, tiny_model, lengths):
     """A one-token prompt has nothing to prefill: alone in its batch, or padded beside longer ones."""
     prompts = [list(range(100, 100 + n)) for n in lengths]
     _check_against_separate_passes(tokenizer, tiny_model, prompts, (" yes", " no", " maybe"), 0.0, batch_size=3)
+
+
+def test_the_eval_stages_and_the_chat_app_read_after_answer_decisions_alike(tokenizer, tiny_model):
+    """The eval stages' after_answer (from the generation's cache) equals the chat app's (from scratch)."""
+    from medqa.evaluation import answer_and_score, score_after_answers
+
+    prefix = "The answer to this question is:"
+    prompts = _prompts(tokenizer)
+    examples = [{"target": f"Because. {prefix} yes."} for _ in prompts]
+    greedy = {"max_new_tokens": 6, "temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0, "seed": 0}
+    scored = answer_and_score(tiny_model, tokenizer, examples, prompts, prefix, greedy, batch_size=2, desc=None)
+    from_scratch = score_after_answers(tiny_model, tokenizer, prompts, scored.generations, prefix, batch_size=3)
+    assert torch.allclose(torch.tensor(scored.after_answer, dtype=torch.float64), torch.from_numpy(from_scratch), atol=1e-4)
+    # and a generation that already states the decision is scored where its own prefix stands
+    stated = score_after_answers(tiny_model, tokenizer, prompts[:1], [f"It is. {prefix} no. More."], prefix, 1)
+    cut = score_after_answers(tiny_model, tokenizer, prompts[:1], ["It is."], prefix, 1)
+    assert torch.allclose(torch.from_numpy(stated), torch.from_numpy(cut))

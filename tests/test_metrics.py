@@ -4,17 +4,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from medqa.answers import calibrate, choice_probabilities, content_free_prior
 from medqa.metrics import (
-    bertscore_f1, paired_differences, resolve_bertscore_model, rouge_scores, summarize, table_from_rows,
+    bertscore_f1, paired_differences, resolve_bertscore_model, rouge_scores, summarize, table_from_rows, token_f1,
 )
 
 PREFIX = "The direct answer to your question is:"
 
 
-def _row(truth, choice, generated="none", answer="a b c d", reference="a b c d", nll=1.0, tokens=1, score=0.5):
+def _row(truth, choice, generated="none", answer="a b c d", reference="a b c d", nll=1.0, tokens=1, score=0.5,
+         after=None, calibrated=None):
     return {"reference_decision": truth, "decision_choice": choice, "decision_generated": generated,
+            "decision_after_answer": after or choice, "decision_calibrated": calibrated or choice,
             "answer": answer, "reference": reference, "answer_nll": nll, "answer_tokens": tokens,
-            "rouge1": score, "rouge2": score, "rougeL": score, "bertscore_f1": score}
+            "rouge1": score, "rouge2": score, "rougeL": score, "token_f1": score, "bertscore_f1": score}
 
 
 def test_decision_metrics_known_answer():
@@ -111,3 +114,30 @@ def test_majority_baseline_from_the_test_labels_in_metrics_and_report():
     line = next(x for x in report.splitlines() if x.startswith("| Decision accuracy: majority class"))
     assert line.count("0.5000") == 2
     assert "0.2222" in next(x for x in report.splitlines() if x.startswith("| Decision macro-F1: majority class"))
+
+
+def test_token_f1_known_answers():
+    scores = token_f1(["The cat sat on the mat.", "Yes", "The cat sat", ""], ["the cat sat on the mat", "no", "a cat sat down", "x"])
+    # exact after normalisation; disjoint; "cat sat" vs "cat sat down": P 1, R 2/3 -> F1 0.8; empty answer
+    assert scores.tolist() == pytest.approx([1.0, 0.0, 0.8, 0.0])
+
+
+def test_every_protocol_is_scored_with_its_own_column():
+    rows = [_row("yes", "no", after="yes", calibrated="yes"), _row("no", "no", after="maybe", calibrated="no")]
+    decision = summarize(table_from_rows(rows), n_resamples=0, seed=0)["decision"]
+    assert (decision["choice"]["accuracy"], decision["after_answer"]["accuracy"], decision["calibrated"]["accuracy"]) == (
+        0.5, 0.5, 1.0)
+    assert decision["after_answer"]["confusion"]["no"]["maybe"] == 1
+
+
+def test_calibration_divides_the_prior_out():
+    """A model whose prior prefers "no" picks it for a question whose evidence, relative to that
+    prior, favours "yes"; dividing the prior out flips the decision (worked by hand)."""
+    prior = content_free_prior(np.log([[0.1, 0.8, 0.1], [0.1, 0.8, 0.1]]))
+    assert prior.tolist() == pytest.approx([0.1, 0.8, 0.1])
+    question = choice_probabilities(np.log([[0.3, 0.6, 0.1]]))  # argmax "no"
+    calibrated = calibrate(question, prior)[0]
+    # (0.3/0.1, 0.6/0.8, 0.1/0.1) = (3, 0.75, 1), normalised by 4.75
+    assert calibrated.tolist() == pytest.approx([3 / 4.75, 0.75 / 4.75, 1 / 4.75])
+    assert int(np.argmax(question)) == 1 and int(np.argmax(calibrated)) == 0
+    assert calibrate(question, np.full(3, 1 / 3))[0].tolist() == pytest.approx(question[0].tolist())  # flat prior: no change

@@ -89,7 +89,8 @@ def test_pipeline_runs_then_reruns_only_what_changed(project):
 
     assert keys(baseline) == keys(finetuned)
     assert {"decision.choice.accuracy", "decision.generated.macro_f1", "decision.choice.weighted_f1",
-            "text.rouge1", "text.rouge2", "text.rougeL", "text.bertscore_f1",
+            "decision.after_answer.accuracy", "decision.calibrated.macro_f1", "decision.calibrated.content_free_prior.no",
+            "text.rouge1", "text.rouge2", "text.rougeL", "text.bertscore_f1", "text.token_f1",
             "text.bertscore_f1_ci_low", "decision.majority.accuracy", "decision.majority.macro_f1",
             "decision.labels.yes"} <= keys(baseline)
     assert sum(baseline["decision"]["labels"].values()) == 4

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 
+from medqa.answers import long_answer_part, parse_decision
 from medqa.errors import PipelineError
-from medqa.prompts import PromptFormat, fit_prompt, format_record, long_answer_part, parse_decision, prompt_id
+from medqa.prompts import PromptFormat, fit_prompt, format_record, prompt_id
 from medqa.training import tokenize_example
 
 RECORD = {
