@@ -57,17 +57,16 @@ def main() -> None:
     notebook_s = time.perf_counter() - start
 
     greedy = {"max_new_tokens": max_new, "temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0, "seed": 0}
+    targets = [tokenizer(ex["target"], add_special_tokens=False)["input_ids"] for ex in examples]
     start = time.perf_counter()
-    batched = answer_and_score(model, tokenizer, examples, prompts, prefix, greedy, batch_size, desc="stage").generations
+    batched = answer_and_score(model, tokenizer, prompts, targets, prefix, greedy, batch_size, desc="stage").generations
     stage_s = time.perf_counter() - start
 
     # The same pass without after_answer scoring, and the calibration prior on its own.
     start = time.perf_counter()
     generate_and_score(
         model, tokenizer, prompts, choice_prefix=tokenizer(prefix, add_special_tokens=False)["input_ids"],
-        options=decision_options(tokenizer, prefix),
-        targets=[tokenizer(ex["target"], add_special_tokens=False)["input_ids"] for ex in examples],
-        batch_size=batch_size, desc="stage without after_answer", **greedy,
+        options=decision_options(tokenizer, prefix), targets=targets, batch_size=batch_size, desc="stage without after_answer", **greedy,
     )
     without_s = time.perf_counter() - start
     start = time.perf_counter()

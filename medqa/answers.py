@@ -76,6 +76,11 @@ def after_answer_context(generation: str, answer_prefix: str) -> str:
     return f"{answer} {answer_prefix}" if answer else answer_prefix
 
 
+def after_answer_ids(tokenizer: Any, generation: str, answer_prefix: str) -> list[int]:
+    """The tokens fed after the prompt before the options are read, for `after_answer` scoring."""
+    return tokenizer(after_answer_context(generation, answer_prefix), add_special_tokens=False)["input_ids"]
+
+
 def continuation_ids(tokenizer: Any, context: str, continuation: str) -> list[int]:
     """Token ids that `continuation` adds after `context`, tokenised together (as lm-eval does)."""
     ctx = tokenizer(context, add_special_tokens=False)["input_ids"]

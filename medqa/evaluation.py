@@ -36,10 +36,9 @@ def score_after_answers(
     """Log-likelihood of " yes", " no", " maybe" after each prompt, its generated answer and the answer
     prefix (`answers.after_answer_context`), read from scratch, shape (n, 3). The eval stages get the
     same numbers from the generation's cache (`generate_and_score`); the chat app uses this."""
-    followups = [tokenizer(answers.after_answer_context(g, answer_prefix), add_special_tokens=False)["input_ids"]
-                 for g in generations]
     return np.array(score_choices(
-        model, [p + f for p, f in zip(prompts, followups)], answers.decision_options(tokenizer, answer_prefix),
+        model, [p + answers.after_answer_ids(tokenizer, g, answer_prefix) for p, g in zip(prompts, generations)],
+        answers.decision_options(tokenizer, answer_prefix),
         pad_id=tokenizer.pad_token_id, batch_size=batch_size, desc=desc,
     ))
 
@@ -63,23 +62,19 @@ def validation_decisions(
 
 
 def answer_and_score(
-    model: Any, tokenizer: Any, examples: list[dict], prompts: list[list[int]], answer_prefix: str,
+    model: Any, tokenizer: Any, prompts: list[list[int]], targets: list[list[int]], answer_prefix: str,
     generation: dict[str, Any], batch_size: int, desc: str | None,
 ) -> ScoredAnswers:
     """The eval stages' pass over the test questions, one prefill per prompt: the generated answers,
     the log-likelihoods of " yes", " no", " maybe" after the answer prefix, those after the model's
-    own answer and the prefix (`after_answer`), and the summed log-likelihood of each reference target."""
-    targets = [tokenizer(ex["target"], add_special_tokens=False)["input_ids"] for ex in examples]
-
-    def followup(text: str) -> list[int]:
-        return tokenizer(answers.after_answer_context(text, answer_prefix), add_special_tokens=False)["input_ids"]
-
+    own answer and the prefix (`after_answer`), and the summed log-likelihood of each reference
+    target (token ids)."""
     return generate_and_score(
         model, tokenizer, prompts, choice_prefix=tokenizer(answer_prefix, add_special_tokens=False)["input_ids"],
         options=answers.decision_options(tokenizer, answer_prefix), targets=targets, batch_size=batch_size,
         max_new_tokens=generation["max_new_tokens"], temperature=generation["temperature"],
         top_p=generation["top_p"], repetition_penalty=generation["repetition_penalty"], seed=generation["seed"],
-        followup=followup, desc=desc,
+        followup=lambda text: answers.after_answer_ids(tokenizer, text, answer_prefix), desc=desc,
     )
 
 
@@ -181,18 +176,18 @@ def run_evaluation(
              " (4-bit nf4 base)" if hardware.quantize_4bit else "")
 
     prompts = [fit_prompt(ex, tokenizer, ev["max_prompt_length"]) for ex in examples]
+    targets = [tokenizer(ex["target"], add_special_tokens=False)["input_ids"] for ex in examples]
     scored = answer_and_score(
-        model, tokenizer, examples, prompts, prefix, gen, ev["batch_size"], desc=f"{label}: generating and scoring"
+        model, tokenizer, prompts, targets, prefix, gen, ev["batch_size"], desc=f"{label}: generating and scoring"
     )
     prior = content_free_prior(model, tokenizer, params["prompt"], params["model"]["name"])
     del model  # BERTScore loads its own model next
 
     long_answers = [answers.long_answer_part(g, prefix) for g in scored.generations]
     scores = _text_scores(long_answers, [ex["long_answer"] for ex in examples], ev, label)
-    target_tokens = [len(tokenizer(ex["target"], add_special_tokens=False)["input_ids"]) for ex in examples]
     rows = [
         _prediction_row(ex, scored.generations[i], long_answers[i], decisions, scored.target_loglik[i],
-                        target_tokens[i], {k: v[i] for k, v in scores.items()})
+                        len(targets[i]), {k: v[i] for k, v in scores.items()})
         for i, (ex, decisions) in enumerate(zip(examples, _decision_columns(scored, prior, prefix)))
     ]
     result = metrics.summarize(metrics.table_from_rows(rows), ev["bootstrap"], ev["seed"])

@@ -95,9 +95,9 @@ def test_the_eval_stages_and_the_chat_app_read_after_answer_decisions_alike(toke
 
     prefix = "The answer to this question is:"
     prompts = _prompts(tokenizer)
-    examples = [{"target": f"Because. {prefix} yes."} for _ in prompts]
+    targets = [tokenizer(f"Because. {prefix} yes.", add_special_tokens=False)["input_ids"] for _ in prompts]
     greedy = {"max_new_tokens": 6, "temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0, "seed": 0}
-    scored = answer_and_score(tiny_model, tokenizer, examples, prompts, prefix, greedy, batch_size=2, desc=None)
+    scored = answer_and_score(tiny_model, tokenizer, prompts, targets, prefix, greedy, batch_size=2, desc=None)
     from_scratch = score_after_answers(tiny_model, tokenizer, prompts, scored.generations, prefix, batch_size=3)
     assert torch.allclose(torch.tensor(scored.after_answer, dtype=torch.float64), torch.from_numpy(from_scratch), atol=1e-4)
     # and a generation that already states the decision is scored where its own prefix stands
