@@ -7,9 +7,9 @@ shares its KV cache between choice scoring of the decision and the reference ans
 more than the notebook way (three extra scores per question: the direct choice, the reference's
 likelihood, and the choice after the generated answer). Greedy generations must be identical.
 The added cost of the after_answer and calibrated decision protocols is measured against the
-stage way without them, on the same questions.
+stage way without them, on the same questions (alternated, `--repeats` times each, the fastest counts).
 
-    python -m bench.eval_speed [--questions 32] [--batch-size 8] [--max-new-tokens 96]
+    python -m bench.eval_speed [--questions 32] [--batch-size 8] [--max-new-tokens 96] [--repeats 2]
 
 Needs the pipeline's `models/base` and `data/split/test.jsonl` (run `dvc repro split` first).
 """
@@ -17,17 +17,27 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Callable, TypeVar
 
 import torch
 
 from medqa import paths
-from medqa.answers import decision_options, parse_decision
+from medqa.answers import after_answer_ids, decision_options, parse_decision
 from medqa.evaluation import answer_and_score, content_free_prior
-from medqa.generation import generate, generate_and_score
+from medqa.generation import ScoredAnswers, generate, generate_and_score, generation_config
 from medqa.io import read_jsonl
 from medqa.models import load_model, load_tokenizer, resolve_hardware
 from medqa.params import load_params
 from medqa.prompts import fit_prompt
+
+T = TypeVar("T")
+
+
+def _timed(run: Callable[[], T]) -> tuple[T, float]:
+    """What `run` returns, and the seconds it took."""
+    start = time.perf_counter()
+    result = run()
+    return result, time.perf_counter() - start
 
 
 def main() -> None:
@@ -35,6 +45,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: generation.max_new_tokens")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of the stage way, with and without after_answer")
     parser.add_argument("--dtype", default=None, help="default: model.dtype (float32 on the CPU)")
     args = parser.parse_args()
     params = load_params()
@@ -50,38 +61,47 @@ def main() -> None:
     print(f"{len(prompts)} questions, {max_new} new tokens, {hardware.dtype} on {hardware.device}, "
           f"torch threads {torch.get_num_threads()}")
 
-    start = time.perf_counter()
-    notebook = [generate(model, tokenizer, [p], batch_size=1, max_new_tokens=max_new, desc="notebook")[0]
-                for p in prompts]
+    greedy = generation_config(max_new)
+    notebook, notebook_s = _timed(lambda: [
+        generate(model, tokenizer, [p], greedy, batch_size=1, desc="notebook")[0] for p in prompts])
     notebook_decisions = [parse_decision(g, prefix) for g in notebook]
-    notebook_s = time.perf_counter() - start
 
-    greedy = {"max_new_tokens": max_new, "temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0, "seed": 0}
     targets = [tokenizer(ex["target"], add_special_tokens=False)["input_ids"] for ex in examples]
-    start = time.perf_counter()
-    batched = answer_and_score(model, tokenizer, prompts, targets, prefix, greedy, batch_size, desc="stage").generations
-    stage_s = time.perf_counter() - start
 
-    # The same pass without after_answer scoring, and the calibration prior on its own.
-    start = time.perf_counter()
-    generate_and_score(
-        model, tokenizer, prompts, choice_prefix=tokenizer(prefix, add_special_tokens=False)["input_ids"],
-        options=decision_options(tokenizer, prefix), targets=targets, batch_size=batch_size, desc="stage without after_answer", **greedy,
-    )
-    without_s = time.perf_counter() - start
-    start = time.perf_counter()
-    content_free_prior(model, tokenizer, params["prompt"], params["model"]["name"])
-    prior_s = time.perf_counter() - start
+    def with_protocols() -> ScoredAnswers:
+        return answer_and_score(model, tokenizer, prompts, targets, prefix, greedy, 0, batch_size, desc="stage")
+
+    def without_protocols() -> ScoredAnswers:
+        return generate_and_score(
+            model, tokenizer, prompts, greedy, choice_prefix=tokenizer(prefix, add_special_tokens=False)["input_ids"],
+            options=decision_options(tokenizer, prefix), targets=targets, batch_size=batch_size,
+            desc="stage without after_answer",
+        )
+
+    # The stage way with and without after_answer scoring, alternated; the fastest of each counts
+    # (run-to-run noise on a busy machine is larger than the difference measured).
+    runs, without_runs = [], []
+    for _ in range(args.repeats):
+        scored, seconds = _timed(with_protocols)
+        runs.append(seconds)
+        without_runs.append(_timed(without_protocols)[1])
+    stage_s, without_s = min(runs), min(without_runs)
+    prior_s = _timed(lambda: content_free_prior(model, tokenizer, params["prompt"], params["model"]["name"]))[1]
+    batched = scored.generations
+    followup_tokens = sum(len(after_answer_ids(tokenizer, g, prefix)) for g in batched)
 
     same = sum(a == b for a, b in zip(notebook, batched))
     n = len(prompts)
     print(f"notebook way: {n / notebook_s:.3f} questions/s ({notebook_s:.1f} s)")
-    print(f"stage way:    {n / stage_s:.3f} questions/s ({stage_s:.1f} s, batch {batch_size}, with choice scoring, "
+    # One run each way for the ratio (the notebook way is run once: it is the slow one).
+    print(f"stage way:    {n / runs[0]:.3f} questions/s ({runs[0]:.1f} s, batch {batch_size}, with choice scoring, "
           "reference likelihood and after_answer scoring)")
-    print(f"ratio:        {notebook_s / stage_s:.2f}x")
+    print(f"ratio:        {notebook_s / runs[0]:.2f}x")
     added = stage_s - without_s + prior_s
     print(f"after_answer + calibration: {stage_s - without_s:+.1f} s + {prior_s:.1f} s = {100 * added / without_s:+.1f}% "
-          f"of the stage way without them ({without_s:.1f} s)")
+          f"of the stage way without them ({without_s:.1f} s; fastest of {args.repeats} alternated runs each: "
+          f"{', '.join(f'{a:.1f}/{b:.1f}' for a, b in zip(runs, without_runs))} s with/without)")
+    print(f"after_answer tokens read from the generation's cache: {sum(scored.after_answer_cached)} of {followup_tokens}")
     print(f"identical greedy generations: {same}/{n}; parsed decisions found by the notebook way: "
           f"{sum(d != 'none' for d in notebook_decisions)}/{n}")
     assert same == n, "batched greedy generations differ from one-by-one generations"

@@ -8,33 +8,18 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from transformers import GenerationConfig
 
 from medqa.answers import DECISIONS, choice_probabilities
 from medqa.errors import PipelineError
 from medqa.evaluation import score_after_answers, score_decisions
-from medqa.generation import generation_options, model_device
+from medqa.generation import model_device, model_generate
 from medqa.models import load_model, load_tokenizer, read_source, resolve_hardware
 from medqa.prompts import fit_prompt, join_contexts, prompt_format, user_message
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """The generation knobs the app exposes; defaults come from params.yaml's generation section."""
-
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int = 42
-
-    @classmethod
-    def from_params(cls, generation: dict[str, Any]) -> "GenerationSettings":
-        return cls(**{k: generation[k] for k in ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed")})
 
 
 def message_text(content: Any) -> str:
@@ -82,6 +67,7 @@ class Assistant:
         self.answer_prefix = params["prompt"]["answer_prefix"]
         self.max_prompt_length = params["eval"]["max_prompt_length"]
         self.history_turns = params["chat"]["history_turns"]
+        self.seed = params["generation"]["seed"]  # each answer is seeded alike: sampled answers can be reproduced
         self.format = prompt_format(tokenizer, params["prompt"], params["model"]["name"])
         self.lock = threading.Lock()
 
@@ -136,24 +122,20 @@ class Assistant:
                 loglik = score_after_answers(self.model, self.tokenizer, [prompt], [answer], self.answer_prefix, 1)
         return dict(zip(DECISIONS, choice_probabilities(loglik)[0].tolist()))
 
-    def stream(self, prompt: list[int], settings: GenerationSettings, adapter: bool) -> Iterator[str]:
+    def stream(self, prompt: list[int], config: GenerationConfig, adapter: bool) -> Iterator[str]:
         """The answer so far, growing token by token while the model generates in a worker thread."""
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         stop, failure = _Stop(), []
-        options = generation_options(
-            self.model, self.tokenizer, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-            top_p=settings.top_p, repetition_penalty=settings.repetition_penalty,
-        )
         ids = torch.tensor([prompt], device=model_device(self.model))
 
         def work() -> None:
             try:
                 with self._adapter(adapter), torch.inference_mode():
-                    torch.manual_seed(settings.seed)
-                    self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                                        stopping_criteria=StoppingCriteriaList([stop]), **options)
+                    torch.manual_seed(self.seed)
+                    model_generate(self.model, self.tokenizer, config, input_ids=ids, attention_mask=torch.ones_like(ids),
+                                   streamer=streamer, stopping_criteria=StoppingCriteriaList([stop]))
             except BaseException as exc:  # surfaced to the reader below, not lost in the thread
                 failure.append(exc)
                 streamer.end()

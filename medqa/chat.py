@@ -12,14 +12,18 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from medqa import paths
-from medqa.assistant import Assistant, GenerationSettings
+from medqa.assistant import Assistant
 from medqa.answers import DECISIONS
 from medqa.errors import PipelineError, command_main
+from medqa.generation import generation_config
 from medqa.io import read_jsonl
 from medqa.params import load_params
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,7 @@ def reference_markdown(example: dict | None) -> str:
 
 
 def compare_answers(
-    assistant: Assistant, question: str, context: str, settings: GenerationSettings
+    assistant: Assistant, question: str, context: str, config: GenerationConfig
 ) -> Iterator[tuple[str, str, str, str]]:
     """(base answer, base decision, fine-tuned answer, fine-tuned decision), updated as tokens stream in."""
     prompt = assistant.question_prompt(question, context)
@@ -64,33 +68,33 @@ def compare_answers(
     tuned_direct = assistant.decision_probabilities(prompt, adapter=True)
     base_decision, tuned_decision = decision_markdown(base_direct), decision_markdown(tuned_direct)
     base = ""
-    for base in assistant.stream(prompt, settings, adapter=False):
+    for base in assistant.stream(prompt, config, adapter=False):
         yield base, base_decision, "", tuned_decision
     base_decision = decision_markdown(base_direct, assistant.decision_probabilities(prompt, False, answer=base))
     tuned = ""
-    for tuned in assistant.stream(prompt, settings, adapter=True):
+    for tuned in assistant.stream(prompt, config, adapter=True):
         yield base, base_decision, tuned, tuned_decision
     tuned_decision = decision_markdown(tuned_direct, assistant.decision_probabilities(prompt, True, answer=tuned))
     yield base, base_decision, tuned, tuned_decision
 
 
 def chat_reply(
-    assistant: Assistant, history: list[dict[str, Any]], message: str, settings: GenerationSettings
+    assistant: Assistant, history: list[dict[str, Any]], message: str, config: GenerationConfig
 ) -> Iterator[list[dict[str, Any]]]:
     """The conversation with `message` and the fine-tuned model's reply, growing as it streams."""
     prompt = assistant.chat_prompt(history, message)
     history = [*history, {"role": "user", "content": message.strip()}]
-    for reply in assistant.stream(prompt, settings, adapter=True):
+    for reply in assistant.stream(prompt, config, adapter=True):
         yield [*history, {"role": "assistant", "content": reply}]
 
 
-def build_app(assistant: Assistant, defaults: GenerationSettings, test_questions: dict[str, dict]) -> Any:
-    """The Gradio Blocks app: a notice, generation controls, a Compare tab and a Chat tab."""
+def build_app(assistant: Assistant, defaults: dict[str, Any], test_questions: dict[str, dict]) -> Any:
+    """The Gradio Blocks app: a notice, generation controls (`defaults`: params.yaml's generation
+    section), a Compare tab and a Chat tab."""
     import gradio as gr
 
-    def settings(temperature: float, top_p: float, max_new_tokens: float) -> GenerationSettings:
-        return GenerationSettings(int(max_new_tokens), float(temperature), float(top_p),
-                                  defaults.repetition_penalty, defaults.seed)
+    def settings(temperature: float, top_p: float, max_new_tokens: float) -> GenerationConfig:
+        return generation_config(int(max_new_tokens), float(temperature), float(top_p), defaults["repetition_penalty"])
 
     def on_compare(question, context, temperature, top_p, max_new_tokens):
         try:
@@ -116,10 +120,10 @@ def build_app(assistant: Assistant, defaults: GenerationSettings, test_questions
         gr.Markdown(NOTICE, elem_id="notice")
         with gr.Accordion("Generation settings", open=False):
             with gr.Row():
-                temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05,
+                temperature = gr.Slider(0.0, 2.0, value=defaults["temperature"], step=0.05,
                                         label="Temperature (0 = greedy)")
-                top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p")
-                max_new_tokens = gr.Slider(1, max(1024, defaults.max_new_tokens), value=defaults.max_new_tokens,
+                top_p = gr.Slider(0.05, 1.0, value=defaults["top_p"], step=0.05, label="Top-p")
+                max_new_tokens = gr.Slider(1, max(1024, defaults["max_new_tokens"]), value=defaults["max_new_tokens"],
                                            step=1, label="Max new tokens")
         controls = [temperature, top_p, max_new_tokens]
         with gr.Tab("Compare"):
@@ -179,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         raise PipelineError("gradio is not installed: `pip install -r requirements.txt` (or `make setup`)")
     log.info("loading %s with the adapter in %s", args.base, args.adapter)
     assistant = Assistant.load(params, args.base, args.adapter)
-    app = build_app(assistant, GenerationSettings.from_params(params["generation"]), load_test_questions(args.test))
+    app = build_app(assistant, params["generation"], load_test_questions(args.test))
     host, port = args.host or params["chat"]["host"], args.port or params["chat"]["port"]
     app.queue().launch(server_name=host, server_port=port, share=args.share, ssr_mode=False)
 

@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from transformers import GenerationConfig
 
 from medqa import answers, metrics
 from medqa.answers import DECISIONS
 from medqa.errors import explain_out_of_memory
-from medqa.generation import ScoredAnswers, generate_and_score, score_choices
+from medqa.generation import ScoredAnswers, generate_and_score, generation_config_from_params, score_choices
 from medqa.io import read_jsonl, write_json, write_jsonl
 from medqa.models import load_model, load_tokenizer, resolve_hardware
 from medqa.prompts import content_free_prompts, fit_prompt, prompt_format
@@ -63,17 +64,15 @@ def validation_decisions(
 
 def answer_and_score(
     model: Any, tokenizer: Any, prompts: list[list[int]], targets: list[list[int]], answer_prefix: str,
-    generation: dict[str, Any], batch_size: int, desc: str | None,
+    config: GenerationConfig, seed: int, batch_size: int, desc: str | None,
 ) -> ScoredAnswers:
     """The eval stages' pass over the test questions, one prefill per prompt: the generated answers,
     the log-likelihoods of " yes", " no", " maybe" after the answer prefix, those after the model's
     own answer and the prefix (`after_answer`), and the summed log-likelihood of each reference
     target (token ids)."""
     return generate_and_score(
-        model, tokenizer, prompts, choice_prefix=tokenizer(answer_prefix, add_special_tokens=False)["input_ids"],
-        options=answers.decision_options(tokenizer, answer_prefix), targets=targets, batch_size=batch_size,
-        max_new_tokens=generation["max_new_tokens"], temperature=generation["temperature"],
-        top_p=generation["top_p"], repetition_penalty=generation["repetition_penalty"], seed=generation["seed"],
+        model, tokenizer, prompts, config, choice_prefix=tokenizer(answer_prefix, add_special_tokens=False)["input_ids"],
+        options=answers.decision_options(tokenizer, answer_prefix), targets=targets, batch_size=batch_size, seed=seed,
         followup=lambda text: answers.after_answer_ids(tokenizer, text, answer_prefix), desc=desc,
     )
 
@@ -178,7 +177,8 @@ def run_evaluation(
     prompts = [fit_prompt(ex, tokenizer, ev["max_prompt_length"]) for ex in examples]
     targets = [tokenizer(ex["target"], add_special_tokens=False)["input_ids"] for ex in examples]
     scored = answer_and_score(
-        model, tokenizer, prompts, targets, prefix, gen, ev["batch_size"], desc=f"{label}: generating and scoring"
+        model, tokenizer, prompts, targets, prefix, generation_config_from_params(gen), gen["seed"], ev["batch_size"],
+        desc=f"{label}: generating and scoring",
     )
     prior = content_free_prior(model, tokenizer, params["prompt"], params["model"]["name"])
     del model  # BERTScore loads its own model next

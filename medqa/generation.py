@@ -1,11 +1,13 @@
 """Batched inference: left-padded greedy/sampled generation and log-likelihood scoring."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,34 +53,40 @@ def model_device(model: Any) -> Any:
     return next(model.parameters()).device
 
 
-def generation_options(
-    model: Any, tokenizer: Any, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-) -> dict[str, Any]:
-    """Keyword arguments for `model.generate`: greedy when temperature is 0, else sampling."""
-    sample = temperature > 0
-    options: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens,
-        "do_sample": sample,
-        "repetition_penalty": repetition_penalty,
-        "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": model.generation_config.eos_token_id or tokenizer.eos_token_id,
-    }
-    if sample:
-        options.update(temperature=temperature, top_p=top_p)
-    else:  # silence warnings about sampling knobs that greedy decoding ignores
-        options.update(temperature=None, top_p=None, top_k=None)
-    return options
+def generation_config(
+    max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0
+) -> GenerationConfig:
+    """The generation settings: greedy when temperature is 0, else sampling with `temperature` and `top_p`."""
+    if temperature > 0:
+        return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p,
+                                repetition_penalty=repetition_penalty)
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=repetition_penalty)
+
+
+def generation_config_from_params(generation: Mapping[str, Any]) -> GenerationConfig:
+    """params.yaml's `generation` section as a GenerationConfig (its `seed` is passed on its own)."""
+    return generation_config(generation["max_new_tokens"], generation["temperature"], generation["top_p"],
+                             generation["repetition_penalty"])
+
+
+def model_generate(model: Any, tokenizer: Any, config: GenerationConfig, **inputs: Any) -> torch.Tensor:
+    """`model.generate` with `config`, its pad and end tokens filled in from the model and tokenizer."""
+    config = copy.deepcopy(config)
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = model.generation_config.eos_token_id or tokenizer.eos_token_id
+    return model.generate(**inputs, generation_config=config)
 
 
 def _generate_batch(
-    model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, options: dict[str, Any], seed: int,
+    model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, config: GenerationConfig, seed: int,
     cache: Any = None,
-) -> list[str]:
-    """The decoded new text of each row of a left-padded batch, continuing from `cache` if given."""
+) -> tuple[list[str], torch.Tensor]:
+    """The decoded new text of each row of a left-padded batch, continuing from `cache` if given,
+    and the new tokens (rows that stopped early are padded)."""
     torch.manual_seed(seed)  # per batch, so a sampled answer does not depend on earlier batches
-    out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **options)
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, ids.shape[1] :]]
+    new = model_generate(model, tokenizer, config, input_ids=ids, attention_mask=mask, past_key_values=cache)
+    new = new[:, ids.shape[1] :]
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new], new
 
 
 @torch.inference_mode()
@@ -86,21 +94,16 @@ def generate(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[Sequence[int]],
+    config: GenerationConfig,
     *,
     batch_size: int,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
     seed: int = 0,
     desc: str | None = "generating",
 ) -> list[str]:
     """Generate an answer for each tokenised prompt, in left-padded batches with the KV cache."""
-    options = generation_options(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, repetition_penalty=repetition_penalty)
     outputs: list[str] = [""] * len(prompts)
     for batch, ids, mask in _padded_batches(prompts, batch_size, tokenizer.pad_token_id, model_device(model), desc):
-        for i, text in zip(batch, _generate_batch(model, tokenizer, ids, mask, options, seed)):
+        for i, text in zip(batch, _generate_batch(model, tokenizer, ids, mask, config, seed)[0]):
             outputs[i] = text
     return outputs
 
@@ -202,21 +205,45 @@ def _prefill_and_score(
     return cache, choices, target_loglik
 
 
-def _row_cache(model: Any, batched: Any, row: int, width: int, length: int) -> Any:
-    """Row `row`'s prompt (its last `length` cached positions before `width`, i.e. all of the prompt
-    but its last token) out of a batch's static cache, as a cache of its own. Decoding writes only
-    after `width`, so the prompt's keys and values are as the prefill left them."""
+def _row_cache(model: Any, batched: Any, row: int, start: int, end: int) -> Any:
+    """Cache slots `start:end` of row `row` of a batch's static cache, as a cache of its own."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    if batched is None or length == 0:  # a one-token prompt: nothing cached before its last token
+    if batched is None or end <= start:  # nothing cached (a one-token prompt)
         return cache
     for index, layer in enumerate(batched.layers):
-        cache.update(layer.keys[row : row + 1, :, width - length : width], layer.values[row : row + 1, :, width - length : width],
-                     index)
+        cache.update(layer.keys[row : row + 1, :, start:end], layer.values[row : row + 1, :, start:end], index)
     return cache
 
 
+def _cached_answer_tokens(generated: Sequence[int], followup: Sequence[int]) -> int:
+    """How many of `followup`'s first tokens the batch's cache already holds: those it shares with the
+    generated tokens (decoding wrote every generated token but the last into the cache)."""
+    shared = 0
+    for made, wanted in zip(generated, followup):
+        if made != wanted:
+            break
+        shared += 1
+    return shared
+
+
+def _after_answer_logliks(
+    model: Any, batched: Any, row: int, width: int, prompt: Sequence[int], generated: Sequence[int],
+    followup: Sequence[int], options: Sequence[Sequence[int]],
+) -> tuple[list[float], int]:
+    """Each option's log-likelihood after the prompt and `followup`, for row `row` of a decoded batch.
+
+    The batch's static cache holds the prompt but its last token in the `width` slots before `width`
+    (left-padded), then, from `width` on, what decoding fed: the prompt's last token and the generated
+    tokens. Where `followup` starts with the model's own tokens, their keys and values are read from
+    there; only the rest of it (the answer prefix, and any text whose tokens differ) is computed.
+    Returns the log-likelihoods and how many followup tokens came from the cache.
+    """
+    reused = _cached_answer_tokens(generated, followup) if batched is not None else 0
+    context = list(prompt) + list(followup[:reused])
+    cache = _row_cache(model, batched, row, width - (len(prompt) - 1), width + reused)
+    return _option_logliks(model, cache, context, followup[reused:], options), reused
 def _batch_cache(model: Any, caches: Sequence[Any], width: int, max_new_tokens: int) -> Any:
     """The prompts' caches left-padded to `width` tokens, stacked in one StaticCache with room for
     `max_new_tokens` more. A static cache is written in place at each decoding step, where a dynamic
@@ -242,6 +269,7 @@ class ScoredAnswers:
     choices: list[list[float]]  # each option's log-likelihood after the prompt and the choice prefix
     target_loglik: list[float]  # the summed log-likelihood of the reference target
     after_answer: list[list[float]]  # each option's log-likelihood after the prompt + followup(generation)
+    after_answer_cached: list[int]  # how many followup tokens were read from the generation's cache
 
 
 @torch.inference_mode()
@@ -249,15 +277,12 @@ def generate_and_score(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[Sequence[int]],
+    config: GenerationConfig,
     *,
     choice_prefix: Sequence[int],
     options: Sequence[Sequence[int]],
     targets: Sequence[Sequence[int]],
     batch_size: int,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
     seed: int = 0,
     followup: Callable[[str], Sequence[int]] | None = None,
     desc: str | None = "generating",
@@ -269,13 +294,13 @@ def generate_and_score(
     Each prompt is prefilled alone (no compute spent on padding); choice scoring and the target's
     likelihood extend its KV cache by a few tokens and crop it back. Then `batch_size` prompts'
     caches are stacked, left-padded, into one static cache and decoded together, where batching
-    pays off. The followup is read on top of the prompt's keys and values in that static cache
-    (decoding writes only after them), so the prompt is not read again. Gives the same generations as
+    pays off. The followup is read on top of that static cache: the prompt's keys and values, and
+    those of the generated tokens the followup starts with, so neither the prompt nor the model's own
+    answer is read again (only the answer prefix is). Gives the same generations as
     `generate` and the same scores as `score_choices` and `continuation_logprobs` (up to rounding).
     """
-    gen_options = generation_options(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
-                                     top_p=top_p, repetition_penalty=repetition_penalty)
-    out = ScoredAnswers([""] * len(prompts), [[] for _ in prompts], [0.0] * len(prompts), [[] for _ in prompts])
+    out = ScoredAnswers([""] * len(prompts), [[] for _ in prompts], [0.0] * len(prompts), [[] for _ in prompts],
+                        [0] * len(prompts))
     for batch, ids, mask in _padded_batches(prompts, batch_size, tokenizer.pad_token_id, model_device(model), desc):
         caches = []
         for i in batch:
@@ -283,13 +308,12 @@ def generate_and_score(
                                                                              targets[i])
             caches.append(cache)
         width = ids.shape[1] - 1
-        cache = _batch_cache(model, caches, width, max_new_tokens) if width else None
+        cache = _batch_cache(model, caches, width, config.max_new_tokens) if width else None
         del caches
-        for i, text in zip(batch, _generate_batch(model, tokenizer, ids, mask, gen_options, seed, cache)):
-            out.generations[i] = text
-        if followup is not None:
-            for row, i in enumerate(batch):
-                prompt_cache = _row_cache(model, cache, row, width, len(prompts[i]) - 1)
-                out.after_answer[i] = _option_logliks(model, prompt_cache, prompts[i], followup(out.generations[i]),
-                                                      options)
+        texts, new = _generate_batch(model, tokenizer, ids, mask, config, seed, cache)
+        for row, i in enumerate(batch):
+            out.generations[i] = texts[row]
+            if followup is not None:
+                out.after_answer[i], out.after_answer_cached[i] = _after_answer_logliks(
+                    model, cache, row, width, prompts[i], new[row].tolist(), followup(texts[row]), options)
     return out

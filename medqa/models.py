@@ -30,6 +30,7 @@ class ModelProfile:
     target_modules: tuple[str, ...]
     template: str | None = None  # None: the tokenizer's chat template
     gguf: tuple[str, str] | None = None  # (Python package, file) of an embedded offline copy
+    local_dir: Path | None = None  # a local model directory, used where it is
 
 
 PROFILES: dict[str, ModelProfile] = {
@@ -62,7 +63,7 @@ def _dir_profile(path: Path) -> ModelProfile:
         model_type = read_json(path / "config.json").get("model_type")
     except (OSError, ValueError) as exc:
         raise PipelineError(f"model.name {path}: cannot read its config.json: {exc}") from exc
-    return ModelProfile(str(path.resolve()), ARCHITECTURE_MODULES.get(model_type, ()))
+    return ModelProfile(str(path.resolve()), ARCHITECTURE_MODULES.get(model_type, ()), local_dir=path.resolve())
 
 
 def get_profile(name: str) -> ModelProfile:
@@ -115,8 +116,8 @@ def prepare_base_model(profile: ModelProfile, out_dir: str | Path) -> dict:
 
     embedded = package_dir(profile.gguf[0]) if profile.gguf else None
     with atomic_dir(out_dir) as tmp:
-        if is_model_dir(profile.hub_id):
-            source = _reference_dir(Path(profile.hub_id), tmp)
+        if profile.local_dir is not None:
+            source = _reference_dir(profile.local_dir, tmp)
         elif embedded is not None:
             gguf_file = profile.gguf[1]
             log.info("converting the embedded %s (%s) to safetensors", gguf_file, profile.gguf[0])

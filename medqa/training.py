@@ -9,7 +9,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from transformers import TrainerCallback
 
@@ -243,8 +243,6 @@ def setup_model(base_dir: Path, model_params: dict, lora_params: dict, hardware:
         r=lora_params["r"], lora_alpha=lora_params["alpha"], lora_dropout=lora_params["dropout"], bias="none",
         target_modules=targets, task_type="CAUSAL_LM",
     ))
-    trainable, total = model.get_nb_trainable_parameters()
-    log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
     return model
 
 
@@ -295,11 +293,35 @@ def training_arguments(tp: dict, hardware: Hardware, output_dir: Path) -> Any:
     )
 
 
+def warm_up_from_the_first_step(scheduler: Any, warmup_steps: int) -> Any:
+    """`scheduler` (a LambdaLR from transformers' `get_scheduler`) with its linear warmup shifted by
+    one step: step s < warmup_steps runs at (s + 1) / (warmup_steps + 1) of the peak rate, not
+    s / warmup_steps, so the first optimiser step is not wasted at rate 0. Unchanged after the warmup."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    if warmup_steps <= 0 or not isinstance(scheduler, LambdaLR):
+        return scheduler
+
+    def shifted(after: Callable[[int], float]) -> Callable[[int], float]:
+        return lambda step: (step + 1) / (warmup_steps + 1) if step < warmup_steps else after(step)
+
+    # A new LambdaLR on the same optimiser starts from the peak rates the first one recorded.
+    return LambdaLR(scheduler.optimizer, [shifted(f) for f in scheduler.lr_lambdas])
+
+
 def build_trainer(model: Any, tokenizer: Any, args: Any, train_ds: Any, val_ds: Any, callbacks: list) -> Any:
-    """A Trainer with answer-only loss computed from the answer columns' logits alone."""
+    """A Trainer with answer-only loss computed from the answer columns' logits alone, whose warmup
+    starts above rate 0 (`warm_up_from_the_first_step`)."""
     from transformers import Trainer
 
-    return Trainer(
+    class AnswerTrainer(Trainer):
+        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+            if self.lr_scheduler is None:
+                scheduler = super().create_scheduler(num_training_steps, optimizer)
+                self.lr_scheduler = warm_up_from_the_first_step(scheduler, self.args.get_warmup_steps(num_training_steps))
+            return self.lr_scheduler
+
+    return AnswerTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -391,7 +413,8 @@ def train_adapter(
     log.info("training on %d examples, validating on %d (%s%s)", len(train_ds), len(val_ds), hardware.device,
              ", 4-bit nf4 base" if hardware.quantize_4bit else "")
     model = setup_model(base_dir, params["model"], params["lora"], hardware)
-    trainable = model.get_nb_trainable_parameters()[0]
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
 
     resume = resume_point(params, base_dir, train_path, val_path, checkpoints_dir)
     if resume:

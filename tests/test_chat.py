@@ -14,17 +14,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medqa.assistant import Assistant, GenerationSettings, recent_turns
+from medqa.assistant import Assistant, recent_turns
 from medqa.chat import chat_reply, compare_answers
 from medqa.errors import PipelineError
-from medqa.generation import generate
+from medqa.generation import generate, generation_config
 from medqa.io import write_jsonl
 from medqa.models import PROFILES, load_model, resolve_hardware
 from medqa.prompts import PromptFormat, format_record, prompt_format
 from tests.conftest import make_original, save_tiny_base
 
 ROOT = Path(__file__).resolve().parents[1]
-GREEDY = GenerationSettings(max_new_tokens=12)
+GREEDY = generation_config(max_new_tokens=12)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_base_answers_come_from_the_same_weights_with_the_adapter_off(assistant,
     assert max(abs(base[d] - tuned[d]) for d in base) > 1e-4  # the adapter is on for the fine-tuned side
 
     plain = load_model(project / "base", resolve_hardware("none", "float32"))  # a separate copy, no adapter
-    expected = generate(plain, assistant.tokenizer, [prompt], batch_size=1, max_new_tokens=12, desc=None)[0]
+    expected = generate(plain, assistant.tokenizer, [prompt], GREEDY, batch_size=1, desc=None)[0]
     assert list(assistant.stream(prompt, GREEDY, adapter=False))[-1] == expected
     # One model in memory: the LoRA layers wrap the base layers rather than a second copy.
     assert sum(p.numel() for p in assistant.model.parameters()) < 1.1 * sum(p.numel() for p in plain.parameters())
@@ -118,19 +118,19 @@ def test_stream_grows_token_by_token_and_matches_batch_generation(assistant):
     prompt = assistant.question_prompt("Is smoking linked to lung cancer?")
     steps = list(assistant.stream(prompt, GREEDY, adapter=True))
     assert len(steps) > 2 and all(b.startswith(a.strip()) for a, b in zip(steps, steps[1:]))
-    expected = generate(assistant.model, assistant.tokenizer, [prompt], batch_size=1, max_new_tokens=12, desc=None)[0]
+    expected = generate(assistant.model, assistant.tokenizer, [prompt], GREEDY, batch_size=1, desc=None)[0]
     assert steps[-1] == expected and expected
 
 
 def test_sampling_is_seeded(assistant):
     prompt = assistant.question_prompt("Is smoking linked to lung cancer?")
-    hot = GenerationSettings(max_new_tokens=12, temperature=1.5, top_p=0.95, seed=7)
+    hot = generation_config(max_new_tokens=12, temperature=1.5, top_p=0.95)
     first = list(assistant.stream(prompt, hot, adapter=True))[-1]
     assert list(assistant.stream(prompt, hot, adapter=True))[-1] == first
 
 
 def test_a_stream_abandoned_by_its_reader_frees_the_model(assistant):
-    stream = assistant.stream(assistant.question_prompt("Q?"), GenerationSettings(max_new_tokens=400), adapter=False)
+    stream = assistant.stream(assistant.question_prompt("Q?"), generation_config(max_new_tokens=400), adapter=False)
     next(stream)
     stream.close()
     assert assistant.lock.acquire(timeout=30)  # the worker stopped early and let go

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from medqa.answers import continuation_ids
-from medqa.generation import generate, generate_and_score, score_choices
+from medqa.generation import generate, generate_and_score, generation_config, score_choices
 
 
 def _direct_loglik(model, prompt: list[int], option: list[int]) -> float:
@@ -34,17 +34,18 @@ def test_choice_scores_match_direct_loglik(tokenizer, tiny_model, words):
 
 def test_batched_greedy_generation_equals_one_by_one(tokenizer, tiny_model):
     prompts = _prompts(tokenizer)
-    batched = generate(tiny_model, tokenizer, prompts, batch_size=3, max_new_tokens=8)
-    single = [generate(tiny_model, tokenizer, [p], batch_size=1, max_new_tokens=8)[0] for p in prompts]
+    greedy = generation_config(max_new_tokens=8)
+    batched = generate(tiny_model, tokenizer, prompts, greedy, batch_size=3)
+    single = [generate(tiny_model, tokenizer, [p], greedy, batch_size=1)[0] for p in prompts]
     assert batched == single
     assert all(isinstance(t, str) for t in batched) and any(batched)
 
 
 def test_sampling_is_seeded(tokenizer, tiny_model):
     prompts = _prompts(tokenizer)
-    kwargs = dict(batch_size=2, max_new_tokens=8, temperature=1.0, top_p=0.95)
-    assert generate(tiny_model, tokenizer, prompts, seed=1, **kwargs) == generate(
-        tiny_model, tokenizer, prompts, seed=1, **kwargs
+    sampled = generation_config(max_new_tokens=8, temperature=1.0, top_p=0.95)
+    assert generate(tiny_model, tokenizer, prompts, sampled, batch_size=2, seed=1) == generate(
+        tiny_model, tokenizer, prompts, sampled, batch_size=2, seed=1
     )
 
 
@@ -53,14 +54,16 @@ def _check_against_separate_passes(tokenizer, model, prompts, words, temperature
     options = [continuation_ids(tokenizer, "The answer is:", w) for w in words]
     texts = ("It is blue. The answer is: yes.", "No.", "A longer reference answer with more tokens in it.", "Maybe")
     targets = [tokenizer(texts[i % len(texts)], add_special_tokens=False)["input_ids"] for i in range(len(prompts))]
-    sampling = dict(batch_size=batch_size, max_new_tokens=8, temperature=temperature, top_p=0.95, seed=3)
+    config = generation_config(max_new_tokens=8, temperature=temperature, top_p=0.95)
+    sampling = dict(batch_size=batch_size, seed=3)
     def followup(text: str) -> list[int]:
         return tokenizer(f"{text} The answer is:", add_special_tokens=False)["input_ids"]
 
     scored = generate_and_score(
-        model, tokenizer, prompts, choice_prefix=prefix, options=options, targets=targets, followup=followup, **sampling
+        model, tokenizer, prompts, config, choice_prefix=prefix, options=options, targets=targets, followup=followup,
+        **sampling
     )
-    assert scored.generations == generate(model, tokenizer, prompts, **sampling)
+    assert scored.generations == generate(model, tokenizer, prompts, config, **sampling)
     for i, (prompt, target) in enumerate(zip(prompts, targets)):
         expected = [_direct_loglik(model, prompt + prefix, o) for o in options]
         assert torch.allclose(torch.tensor(scored.choices[i]), torch.tensor(expected), atol=1e-4)
@@ -68,6 +71,8 @@ def _check_against_separate_passes(tokenizer, model, prompts, words, temperature
         # after_answer, read on the prompt's cached keys and values = the concatenated sequence from scratch
         after = [_direct_loglik(model, prompt + followup(scored.generations[i]), o) for o in options]
         assert torch.allclose(torch.tensor(scored.after_answer[i]), torch.tensor(after), atol=1e-4)
+    assert all(n <= len(followup(text)) for n, text in zip(scored.after_answer_cached, scored.generations))
+    return scored
 
 
 @pytest.mark.parametrize("temperature, words", [
@@ -79,7 +84,9 @@ def test_one_prefill_gives_what_the_separate_passes_give(tokenizer, tiny_model, 
     left-padded): the same answers as `generate`, the scores of direct computation."""
     assert all(len(o) == 1 for o in (continuation_ids(tokenizer, "The answer is:", w) for w in words)) == (
         words[0] == " yes")  # both scoring paths are covered
-    _check_against_separate_passes(tokenizer, tiny_model, _prompts(tokenizer), words, temperature, batch_size=2)
+    scored = _check_against_separate_passes(tokenizer, tiny_model, _prompts(tokenizer), words, temperature, batch_size=2)
+    if temperature == 0:  # greedy answers that re-tokenise alike: their tokens came out of the generation's cache
+        assert sum(scored.after_answer_cached) > 0
 
 
 @pytest.mark.parametrize("lengths", [(1, 1), (1, 5, 2)])
@@ -96,8 +103,8 @@ def test_the_eval_stages_and_the_chat_app_read_after_answer_decisions_alike(toke
     prefix = "The answer to this question is:"
     prompts = _prompts(tokenizer)
     targets = [tokenizer(f"Because. {prefix} yes.", add_special_tokens=False)["input_ids"] for _ in prompts]
-    greedy = {"max_new_tokens": 6, "temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0, "seed": 0}
-    scored = answer_and_score(tiny_model, tokenizer, prompts, targets, prefix, greedy, batch_size=2, desc=None)
+    scored = answer_and_score(tiny_model, tokenizer, prompts, targets, prefix, generation_config(6), 0, batch_size=2,
+                              desc=None)
     from_scratch = score_after_answers(tiny_model, tokenizer, prompts, scored.generations, prefix, batch_size=3)
     assert torch.allclose(torch.tensor(scored.after_answer, dtype=torch.float64), torch.from_numpy(from_scratch), atol=1e-4)
     # and a generation that already states the decision is scored where its own prefix stands

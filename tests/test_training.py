@@ -253,3 +253,38 @@ def test_answer_batch_keeps_only_the_answer_columns(tokenizer):
     window = type("Out", (), {"logits": logits[:, -batch["logits_to_keep"]:]})()
     assert answer_loss(window, batch["labels"]).item() == pytest.approx(full.item(), abs=1e-6)
     assert answer_loss(window, batch["labels"], num_items_in_batch=6).item() == pytest.approx(full.item() / 2, abs=1e-6)
+
+
+def _rates(scheduler, steps: int) -> list[float]:
+    """The learning rate each optimiser step runs at."""
+    rates = []
+    for _ in range(steps):
+        rates.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_warmup_starts_above_rate_zero(tokenizer, tiny_model, tmp_path):
+    """transformers' warmup runs the first optimiser step at rate 0 (wasted on a short run); ours at
+    1 / (warmup + 1) of the peak, rising to the peak where transformers' does, and the same after it."""
+    import torch
+    from transformers import TrainingArguments, get_scheduler
+
+    from medqa.training import build_trainer, warm_up_from_the_first_step
+
+    def optimizer():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+    theirs = _rates(get_scheduler("cosine", optimizer(), num_warmup_steps=4, num_training_steps=20), 20)
+    ours = _rates(warm_up_from_the_first_step(
+        get_scheduler("cosine", optimizer(), num_warmup_steps=4, num_training_steps=20), 4), 20)
+    assert theirs[0] == 0.0
+    assert ours[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert ours[4:] == pytest.approx(theirs[4:]) and min(ours) > 0
+    # and the fine-tuning Trainer schedules this way
+    args = TrainingArguments(output_dir=str(tmp_path), warmup_steps=0.25, learning_rate=1.0, lr_scheduler_type="cosine",
+                             use_cpu=True, report_to="none")
+    trainer = build_trainer(tiny_model, tokenizer, args, None, None, [])
+    trainer.create_optimizer()
+    assert _rates(trainer.create_scheduler(8), 3) == pytest.approx([1 / 3, 2 / 3, 1.0])
