@@ -1,25 +1,64 @@
 """Merge the trained LoRA adapter into the base model and save it, for serving without peft.
 
-    python -m medqa.export [--out models/merged]
+    python -m medqa.export [--out models/merged] [--dtype auto] [--merge-into original|dequantized]
 
-The base model is loaded unquantised (a 4-bit model cannot be merged), in bf16 on CUDA and fp32 on
-the CPU, or in `--dtype`.
+An adapter trained on a 4-bit base (QLoRA; the finetune stage records it in the adapter's
+trained_on.json) learned corrections to the de-quantised nf4 weights, not to the original ones: it
+is merged into those (the base loaded in 4-bit as in training, then de-quantised), which is the
+model that was trained and evaluated. An adapter trained on an unquantised base is merged into the
+original weights. `--merge-into` overrides the choice. The result is saved unquantised, in bf16 on
+CUDA and fp32 on the CPU, or in `--dtype`.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from medqa import paths
-from medqa.errors import command_main
-from medqa.io import atomic_dir
+from medqa.errors import PipelineError, command_main
+from medqa.io import atomic_dir, read_json
 from medqa.models import load_model, load_tokenizer, resolve_hardware
+from medqa.training import TRAINED_ON
+
+MERGE_TARGETS = ("original", "dequantized")
 
 
-def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str = "auto") -> None:
-    """Save base + adapter merged into plain weights (safetensors) with the tokenizer."""
-    model = load_model(base_dir, resolve_hardware("none", dtype), adapter_dir)
-    merged = model.merge_and_unload()
+def trained_merge_target(adapter_dir: Path) -> str:
+    """The weights the adapter learned against: "dequantized" after 4-bit training, else "original"."""
+    record = Path(adapter_dir) / TRAINED_ON
+    if not record.exists():  # an adapter from before the record was written: assume unquantised
+        return "original"
+    return "original" if read_json(record).get("quantization", "none") == "none" else "dequantized"
+
+
+def _dequantized_base(base_dir: Path, dtype: Any) -> Any:
+    """The base model as a 4-bit-trained adapter saw it: loaded in 4-bit nf4 (as the finetune stage
+    loads it), then de-quantised by bitsandbytes into plain `dtype` weights."""
+    model = load_model(base_dir, resolve_hardware("4bit", "auto"))
+    return model.dequantize(dtype=dtype)
+
+
+def merged_model(base_dir: Path, adapter_dir: Path, dtype: str = "auto", merge_into: str | None = None) -> Any:
+    """Base + adapter as one plain model (no peft layers), merged into `merge_into`'s weights
+    (default: the ones it was trained against, `trained_merge_target`)."""
+    from peft import PeftModel
+
+    merge_into = merge_into or trained_merge_target(adapter_dir)
+    if merge_into not in MERGE_TARGETS:
+        raise PipelineError(f"--merge-into is {merge_into!r}, expected one of {', '.join(MERGE_TARGETS)}")
+    hardware = resolve_hardware("none", dtype)
+    if merge_into == "original":
+        model = load_model(base_dir, hardware, adapter_dir)
+    else:
+        model = PeftModel.from_pretrained(_dequantized_base(base_dir, hardware.dtype).to(hardware.device), str(adapter_dir))
+    return model.merge_and_unload().eval()
+
+
+def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str = "auto",
+                  merge_into: str | None = None) -> None:
+    """Save base + adapter merged (`merged_model`) as safetensors, with the tokenizer."""
+    merged = merged_model(base_dir, adapter_dir, dtype, merge_into)
     with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         load_tokenizer(base_dir).save_pretrained(tmp)
@@ -30,9 +69,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("models/merged"))
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--merge-into", choices=MERGE_TARGETS, default=None,
+                        help="default: the weights the adapter was trained against (its trained_on.json)")
     args = parser.parse_args()
-    merge_adapter(paths.BASE_MODEL, paths.ADAPTER, args.out, args.dtype)
-    print(f"export: {paths.BASE_MODEL} + {paths.ADAPTER} -> {args.out}")
+    target = args.merge_into or trained_merge_target(paths.ADAPTER)
+    merge_adapter(paths.BASE_MODEL, paths.ADAPTER, args.out, args.dtype, target)
+    print(f"export: {paths.BASE_MODEL} + {paths.ADAPTER} merged into the {target} weights -> {args.out}")
 
 
 if __name__ == "__main__":

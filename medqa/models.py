@@ -5,6 +5,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,10 +221,21 @@ def resolve_hardware(quantization: str = "auto", dtype: str = "auto") -> Hardwar
             torch_dtype = getattr(torch, dtype)
         except AttributeError as exc:
             raise PipelineError(f"model.dtype is {dtype!r}, expected auto, float32, bfloat16 or float16") from exc
+    if cuda and torch_dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise PipelineError(
+            f"model.dtype=bfloat16, but this GPU ({torch.cuda.get_device_name()}) has no bfloat16: set "
+            "model.dtype=float16 (or auto, which picks it)"
+        )
     quantize = quantization == "4bit" or (cuda and quantization == "auto")
     if quantize:
         # On the CPU the paged / 8-bit optimisers fall back to CPU code only from 0.50.
         require_bitsandbytes("0.46.1" if cuda else "0.50")
+        x86 = platform.machine().lower() in ("x86_64", "amd64")  # ARM CPUs have bitsandbytes' NEON code
+        if not cuda and x86 and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+            log.warning(
+                "4-bit on a CPU without AVX2 (%s): bitsandbytes runs its scalar code, expect it slow; "
+                "model.quantization=none is faster here", torch.backends.cpu.get_cpu_capability()
+            )
     return Hardware("cuda" if cuda else "cpu", torch_dtype, quantize)
 
 

@@ -47,7 +47,8 @@ def _dataset(examples: list[dict], tokenizer: Any, max_length: int) -> Any:
 
 
 def _fingerprint(params: dict, files: list[Path]) -> str:
-    """What a checkpoint was trained from: the params that shape training and the data files' bytes."""
+    """What a checkpoint was trained from: the params that shape training and the bytes of the data
+    and code files."""
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     for f in files:
         digest.update(f.read_bytes())
@@ -74,14 +75,22 @@ def last_complete_checkpoint(checkpoints: Path) -> Path | None:
     return None
 
 
-def resume_point(params: dict, base_dir: Path, train_path: Path, val_path: Path, checkpoints: Path) -> Path | None:
-    """The last complete checkpoint of an interrupted run with the same params and data, else None.
+def training_code() -> list[Path]:
+    """The library's source files: a checkpoint is resumed only by the code that wrote it."""
+    return sorted(Path(__file__).parent.glob("*.py"))
 
-    Checkpoints of other params or data are cleared. Idempotent, so every process of a multi-GPU
-    run, started after the launcher called it, gets the same answer without clearing anything.
+
+def resume_point(params: dict, base_dir: Path, train_path: Path, val_path: Path, checkpoints: Path) -> Path | None:
+    """The last complete checkpoint of an interrupted run with the same params, data and code, else None.
+
+    Checkpoints of other params, data or code are cleared: DVC re-runs the stage when any of them
+    changed, and resuming would then finish the old run instead of training anew. Idempotent, so
+    every process of a multi-GPU run, started after the launcher called it, gets the same answer
+    without clearing anything.
     """
     fingerprint = _fingerprint(
-        {k: params[k] for k in ("model", "prompt", "lora", "train")}, [train_path, val_path, base_dir / "source.json"]
+        {k: params[k] for k in ("model", "prompt", "lora", "train")},
+        [train_path, val_path, base_dir / "source.json", *training_code()],
     )
     marker = checkpoints / FINGERPRINT
     if marker.exists() and read_json(marker).get("fingerprint") == fingerprint:
@@ -99,6 +108,16 @@ ACCELERATE_CONFIGS = {"ddp": Path("configs/accelerate/ddp.yaml"), "fsdp": Path("
 def launched_by_accelerate() -> bool:
     """True inside a process started by `accelerate launch` / torchrun."""
     return "LOCAL_RANK" in os.environ
+
+
+def check_distributed(strategy: str) -> None:
+    """FSDP needs GPUs (accelerate's FSDP plugin has no CPU device): one clear line instead of a
+    traceback from every process. DDP runs anywhere (NCCL on GPUs, gloo on the CPU)."""
+    import torch
+
+    if strategy == "fsdp" and not torch.cuda.is_available():
+        raise PipelineError("train.distributed=fsdp needs GPUs (accelerate's FSDP has no CPU device): use "
+                            "train.distributed=ddp, which runs several CPU processes over gloo")
 
 
 def accelerate_command(num_processes: int, strategy: str = "ddp", module: str = "stages.finetune") -> list[str]:

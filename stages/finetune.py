@@ -4,7 +4,7 @@ import os
 from medqa import paths
 from medqa.errors import stage_main
 from medqa.params import load_params
-from medqa.training import accelerate_command, launched_by_accelerate, resume_point, train_adapter
+from medqa.training import accelerate_command, check_distributed, launched_by_accelerate, resume_point, train_adapter
 
 
 @stage_main
@@ -12,6 +12,7 @@ def main() -> None:
     params = load_params()
     n = params["train"]["num_processes"]
     if n > 1 and not launched_by_accelerate():
+        check_distributed(params["train"]["distributed"])
         # Settle resume/clean-up once, before the processes start; then become the launcher.
         resume_point(params, paths.BASE_MODEL, paths.TRAIN, paths.VAL, paths.CHECKPOINTS)
         command = accelerate_command(n, params["train"]["distributed"])

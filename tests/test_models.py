@@ -36,6 +36,49 @@ def test_cpu_hardware_never_quantizes():
         resolve_hardware("8bit", "auto")
 
 
+def test_what_the_hardware_lacks_is_said_in_one_line(monkeypatch, caplog):
+    """bitsandbytes missing or too old, bf16 asked of a GPU without it: one-line errors (the stages print
+    them as "error: ..."); 4-bit on an x86 CPU without AVX2: a one-line warning, and it still runs."""
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    real_version = importlib.metadata.version
+
+    def without_bitsandbytes(name):
+        if name == "bitsandbytes":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(importlib.metadata, "version", without_bitsandbytes)
+        with pytest.raises(PipelineError, match=r"needs bitsandbytes for 4-bit, which is not installed") as missing:
+            resolve_hardware("4bit", "auto")
+        patch.setattr(importlib.metadata, "version", lambda name: "0.45.0" if name == "bitsandbytes" else real_version(name))
+        with pytest.raises(PipelineError, match=r"bitsandbytes 0.45.0 is too old for 4-bit here \(needs >= ") as old:
+            resolve_hardware("4bit", "auto")
+
+    with monkeypatch.context() as patch:  # a GPU without bfloat16 (a T4, a V100)
+        patch.setattr(torch.cuda, "is_available", lambda: True)
+        patch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+        patch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
+        with pytest.raises(PipelineError, match=r"model.dtype=bfloat16, but this GPU \(Tesla T4\) has no bfloat16") as bf16:
+            resolve_hardware("none", "bfloat16")
+        assert resolve_hardware("none", "auto").dtype == torch.float16  # auto picks what the GPU has
+    for error in (missing, old, bf16):
+        assert "\n" not in str(error.value)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        patch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+        patch.setattr(platform, "machine", lambda: "x86_64")
+        with caplog.at_level("WARNING", logger="medqa.models"):
+            assert resolve_hardware("4bit", "auto").quantize_4bit
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("4-bit on a CPU without AVX2 (DEFAULT)") and "\n" not in warning
+
+
 @pytest.mark.parametrize("profile", sorted(p.name for p in (ROOT / "profiles").glob("*.args")))
 def test_params_profiles_set_existing_keys(profile):
     params = load_params(ROOT / "params.yaml")

@@ -107,3 +107,41 @@ def test_the_gpu_profile_runs_end_to_end_on_a_4bit_stand_in(tmp_path, tokenizer,
     assert len(predictions) == 3 and json.loads(predictions[0])["prompt_id"]
     assert "[INST]" in (repo / "data/formatted/examples.jsonl").read_text().splitlines()[0]
     assert (repo / "reports/report.md").read_text().count("| Decision accuracy") >= 2
+    _chat_and_export_use_the_4bit_trained_adapter(repo, params, tmp_path / "merged")
+
+
+def _chat_and_export_use_the_4bit_trained_adapter(repo: Path, params: dict, merged_dir: Path) -> None:
+    """The chat app answers with the adapter on the 4-bit base; the export merges it into plain
+    weights that give what the 4-bit base + adapter gives."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from medqa.assistant import Assistant
+    from medqa.export import merge_adapter, merged_model, trained_merge_target
+    from medqa.generation import generation_config
+    from medqa.models import load_model
+
+    base, adapter = repo / "models/base", repo / "models/adapter"
+    assistant = Assistant.load(params, base, adapter)
+    assert type(assistant.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    prompt = assistant.question_prompt("Does aspirin reduce pain?", "Aspirin reduced pain in a trial.")
+    answer = list(assistant.stream(prompt, generation_config(6), adapter=True))[-1]
+    assert isinstance(answer, str)
+    probabilities = assistant.decision_probabilities(prompt, adapter=True, answer=answer)
+    assert sum(probabilities.values()) == pytest.approx(1.0)
+
+    # The export merges into the de-quantised 4-bit weights the adapter was trained against: the
+    # merged model computes what the evaluated one (4-bit base + adapter) computes; merging into the
+    # original weights is off by the whole quantisation error.
+    assert trained_merge_target(adapter) == "dequantized"
+    merge_adapter(base, adapter, merged_dir, dtype="float32")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    evaluated = load_model(base, resolve_hardware("4bit", "float32"), adapter)
+    original = merged_model(base, adapter, "float32", merge_into="original")
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        target = evaluated(input_ids=ids).logits
+        off_merged = (merged(input_ids=ids).logits - target).abs().max().item()
+        off_original = (original(input_ids=ids).logits - target).abs().max().item()
+    assert off_merged < 1e-2 and off_original > 10 * off_merged, (off_merged, off_original)

@@ -168,7 +168,7 @@ def test_non_finite_loss_stops_with_a_clear_message(workdir, tmp_path):
     assert not (tmp_path / "adapter").exists()
 
 
-def test_resume_point_is_idempotent_and_multi_gpu_launch_command(workdir, tmp_path):
+def test_resume_point_is_idempotent_and_multi_gpu_launch_command(workdir, tmp_path, monkeypatch):
     from medqa.training import accelerate_command, resume_point
 
     params, ckpt = _params(), tmp_path / "checkpoints"
@@ -178,6 +178,14 @@ def test_resume_point_is_idempotent_and_multi_gpu_launch_command(workdir, tmp_pa
     (ckpt / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
     assert resume_point(*args) == ckpt / "checkpoint-2"  # the same params: kept, not cleared
     assert resume_point(*args) == ckpt / "checkpoint-2"
+    assert resume_point(_params(learning_rate=0.5), *args[1:]) is None and not (ckpt / "checkpoint-2").exists()
+    # a change to the training code (which makes DVC re-run the stage) starts afresh, too
+    (ckpt / "checkpoint-2").mkdir()
+    (ckpt / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
+    assert resume_point(_params(learning_rate=0.5), *args[1:]) == ckpt / "checkpoint-2"
+    code = tmp_path / "training.py"
+    code.write_text("# changed\n")
+    monkeypatch.setattr("medqa.training.training_code", lambda: [code])
     assert resume_point(_params(learning_rate=0.5), *args[1:]) is None and not (ckpt / "checkpoint-2").exists()
     from accelerate.commands.config.config_args import load_config_from_file
 
@@ -288,3 +296,65 @@ def test_warmup_starts_above_rate_zero(tokenizer, tiny_model, tmp_path):
     trainer = build_trainer(tiny_model, tokenizer, args, None, None, [])
     trainer.create_optimizer()
     assert _rates(trainer.create_scheduler(8), 3) == pytest.approx([1 / 3, 2 / 3, 1.0])
+
+
+def _stage_dir(path: Path, workdir: Path, params: dict) -> Path:
+    """A working directory laid out as the pipeline leaves it before the finetune stage."""
+    import shutil
+
+    shutil.copytree(workdir / "base", path / "models/base")
+    (path / "data/split").mkdir(parents=True)
+    for split in ("train", "val"):
+        shutil.copy(workdir / f"{split}.jsonl", path / f"data/split/{split}.jsonl")
+    shutil.copytree(ROOT / "configs", path / "configs")
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def _finetune_stage(path: Path) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run([sys.executable, "-m", "stages.finetune"], cwd=path, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def test_two_cpu_processes_train_the_adapter_one_process_trains(workdir, tmp_path):
+    """train.num_processes=2 on the CPU: the finetune stage settles resume, relaunches itself through
+    `accelerate launch` as two processes (DDP over gloo, as on GPUs over NCCL), rank 0 writes. Two
+    processes of 2 questions give the adapter that one process with 2 × 2 accumulated gives, within
+    float32 rounding (the gradients are summed in a different order)."""
+    import torch
+
+    steps = {"max_steps": 3, "eval_steps": 3, "save_steps": 3, "batch_size": 2, "warmup_ratio": 0.0}
+    one = _stage_dir(tmp_path / "one", workdir, _params(**steps, grad_accum=2, num_processes=1))
+    two = _stage_dir(tmp_path / "two", workdir, _params(**steps, grad_accum=1, num_processes=2))
+    output = _finetune_stage(two)
+    assert "finetune: accelerate launch" in output and "--num_processes 2" in output
+    assert output.count("training on 20 examples") == 2  # both processes trained
+    assert output.count("finetune: best step") == 1  # rank 0 alone writes and reports
+    _finetune_stage(one)
+    for run in (one, two):
+        assert json.loads((run / "metrics/train.json").read_text())["steps"] == 3
+    trained = [load_file(run / "models/adapter/adapter_model.safetensors") for run in (one, two)]
+    assert trained[0].keys() == trained[1].keys() and trained[0]
+    for name, weight in trained[0].items():
+        assert torch.allclose(weight, trained[1][name], rtol=1e-4, atol=1e-6), (
+            name, (weight - trained[1][name]).abs().max().item())
+    # and training moved the weights: lora_B starts at zero
+    assert any(w.abs().max() > 0 for name, w in trained[0].items() if "lora_B" in name)
+
+
+def test_fsdp_without_gpus_is_one_clear_line(workdir, tmp_path):
+    """accelerate's FSDP plugin needs an accelerator device: on the CPU the stage says so and stops."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has GPUs: FSDP can start")
+    run = _stage_dir(tmp_path / "fsdp", workdir, _params(num_processes=2, distributed="fsdp"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "stages.finetune"], cwd=run, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "error: train.distributed=fsdp needs GPUs" in proc.stderr
+    assert not (run / "models/checkpoints").exists()  # stopped before anything was cleared or written
