@@ -152,6 +152,12 @@ def test_push_then_pull_in_a_fresh_clone_needs_no_rerun(project, tmp_path):
     stored = {p.name for p in (tmp_path / "remote").rglob("*") if p.is_file()}
     assert stored, "nothing reached the remote"
 
+    # The adapter as a registry artifact: a version tag, then fetched by name without a clone.
+    _run(["git", "tag", "-a", "pubmedqa-adapter@v0.1.0", "-m", "Registered version v0.1.0"], repo, env)
+    _run(["dvc", "artifacts", "get", str(repo), "pubmedqa-adapter", "-o", str(tmp_path / "fetched")], tmp_path, env)
+    fetched = tmp_path / "fetched/adapter_model.safetensors"
+    assert fetched.read_bytes() == (repo / "models/adapter/adapter_model.safetensors").read_bytes()
+
     clone = _clone(repo, tmp_path / "clone", env)
     assert not (clone / "models/adapter").exists()
     _run(["dvc", "pull", "finetune"], clone, env)
