@@ -1,13 +1,16 @@
-"""Merge the trained LoRA adapter into the base model and save it, for serving without peft.
+"""Merge the trained LoRA adapter into the base model and save it, for serving without peft: as
+safetensors (transformers, vLLM, TGI) or as one GGUF file with an Ollama Modelfile (llama.cpp,
+Ollama, LM Studio).
 
     python -m medqa.export [--out models/merged] [--dtype auto] [--merge-into original|dequantized]
+    python -m medqa.export --format gguf [--gguf-type f16|q8_0] [--out models/gguf]
 
 An adapter trained on a 4-bit base (QLoRA; the finetune stage records it in the adapter's
 trained_on.json) learned corrections to the de-quantised nf4 weights, not to the original ones: it
 is merged into those (the base loaded in 4-bit as in training, then de-quantised), which is the
 model that was trained and evaluated. An adapter trained on an unquantised base is merged into the
-original weights. `--merge-into` overrides the choice. The result is saved unquantised, in bf16 on
-CUDA and fp32 on the CPU, or in `--dtype`.
+original weights. `--merge-into` overrides the choice. Safetensors are saved unquantised, in bf16
+on CUDA and fp32 on the CPU, or in `--dtype`.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from medqa import paths
 from medqa.errors import PipelineError, command_main
 from medqa.io import atomic_dir, read_json
 from medqa.models import load_model, load_tokenizer, resolve_hardware
+from medqa.params import load_params
 from medqa.training import TRAINED_ON
 
 MERGE_TARGETS = ("original", "dequantized")
@@ -64,17 +68,47 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str =
         load_tokenizer(base_dir).save_pretrained(tmp)
 
 
+def export_gguf(base_dir: Path, adapter_dir: Path, out_dir: Path, params: dict, gguf_type: str = "f16",
+                merge_into: str | None = None) -> Path:
+    """The merged model as `model-<gguf_type>.gguf` in `out_dir`, with an Ollama `Modelfile` that
+    prompts it as the pipeline does (params.yaml's prompt section). Returns the GGUF file."""
+    import tempfile
+
+    from medqa.gguf_export import ollama_modelfile, write_gguf
+    from medqa.prompts import prompt_format
+
+    fmt = prompt_format(load_tokenizer(base_dir), params["prompt"], params["model"]["name"])
+    name = f"model-{gguf_type}.gguf"
+    with tempfile.TemporaryDirectory() as scratch:
+        merged = Path(scratch) / "merged"
+        merge_adapter(base_dir, adapter_dir, merged, "float32", merge_into)
+        with atomic_dir(out_dir) as tmp:
+            write_gguf(merged, Path(tmp) / name, gguf_type)
+            (Path(tmp) / "Modelfile").write_text(ollama_modelfile(fmt, params["prompt"]["system"], name))
+    return out_dir / name
+
+
 @command_main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("models/merged"))
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--format", choices=["safetensors", "gguf"], default="safetensors")
+    parser.add_argument("--out", type=Path, default=None, help="default: models/merged, or models/gguf")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="safetensors only (GGUF: --gguf-type)")
+    parser.add_argument("--gguf-type", choices=["f16", "q8_0"], default="f16")
     parser.add_argument("--merge-into", choices=MERGE_TARGETS, default=None,
                         help="default: the weights the adapter was trained against (its trained_on.json)")
     args = parser.parse_args()
     target = args.merge_into or trained_merge_target(paths.ADAPTER)
-    merge_adapter(paths.BASE_MODEL, paths.ADAPTER, args.out, args.dtype, target)
-    print(f"export: {paths.BASE_MODEL} + {paths.ADAPTER} merged into the {target} weights -> {args.out}")
+    if args.format == "gguf":
+        out = export_gguf(paths.BASE_MODEL, paths.ADAPTER, args.out or Path("models/gguf"), load_params(),
+                          args.gguf_type, target)
+        print(f"export: {paths.BASE_MODEL} + {paths.ADAPTER} merged into the {target} weights -> {out} "
+              f"(`ollama create pubmedqa -f {out.parent / 'Modelfile'}`)")
+        return
+    out = args.out or Path("models/merged")
+    merge_adapter(paths.BASE_MODEL, paths.ADAPTER, out, args.dtype, target)
+    print(f"export: {paths.BASE_MODEL} + {paths.ADAPTER} merged into the {target} weights -> {out}")
 
 
 if __name__ == "__main__":

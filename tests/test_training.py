@@ -159,6 +159,46 @@ def test_export_merges_the_adapter(workdir, tmp_path):
     assert not torch.allclose(base, merged, atol=1e-4)  # the adapter changed something
 
 
+@pytest.mark.parametrize("gguf_type, tolerance", [("f16", 2e-3), ("q8_0", 5e-2)])
+def test_gguf_export_reads_back_as_the_merged_model(workdir, tmp_path, gguf_type, tolerance):
+    """The GGUF file, read back by an independent reader (transformers' GGUF loader), gives the merged
+    safetensors model's logits (largest difference: f16 within 2e-3, q8_0 within 5e-2, on logits of
+    magnitude ~1), the same token ids (chat markup included) and the same chat template; the
+    Modelfile's template, filled in as Ollama fills it, is the pipeline's prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medqa.export import export_gguf, merge_adapter
+    from medqa.prompts import prompt_format, user_message
+
+    params = _params(max_steps=2, learning_rate=0.01)
+    _train(workdir, tmp_path, params)
+    gguf_file = export_gguf(workdir / "base", tmp_path / "adapter", tmp_path / "gguf", params, gguf_type)
+    merge_adapter(workdir / "base", tmp_path / "adapter", tmp_path / "merged", "float32")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    read_back = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    gguf_tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+
+    fmt = prompt_format(tokenizer, params["prompt"], params["model"]["name"])
+    question = user_message("Does aspirin reduce fever?", ["Aspirin reduced fever in 40 of 50 patients."])
+    prompt = fmt.prompt(params["prompt"]["system"], question)
+    for text in ("Hello, world.", prompt):
+        assert gguf_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert gguf_tokenizer.chat_template == tokenizer.chat_template
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    with torch.no_grad():
+        expected, got = merged(input_ids=ids).logits, read_back(input_ids=ids).logits
+    assert (got - expected).abs().max().item() < tolerance
+
+    modelfile = (gguf_file.parent / "Modelfile").read_text()
+    assert modelfile.startswith(f"FROM ./{gguf_file.name}\n")
+    template = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    filled = template.replace("{{ .System }}", params["prompt"]["system"]).replace("{{ .Prompt }}", question)
+    assert filled == prompt
+    assert f'SYSTEM """{params["prompt"]["system"]}"""' in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
 def test_non_finite_loss_stops_with_a_clear_message(workdir, tmp_path):
     proc = _start(workdir, tmp_path, _params(max_steps=30, learning_rate=1e8, warmup_ratio=0.0))
     output, _ = proc.communicate(timeout=600)
