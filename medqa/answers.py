@@ -67,13 +67,23 @@ def long_answer_part(generation: str, answer_prefix: str) -> str:
     return " ".join(_sentence_pattern(answer_prefix).sub(" ", generation).split())
 
 
+def _first_prefix(generation: str, answer_prefix: str) -> int:
+    """Where the generation's first answer prefix starts (any case), -1 where it has none."""
+    return generation.lower().find(answer_prefix.lower())
+
+
 def after_answer_context(generation: str, answer_prefix: str) -> str:
     """The text between the prompt and the options for `after_answer` scoring: the generation up to
     its first answer prefix (the model's own answer, in the order the target teaches) and the prefix.
     Where the generation has no prefix, all of it; where it starts with one, the prefix alone."""
-    start = generation.lower().find(answer_prefix.lower())
+    start = _first_prefix(generation, answer_prefix)
     answer = (generation if start < 0 else generation[:start]).strip()
     return f"{answer} {answer_prefix}" if answer else answer_prefix
+
+
+def after_answer_at(generation: str, answer_prefix: str) -> str:
+    """Where `after_answer_context` cut the generation: at "its answer prefix", or at "its end"."""
+    return "its end" if _first_prefix(generation, answer_prefix) < 0 else "its answer prefix"
 
 
 def after_answer_ids(tokenizer: Any, generation: str, answer_prefix: str) -> list[int]:

@@ -120,9 +120,7 @@ def _decision_columns(scored: ScoredAnswers, prior: np.ndarray, answer_prefix: s
             "decision_generated": answers.parse_decision(generation, answer_prefix),
             "decision_after_answer": DECISIONS[int(np.argmax(after[i]))],
             "after_answer_probs": _rounded(after[i]),
-            # Which text the after_answer options followed: the generation up to its own answer
-            # prefix, or all of it (no prefix in it) and then the prefix.
-            "after_answer_at": "its answer prefix" if answer_prefix.lower() in generation.lower() else "its end",
+            "after_answer_at": answers.after_answer_at(generation, answer_prefix),
             "decision_calibrated": DECISIONS[int(np.argmax(calibrated[i]))],
             "calibrated_probs": _rounded(calibrated[i]),
         }

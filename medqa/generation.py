@@ -244,6 +244,8 @@ def _after_answer_logliks(
     context = list(prompt) + list(followup[:reused])
     cache = _row_cache(model, batched, row, width - (len(prompt) - 1), width + reused)
     return _option_logliks(model, cache, context, followup[reused:], options), reused
+
+
 def _batch_cache(model: Any, caches: Sequence[Any], width: int, max_new_tokens: int) -> Any:
     """The prompts' caches left-padded to `width` tokens, stacked in one StaticCache with room for
     `max_new_tokens` more. A static cache is written in place at each decoding step, where a dynamic

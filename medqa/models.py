@@ -231,10 +231,11 @@ def resolve_hardware(quantization: str = "auto", dtype: str = "auto") -> Hardwar
         # On the CPU the paged / 8-bit optimisers fall back to CPU code only from 0.50.
         require_bitsandbytes("0.46.1" if cuda else "0.50")
         x86 = platform.machine().lower() in ("x86_64", "amd64")  # ARM CPUs have bitsandbytes' NEON code
-        if not cuda and x86 and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        capability = torch.backends.cpu.get_cpu_capability()
+        if not cuda and x86 and capability not in ("AVX2", "AVX512"):
             log.warning(
                 "4-bit on a CPU without AVX2 (%s): bitsandbytes runs its scalar code, expect it slow; "
-                "model.quantization=none is faster here", torch.backends.cpu.get_cpu_capability()
+                "model.quantization=none is faster here", capability
             )
     return Hardware("cuda" if cuda else "cpu", torch_dtype, quantize)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from medqa.answers import long_answer_part, parse_decision
+from medqa.answers import after_answer_at, after_answer_context, long_answer_part, parse_decision
 from medqa.errors import PipelineError
 from medqa.prompts import PromptFormat, fit_prompt, format_record, prompt_id
 from medqa.training import tokenize_example
@@ -92,3 +92,14 @@ def test_decision_first_target_and_the_long_answer_either_way(tokenizer):
 )
 def test_parse_decision(text, expected):
     assert parse_decision(text, PREFIX) == expected
+
+
+def test_after_answer_text_is_the_answer_up_to_its_first_prefix():
+    cases = {  # generation -> (the text the options follow, where it was cut)
+        "Aspirin halved it. The direct answer to your question is: yes. More.":
+            ("Aspirin halved it. The direct answer to your question is:", "its answer prefix"),
+        "THE DIRECT ANSWER TO YOUR QUESTION IS: no.": ("The direct answer to your question is:", "its answer prefix"),
+        "Aspirin halved it.": ("Aspirin halved it. The direct answer to your question is:", "its end"),
+    }
+    for generation, (context, at) in cases.items():
+        assert (after_answer_context(generation, PREFIX), after_answer_at(generation, PREFIX)) == (context, at)
