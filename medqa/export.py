@@ -77,14 +77,14 @@ def export_gguf(base_dir: Path, adapter_dir: Path, out_dir: Path, params: dict, 
     from medqa.gguf_export import ollama_modelfile, write_gguf
     from medqa.prompts import prompt_format
 
-    fmt = prompt_format(load_tokenizer(base_dir), params["prompt"], params["model"]["name"])
+    tokenizer = load_tokenizer(base_dir)
+    fmt = prompt_format(tokenizer, params["prompt"], params["model"]["name"])
+    merged = merged_model(base_dir, adapter_dir, "float32", merge_into)
     name = f"model-{gguf_type}.gguf"
-    with tempfile.TemporaryDirectory() as scratch:
-        merged = Path(scratch) / "merged"
-        merge_adapter(base_dir, adapter_dir, merged, "float32", merge_into)
-        with atomic_dir(out_dir) as tmp:
-            write_gguf(merged, Path(tmp) / name, gguf_type)
-            (Path(tmp) / "Modelfile").write_text(ollama_modelfile(fmt, params["prompt"]["system"], name))
+    with tempfile.TemporaryDirectory() as tokenizer_dir, atomic_dir(out_dir) as tmp:
+        tokenizer.save_pretrained(tokenizer_dir)  # the files the gguf package's vocabulary readers read
+        write_gguf(merged, Path(tokenizer_dir), Path(tmp) / name, gguf_type)
+        (Path(tmp) / "Modelfile").write_text(ollama_modelfile(fmt, params["prompt"]["system"], name))
     return out_dir / name
 
 

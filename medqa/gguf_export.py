@@ -25,7 +25,7 @@ def _permute_for_rope(weights: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weights.shape))
 
 
-def _tensor_data(name: str, tensor: Any, gguf_type: str) -> tuple[np.ndarray, Any]:
+def _tensor_data(tensor: Any, gguf_type: str) -> tuple[np.ndarray, Any]:
     """(data, raw type) of one tensor: 1-D tensors (norms) in float32, 2-D weights in f16 or q8_0."""
     import gguf
 
@@ -56,12 +56,12 @@ def _add_config(writer: Any, config: dict, gguf_type: str) -> None:
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if gguf_type == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
 
 
-def _add_tokenizer(writer: Any, model_dir: Path, tokenizer: Any, chat_template: str | None) -> None:
+def _add_tokenizer(writer: Any, tokenizer_dir: Path, tokenizer: Any, chat_template: str | None) -> None:
     """The vocabulary (gpt2-style byte-level BPE, as SmolLM2 and Llama 3; or llama's byte-fallback
     BPE / SentencePiece, as Mistral), special token ids, merges and the chat template."""
     import gguf
 
-    tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    tokenizer_json = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
     byte_level = tokenizer_json["model"]["type"] == "BPE" and not tokenizer_json["model"].get("byte_fallback")
     if byte_level:
         special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
@@ -74,45 +74,42 @@ def _add_tokenizer(writer: Any, model_dir: Path, tokenizer: Any, chat_template: 
         writer.add_token_list(tokens)
         writer.add_token_types(types)
     else:
-        vocab = gguf.LlamaHfVocab(model_dir)
+        vocab = gguf.LlamaHfVocab(tokenizer_dir)
         tokens, scores, types = zip(*vocab.all_tokens())
         writer.add_tokenizer_model(vocab.tokenizer_model)
         writer.add_token_list(tokens)
         writer.add_token_scores(scores)
         writer.add_token_types(types)
-    special_vocab = gguf.SpecialVocab(model_dir, load_merges=byte_level, n_vocab=len(tokenizer))
+    special_vocab = gguf.SpecialVocab(tokenizer_dir, load_merges=byte_level, n_vocab=len(tokenizer))
     if chat_template:
         special_vocab.chat_template = chat_template
     special_vocab.add_to_gguf(writer, quiet=True)
 
 
-def write_gguf(model_dir: Path, out_file: Path, gguf_type: str = "f16", chat_template: str | None = None) -> None:
-    """Write the merged model in `model_dir` (safetensors + tokenizer, as `medqa.export` saves it)
-    as one GGUF file: weights in `gguf_type`, the tokenizer, and `chat_template` (default: the
+def write_gguf(model: Any, tokenizer_dir: Path, out_file: Path, gguf_type: str = "f16",
+               chat_template: str | None = None) -> None:
+    """Write a merged model (plain transformers weights, no peft layers) as one GGUF file: weights in
+    `gguf_type`, the tokenizer saved in `tokenizer_dir`, and `chat_template` (default: the
     tokenizer's)."""
     import gguf
     import torch
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     if gguf_type not in GGUF_TYPES:
         raise PipelineError(f"--gguf-type is {gguf_type!r}, expected one of {', '.join(GGUF_TYPES)}")
-    config = json.loads((model_dir / "config.json").read_text())
+    config = model.config.to_dict()
     if config.get("model_type") not in LLAMA_FAMILY:
         raise PipelineError(f"GGUF export supports the Llama family ({', '.join(LLAMA_FAMILY)}), not "
                             f"{config.get('model_type')!r}: export safetensors and convert with llama.cpp")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
 
     writer = gguf.GGUFWriter(str(out_file), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    writer.add_name(model_dir.name)
+    writer.add_name(out_file.stem)
     _add_config(writer, config, gguf_type)
-    _add_tokenizer(writer, model_dir, tokenizer, chat_template or tokenizer.chat_template)
-    weights: dict[str, torch.Tensor] = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
-        weights.update(load_file(file))
-    for name, tensor in weights.items():
+    _add_tokenizer(writer, tokenizer_dir, tokenizer, chat_template or tokenizer.chat_template)
+    for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and config.get("tie_word_embeddings"):
             continue  # llama.cpp reads the output projection from the token embeddings
         if name.endswith(("q_proj.weight", "k_proj.weight")):
@@ -120,7 +117,7 @@ def write_gguf(model_dir: Path, out_file: Path, gguf_type: str = "f16", chat_tem
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise PipelineError(f"GGUF export: no GGUF name for the tensor {name}")
-        data, raw_type = _tensor_data(name, tensor, gguf_type)
+        data, raw_type = _tensor_data(tensor, gguf_type)
         writer.add_tensor(gguf_name, data, raw_dtype=raw_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -351,10 +351,14 @@ def _stage_dir(path: Path, workdir: Path, params: dict) -> Path:
     return path
 
 
-def _finetune_stage(path: Path) -> str:
+def _run_finetune_stage(path: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    proc = subprocess.run([sys.executable, "-m", "stages.finetune"], cwd=path, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "stages.finetune"], cwd=path, env=env, capture_output=True, text=True,
                           timeout=900)
+
+
+def _finetune_stage(path: Path) -> str:
+    proc = _run_finetune_stage(path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     return proc.stdout + proc.stderr
 
@@ -392,9 +396,7 @@ def test_fsdp_without_gpus_is_one_clear_line(workdir, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has GPUs: FSDP can start")
     run = _stage_dir(tmp_path / "fsdp", workdir, _params(num_processes=2, distributed="fsdp"))
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "stages.finetune"], cwd=run, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = _run_finetune_stage(run)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "error: train.distributed=fsdp needs GPUs" in proc.stderr
     assert not (run / "models/checkpoints").exists()  # stopped before anything was cleared or written
