@@ -217,12 +217,11 @@ def _row_cache(model: Any, batched: Any, row: int, start: int, end: int) -> Any:
     return cache
 
 
-def _cached_answer_tokens(generated: Sequence[int], followup: Sequence[int]) -> int:
-    """How many of `followup`'s first tokens the batch's cache already holds: those it shares with the
-    generated tokens (decoding wrote every generated token but the last into the cache)."""
+def _shared_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
+    """How many leading tokens the two sequences share."""
     shared = 0
-    for made, wanted in zip(generated, followup):
-        if made != wanted:
+    for a, b in zip(first, second):
+        if a != b:
             break
         shared += 1
     return shared
@@ -240,7 +239,9 @@ def _after_answer_logliks(
     there; only the rest of it (the answer prefix, and any text whose tokens differ) is computed.
     Returns the log-likelihoods and how many followup tokens came from the cache.
     """
-    reused = _cached_answer_tokens(generated, followup) if batched is not None else 0
+    # Decoding wrote every generated token but the last into the cache: the followup's leading tokens
+    # that equal the generated ones are there.
+    reused = _shared_prefix_length(generated, followup) if batched is not None else 0
     context = list(prompt) + list(followup[:reused])
     cache = _row_cache(model, batched, row, width - (len(prompt) - 1), width + reused)
     return _option_logliks(model, cache, context, followup[reused:], options), reused
@@ -319,3 +320,68 @@ def generate_and_score(
                 out.after_answer[i], out.after_answer_cached[i] = _after_answer_logliks(
                     model, cache, row, width, prompts[i], new[row].tolist(), followup(texts[row]), options)
     return out
+
+
+class SharedPrefixScorer:
+    """Option log-likelihoods after many prompts in a row, each prompt read only from where it parts
+    from the one before: prompts that share a long prefix (a judge's question, context and reference
+    answer, then one answer under several criteria) pay for it once.
+
+    One KV cache holds the previous prompt; a new prompt crops it back to the tokens both share and
+    extends it by the rest, whose last position gives the next-token distribution.
+    """
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.cache = self._new_cache()
+        self.ids: list[int] = []  # the tokens whose keys and values the cache holds
+        self.tokens_read = 0  # prompt tokens computed, against those asked about
+        self.tokens_asked = 0
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def _keep(self, keep: int) -> None:
+        """Crop the cache to its first `keep` tokens."""
+        if keep == len(self.ids):
+            return
+        if keep:
+            self.cache.crop(keep - len(self.ids))  # a negative count: tokens to drop from the end
+        else:
+            self.cache = self._new_cache()
+        self.ids = self.ids[:keep]
+
+    @torch.inference_mode()
+    def option_logliks(self, prompt: Sequence[int], options: Sequence[Sequence[int]]) -> list[float]:
+        """The log-likelihood of each option's tokens after `prompt` (as `score_choices` gives it).
+
+        Options that differ only in their last token (" 1".." 4" may be a space, then the digit)
+        take one forward pass: the tokens they share are read with the prompt.
+        """
+        shared = _shared_options_start(options)
+        ids = list(prompt) + shared
+        self._keep(min(_shared_prefix_length(self.ids, ids), len(prompt) - 1))  # read from the prompt's last token
+        rest = ids[len(self.ids):]
+        logits = self.model(input_ids=torch.tensor([rest], device=model_device(self.model)), past_key_values=self.cache,
+                            use_cache=True, logits_to_keep=len(shared) + 1).logits[0]
+        self.ids = ids
+        self.tokens_read += len(rest)
+        self.tokens_asked += len(ids)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        if all(len(o) == len(shared) + 1 for o in options):
+            start = _logprob_sum(logprobs[:-1], shared) if shared else 0.0
+            return [start + logprobs[-1, o[-1]].item() for o in options]
+        # Options of other lengths extend a cache that holds the prompt but its last token.
+        self._keep(len(prompt) - 1)
+        return _option_logliks(self.model, self.cache, prompt, [], options)
+
+
+def _shared_options_start(options: Sequence[Sequence[int]]) -> list[int]:
+    """The leading tokens every option shares, leaving each at least its last token."""
+    shortest = min(len(o) for o in options)
+    shared = list(options[0][: shortest - 1])
+    for option in options[1:]:
+        shared = shared[: _shared_prefix_length(shared, option)]
+    return shared

@@ -138,7 +138,7 @@ STATISTICS: dict[str, Statistic] = {
 }
 
 
-def _interval(statistic: Callable[[np.ndarray], float], n: int, n_resamples: int, seed: int) -> tuple[float, float]:
+def bootstrap_interval(statistic: Callable[[np.ndarray], float], n: int, n_resamples: int, seed: int) -> tuple[float, float]:
     """95% percentile bootstrap interval over questions (scipy.stats.bootstrap, resampling indices)."""
     from scipy.stats import bootstrap
 
@@ -181,7 +181,7 @@ def summarize(table: Table, n_resamples: int, seed: int) -> dict:
     n = len(table["truth"])
     out: dict = {"n_questions": n}
     for name, statistic in STATISTICS.items():
-        low, high = _interval(lambda i, f=statistic: f(table, i), n, n_resamples, seed)
+        low, high = bootstrap_interval(lambda i, f=statistic: f(table, i), n, n_resamples, seed)
         _set(out, name, statistic(table, np.arange(n)))
         _set(out, f"{name}_ci_low", low)
         _set(out, f"{name}_ci_high", high)
@@ -217,5 +217,5 @@ def paired_differences(base: Table, tuned: Table, n_resamples: int, seed: int) -
     out = {}
     for name, statistic in STATISTICS.items():
         diff = lambda i, f=statistic: f(tuned, i) - f(base, i)  # noqa: E731
-        out[name] = (diff(np.arange(n)), *_interval(diff, n, n_resamples, seed))
+        out[name] = (diff(np.arange(n)), *bootstrap_interval(diff, n, n_resamples, seed))
     return out

@@ -46,6 +46,9 @@ PROFILES: dict[str, ModelProfile] = {
     "llama-3.2-3b": ModelProfile("meta-llama/Llama-3.2-3B", LLAMA_MODULES, template=INSTRUCTION),
     "llama-3.2-3b-instruct": ModelProfile("meta-llama/Llama-3.2-3B-Instruct", LLAMA_MODULES),
     "distilgpt2": ModelProfile("distilbert/distilgpt2", GPT2_MODULES, template=INSTRUCTION),
+    # A judge (judge.model): Mistral-7B-Instruct-v0.2 trained to grade answers against a rubric and a
+    # reference, pointwise and pairwise; Apache-2.0, not gated. Mistral's instruct format.
+    "prometheus-7b-v2.0": ModelProfile("prometheus-eval/prometheus-7b-v2.0", LLAMA_MODULES, template=MISTRAL_INST),
 }
 
 

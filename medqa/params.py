@@ -8,6 +8,7 @@ from typing import Any, Callable
 import yaml
 
 from medqa.errors import PipelineError
+from medqa.rubric import CRITERIA
 
 Check = tuple[Callable[[Any], bool], str]  # (is the value allowed?, what is allowed)
 
@@ -106,6 +107,12 @@ SCHEMA: dict[str, Check] = {
     "eval.bertscore_num_layers": integer(1, nullable=True),
     "eval.bootstrap": integer(0),
     "eval.seed": integer(0),
+    "judge.model": text(),
+    "judge.max_samples": integer(1, nullable=True),
+    "judge.criteria": (lambda v: isinstance(v, list) and v and all(c in CRITERIA for c in v) and len(set(v)) == len(v),
+                       "a list of distinct criteria from " + ", ".join(CRITERIA)),
+    "judge.max_context_tokens": integer(16),
+    "judge.seed": integer(0),
     "report.n_examples": integer(0),
     "chat.history_turns": integer(0),
     "chat.host": text(),
@@ -144,6 +151,7 @@ def validate(params: dict[str, Any], source: str = "params.yaml") -> None:
             f"({flat['train.eval_steps']}) so the best checkpoint by validation loss can be kept"
         )
     lora_targets(get_profile(flat["model.name"]), flat["lora.target_modules"])
+    get_profile(flat["judge.model"])  # a known profile, a local model directory or a hub id
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:

@@ -25,5 +25,10 @@ def eval_outputs(label: str) -> dict[str, Path]:
     }
 
 
+JUDGE_PREDICTIONS = PREDICTIONS_DIR / "judge.jsonl"
+JUDGE_METRICS = Path("metrics/judge.json")
+JUDGE_MODEL = Path("models/judge")  # scratch: a judge model other than the base model, prepared once
+
 REPORT = Path("reports/report.md")
 LOSS_PNG = Path("reports/loss.png")
+JUDGE_PNG = Path("reports/judge.png")

@@ -148,3 +148,11 @@ def fit_prompt(example: dict, tokenizer: Any, budget: int) -> list[int]:
             return cut["input_ids"]
         # Re-tokenising at the cut can merge or split a token or two: cut a little more.
         keep -= len(cut["input_ids"]) - budget
+
+
+def cut_to_tokens(text: str, tokenizer: Any, max_tokens: int) -> str:
+    """`text` cut to its first `max_tokens` tokens (" ..." marks a cut)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return text
+    return tokenizer.decode(ids[:max_tokens], skip_special_tokens=True).rstrip() + " ..."

