@@ -26,16 +26,21 @@ log = logging.getLogger(__name__)
 MODELS = ("baseline", "finetuned")  # the order of the answers in every row
 
 
+def _renormalised(logliks: Sequence[float]) -> np.ndarray:
+    """One request's option log-likelihoods as probabilities over just those options."""
+    return answers.choice_probabilities(np.asarray(logliks, dtype=float)[None, :])[0]
+
+
 def expected_rating(logliks: Sequence[float]) -> tuple[float, np.ndarray]:
     """The probability-weighted rating from the rating tokens' log-likelihoods (for 1..4): the
     options' probabilities renormalised, and the sum of rating times probability."""
-    probs = answers.choice_probabilities(np.asarray(logliks, dtype=float)[None, :])[0]
+    probs = _renormalised(logliks)
     return float(probs @ np.array(RATINGS, dtype=float)), probs
 
 
 def prefer_first(logliks: Sequence[float]) -> float:
     """The probability that the first answer (A) is better, from the log-likelihoods of " A" and " B"."""
-    return float(answers.choice_probabilities(np.asarray(logliks, dtype=float)[None, :])[0, 0])
+    return float(_renormalised(logliks)[0])
 
 
 class Judge(Protocol):

@@ -56,10 +56,9 @@ def plot_head_to_head(rates: dict[str, float], judge: str, out_png: Path) -> Non
     left = 0.0
     for outcome, rate in rates.items():
         ax.barh([0], [rate], left=left, color=colours.get(outcome))
-        if rates[outcome] >= 0.1:  # narrower segments are named in the title only
-            ax.text(left + rates[outcome] / 2, 0, f"{outcome} {rates[outcome]:.0%}", ha="center", va="center",
-                    color="white", fontsize=9)
-        left += rates[outcome]
+        if rate >= 0.1:  # narrower segments are named in the title only
+            ax.text(left + rate / 2, 0, f"{outcome} {rate:.0%}", ha="center", va="center", color="white", fontsize=9)
+        left += rate
     ax.set_xlim(0, 1)
     ax.set_yticks([])
     ax.set_xlabel("share of judged questions")
