@@ -26,9 +26,10 @@ from medqa.answers import after_answer_ids, decision_options, parse_decision
 from medqa.evaluation import answer_and_score, content_free_prior
 from medqa.generation import ScoredAnswers, generate, generate_and_score, generation_config
 from medqa.io import read_jsonl
-from medqa.models import load_model, load_tokenizer, resolve_hardware
+from medqa.models import load_for_inference, resolve_hardware
 from medqa.params import load_params
 from medqa.prompts import fit_prompt
+from medqa.tokens import token_ids
 
 T = TypeVar("T")
 
@@ -49,15 +50,15 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="default: model.dtype (float32 on the CPU)")
     args = parser.parse_args()
     params = load_params()
-    batch_size = args.batch_size or params["eval"]["batch_size"]
-    max_new = args.max_new_tokens or params["generation"]["max_new_tokens"]
-    prefix = params["prompt"]["answer_prefix"]
+    batch_size = args.batch_size or params.eval.batch_size
+    max_new = args.max_new_tokens or params.generation.max_new_tokens
+    prefix = params.prompt.answer_prefix
 
-    tokenizer = load_tokenizer(paths.BASE_MODEL, padding_side="left")
-    hardware = resolve_hardware(params["model"]["quantization"], args.dtype or params["model"]["dtype"])
-    model = load_model(paths.BASE_MODEL, hardware)
+    loaded = load_for_inference(paths.BASE_MODEL, resolve_hardware(params.model.quantization,
+                                                                   args.dtype or params.model.dtype))
+    model, tokenizer, hardware = loaded.model, loaded.tokenizer, loaded.hardware
     examples = read_jsonl(paths.TEST)[: args.questions]
-    prompts = [fit_prompt(ex, tokenizer, params["eval"]["max_prompt_length"]) for ex in examples]
+    prompts = [fit_prompt(ex, tokenizer, params.eval.max_prompt_length) for ex in examples]
     print(f"{len(prompts)} questions, {max_new} new tokens, {hardware.dtype} on {hardware.device}, "
           f"torch threads {torch.get_num_threads()}")
 
@@ -66,14 +67,14 @@ def main() -> None:
         generate(model, tokenizer, [p], greedy, batch_size=1, desc="notebook")[0] for p in prompts])
     notebook_decisions = [parse_decision(g, prefix) for g in notebook]
 
-    targets = [tokenizer(ex["target"], add_special_tokens=False)["input_ids"] for ex in examples]
+    targets = [token_ids(tokenizer, ex["target"]) for ex in examples]
 
     def with_protocols() -> ScoredAnswers:
         return answer_and_score(model, tokenizer, prompts, targets, prefix, greedy, 0, batch_size, desc="stage")
 
     def without_protocols() -> ScoredAnswers:
         return generate_and_score(
-            model, tokenizer, prompts, greedy, choice_prefix=tokenizer(prefix, add_special_tokens=False)["input_ids"],
+            model, tokenizer, prompts, greedy, choice_prefix=token_ids(tokenizer, prefix),
             options=decision_options(tokenizer, prefix), targets=targets, batch_size=batch_size,
             desc="stage without after_answer",
         )
@@ -86,7 +87,7 @@ def main() -> None:
         runs.append(seconds)
         without_runs.append(_timed(without_protocols)[1])
     stage_s, without_s = min(runs), min(without_runs)
-    prior_s = _timed(lambda: content_free_prior(model, tokenizer, params["prompt"], params["model"]["name"]))[1]
+    prior_s = _timed(lambda: content_free_prior(model, tokenizer, params.prompt, params.model.name))[1]
     batched = scored.generations
     followup_tokens = sum(len(after_answer_ids(tokenizer, g, prefix)) for g in batched)
 

@@ -40,7 +40,8 @@ from medqa import paths
 from medqa.io import read_jsonl
 from medqa.models import load_tokenizer, resolve_hardware
 from medqa.params import load_params
-from medqa.training import build_trainer, setup_model, tokenize_example, training_arguments
+from medqa.trainer import build_trainer
+from medqa.training import setup_model, tokenize_example, training_arguments
 
 WAYS = ("notebook", "stage")
 
@@ -77,17 +78,17 @@ def run_way(way: str, steps: int) -> dict:
     from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
     params = load_params()
-    tp = params["train"]
-    set_seed(tp["seed"])
+    tp = params.train
+    set_seed(tp.seed)
     hardware = resolve_hardware("none", "float32")
     tokenizer = load_tokenizer(paths.BASE_MODEL)
     examples = read_jsonl(paths.TRAIN)
-    n = steps * tp["batch_size"] * tp["grad_accum"]
+    n = steps * tp.batch_size * tp.grad_accum
     if n > len(examples):
         raise SystemExit(f"{steps} steps need {n} train questions; data/split/train.jsonl has {len(examples)}")
-    sample = random.Random(tp["seed"]).sample(examples, n)  # the same questions for both ways
-    dataset = Dataset.from_list([tokenize_example(ex, tokenizer, tp["max_length"]) for ex in sample])
-    model = setup_model(paths.BASE_MODEL, params["model"], params["lora"], hardware)
+    sample = random.Random(tp.seed).sample(examples, n)  # the same questions for both ways
+    dataset = Dataset.from_list([tokenize_example(ex, tokenizer, tp.max_length) for ex in sample])
+    model = setup_model(paths.BASE_MODEL, params.model, params.lora, hardware)
     args = dataclasses.replace(
         training_arguments(tp, hardware, tempfile.mkdtemp(prefix="bench-train-")),
         max_steps=steps, eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
@@ -97,7 +98,7 @@ def run_way(way: str, steps: int) -> dict:
     if way == "stage":
         trainer = build_trainer(model, tokenizer, args, dataset, None, [])
     else:
-        collator = DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=tp["max_length"],
+        collator = DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=tp.max_length,
                                           label_pad_token_id=-100)
         trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
     seen: list[dict] = []
@@ -129,9 +130,9 @@ def main() -> None:
     if args.way:
         print(json.dumps(run_way(args.way, args.steps)))
         return
-    tp = load_params()["train"]
+    tp = load_params().train
     peak = matmul_flops()
-    print(f"max_length {tp['max_length']}, batch {tp['batch_size']} x {tp['grad_accum']}, {args.steps} steps, "
+    print(f"max_length {tp.max_length}, batch {tp.batch_size} x {tp.grad_accum}, {args.steps} steps, "
           f"{torch.get_num_threads()} threads; fp32 matmul rate {peak / 1e9:.1f} GFLOP/s")
     results = {}
     for way in WAYS:

@@ -7,19 +7,14 @@ No model runs here (see `evaluation` and `generation`): this module is light eno
 from __future__ import annotations
 
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from medqa.tokens import token_ids
 DECISIONS = ("yes", "no", "maybe")  # PubMedQA's final_decision labels, in option order
 NO_DECISION = "none"  # a generated answer from which no decision could be parsed
-
-# The decision protocols the eval stages score (see the report's note on each):
-# choice: the options straight after the prompt and the answer prefix (the published zero-shot protocol);
-# generated: the decision word found in the generated text;
-# after_answer: the options after the prompt, the model's own long answer and the answer prefix;
-# calibrated: choice, divided by the model's option probabilities for content-free prompts.
-PROTOCOLS = ("choice", "generated", "after_answer", "calibrated")
 
 # Content-free stand-ins for the question and the context (Zhao et al., 2021, "Calibrate Before Use").
 CONTENT_FREE = ("N/A", "", "[MASK]")
@@ -88,15 +83,15 @@ def after_answer_at(generation: str, answer_prefix: str) -> str:
 
 def after_answer_ids(tokenizer: Any, generation: str, answer_prefix: str) -> list[int]:
     """The tokens fed after the prompt before the options are read, for `after_answer` scoring."""
-    return tokenizer(after_answer_context(generation, answer_prefix), add_special_tokens=False)["input_ids"]
+    return token_ids(tokenizer, after_answer_context(generation, answer_prefix))
 
 
 def continuation_ids(tokenizer: Any, context: str, continuation: str) -> list[int]:
     """Token ids that `continuation` adds after `context`, tokenised together (as lm-eval does)."""
-    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    full = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = token_ids(tokenizer, context)
+    full = token_ids(tokenizer, context + continuation)
     if full[: len(ctx)] != ctx:  # the join merged tokens: fall back to separate tokenisation
-        return tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        return token_ids(tokenizer, continuation)
     return full[len(ctx) :]
 
 
@@ -123,3 +118,91 @@ def calibrate(probs: np.ndarray, prior: np.ndarray) -> np.ndarray:
     (the diagonal W = diag(prior)^-1, b = 0 of Zhao et al., 2021)."""
     scaled = np.asarray(probs, dtype=float) / np.asarray(prior, dtype=float)
     return scaled / scaled.sum(axis=-1, keepdims=True)
+
+
+def rounded_probabilities(probs: np.ndarray) -> dict[str, float]:
+    return {d: round(float(p), 6) for d, p in zip(DECISIONS, probs)}
+
+
+@dataclass(frozen=True)
+class DecisionEvidence:
+    """What the decision protocols read, per question: the generated answers, the options'
+    log-likelihoods straight after the prompt and the answer prefix, and after the model's own answer
+    (shape (n, 3) each), and the model's content-free prior (shape (3,))."""
+
+    generations: Sequence[str]
+    choice: np.ndarray
+    after_answer: np.ndarray
+    prior: np.ndarray
+    answer_prefix: str
+
+
+Reading = tuple[list[str], np.ndarray | None]  # per question, a decision and the probabilities behind it
+
+
+def _argmax_decisions(probs: np.ndarray) -> Reading:
+    return [DECISIONS[int(i)] for i in np.argmax(probs, axis=1)], probs
+
+
+def _read_choice(e: DecisionEvidence) -> Reading:
+    return _argmax_decisions(choice_probabilities(e.choice))
+
+
+def _read_after_answer(e: DecisionEvidence) -> Reading:
+    return _argmax_decisions(choice_probabilities(e.after_answer))
+
+
+def _read_calibrated(e: DecisionEvidence) -> Reading:
+    return _argmax_decisions(calibrate(choice_probabilities(e.choice), e.prior))
+
+
+def _read_generated(e: DecisionEvidence) -> Reading:
+    return [parse_decision(g, e.answer_prefix) for g in e.generations], None
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A way of reading a model's yes/no/maybe decision. Its `name` keys the prediction rows
+    (`decision_<name>`, `<name>_probs`) and the metrics (`decision.<name>.*`)."""
+
+    name: str
+    label: str  # how the report and the chat app call it
+    needs_generation: bool  # read from the generated answer (or after it), not from the prompt alone
+    scored: str  # how its options are scored, for the report's note
+    read: Callable[[DecisionEvidence], Reading]
+    reported: tuple[str, ...] = ("accuracy", "macro_f1")  # its statistics in the report's table
+
+
+# The decision protocols, in the order the report shows them. The first is the published zero-shot
+# protocol: the official-format predictions file holds its decisions. A new protocol is one entry
+# and its reader.
+PROTOCOLS: tuple[Protocol, ...] = (
+    Protocol("choice", "choice", False,
+             "the most likely of yes/no/maybe straight after the prompt and the answer prefix (the published "
+             "zero-shot protocol; the official-format predictions file holds these)",
+             _read_choice, reported=("accuracy", "macro_f1", "weighted_f1")),
+    Protocol("after_answer", "after answer", True,
+             "the same options after the model's own generated answer and the prefix (the order the "
+             "fine-tuning target teaches)", _read_after_answer),
+    Protocol("calibrated", "calibrated", False,
+             "choice, with each option's probability divided by the model's own probability for it on "
+             "content-free prompts (its content-free prior, given next)", _read_calibrated),
+    Protocol("generated", "parsed", True,
+             "the decision word found in the generated text (none found counts as wrong)",
+             _read_generated, reported=("accuracy", "macro_f1", "weighted_f1", "none_rate")),
+)
+PRIMARY = PROTOCOLS[0]
+PROTOCOL_NAMES = tuple(p.name for p in PROTOCOLS)
+
+
+def read_decisions(evidence: DecisionEvidence, protocols: Sequence[Protocol] = PROTOCOLS) -> list[dict[str, Any]]:
+    """Per question, each protocol's decision (`decision_<name>`) and, where it has them, the
+    probabilities behind it (`<name>_probs`, rounded): the prediction rows' decision columns."""
+    columns: list[dict[str, Any]] = [{} for _ in evidence.generations]
+    for protocol in protocols:
+        decisions, probs = protocol.read(evidence)
+        for i, row in enumerate(columns):
+            row[f"decision_{protocol.name}"] = decisions[i]
+            if probs is not None:
+                row[f"{protocol.name}_probs"] = rounded_probabilities(probs[i])
+    return columns

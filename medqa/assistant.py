@@ -11,15 +11,21 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from transformers import GenerationConfig
 
-from medqa.answers import DECISIONS, choice_probabilities
+from medqa.answers import DECISIONS, PROTOCOLS, DecisionEvidence
 from medqa.errors import PipelineError
-from medqa.evaluation import score_after_answers, score_decisions
+from medqa.evaluation import content_free_prior, score_after_answers, score_decisions
 from medqa.generation import model_device, model_generate
-from medqa.models import load_model, load_tokenizer, read_source, resolve_hardware
+from medqa.models import load_for_inference, resolve_hardware
+from medqa.params import Params
 from medqa.prompts import fit_prompt, join_contexts, prompt_format, user_message
+from medqa.tokens import token_ids
+
+
+Decision = tuple[str, "dict[str, float] | None"]  # a protocol's decision and the probabilities behind it
 
 
 def message_text(content: Any) -> str:
@@ -60,29 +66,25 @@ class _Stop:
 class Assistant:
     """The base model with its adapter, the prompt format of the pipeline, and the answer functions."""
 
-    def __init__(self, model: Any, tokenizer: Any, params: dict[str, Any]):
+    def __init__(self, model: Any, tokenizer: Any, params: Params):
         self.model = model
         self.tokenizer = tokenizer
-        self.system = params["prompt"]["system"]
-        self.answer_prefix = params["prompt"]["answer_prefix"]
-        self.max_prompt_length = params["eval"]["max_prompt_length"]
-        self.history_turns = params["chat"]["history_turns"]
-        self.seed = params["generation"]["seed"]  # each answer is seeded alike: sampled answers can be reproduced
-        self.format = prompt_format(tokenizer, params["prompt"], params["model"]["name"])
+        self.system = params.prompt.system
+        self.answer_prefix = params.prompt.answer_prefix
+        self.max_prompt_length = params.eval.max_prompt_length
+        self.history_turns = params.chat.history_turns
+        self.seed = params.generation.seed  # each answer is seeded alike: sampled answers can be reproduced
+        self.prompt, self.model_name = params.prompt, params.model.name
+        self.format = prompt_format(tokenizer, params.prompt, params.model.name)
+        self._priors: dict[bool, np.ndarray] = {}  # the content-free prior, with the adapter on and off
         self.lock = threading.Lock()
 
     @classmethod
-    def load(cls, params: dict[str, Any], base_dir: str | Path, adapter_dir: str | Path) -> "Assistant":
+    def load(cls, params: Params, base_dir: str | Path, adapter_dir: str | Path) -> "Assistant":
         """Load the base model once and attach the adapter; clear errors when either is missing."""
-        read_source(base_dir)  # says to run the download stage when the base model is missing
-        if not (Path(adapter_dir) / "adapter_model.safetensors").exists():
-            raise PipelineError(
-                f"no fine-tuned adapter in {adapter_dir}: run `dvc repro` to train it or `dvc pull finetune` "
-                "to fetch it from the DVC remote"
-            )
-        hardware = resolve_hardware(params["model"]["quantization"], params["model"]["dtype"])
-        model = load_model(base_dir, hardware, adapter_dir)
-        return cls(model, load_tokenizer(base_dir, padding_side="left"), params)
+        loaded = load_for_inference(base_dir, resolve_hardware(params.model.quantization, params.model.dtype),
+                                    adapter_dir)
+        return cls(loaded.model, loaded.tokenizer, params)
 
     def question_prompt(self, question: str, context: str = "") -> list[int]:
         """Token ids of a PubMedQA-style prompt (the pipeline's format), the context cut to fit."""
@@ -101,8 +103,7 @@ class Assistant:
             raise PipelineError("type a message first")
         turns = recent_turns(history, self.history_turns)
         while True:
-            ids = self.tokenizer(self.format.conversation(self.system, turns, message.strip()),
-                                 add_special_tokens=False)["input_ids"]
+            ids = token_ids(self.tokenizer, self.format.conversation(self.system, turns, message.strip()))
             if len(ids) <= self.max_prompt_length or not turns:
                 return ids[-self.max_prompt_length:]
             turns = turns[1:]  # too long: forget the oldest exchange first
@@ -112,15 +113,28 @@ class Assistant:
         with self.lock, (nullcontext() if enabled else self.model.disable_adapter()):
             yield
 
-    def decision_probabilities(self, prompt: list[int], adapter: bool, answer: str | None = None) -> dict[str, float]:
-        """P(yes/no/maybe) as the eval stages score them: straight after the prompt and the answer prefix
-        (`choice`), or, given the model's `answer`, after it and the prefix (`after_answer`)."""
+    def decisions(self, prompt: list[int], adapter: bool, answer: str | None = None) -> dict[str, Decision]:
+        """Each decision protocol's reading of one question, as the eval stages read it: protocol name
+        -> (decision, P(yes/no/maybe) or None). Without the model's `answer`, only the protocols that
+        need no generation."""
         with self._adapter(adapter):
-            if answer is None:
-                loglik = score_decisions(self.model, self.tokenizer, [prompt], self.answer_prefix, 1, desc=None)
-            else:
-                loglik = score_after_answers(self.model, self.tokenizer, [prompt], [answer], self.answer_prefix, 1)
-        return dict(zip(DECISIONS, choice_probabilities(loglik)[0].tolist()))
+            choice = score_decisions(self.model, self.tokenizer, [prompt], self.answer_prefix, 1, desc=None)
+            after = (np.full_like(choice, np.nan) if answer is None else
+                     score_after_answers(self.model, self.tokenizer, [prompt], [answer], self.answer_prefix, 1))
+            if adapter not in self._priors:
+                self._priors[adapter] = content_free_prior(self.model, self.tokenizer, self.prompt, self.model_name)
+        evidence = DecisionEvidence([answer or ""], choice, after, self._priors[adapter], self.answer_prefix)
+        readings = {}
+        for protocol in PROTOCOLS:
+            if answer is not None or not protocol.needs_generation:
+                decisions, probs = protocol.read(evidence)
+                readings[protocol.name] = (decisions[0], None if probs is None else dict(zip(DECISIONS, probs[0].tolist())))
+        return readings
+
+    def decision_probabilities(self, prompt: list[int], adapter: bool, answer: str | None = None) -> dict[str, float]:
+        """P(yes/no/maybe) straight after the prompt and the answer prefix (`choice`), or, given the
+        model's `answer`, after it and the prefix (`after_answer`)."""
+        return self.decisions(prompt, adapter, answer)["choice" if answer is None else "after_answer"][1]
 
     def stream(self, prompt: list[int], config: GenerationConfig, adapter: bool) -> Iterator[str]:
         """The answer so far, growing token by token while the model generates in a worker thread."""

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from medqa import paths
-from medqa.assistant import Assistant
-from medqa.answers import DECISIONS
+from medqa.answers import DECISIONS, PROTOCOLS
+from medqa.assistant import Assistant, Decision
 from medqa.errors import PipelineError, command_main
 from medqa.generation import generation_config
 from medqa.io import read_jsonl
-from medqa.params import load_params
+from medqa.params import GenerationParams, load_params
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
@@ -42,14 +42,21 @@ def _probabilities(probs: dict[str, float]) -> str:
     return " · ".join(f"{d} {probs[d]:.2f}" for d in DECISIONS)
 
 
-def decision_markdown(direct: dict[str, float], after: dict[str, float] | None = None) -> str:
-    """The decision read after the model's streamed answer (`after_answer`, the pane's decision) in
-    bold, with the direct choice (straight after the question, the published protocol) beside it;
-    only the direct choice while the answer is still streaming."""
-    choice = f"straight after the question (choice): {max(direct, key=direct.get)} ({_probabilities(direct)})"
-    if after is None:
-        return f"Decision after its answer: *(when the answer is complete)* · {choice}"
-    return f"Decision after its answer: **{max(after, key=after.get)}** ({_probabilities(after)}) · {choice}"
+PANE_PROTOCOL = "after_answer"  # the pane's decision: read after the streamed answer, in the order the target teaches
+
+
+def decision_markdown(readings: dict[str, Decision]) -> str:
+    """The pane's decision (`PANE_PROTOCOL`, read after the model's streamed answer) in bold, with every
+    other protocol's reading beside it (`Assistant.decisions`); while the answer is still streaming,
+    the protocols that need no answer."""
+    def reading(name: str, bold: bool = False) -> str:
+        decision, probs = readings[name]
+        decision = f"**{decision}**" if bold else decision
+        return decision if probs is None else f"{decision} ({_probabilities(probs)})"
+
+    pane = reading(PANE_PROTOCOL, bold=True) if PANE_PROTOCOL in readings else "*(when the answer is complete)*"
+    others = [f"({p.label}): {reading(p.name)}" for p in PROTOCOLS if p.name in readings and p.name != PANE_PROTOCOL]
+    return " · ".join([f"Decision after its answer: {pane}", *others])
 
 
 def reference_markdown(example: dict | None) -> str:
@@ -64,17 +71,16 @@ def compare_answers(
 ) -> Iterator[tuple[str, str, str, str]]:
     """(base answer, base decision, fine-tuned answer, fine-tuned decision), updated as tokens stream in."""
     prompt = assistant.question_prompt(question, context)
-    base_direct = assistant.decision_probabilities(prompt, adapter=False)
-    tuned_direct = assistant.decision_probabilities(prompt, adapter=True)
-    base_decision, tuned_decision = decision_markdown(base_direct), decision_markdown(tuned_direct)
+    base_decision = decision_markdown(assistant.decisions(prompt, adapter=False))
+    tuned_decision = decision_markdown(assistant.decisions(prompt, adapter=True))
     base = ""
     for base in assistant.stream(prompt, config, adapter=False):
         yield base, base_decision, "", tuned_decision
-    base_decision = decision_markdown(base_direct, assistant.decision_probabilities(prompt, False, answer=base))
+    base_decision = decision_markdown(assistant.decisions(prompt, adapter=False, answer=base))
     tuned = ""
     for tuned in assistant.stream(prompt, config, adapter=True):
         yield base, base_decision, tuned, tuned_decision
-    tuned_decision = decision_markdown(tuned_direct, assistant.decision_probabilities(prompt, True, answer=tuned))
+    tuned_decision = decision_markdown(assistant.decisions(prompt, adapter=True, answer=tuned))
     yield base, base_decision, tuned, tuned_decision
 
 
@@ -88,13 +94,13 @@ def chat_reply(
         yield [*history, {"role": "assistant", "content": reply}]
 
 
-def build_app(assistant: Assistant, defaults: dict[str, Any], test_questions: dict[str, dict]) -> Any:
+def build_app(assistant: Assistant, defaults: GenerationParams, test_questions: dict[str, dict]) -> Any:
     """The Gradio Blocks app: a notice, generation controls (`defaults`: params.yaml's generation
     section), a Compare tab and a Chat tab."""
     import gradio as gr
 
     def settings(temperature: float, top_p: float, max_new_tokens: float) -> GenerationConfig:
-        return generation_config(int(max_new_tokens), float(temperature), float(top_p), defaults["repetition_penalty"])
+        return generation_config(int(max_new_tokens), float(temperature), float(top_p), defaults.repetition_penalty)
 
     def on_compare(question, context, temperature, top_p, max_new_tokens):
         try:
@@ -120,10 +126,10 @@ def build_app(assistant: Assistant, defaults: dict[str, Any], test_questions: di
         gr.Markdown(NOTICE, elem_id="notice")
         with gr.Accordion("Generation settings", open=False):
             with gr.Row():
-                temperature = gr.Slider(0.0, 2.0, value=defaults["temperature"], step=0.05,
+                temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05,
                                         label="Temperature (0 = greedy)")
-                top_p = gr.Slider(0.05, 1.0, value=defaults["top_p"], step=0.05, label="Top-p")
-                max_new_tokens = gr.Slider(1, max(1024, defaults["max_new_tokens"]), value=defaults["max_new_tokens"],
+                top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p")
+                max_new_tokens = gr.Slider(1, max(1024, defaults.max_new_tokens), value=defaults.max_new_tokens,
                                            step=1, label="Max new tokens")
         controls = [temperature, top_p, max_new_tokens]
         with gr.Tab("Compare"):
@@ -183,8 +189,8 @@ def main(argv: list[str] | None = None) -> None:
         raise PipelineError("gradio is not installed: `pip install -r requirements.txt` (or `make setup`)")
     log.info("loading %s with the adapter in %s", args.base, args.adapter)
     assistant = Assistant.load(params, args.base, args.adapter)
-    app = build_app(assistant, params["generation"], load_test_questions(args.test))
-    host, port = args.host or params["chat"]["host"], args.port or params["chat"]["port"]
+    app = build_app(assistant, params.generation, load_test_questions(args.test))
+    host, port = args.host or params.chat.host, args.port or params.chat.port
     app.queue().launch(server_name=host, server_port=port, share=args.share, ssr_mode=False)
 
 

@@ -13,8 +13,10 @@ from medqa.answers import DECISIONS
 from medqa.errors import explain_out_of_memory
 from medqa.generation import ScoredAnswers, generate_and_score, generation_config_from_params, score_choices
 from medqa.io import read_jsonl, write_json, write_jsonl
-from medqa.models import load_model, load_tokenizer, resolve_hardware
+from medqa.models import load_for_inference, resolve_hardware
+from medqa.params import EvalParams, GenerationParams, ModelParams, PromptParams
 from medqa.prompts import content_free_prompts, fit_prompt, prompt_format
+from medqa.tokens import token_ids
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +25,7 @@ def score_decisions(
     model: Any, tokenizer: Any, prompts: list[list[int]], answer_prefix: str, batch_size: int, desc: str | None
 ) -> np.ndarray:
     """Log-likelihood of " yes", " no", " maybe" after each prompt and the answer prefix, shape (n, 3)."""
-    prefix_ids = tokenizer(answer_prefix, add_special_tokens=False)["input_ids"]
+    prefix_ids = token_ids(tokenizer, answer_prefix)
     return np.array(score_choices(
         model, [p + prefix_ids for p in prompts], answers.decision_options(tokenizer, answer_prefix),
         pad_id=tokenizer.pad_token_id, batch_size=batch_size, desc=desc,
@@ -71,61 +73,40 @@ def answer_and_score(
     own answer and the prefix (`after_answer`), and the summed log-likelihood of each reference
     target (token ids)."""
     return generate_and_score(
-        model, tokenizer, prompts, config, choice_prefix=tokenizer(answer_prefix, add_special_tokens=False)["input_ids"],
+        model, tokenizer, prompts, config, choice_prefix=token_ids(tokenizer, answer_prefix),
         options=answers.decision_options(tokenizer, answer_prefix), targets=targets, batch_size=batch_size, seed=seed,
         followup=lambda text: answers.after_answer_ids(tokenizer, text, answer_prefix), desc=desc,
     )
 
 
-def content_free_prior(model: Any, tokenizer: Any, prompt: dict[str, Any], model_name: str) -> np.ndarray:
+def content_free_prior(model: Any, tokenizer: Any, prompt: PromptParams, model_name: str) -> np.ndarray:
     """This model's option probabilities for prompts with no content (`answers.CONTENT_FREE` as the
     question and the context), averaged: what `calibrated` divides out."""
     fmt = prompt_format(tokenizer, prompt, model_name)
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"]
-           for p in content_free_prompts(fmt, prompt["system"], answers.CONTENT_FREE)]
-    loglik = score_decisions(model, tokenizer, ids, prompt["answer_prefix"], len(ids), desc=None)
+    ids = [token_ids(tokenizer, p) for p in content_free_prompts(fmt, prompt.system, answers.CONTENT_FREE)]
+    loglik = score_decisions(model, tokenizer, ids, prompt.answer_prefix, len(ids), desc=None)
     return answers.content_free_prior(loglik)
 
 
-def _setup_model(model_params: dict, base_dir: str | Path, adapter_dir: str | Path | None) -> tuple[Any, Any, Any]:
-    """The model to evaluate (base, or base + adapter), its left-padding tokenizer and the hardware."""
-    hardware = resolve_hardware(model_params["quantization"], model_params["dtype"])
-    return load_model(base_dir, hardware, adapter_dir), load_tokenizer(base_dir, padding_side="left"), hardware
-
-
-def _text_scores(long_answers: list[str], references: list[str], ev: dict, label: str) -> dict[str, list[float]]:
+def _text_scores(long_answers: list[str], references: list[str], evaluation: EvalParams,
+                 label: str) -> dict[str, list[float]]:
     """Per question: ROUGE-1/2/L, token F1 and BERTScore F1 of the generated long answer against the reference."""
     scores = metrics.rouge_scores(long_answers, references)
     scores["token_f1"] = metrics.token_f1(long_answers, references)
-    log.info("%s: BERTScore with %s", label, ev["bertscore_model"])
+    log.info("%s: BERTScore with %s", label, evaluation.bertscore_model)
     scores["bertscore_f1"] = metrics.bertscore_f1(
-        long_answers, references, ev["bertscore_model"], ev["bertscore_num_layers"], ev["batch_size"]
+        long_answers, references, evaluation.bertscore_model, evaluation.bertscore_num_layers, evaluation.batch_size
     )
     return scores
 
 
-def _rounded(probs: np.ndarray) -> dict[str, float]:
-    return {d: round(float(p), 6) for d, p in zip(DECISIONS, probs)}
-
-
 def _decision_columns(scored: ScoredAnswers, prior: np.ndarray, answer_prefix: str) -> list[dict]:
-    """Per question, the decision of each protocol (see `answers.PROTOCOLS`) and the probabilities behind it."""
-    choice = answers.choice_probabilities(np.array(scored.choices))
-    calibrated = answers.calibrate(choice, prior)
-    after = answers.choice_probabilities(np.array(scored.after_answer))
-    return [
-        {
-            "decision_choice": DECISIONS[int(np.argmax(choice[i]))],
-            "choice_probs": _rounded(choice[i]),
-            "decision_generated": answers.parse_decision(generation, answer_prefix),
-            "decision_after_answer": DECISIONS[int(np.argmax(after[i]))],
-            "after_answer_probs": _rounded(after[i]),
-            "after_answer_at": answers.after_answer_at(generation, answer_prefix),
-            "decision_calibrated": DECISIONS[int(np.argmax(calibrated[i]))],
-            "calibrated_probs": _rounded(calibrated[i]),
-        }
-        for i, generation in enumerate(scored.generations)
-    ]
+    """Per question, the decision of each protocol (`answers.PROTOCOLS`) and the probabilities behind
+    it, and where the after-answer reading cut the generation."""
+    evidence = answers.DecisionEvidence(scored.generations, np.array(scored.choices), np.array(scored.after_answer),
+                                        prior, answer_prefix)
+    return [dict(columns, after_answer_at=answers.after_answer_at(generation, answer_prefix))
+            for columns, generation in zip(answers.read_decisions(evidence), scored.generations)]
 
 
 def _prediction_row(ex: dict, generation: str, long_answer: str, decisions: dict, target_loglik: float,
@@ -149,14 +130,17 @@ def _prediction_row(ex: dict, generation: str, long_answer: str, decisions: dict
 def _write_outputs(rows: list[dict], result: dict, predictions_path: str | Path, official_path: str | Path,
                    metrics_path: str | Path) -> None:
     write_jsonl(predictions_path, rows)
-    # The official format holds the published protocol's decisions: choice.
-    write_json(official_path, {r["pmid"]: r["decision_choice"] for r in rows})
+    # The official format holds the published protocol's decisions.
+    write_json(official_path, {r["pmid"]: r[f"decision_{answers.PRIMARY.name}"] for r in rows})
     write_json(metrics_path, result)
 
 
 @explain_out_of_memory("lower eval.batch_size or eval.max_prompt_length, or on CUDA keep model.quantization=auto")
 def run_evaluation(
-    params: dict[str, Any],
+    model: ModelParams,
+    prompt: PromptParams,
+    generation: GenerationParams,
+    evaluation: EvalParams,
     base_dir: str | Path,
     test_path: str | Path,
     adapter_dir: str | Path | None,
@@ -166,35 +150,35 @@ def run_evaluation(
     label: str,
 ) -> dict:
     """Evaluate the base model (or base + adapter) on the test split and write all three outputs."""
-    gen, ev, prefix = params["generation"], params["eval"], params["prompt"]["answer_prefix"]
+    prefix = prompt.answer_prefix
     examples = read_jsonl(test_path)
-    model, tokenizer, hardware = _setup_model(params["model"], base_dir, adapter_dir)
+    loaded = load_for_inference(base_dir, resolve_hardware(model.quantization, model.dtype), adapter_dir)
+    tokenizer, hardware = loaded.tokenizer, loaded.hardware
     log.info("%s: %d test questions on %s%s", label, len(examples), hardware.device,
              " (4-bit nf4 base)" if hardware.quantize_4bit else "")
 
-    prompts = [fit_prompt(ex, tokenizer, ev["max_prompt_length"]) for ex in examples]
-    targets = [tokenizer(ex["target"], add_special_tokens=False)["input_ids"] for ex in examples]
+    prompts = [fit_prompt(ex, tokenizer, evaluation.max_prompt_length) for ex in examples]
+    targets = [token_ids(tokenizer, ex["target"]) for ex in examples]
     scored = answer_and_score(
-        model, tokenizer, prompts, targets, prefix, generation_config_from_params(gen), gen["seed"], ev["batch_size"],
-        desc=f"{label}: generating and scoring",
+        loaded.model, tokenizer, prompts, targets, prefix, generation_config_from_params(generation), generation.seed,
+        evaluation.batch_size, desc=f"{label}: generating and scoring",
     )
-    prior = content_free_prior(model, tokenizer, params["prompt"], params["model"]["name"])
-    del model  # BERTScore loads its own model next
+    prior = content_free_prior(loaded.model, tokenizer, prompt, model.name)
+    del loaded  # BERTScore loads its own model next
 
     long_answers = [answers.long_answer_part(g, prefix) for g in scored.generations]
-    scores = _text_scores(long_answers, [ex["long_answer"] for ex in examples], ev, label)
+    scores = _text_scores(long_answers, [ex["long_answer"] for ex in examples], evaluation, label)
     rows = [
         _prediction_row(ex, scored.generations[i], long_answers[i], decisions, scored.target_loglik[i],
                         len(targets[i]), {k: v[i] for k, v in scores.items()})
         for i, (ex, decisions) in enumerate(zip(examples, _decision_columns(scored, prior, prefix)))
     ]
-    result = metrics.summarize(metrics.table_from_rows(rows), ev["bootstrap"], ev["seed"])
-    result["decision"]["calibrated"]["content_free_prior"] = _rounded(prior)
+    result = metrics.summarize(metrics.table_from_rows(rows), evaluation.bootstrap, evaluation.seed)
+    result["decision"]["calibrated"]["content_free_prior"] = answers.rounded_probabilities(prior)
     _write_outputs(rows, result, predictions_path, official_path, metrics_path)
     log.info(
-        "%s: decision accuracy choice %.3f, after answer %.3f, calibrated %.3f, parsed %.3f; ROUGE-L %.3f, "
-        "token F1 %.3f, BERTScore F1 %.3f, perplexity %.2f",
-        label, *(result["decision"][p]["accuracy"] for p in ("choice", "after_answer", "calibrated", "generated")),
+        "%s: decision accuracy %s; ROUGE-L %.3f, token F1 %.3f, BERTScore F1 %.3f, perplexity %.2f", label,
+        ", ".join(f"{p.label} {result['decision'][p.name]['accuracy']:.3f}" for p in answers.PROTOCOLS),
         result["text"]["rougeL"], result["text"]["token_f1"], result["text"]["bertscore_f1"],
         result["text"]["perplexity"],
     )

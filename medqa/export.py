@@ -21,8 +21,8 @@ from typing import Any
 from medqa import paths
 from medqa.errors import PipelineError, command_main
 from medqa.io import atomic_dir, read_json
-from medqa.models import load_model, load_tokenizer, resolve_hardware
-from medqa.params import load_params
+from medqa.models import load_for_inference, load_tokenizer, require_adapter, resolve_hardware
+from medqa.params import PromptParams, load_params
 from medqa.training import TRAINED_ON
 
 MERGE_TARGETS = ("original", "dequantized")
@@ -39,8 +39,7 @@ def trained_merge_target(adapter_dir: Path) -> str:
 def _dequantized_base(base_dir: Path, dtype: Any) -> Any:
     """The base model as a 4-bit-trained adapter saw it: loaded in 4-bit nf4 (as the finetune stage
     loads it), then de-quantised by bitsandbytes into plain `dtype` weights."""
-    model = load_model(base_dir, resolve_hardware("4bit", "auto"))
-    return model.dequantize(dtype=dtype)
+    return load_for_inference(base_dir, resolve_hardware("4bit", "auto")).model.dequantize(dtype=dtype)
 
 
 def merged_model(base_dir: Path, adapter_dir: Path, dtype: str = "auto", merge_into: str | None = None) -> Any:
@@ -53,8 +52,9 @@ def merged_model(base_dir: Path, adapter_dir: Path, dtype: str = "auto", merge_i
         raise PipelineError(f"--merge-into is {merge_into!r}, expected one of {', '.join(MERGE_TARGETS)}")
     hardware = resolve_hardware("none", dtype)
     if merge_into == "original":
-        model = load_model(base_dir, hardware, adapter_dir)
+        model = load_for_inference(base_dir, hardware, adapter_dir).model
     else:
+        require_adapter(adapter_dir)
         model = PeftModel.from_pretrained(_dequantized_base(base_dir, hardware.dtype).to(hardware.device), str(adapter_dir))
     return model.merge_and_unload().eval()
 
@@ -68,8 +68,8 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str =
         load_tokenizer(base_dir).save_pretrained(tmp)
 
 
-def export_gguf(base_dir: Path, adapter_dir: Path, out_dir: Path, params: dict, gguf_type: str = "f16",
-                merge_into: str | None = None) -> Path:
+def export_gguf(base_dir: Path, adapter_dir: Path, out_dir: Path, prompt: PromptParams, model_name: str,
+                gguf_type: str = "f16", merge_into: str | None = None) -> Path:
     """The merged model as `model-<gguf_type>.gguf` in `out_dir`, with an Ollama `Modelfile` that
     prompts it as the pipeline does (params.yaml's prompt section). Returns the GGUF file."""
     import tempfile
@@ -78,13 +78,13 @@ def export_gguf(base_dir: Path, adapter_dir: Path, out_dir: Path, params: dict, 
     from medqa.prompts import prompt_format
 
     tokenizer = load_tokenizer(base_dir)
-    fmt = prompt_format(tokenizer, params["prompt"], params["model"]["name"])
+    fmt = prompt_format(tokenizer, prompt, model_name)
     merged = merged_model(base_dir, adapter_dir, "float32", merge_into)
     name = f"model-{gguf_type}.gguf"
     with tempfile.TemporaryDirectory() as tokenizer_dir, atomic_dir(out_dir) as tmp:
         tokenizer.save_pretrained(tokenizer_dir)  # the files the gguf package's vocabulary readers read
         write_gguf(merged, Path(tokenizer_dir), Path(tmp) / name, gguf_type)
-        (Path(tmp) / "Modelfile").write_text(ollama_modelfile(fmt, params["prompt"]["system"], name))
+        (Path(tmp) / "Modelfile").write_text(ollama_modelfile(fmt, prompt.system, name))
     return out_dir / name
 
 
@@ -101,8 +101,9 @@ def main() -> None:
     args = parser.parse_args()
     target = args.merge_into or trained_merge_target(paths.ADAPTER)
     if args.format == "gguf":
-        out = export_gguf(paths.BASE_MODEL, paths.ADAPTER, args.out or Path("models/gguf"), load_params(),
-                          args.gguf_type, target)
+        params = load_params()
+        out = export_gguf(paths.BASE_MODEL, paths.ADAPTER, args.out or Path("models/gguf"), params.prompt,
+                          params.model.name, args.gguf_type, target)
         print(f"export: {paths.BASE_MODEL} + {paths.ADAPTER} merged into the {target} weights -> {out} "
               f"(`ollama create pubmedqa -f {out.parent / 'Modelfile'}`)")
         return

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
+
+if TYPE_CHECKING:
+    from medqa.params import GenerationParams
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,10 +66,10 @@ def generation_config(
     return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=repetition_penalty)
 
 
-def generation_config_from_params(generation: Mapping[str, Any]) -> GenerationConfig:
+def generation_config_from_params(generation: GenerationParams) -> GenerationConfig:
     """params.yaml's `generation` section as a GenerationConfig (its `seed` is passed on its own)."""
-    return generation_config(generation["max_new_tokens"], generation["temperature"], generation["top_p"],
-                             generation["repetition_penalty"])
+    return generation_config(generation.max_new_tokens, generation.temperature, generation.top_p,
+                             generation.repetition_penalty)
 
 
 def model_generate(model: Any, tokenizer: Any, config: GenerationConfig, **inputs: Any) -> torch.Tensor:

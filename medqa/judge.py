@@ -18,8 +18,10 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from medqa import answers
+from medqa.params import JudgeParams, ModelParams
 from medqa.rubric import (COMPARISON_LEAD, OUTCOMES, RATING_LEAD, RATINGS, SYSTEM, Case, comparison_request,
                           rating_request)
+from medqa.tokens import token_ids
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ class ModelJudge:
         self.comparison_options = [answers.continuation_ids(tokenizer, COMPARISON_LEAD, f" {c}") for c in "AB"]
 
     def _logliks(self, user: str, lead: str, options: list[list[int]]) -> list[float]:
-        ids = self.tokenizer(self.fmt.prompt(SYSTEM, user) + lead, add_special_tokens=False)["input_ids"]
+        ids = token_ids(self.tokenizer, self.fmt.prompt(SYSTEM, user) + lead)
         return self.scorer.option_logliks(ids, options)
 
     def rate(self, case: Case, answer: str, criterion: str) -> list[float]:
@@ -189,17 +191,16 @@ def judge_model_dir(judge_name: str, model_name: str, base_dir: Path, scratch_di
     return scratch_dir
 
 
-def _setup_judge(judge_name: str, model_params: dict, judge_dir: Path) -> tuple[ModelJudge, int]:
+def _setup_judge(judge_name: str, model: ModelParams, judge_dir: Path) -> tuple[ModelJudge, int]:
     """The judge model (loaded as the pipeline loads models: 4-bit on CUDA), in its own prompt format,
     and its number of parameters."""
-    from medqa.models import get_profile, load_model, load_tokenizer, resolve_hardware
+    from medqa.models import get_profile, load_for_inference, resolve_hardware
     from medqa.prompts import PromptFormat
 
-    hardware = resolve_hardware(model_params["quantization"], model_params["dtype"])
-    model = load_model(judge_dir, hardware)
-    tokenizer = load_tokenizer(judge_dir)
-    fmt = PromptFormat(tokenizer, get_profile(judge_name).template)
-    return ModelJudge(model, tokenizer, fmt), int(model.num_parameters())
+    # Unpadded prompts, one at a time: the padding side is the tokenizer's default.
+    loaded = load_for_inference(judge_dir, resolve_hardware(model.quantization, model.dtype), padding_side="right")
+    fmt = PromptFormat(loaded.tokenizer, get_profile(judge_name).template)
+    return ModelJudge(loaded.model, loaded.tokenizer, fmt), int(loaded.model.num_parameters())
 
 
 def _cases(rows: Sequence[dict], examples: dict[str, dict], tokenizer: Any, max_context_tokens: int) -> list[Case]:
@@ -211,24 +212,25 @@ def _cases(rows: Sequence[dict], examples: dict[str, dict], tokenizer: Any, max_
 
 
 def run_judge(
-    judge_params: dict, model_params: dict, base_rows: list[dict], tuned_rows: list[dict], examples: list[dict],
-    judge_dir: Path, n_resamples: int, seed: int,
+    judge_params: JudgeParams, model: ModelParams, base_rows: list[dict], tuned_rows: list[dict],
+    examples: list[dict], judge_dir: Path, n_resamples: int, seed: int,
 ) -> tuple[list[dict], dict]:
     """Judge both models' answers on a seeded subset of the test questions: the per-question rows
     and the metrics (`summarize_judgements`, with the judge's name and size)."""
     if [r["pmid"] for r in base_rows] != [r["pmid"] for r in tuned_rows]:
         raise ValueError("the judge needs both models' answers to the same test questions, in the same order")
-    chosen = judge_subset(len(base_rows), judge_params["max_samples"], judge_params["seed"])
-    judge, n_params = _setup_judge(judge_params["model"], model_params, judge_dir)
-    log.info("judge %s (%.0fM parameters): %d of %d test questions, criteria %s", judge_params["model"],
-             n_params / 1e6, len(chosen), len(base_rows), ", ".join(judge_params["criteria"]))
+    chosen = judge_subset(len(base_rows), judge_params.max_samples, judge_params.seed)
+    judge, n_params = _setup_judge(judge_params.model, model, judge_dir)
+    log.info("judge %s (%.0fM parameters): %d of %d test questions, criteria %s", judge_params.model,
+             n_params / 1e6, len(chosen), len(base_rows), ", ".join(judge_params.criteria))
     cases = _cases([base_rows[i] for i in chosen], {ex["pmid"]: ex for ex in examples}, judge.tokenizer,
-                   judge_params["max_context_tokens"])
+                   judge_params.max_context_tokens)
+    criteria = list(judge_params.criteria)
     rows = judge_all(judge, cases, [base_rows[i]["generation"] for i in chosen],
-                     [tuned_rows[i]["generation"] for i in chosen], judge_params["criteria"])
+                     [tuned_rows[i]["generation"] for i in chosen], criteria)
     log.info("judge: read %d of %d prompt tokens (the rest shared with the request before)",
              judge.scorer.tokens_read, judge.scorer.tokens_asked)
-    result = summarize_judgements(rows, judge_params["criteria"], n_resamples, seed)
-    result.update({"judge": judge_params["model"], "judge_params": n_params,
+    result = summarize_judgements(rows, criteria, n_resamples, seed)
+    result.update({"judge": judge_params.model, "judge_params": n_params,
                    "n_test_questions": len(base_rows)})
     return rows, result

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from medqa.answers import DECISIONS, NO_DECISION, PROTOCOLS
+from medqa.answers import DECISIONS, NO_DECISION, PROTOCOL_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def table_from_rows(rows: Sequence[dict]) -> Table:
     return {
         "truth": np.array([CODES[r["reference_decision"]] for r in rows]),
         **{protocol: np.array([CODES.get(r[f"decision_{protocol}"], CODES[NO_DECISION]) for r in rows])
-           for protocol in PROTOCOLS},
+           for protocol in PROTOCOL_NAMES},
         **{k: np.array([r[k] for r in rows], dtype=float) for k in TEXT_SCORES},
         "nll": np.array([r["answer_nll"] for r in rows], dtype=float),
         "n_tokens": np.array([r["answer_tokens"] for r in rows], dtype=float),
@@ -129,8 +129,8 @@ def _mean(col: str) -> Statistic:
 
 
 STATISTICS: dict[str, Statistic] = {
-    **{f"decision.{col}.accuracy": _accuracy(col) for col in PROTOCOLS},
-    **{f"decision.{col}.{avg}_f1": _f1(col, avg) for col in PROTOCOLS for avg in ("macro", "weighted")},
+    **{f"decision.{col}.accuracy": _accuracy(col) for col in PROTOCOL_NAMES},
+    **{f"decision.{col}.{avg}_f1": _f1(col, avg) for col in PROTOCOL_NAMES for avg in ("macro", "weighted")},
     **{f"text.{col}": _mean(col) for col in TEXT_SCORES},
     "text.bleu": lambda t, i: _bleu_from_stats(t["bleu"][i].sum(axis=0)),
     # Perplexity of the reference answers: exp of the mean negative log-likelihood per answer token.
@@ -185,7 +185,7 @@ def summarize(table: Table, n_resamples: int, seed: int) -> dict:
         _set(out, name, statistic(table, np.arange(n)))
         _set(out, f"{name}_ci_low", low)
         _set(out, f"{name}_ci_high", high)
-    for col in PROTOCOLS:
+    for col in PROTOCOL_NAMES:
         out["decision"][col].update(_decision_details(table, col))
     out["decision"].update(trivial_baselines(table["truth"]))
     return out

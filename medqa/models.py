@@ -305,8 +305,37 @@ def load_model(base_dir: str | Path, hardware: Hardware, adapter_dir: str | Path
     if adapter_dir is not None:
         from peft import PeftModel
 
-        if not (Path(adapter_dir) / "adapter_model.safetensors").exists():
-            raise PipelineError(f"no adapter in {adapter_dir}: run `dvc repro finetune` or `dvc pull finetune`")
+        require_adapter(adapter_dir)
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
     return model
+
+
+def require_adapter(adapter_dir: str | Path) -> None:
+    """Raise one clear PipelineError when `adapter_dir` holds no trained adapter."""
+    if not (Path(adapter_dir) / "adapter_model.safetensors").exists():
+        raise PipelineError(
+            f"no fine-tuned adapter in {adapter_dir}: run `dvc repro` to train it or `dvc pull finetune` "
+            "to fetch it from the DVC remote"
+        )
+
+
+@dataclass
+class InferenceModel:
+    """A model ready to answer: the weights (with the adapter when asked), its tokenizer, the hardware."""
+
+    model: Any
+    tokenizer: Any
+    hardware: Hardware
+
+
+def load_for_inference(base_dir: str | Path, hardware: Hardware, adapter_dir: str | Path | None = None,
+                       padding_side: str = "left") -> InferenceModel:
+    """The one way the eval stages, the judge, the chat app, the export and the benchmarks load a
+    model: the base (4-bit nf4 when `hardware` says so), optionally with the trained LoRA adapter,
+    in eval mode, and its tokenizer (left padding for batched generation)."""
+    read_source(base_dir)  # says to run the download stage when the base model is missing
+    if adapter_dir is not None:
+        require_adapter(adapter_dir)  # before the base model's weights are loaded
+    return InferenceModel(load_model(base_dir, hardware, adapter_dir), load_tokenizer(base_dir, padding_side),
+                          hardware)

@@ -1,7 +1,15 @@
-"""Reading and validating params.yaml, the single place every knob of the pipeline lives."""
+"""params.yaml, the single place every knob of the pipeline lives: one typed, frozen object per
+section, built and validated once by `load_params`.
+
+Each field carries the check its value must pass; `validate` reports the first failure in one line
+(the key, the value, what is allowed, and "did you mean" for a typo).
+"""
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,66 +65,140 @@ def string_list(nullable: bool = True) -> Check:
             "a list of module names" + (" or null" if nullable else ""))
 
 
+def _key(check: Check) -> Any:
+    """A params field: required (params.yaml spells out every key) and checked by `check`."""
+    return dataclasses.field(metadata={"check": check})
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str = _key(text())
+    test_ids: str | None = _key(text(nullable=True))
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    name: str = _key(text())
+    quantization: str = _key(one_of("auto", "4bit", "none"))
+    dtype: str = _key(one_of("auto", "float32", "bfloat16", "float16"))
+
+
+@dataclass(frozen=True)
+class PromptParams:
+    system: str = _key(text())
+    template: str | None = _key(text(nullable=True))
+    answer_prefix: str = _key(text())
+    decision_first: bool = _key(boolean())
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    strategy: str = _key(one_of("official", "random"))
+    test_size: float = _key(number(0, 1, low_open=True, high_open=True))
+    val_size: float = _key(number(0, 1, low_open=True, high_open=True))
+    seed: int = _key(integer(0))
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    r: int = _key(integer(1))
+    alpha: float = _key(number(0, low_open=True))
+    dropout: float = _key(number(0, 1, high_open=True))
+    target_modules: tuple[str, ...] | None = _key(string_list())
+
+
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    seed: int = _key(integer(0))
+    max_samples: int | None = _key(integer(1, nullable=True))
+    max_val_samples: int | None = _key(integer(1, nullable=True))
+    epochs: int = _key(integer(1))
+    max_steps: int = _key((lambda v: _is_int(v) and (v == -1 or v >= 1), "-1 (use epochs) or an integer >= 1"))
+    batch_size: int = _key(integer(1))
+    grad_accum: int = _key(integer(1))
+    learning_rate: float = _key(number(0, low_open=True))
+    weight_decay: float = _key(number(0))
+    warmup_ratio: float = _key(number(0, 1, high_open=True))
+    scheduler: str = _key(one_of(*SCHEDULERS))
+    optim: str = _key(text())
+    max_length: int = _key(integer(32))
+    logging_steps: int = _key(integer(1))
+    eval_steps: int = _key(integer(1))
+    save_steps: int = _key(integer(1))
+    early_stopping_patience: int = _key(integer(0))
+    num_processes: int = _key(integer(1))
+    distributed: str = _key(one_of("ddp", "fsdp"))
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int = _key(integer(1))
+    temperature: float = _key(number(0))
+    top_p: float = _key(number(0, 1, low_open=True))
+    repetition_penalty: float = _key(number(0, low_open=True))
+    seed: int = _key(integer(0))
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    max_samples: int | None = _key(integer(1, nullable=True))
+    batch_size: int = _key(integer(1))
+    max_prompt_length: int = _key(integer(32))
+    bertscore_model: str = _key(text())
+    bertscore_num_layers: int | None = _key(integer(1, nullable=True))
+    bootstrap: int = _key(integer(0))
+    seed: int = _key(integer(0))
+
+
+@dataclass(frozen=True)
+class JudgeParams:
+    model: str = _key(text())
+    max_samples: int | None = _key(integer(1, nullable=True))
+    criteria: tuple[str, ...] = _key((
+        lambda v: isinstance(v, list) and v and all(c in CRITERIA for c in v) and len(set(v)) == len(v),
+        "a list of distinct criteria from " + ", ".join(CRITERIA)))
+    max_context_tokens: int = _key(integer(16))
+    seed: int = _key(integer(0))
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    n_examples: int = _key(integer(0))
+
+
+@dataclass(frozen=True)
+class ChatParams:
+    history_turns: int = _key(integer(0))
+    host: str = _key(text())
+    port: int = _key((lambda v: _is_int(v) and 1 <= v <= 65535, "a port number 1..65535"))
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole of params.yaml, one typed section per attribute."""
+
+    data: DataParams
+    model: ModelParams
+    prompt: PromptParams
+    split: SplitParams
+    lora: LoraParams
+    train: TrainParams
+    generation: GenerationParams
+    eval: EvalParams
+    judge: JudgeParams
+    report: ReportParams
+    chat: ChatParams
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Params)  # section name -> its dataclass
+
+# Every key as section.leaf, with its check.
 SCHEMA: dict[str, Check] = {
-    "data.source": text(),
-    "data.test_ids": text(nullable=True),
-    "model.name": text(),
-    "model.quantization": one_of("auto", "4bit", "none"),
-    "model.dtype": one_of("auto", "float32", "bfloat16", "float16"),
-    "prompt.system": text(),
-    "prompt.template": text(nullable=True),
-    "prompt.answer_prefix": text(),
-    "prompt.decision_first": boolean(),
-    "split.strategy": one_of("official", "random"),
-    "split.test_size": number(0, 1, low_open=True, high_open=True),
-    "split.val_size": number(0, 1, low_open=True, high_open=True),
-    "split.seed": integer(0),
-    "lora.r": integer(1),
-    "lora.alpha": number(0, low_open=True),
-    "lora.dropout": number(0, 1, high_open=True),
-    "lora.target_modules": string_list(),
-    "train.seed": integer(0),
-    "train.max_samples": integer(1, nullable=True),
-    "train.max_val_samples": integer(1, nullable=True),
-    "train.epochs": integer(1),
-    "train.max_steps": (lambda v: _is_int(v) and (v == -1 or v >= 1), "-1 (use epochs) or an integer >= 1"),
-    "train.batch_size": integer(1),
-    "train.grad_accum": integer(1),
-    "train.learning_rate": number(0, low_open=True),
-    "train.weight_decay": number(0),
-    "train.warmup_ratio": number(0, 1, high_open=True),
-    "train.scheduler": one_of("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                              "constant_with_warmup", "inverse_sqrt"),
-    "train.optim": text(),
-    "train.max_length": integer(32),
-    "train.logging_steps": integer(1),
-    "train.eval_steps": integer(1),
-    "train.save_steps": integer(1),
-    "train.early_stopping_patience": integer(0),
-    "train.num_processes": integer(1),
-    "train.distributed": one_of("ddp", "fsdp"),
-    "generation.max_new_tokens": integer(1),
-    "generation.temperature": number(0),
-    "generation.top_p": number(0, 1, low_open=True),
-    "generation.repetition_penalty": number(0, low_open=True),
-    "generation.seed": integer(0),
-    "eval.max_samples": integer(1, nullable=True),
-    "eval.batch_size": integer(1),
-    "eval.max_prompt_length": integer(32),
-    "eval.bertscore_model": text(),
-    "eval.bertscore_num_layers": integer(1, nullable=True),
-    "eval.bootstrap": integer(0),
-    "eval.seed": integer(0),
-    "judge.model": text(),
-    "judge.max_samples": integer(1, nullable=True),
-    "judge.criteria": (lambda v: isinstance(v, list) and v and all(c in CRITERIA for c in v) and len(set(v)) == len(v),
-                       "a list of distinct criteria from " + ", ".join(CRITERIA)),
-    "judge.max_context_tokens": integer(16),
-    "judge.seed": integer(0),
-    "report.n_examples": integer(0),
-    "chat.history_turns": integer(0),
-    "chat.host": text(),
-    "chat.port": (lambda v: _is_int(v) and 1 <= v <= 65535, "a port number 1..65535"),
+    f"{section}.{f.name}": f.metadata["check"] for section, kind in SECTIONS.items() for f in dataclasses.fields(kind)
 }
 
 
@@ -154,8 +236,27 @@ def validate(params: dict[str, Any], source: str = "params.yaml") -> None:
     get_profile(flat["judge.model"])  # a known profile, a local model directory or a hub id
 
 
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Load and validate params.yaml."""
+def _frozen(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def params_from_dict(params: dict[str, Any], source: str = "params.yaml") -> Params:
+    """Validate a params tree (as params.yaml spells it) and build its typed sections."""
+    validate(params, source)
+    return Params(**{
+        section: kind(**{key: _frozen(value) for key, value in params[section].items()})
+        for section, kind in SECTIONS.items()
+    })
+
+
+def as_dict(section: Any) -> dict[str, Any]:
+    """A section as params.yaml spells it (lists, not tuples): for fingerprints and records."""
+    return {key: list(value) if isinstance(value, tuple) else value
+            for key, value in dataclasses.asdict(section).items()}
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Load, validate and type params.yaml."""
     path = Path(path)
     if not path.exists():
         raise PipelineError(f"{path} not found: run the stages from the project root")
@@ -165,5 +266,4 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
         raise PipelineError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(params, dict):
         raise PipelineError(f"{path} must be a mapping of sections (data, model, prompt, ...)")
-    validate(params, str(path))
-    return params
+    return params_from_dict(params, str(path))

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medqa.answers import target_text
 from medqa.errors import PipelineError
 from medqa.models import get_profile
+from medqa.tokens import token_ids
+
+if TYPE_CHECKING:
+    from medqa.params import PromptParams
 
 
 def user_message(question: str, contexts: list[str]) -> str:
@@ -96,11 +100,11 @@ class PromptFormat:
         return self._render(system, [*messages, {"role": "user", "content": user}])
 
 
-def prompt_format(tokenizer: Any, prompt: dict[str, Any], model_name: str) -> PromptFormat:
+def prompt_format(tokenizer: Any, prompt: PromptParams, model_name: str) -> PromptFormat:
     """The one way a model's prompt format is chosen, for the format stage and the chat app alike:
     `prompt.template` if set, else the model profile's template (base models whose tokenizer has no
     chat template), else the tokenizer's chat template."""
-    return PromptFormat(tokenizer, prompt["template"] or get_profile(model_name).template)
+    return PromptFormat(tokenizer, prompt.template or get_profile(model_name).template)
 
 
 def format_record(
@@ -130,11 +134,11 @@ def content_free_prompts(fmt: PromptFormat, system: str, fillers: tuple[str, ...
 
 def fit_prompt(example: dict, tokenizer: Any, budget: int) -> list[int]:
     """Token ids of the example's prompt, with its context cut (never the question) to fit `budget`."""
-    ids = tokenizer(example["prompt"], add_special_tokens=False)["input_ids"]
+    ids = token_ids(tokenizer, example["prompt"])
     excess = len(ids) - budget
     if excess <= 0:
         return ids
-    context_ids = tokenizer(example["context"], add_special_tokens=False)["input_ids"]
+    context_ids = token_ids(tokenizer, example["context"])
     keep = len(context_ids) - excess
     while True:
         if keep <= 0 or example["context"] not in example["prompt"]:
@@ -143,16 +147,16 @@ def fit_prompt(example: dict, tokenizer: Any, budget: int) -> list[int]:
                 "its context cut: raise train.max_length / eval.max_prompt_length"
             )
         short = tokenizer.decode(context_ids[:keep], skip_special_tokens=True)
-        cut = tokenizer(example["prompt"].replace(example["context"], short, 1), add_special_tokens=False)
-        if len(cut["input_ids"]) <= budget:
-            return cut["input_ids"]
+        cut = token_ids(tokenizer, example["prompt"].replace(example["context"], short, 1))
+        if len(cut) <= budget:
+            return cut
         # Re-tokenising at the cut can merge or split a token or two: cut a little more.
-        keep -= len(cut["input_ids"]) - budget
+        keep -= len(cut) - budget
 
 
 def cut_to_tokens(text: str, tokenizer: Any, max_tokens: int) -> str:
     """`text` cut to its first `max_tokens` tokens (" ..." marks a cut)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = token_ids(tokenizer, text)
     if len(ids) <= max_tokens:
         return text
     return tokenizer.decode(ids[:max_tokens], skip_special_tokens=True).rstrip() + " ..."

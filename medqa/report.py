@@ -5,24 +5,12 @@ from typing import Any
 
 import pandas as pd
 
-from medqa.answers import DECISIONS
+from medqa.answers import DECISIONS, PRIMARY, PROTOCOLS
+from medqa.params import LoraParams
 
-# (label, path in the metrics JSON) in the order the table shows them.
-REPORTED = [
-    ("Decision accuracy (choice)", "decision.choice.accuracy"),
-    ("Decision macro-F1 (choice)", "decision.choice.macro_f1"),
-    ("Decision weighted-F1 (choice)", "decision.choice.weighted_f1"),
-    ("Decision accuracy: majority class, same questions", "decision.majority.accuracy"),
-    ("Decision macro-F1: majority class, same questions", "decision.majority.macro_f1"),
-    ("Decision weighted-F1: majority class, same questions", "decision.majority.weighted_f1"),
-    ("Decision accuracy (after answer)", "decision.after_answer.accuracy"),
-    ("Decision macro-F1 (after answer)", "decision.after_answer.macro_f1"),
-    ("Decision accuracy (calibrated)", "decision.calibrated.accuracy"),
-    ("Decision macro-F1 (calibrated)", "decision.calibrated.macro_f1"),
-    ("Decision accuracy (parsed)", "decision.generated.accuracy"),
-    ("Decision macro-F1 (parsed)", "decision.generated.macro_f1"),
-    ("Decision weighted-F1 (parsed)", "decision.generated.weighted_f1"),
-    ("No decision found (parsed)", "decision.generated.none_rate"),
+STATISTIC_LABELS = {"accuracy": "Decision accuracy", "macro_f1": "Decision macro-F1",
+                    "weighted_f1": "Decision weighted-F1", "none_rate": "No decision found"}
+TEXT_ROWS = [
     ("ROUGE-1", "text.rouge1"),
     ("ROUGE-2", "text.rouge2"),
     ("ROUGE-L", "text.rougeL"),
@@ -31,6 +19,19 @@ REPORTED = [
     ("BLEU", "text.bleu"),
     ("Reference-answer perplexity", "text.perplexity"),
 ]
+
+
+def reported_rows() -> list[tuple[str, str]]:
+    """(label, path in the metrics JSON) in the order the table shows them: each decision protocol's
+    statistics, the majority class's beside the primary protocol's, then the text metrics."""
+    rows = []
+    for protocol in PROTOCOLS:
+        rows += [(f"{STATISTIC_LABELS[stat]} ({protocol.label})", f"decision.{protocol.name}.{stat}")
+                 for stat in protocol.reported]
+        if protocol is PRIMARY:
+            rows += [(f"{STATISTIC_LABELS[stat]}: majority class, same questions", f"decision.majority.{stat}")
+                     for stat in ("accuracy", "macro_f1", "weighted_f1")]
+    return rows + TEXT_ROWS
 
 
 def _get(tree: dict, dotted: str) -> Any:
@@ -51,7 +52,7 @@ def _with_ci(tree: dict, dotted: str) -> str:
 def metrics_table(baseline: dict, finetuned: dict, differences: dict[str, tuple[float, float, float]]) -> pd.DataFrame:
     """One row per metric: baseline and fine-tuned (with 95% CIs) and the paired change (with its CI)."""
     rows = []
-    for label, path in REPORTED:
+    for label, path in reported_rows():
         change = "" if path.startswith("decision.majority.") else f"{_get(finetuned, path) - _get(baseline, path):+.4f}"
         if path in differences:
             _, low, high = differences[path]
@@ -68,9 +69,7 @@ def label_distribution(counts: dict[str, int]) -> str:
 
 
 def _decisions(row: dict) -> str:
-    return ", ".join(f"{label}: {row.get(f'decision_{key}')}" for label, key in
-                     (("choice", "choice"), ("after answer", "after_answer"), ("calibrated", "calibrated"),
-                      ("parsed", "generated")))
+    return ", ".join(f"{p.label}: {row.get(f'decision_{p.name}')}" for p in PROTOCOLS)
 
 
 def examples_table(baseline_rows: list[dict], finetuned_rows: list[dict], n: int) -> str:
@@ -93,9 +92,14 @@ def _prior(result: dict) -> str:
     return " · ".join(f"{d} {prior[d]:.2f}" for d in DECISIONS if d in prior) or "n/a"
 
 
-def describe_run(model_name: str, lora: dict, split_strategy: str) -> str:
+def protocols_note() -> str:
+    """What each decision protocol reads, for the report's note."""
+    return "; ".join(f"*{p.label}*: {p.scored}" for p in PROTOCOLS)
+
+
+def describe_run(model_name: str, lora: LoraParams, split_strategy: str) -> str:
     """What was compared, for the report's first line."""
-    return f"Model `{model_name}`, LoRA r={lora['r']} alpha={lora['alpha']}, split `{split_strategy}`"
+    return f"Model `{model_name}`, LoRA r={lora.r} alpha={lora.alpha}, split `{split_strategy}`"
 
 
 def render_report(
@@ -111,13 +115,8 @@ def render_report(
         f"{run}, {baseline['n_questions']} test questions. "
         "Brackets: 95% bootstrap confidence intervals; for the change, the paired bootstrap interval of "
         "fine-tuned minus baseline on the same questions (an interval that excludes 0 is a real change "
-        "at that level). Decision protocols: *choice*: the most likely of yes/no/maybe straight after the "
-        "prompt and the answer prefix (the published zero-shot protocol; the official-format predictions "
-        "file holds these); *after answer*: the same options after the model's own generated answer and "
-        "the prefix (the order the fine-tuning target teaches); *calibrated*: choice, with each option's "
-        "probability divided by the model's own probability for it on content-free prompts (its prior: "
-        f"base {_prior(baseline)}, fine-tuned {_prior(finetuned)}); *parsed*: the decision word found in the "
-        "generated text (none found counts as wrong). *Majority class*: always answering the test "
+        f"at that level). Decision protocols: {protocols_note()}. Content-free prior: base {_prior(baseline)}, "
+        f"fine-tuned {_prior(finetuned)}. *Majority class*: always answering the test "
         f"questions' most frequent decision ({decision['majority']['decision']!r}); a model that does not beat "
         "it has learned nothing about the decisions. *Token F1*: SQuAD-style word overlap of the generated "
         "long answer with the reference.\n\n"

@@ -7,8 +7,9 @@ from medqa.params import load_params
 
 @stage_main
 def main() -> None:
-    run_evaluation(load_params(), paths.BASE_MODEL, paths.TEST, None, label="baseline",
-                   **paths.eval_outputs("baseline"))
+    params = load_params()
+    run_evaluation(params.model, params.prompt, params.generation, params.eval, paths.BASE_MODEL, paths.TEST,
+                   None, label="baseline", **paths.eval_outputs("baseline"))
 
 
 if __name__ == "__main__":

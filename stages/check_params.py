@@ -10,7 +10,7 @@ from medqa.params import load_params
 @stage_main
 def main() -> None:
     params = load_params()
-    check_source(params["data"]["source"])
+    check_source(params.data.source)
     # Always the same bytes: the download stage depends on this file only to run after the check,
     # so a param change re-runs nothing else through it.
     write_text(paths.PARAMS_CHECKED, "params.yaml passed medqa.params.validate\n")

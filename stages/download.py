@@ -10,12 +10,12 @@ from medqa.params import load_params
 @stage_main
 def main() -> None:
     params = load_params()
-    data = params["data"]
-    records = validate_records(load_records(data["source"]), f"data.source {data['source']}")
+    data = params.data
+    records = validate_records(load_records(data.source), f"data.source {data.source}")
     write_jsonl(paths.RAW_DATA, records)
-    write_json(paths.TEST_LABELS, load_test_labels(data["source"], data["test_ids"]) or {})
+    write_json(paths.TEST_LABELS, load_test_labels(data.source, data.test_ids) or {})
     print(f"download: {len(records)} records -> {paths.RAW_DATA}")
-    source = prepare_base_model(get_profile(params["model"]["name"]), paths.BASE_MODEL)
+    source = prepare_base_model(get_profile(params.model.name), paths.BASE_MODEL)
     print(f"download: base model {source['hub_id']} ({source['weights']}) -> {paths.BASE_MODEL}")
 
 

@@ -2,20 +2,22 @@
 import os
 
 from medqa import paths
+from medqa.checkpoints import claim_checkpoints
 from medqa.errors import stage_main
+from medqa.launch import accelerate_command, check_distributed, launched_by_accelerate
 from medqa.params import load_params
-from medqa.training import accelerate_command, check_distributed, launched_by_accelerate, resume_point, train_adapter
+from medqa.training import shaping_params, train_adapter
 
 
 @stage_main
 def main() -> None:
     params = load_params()
-    n = params["train"]["num_processes"]
+    n = params.train.num_processes
     if n > 1 and not launched_by_accelerate():
-        check_distributed(params["train"]["distributed"])
+        check_distributed(params.train.distributed)
         # Settle resume/clean-up once, before the processes start; then become the launcher.
-        resume_point(params, paths.BASE_MODEL, paths.TRAIN, paths.VAL, paths.CHECKPOINTS)
-        command = accelerate_command(n, params["train"]["distributed"])
+        claim_checkpoints(shaping_params(params), paths.BASE_MODEL, paths.TRAIN, paths.VAL, paths.CHECKPOINTS)
+        command = accelerate_command(n, params.train.distributed)
         print("finetune: " + " ".join(command))
         os.execvp(command[0], command)
     summary = train_adapter(

@@ -7,8 +7,9 @@ from medqa.params import load_params
 
 @stage_main
 def main() -> None:
-    run_evaluation(load_params(), paths.BASE_MODEL, paths.TEST, paths.ADAPTER, label="finetuned",
-                   **paths.eval_outputs("finetuned"))
+    params = load_params()
+    run_evaluation(params.model, params.prompt, params.generation, params.eval, paths.BASE_MODEL, paths.TEST,
+                   paths.ADAPTER, label="finetuned", **paths.eval_outputs("finetuned"))
 
 
 if __name__ == "__main__":

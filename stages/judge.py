@@ -9,12 +9,11 @@ from medqa.params import load_params
 @stage_main
 def main() -> None:
     params = load_params()
-    judge = params["judge"]
     rows, result = run_judge(
-        judge, params["model"], read_jsonl(paths.eval_outputs("baseline")["predictions_path"]),
+        params.judge, params.model, read_jsonl(paths.eval_outputs("baseline")["predictions_path"]),
         read_jsonl(paths.eval_outputs("finetuned")["predictions_path"]), read_jsonl(paths.TEST),
-        judge_model_dir(judge["model"], params["model"]["name"], paths.BASE_MODEL, paths.JUDGE_MODEL),
-        params["eval"]["bootstrap"], params["eval"]["seed"],
+        judge_model_dir(params.judge.model, params.model.name, paths.BASE_MODEL, paths.JUDGE_MODEL),
+        params.eval.bootstrap, params.eval.seed,
     )
     write_jsonl(paths.JUDGE_PREDICTIONS, rows)
     write_json(paths.JUDGE_METRICS, result)

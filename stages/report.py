@@ -15,7 +15,7 @@ def main() -> None:
     base, tuned = paths.eval_outputs("baseline"), paths.eval_outputs("finetuned")
     base_rows, tuned_rows = read_jsonl(base["predictions_path"]), read_jsonl(tuned["predictions_path"])
     differences = paired_differences(
-        table_from_rows(base_rows), table_from_rows(tuned_rows), params["eval"]["bootstrap"], params["eval"]["seed"]
+        table_from_rows(base_rows), table_from_rows(tuned_rows), params.eval.bootstrap, params.eval.seed
     )
     plot_losses(paths.LIVE_DIR, paths.LOSS_PNG)
     judged = read_json(paths.JUDGE_METRICS)
@@ -26,8 +26,8 @@ def main() -> None:
     text = render_report(
         read_json(base["metrics_path"]), read_json(tuned["metrics_path"]), differences,
         read_json(paths.TRAIN_METRICS), base_rows, tuned_rows,
-        describe_run(params["model"]["name"], params["lora"], params["split"]["strategy"]),
-        params["report"]["n_examples"], paths.LOSS_PNG.name, judge,
+        describe_run(params.model.name, params.lora, params.split.strategy),
+        params.report.n_examples, paths.LOSS_PNG.name, judge,
     )
     write_text(paths.REPORT, text)
     print(f"report: {paths.REPORT}")

@@ -6,20 +6,20 @@ from medqa.io import read_json, read_jsonl, write_json, write_jsonl
 from medqa.params import load_params
 
 
-# Size caps for CPU runs: split -> the params key that caps it.
-CAPS = {"train": ("train", "max_samples"), "val": ("train", "max_val_samples"), "test": ("eval", "max_samples")}
-
-
 @stage_main
 def main() -> None:
     params = load_params()
-    sp = params["split"]
+    split = params.split
     splits = split_records(
-        read_jsonl(paths.FORMATTED), sp["strategy"], read_json(paths.TEST_LABELS),
-        sp["test_size"], sp["val_size"], sp["seed"],
+        read_jsonl(paths.FORMATTED), split.strategy, read_json(paths.TEST_LABELS),
+        split.test_size, split.val_size, split.seed,
     )
-    for name, (section, key) in CAPS.items():
-        splits[name] = cap(splits[name], params[section][key], sp["seed"], f"{section}.{key}")
+    # Size caps for CPU runs: split -> the param that caps it.
+    caps = {"train": ("train.max_samples", params.train.max_samples),
+            "val": ("train.max_val_samples", params.train.max_val_samples),
+            "test": ("eval.max_samples", params.eval.max_samples)}
+    for name, (key, limit) in caps.items():
+        splits[name] = cap(splits[name], limit, split.seed, key)
     assert_disjoint(splits)
     for name, path in (("train", paths.TRAIN), ("val", paths.VAL), ("test", paths.TEST)):
         write_jsonl(path, splits[name])

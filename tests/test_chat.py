@@ -20,6 +20,7 @@ from medqa.errors import PipelineError
 from medqa.generation import generate, generation_config
 from medqa.io import write_jsonl
 from medqa.models import PROFILES, load_model, resolve_hardware
+from medqa.params import load_params, params_from_dict
 from medqa.prompts import PromptFormat, format_record, prompt_format
 from tests.conftest import make_original, save_tiny_base
 
@@ -54,8 +55,7 @@ def project(tmp_path_factory, tokenizer) -> Path:
 
 @pytest.fixture(scope="module")
 def assistant(project) -> Assistant:
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    return Assistant.load(params, project / "base", project / "adapter")
+    return Assistant.load(load_params(project / "params.yaml"), project / "base", project / "adapter")
 
 
 def test_recent_turns_keeps_the_last_complete_exchanges():
@@ -89,10 +89,10 @@ def test_the_app_builds_the_prompt_the_format_stage_trained_on(assistant, tokeni
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"]["name"] = profile
     params["eval"]["max_prompt_length"] = 1000
-    app = Assistant(assistant.model, tokenizer, params)
+    app = Assistant(assistant.model, tokenizer, params_from_dict(params))
     record = {"pmid": "1", "question": "Does aspirin reduce fever?", "contexts": ["A trial of aspirin in adults."],
               "long_answer": "It did.", "final_decision": "yes"}
-    fmt = prompt_format(tokenizer, params["prompt"], profile)
+    fmt = prompt_format(tokenizer, params_from_dict(params).prompt, profile)
     trained = format_record(record, fmt, params["prompt"]["system"], params["prompt"]["answer_prefix"])["prompt"]
     assert app.question_prompt(record["question"], record["contexts"][0]) == tokenizer(
         trained, add_special_tokens=False)["input_ids"]

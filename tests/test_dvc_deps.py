@@ -1,45 +1,16 @@
 """dvc.yaml cannot drift from the code: every `medqa` module a stage's script reaches is one of its deps."""
 from __future__ import annotations
 
-import ast
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
+from medqa.imports import PLUMBING, reached_modules
+
 ROOT = Path(__file__).resolve().parents[1]
-# Plumbing every stage shares, left out of the deps on purpose so that a changed error message or
-# file-writing helper does not re-run the pipeline (see the comment at the top of dvc.yaml).
-EXEMPT = {"medqa/io.py", "medqa/errors.py", "medqa/params.py", "medqa/paths.py", "medqa/__init__.py"}
-
-
-def _imported_modules(path: Path) -> set[Path]:
-    """The medqa modules `path` imports anywhere in it (top level or inside functions)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module == "medqa":
-                found |= {ROOT / "medqa" / f"{alias.name}.py" for alias in node.names}
-            elif node.module.startswith("medqa."):
-                found.add(ROOT / (node.module.replace(".", "/") + ".py"))
-        elif isinstance(node, ast.Import):
-            found |= {ROOT / (a.name.replace(".", "/") + ".py") for a in node.names if a.name.startswith("medqa.")}
-    return {p for p in found if p.exists()}
-
-
-def reached_modules(script: Path, deps: set[str] = frozenset()) -> set[str]:
-    """Every medqa module `script` reaches through imports, as paths relative to the project. An exempt
-    module is not followed (what it imports serves it) unless the stage lists it, as check_params does."""
-    seen: set[Path] = set()
-    todo = [script]
-    while todo:
-        for module in _imported_modules(todo.pop()) - seen:
-            seen.add(module)
-            name = str(module.relative_to(ROOT))
-            if name not in EXEMPT or name in deps:
-                todo.append(module)
-    return {str(p.relative_to(ROOT)) for p in seen}
+EXEMPT = PLUMBING
 
 
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]

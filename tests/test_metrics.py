@@ -93,6 +93,7 @@ def test_an_empty_answer_scores_zero_and_does_not_crash():
 
 
 def test_majority_baseline_from_the_test_labels_in_metrics_and_report():
+    from medqa.params import LoraParams
     from medqa.report import describe_run, render_report
 
     # 5 yes, 3 no, 2 maybe: always "yes" is right 5 times in 10; F1(yes) = 2*0.5/(1+0.5) = 2/3.
@@ -107,7 +108,7 @@ def test_majority_baseline_from_the_test_labels_in_metrics_and_report():
     tuned = summarize(table_from_rows([_row(t, t) for t in truths]), n_resamples=0, seed=0)
     differences = paired_differences(table_from_rows(rows), table_from_rows([_row(t, t) for t in truths]), 0, 0)
     train = {"best_step": 2, "steps": 4, "best_val_loss": 1.0, "trainable_params": 10, "train_runtime_s": 1.0}
-    run = describe_run("m", {"r": 1, "alpha": 2}, "official")
+    run = describe_run("m", LoraParams(r=1, alpha=2, dropout=0.0, target_modules=None), "official")
     report = render_report(result, tuned, differences, train, [], [], run, 0, "loss.png")
     assert report.splitlines()[2].startswith("Model `m`, LoRA r=1 alpha=2, split `official`, 10 test questions.")
     assert "Test labels: yes 5 (50%), no 3 (30%), maybe 2 (20%)" in report

@@ -124,9 +124,10 @@ def _chat_and_export_use_the_4bit_trained_adapter(repo: Path, params: dict, merg
     from medqa.export import merge_adapter, merged_model, trained_merge_target
     from medqa.generation import generation_config
     from medqa.models import load_model
+    from medqa.params import params_from_dict
 
     base, adapter = repo / "models/base", repo / "models/adapter"
-    assistant = Assistant.load(params, base, adapter)
+    assistant = Assistant.load(params_from_dict(params), base, adapter)
     assert type(assistant.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
     prompt = assistant.question_prompt("Does aspirin reduce pain?", "Aspirin reduced pain in a trial.")
     answer = list(assistant.stream(prompt, generation_config(6), adapter=True))[-1]

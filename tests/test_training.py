@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from medqa.io import write_jsonl
+from medqa.params import params_from_dict
 from medqa.plots import live_metric_file
 from medqa.prompts import PromptFormat, format_record
 from tests.conftest import make_original, save_tiny_base
@@ -48,8 +49,9 @@ SCRIPT = """
 import json, logging, sys
 logging.basicConfig(level=logging.INFO)
 from pathlib import Path
+from medqa.params import params_from_dict
 from medqa.training import train_adapter
-params, out = json.loads(sys.argv[1]), Path(sys.argv[2])
+params, out = params_from_dict(json.loads(sys.argv[1])), Path(sys.argv[2])
 w = Path(sys.argv[3])
 train_adapter(params, w / "base", w / "train.jsonl", w / "val.jsonl", out / "adapter", out / "checkpoints",
               out / "live", out / "train.json")
@@ -122,7 +124,7 @@ def test_resume_after_kill_gives_the_same_adapter(workdir, tmp_path):
 
 
 def test_an_interrupted_checkpoint_is_never_loaded(tmp_path):
-    from medqa.training import last_complete_checkpoint
+    from medqa.checkpoints import last_complete_checkpoint
 
     for step, state in ((2, '{"global_step": 2}'), (4, '{"global_step": 4}'), (6, '{"global_st')):
         (tmp_path / f"checkpoint-{step}").mkdir()
@@ -173,14 +175,16 @@ def test_gguf_export_reads_back_as_the_merged_model(workdir, tmp_path, gguf_type
 
     params = _params(max_steps=2, learning_rate=0.01)
     _train(workdir, tmp_path, params)
-    gguf_file = export_gguf(workdir / "base", tmp_path / "adapter", tmp_path / "gguf", params, gguf_type)
+    typed = params_from_dict(params)
+    gguf_file = export_gguf(workdir / "base", tmp_path / "adapter", tmp_path / "gguf", typed.prompt, typed.model.name,
+                            gguf_type)
     merge_adapter(workdir / "base", tmp_path / "adapter", tmp_path / "merged", "float32")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     read_back = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
     gguf_tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
 
-    fmt = prompt_format(tokenizer, params["prompt"], params["model"]["name"])
+    fmt = prompt_format(tokenizer, typed.prompt, typed.model.name)
     question = user_message("Does aspirin reduce fever?", ["Aspirin reduced fever in 40 of 50 patients."])
     prompt = fmt.prompt(params["prompt"]["system"], question)
     for text in ("Hello, world.", prompt):
@@ -209,24 +213,29 @@ def test_non_finite_loss_stops_with_a_clear_message(workdir, tmp_path):
 
 
 def test_resume_point_is_idempotent_and_multi_gpu_launch_command(workdir, tmp_path, monkeypatch):
-    from medqa.training import accelerate_command, resume_point
+    from medqa.checkpoints import claim_checkpoints
+    from medqa.launch import accelerate_command
+    from medqa.training import shaping_params
 
-    params, ckpt = _params(), tmp_path / "checkpoints"
+    def sections(**train) -> dict:
+        return shaping_params(params_from_dict(_params(**train)))
+
+    params, ckpt = sections(), tmp_path / "checkpoints"
     args = (params, workdir / "base", workdir / "train.jsonl", workdir / "val.jsonl", ckpt)
-    assert resume_point(*args) is None
+    assert claim_checkpoints(*args) is None
     (ckpt / "checkpoint-2").mkdir()
     (ckpt / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
-    assert resume_point(*args) == ckpt / "checkpoint-2"  # the same params: kept, not cleared
-    assert resume_point(*args) == ckpt / "checkpoint-2"
-    assert resume_point(_params(learning_rate=0.5), *args[1:]) is None and not (ckpt / "checkpoint-2").exists()
+    assert claim_checkpoints(*args) == ckpt / "checkpoint-2"  # the same params: kept, not cleared
+    assert claim_checkpoints(*args) == ckpt / "checkpoint-2"
+    assert claim_checkpoints(sections(learning_rate=0.5), *args[1:]) is None and not (ckpt / "checkpoint-2").exists()
     # a change to the training code (which makes DVC re-run the stage) starts afresh, too
     (ckpt / "checkpoint-2").mkdir()
     (ckpt / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
-    assert resume_point(_params(learning_rate=0.5), *args[1:]) == ckpt / "checkpoint-2"
+    assert claim_checkpoints(sections(learning_rate=0.5), *args[1:]) == ckpt / "checkpoint-2"
     code = tmp_path / "training.py"
     code.write_text("# changed\n")
-    monkeypatch.setattr("medqa.training.training_code", lambda: [code])
-    assert resume_point(_params(learning_rate=0.5), *args[1:]) is None and not (ckpt / "checkpoint-2").exists()
+    monkeypatch.setattr("medqa.checkpoints.training_code", lambda: [code])
+    assert claim_checkpoints(sections(learning_rate=0.5), *args[1:]) is None and not (ckpt / "checkpoint-2").exists()
     from accelerate.commands.config.config_args import load_config_from_file
 
     for strategy, kind in (("ddp", "MULTI_GPU"), ("fsdp", "FSDP")):
@@ -243,7 +252,8 @@ def _lora_trainer(workdir: Path, out: Path, stage_way: bool):
 
     from medqa.io import read_jsonl
     from medqa.models import load_tokenizer, resolve_hardware
-    from medqa.training import _dataset, build_trainer, setup_model, training_arguments
+    from medqa.trainer import build_trainer
+    from medqa.training import _dataset, setup_model, training_arguments
 
     params = _params(max_steps=4, batch_size=3, grad_accum=2, learning_rate=0.01, warmup_ratio=0.0,
                      logging_steps=1, eval_steps=4, save_steps=4)
@@ -252,8 +262,9 @@ def _lora_trainer(workdir: Path, out: Path, stage_way: bool):
     hardware = resolve_hardware("none", "float32")
     tokenizer = load_tokenizer(workdir / "base")
     data = _dataset(read_jsonl(workdir / "train.jsonl"), tokenizer, 256)
-    model = setup_model(workdir / "base", params["model"], params["lora"], hardware)
-    args = training_arguments(params["train"], hardware, out)
+    typed = params_from_dict(params)
+    model = setup_model(workdir / "base", typed.model, typed.lora, hardware)
+    args = training_arguments(typed.train, hardware, out)
     if stage_way:
         return build_trainer(model, tokenizer, args, data, data, [])
     return Trainer(model=model, args=args, train_dataset=data, eval_dataset=data,
@@ -282,7 +293,7 @@ def test_answer_column_loss_trains_as_the_full_logits_loss(workdir, tmp_path):
 def test_answer_batch_keeps_only_the_answer_columns(tokenizer):
     import torch
 
-    from medqa.training import AnswerBatchCollator, answer_loss
+    from medqa.trainer import AnswerBatchCollator, answer_loss
 
     features = [
         {"input_ids": [5, 6, 7, 8, 9], "attention_mask": [1] * 5, "labels": [-100, -100, -100, -100, 9]},
@@ -319,7 +330,7 @@ def test_warmup_starts_above_rate_zero(tokenizer, tiny_model, tmp_path):
     import torch
     from transformers import TrainingArguments, get_scheduler
 
-    from medqa.training import build_trainer, warm_up_from_the_first_step
+    from medqa.trainer import build_trainer, warm_up_from_the_first_step
 
     def optimizer():
         return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)

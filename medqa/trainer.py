@@ -1,0 +1,165 @@
+"""The Trainer the finetune stage runs: answer-only loss from the answer columns' logits alone, a
+warmup that starts above rate 0, and callbacks that log the curves with DVCLive and stop on a
+non-finite loss."""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+from transformers import TrainerCallback
+
+from medqa.errors import PipelineError
+
+
+class NonFiniteLossError(PipelineError):
+    pass
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stops training when the loss becomes NaN or infinite, before a bad checkpoint is written."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        for key in ("loss", "eval_loss"):
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"the {key.replace('_', ' ')} became {value} at step {state.global_step}: lower "
+                    "train.learning_rate or use model.dtype=float32/bfloat16 (fp16 overflows); the last good "
+                    f"checkpoint is kept in {args.output_dir}"
+                )
+
+
+# Trainer log keys -> DVCLive metric names (dvclive/plots/metrics/<name>.tsv).
+LIVE_METRICS = {"loss": "train/loss", "learning_rate": "train/learning_rate", "eval_loss": "eval/loss"}
+
+
+class LiveLossCallback(TrainerCallback):
+    """Logs train and validation loss and the learning rate per step with DVCLive.
+
+    The curves are written from the trainer state's log history at every log, so they can be
+    watched during a run (`dvc plots show`), and a run resumed from a checkpoint logs the steps
+    before the interruption too (the trainer restores its history from the checkpoint).
+    """
+
+    def __init__(self, live_dir: Path):
+        self.live_dir = live_dir
+        self.live: Any = None
+        self.logged = 0
+
+    def on_log(self, args, state, control, **kwargs) -> None:
+        if not state.is_world_process_zero:
+            return
+        if self.live is None:
+            from dvclive import Live
+
+            # Inside a DVC stage: the pipeline declares these files; DVCLive must not write its own
+            # dvc.yaml, make an experiment or a report.
+            self.live = Live(str(self.live_dir), resume=False, dvcyaml=None, save_dvc_exp=False, report=None)
+        for entry in state.log_history[self.logged:]:
+            self.live.step = entry["step"]
+            for key, name in LIVE_METRICS.items():
+                if key in entry:
+                    self.live.log_metric(name, entry[key], plot=True)
+        self.logged = len(state.log_history)
+        self.live.make_summary()
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        if self.live is not None:
+            self.live.end()
+
+
+class AnswerBatchCollator:
+    """Pads a batch on the left, so every answer ends in the last column, and asks the model for
+    logits only over the columns that predict answer tokens (`logits_to_keep`).
+
+    The loss is on the answer only (~15% of each sequence), but a plain batch would run the
+    vocabulary projection, its log-softmax and their gradients at every position. Position ids
+    are given explicitly, so a left-padded row sees the same positions as an unpadded one.
+    """
+
+    def __init__(self, tokenizer: Any, window_logits: bool = True):
+        from transformers import DataCollatorForSeq2Seq
+
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.padding_side = "left"
+        self.pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+        self.window_logits = window_logits
+
+    def __call__(self, features: list[dict]) -> dict[str, Any]:
+        batch = self.pad(features)
+        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        if self.window_logits:
+            labelled = batch["labels"] != -100
+            first = int(labelled.int().argmax(-1)[labelled.any(-1)].min())
+            # The logits at column c predict the token at c + 1: keep from the column before the first answer token.
+            batch["logits_to_keep"] = batch["labels"].shape[1] - first + 1
+        return batch
+
+
+def answer_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
+    """Cross-entropy of the answer tokens from logits over the last columns of the batch (all, or
+    the `logits_to_keep` window): the same value as the model's own causal-LM loss.
+
+    Normalised by `num_items_in_batch` (the labelled tokens of the whole accumulated batch, as
+    the Trainer counts them) when given, else by this batch's labelled tokens.
+    """
+    import torch.nn.functional as F
+
+    logits = outputs.logits
+    targets = labels[:, labels.shape[1] - logits.shape[1] + 1 :].to(logits.device)
+    total = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
+    )
+    return total / (num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum())
+
+
+def supports_logits_to_keep(model: Any) -> bool:
+    """Whether the (possibly peft-wrapped) causal LM's forward takes `logits_to_keep`."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def warm_up_from_the_first_step(scheduler: Any, warmup_steps: int) -> Any:
+    """`scheduler` (a LambdaLR from transformers' `get_scheduler`) with its linear warmup shifted by
+    one step: step s < warmup_steps runs at (s + 1) / (warmup_steps + 1) of the peak rate, not
+    s / warmup_steps, so the first optimiser step is not wasted at rate 0. Unchanged after the warmup."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    if warmup_steps <= 0 or not isinstance(scheduler, LambdaLR):
+        return scheduler
+
+    def shifted(after: Callable[[int], float]) -> Callable[[int], float]:
+        return lambda step: (step + 1) / (warmup_steps + 1) if step < warmup_steps else after(step)
+
+    # A new LambdaLR on the same optimiser starts from the peak rates the first one recorded.
+    return LambdaLR(scheduler.optimizer, [shifted(f) for f in scheduler.lr_lambdas])
+
+
+def build_trainer(model: Any, tokenizer: Any, args: Any, train_ds: Any, val_ds: Any, callbacks: list) -> Any:
+    """A Trainer with answer-only loss computed from the answer columns' logits alone, whose warmup
+    starts above rate 0 (`warm_up_from_the_first_step`)."""
+    from transformers import Trainer
+
+    class AnswerTrainer(Trainer):
+        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+            if self.lr_scheduler is None:
+                scheduler = super().create_scheduler(num_training_steps, optimizer)
+                self.lr_scheduler = warm_up_from_the_first_step(scheduler, self.args.get_warmup_steps(num_training_steps))
+            return self.lr_scheduler
+
+    return AnswerTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        data_collator=AnswerBatchCollator(tokenizer, window_logits=supports_logits_to_keep(model)),
+        compute_loss_func=answer_loss,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+
