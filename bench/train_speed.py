@@ -1,7 +1,7 @@
 """Training throughput and memory: the finetune stage's way against the reference notebooks' way.
 
 Notebook way: random batches, each padded to `train.max_length`, logits and loss at every position
-(the model's own loss). Stage way: `medqa.training.build_trainer` as the finetune stage runs it:
+(the model's own loss). Stage way: `medqa.trainer.build_trainer` as the finetune stage runs it:
 length-grouped, left-padded batches, logits only over the columns that predict answer tokens.
 
 Both ways train on the same examples: a seeded sample of `steps x batch_size x grad_accum` train

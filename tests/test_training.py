@@ -49,9 +49,14 @@ SCRIPT = """
 import json, logging, sys
 logging.basicConfig(level=logging.INFO)
 from pathlib import Path
+from dataclasses import replace
 from medqa.params import params_from_dict
 from medqa.training import train_adapter
-params, out = params_from_dict(json.loads(sys.argv[1])), Path(sys.argv[2])
+raw, out = json.loads(sys.argv[1]), Path(sys.argv[2])
+# A zero learning rate (the early-stopping test's) is no valid param, but the trainer takes it.
+lr = raw["train"]["learning_rate"]
+params = params_from_dict(dict(raw, train=dict(raw["train"], learning_rate=lr or 1.0)))
+params = replace(params, train=replace(params.train, learning_rate=lr))
 w = Path(sys.argv[3])
 train_adapter(params, w / "base", w / "train.jsonl", w / "val.jsonl", out / "adapter", out / "checkpoints",
               out / "live", out / "train.json")
