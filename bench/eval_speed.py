@@ -5,7 +5,8 @@ Stage way: what the eval stages run: `answer_and_score`, which prefills each pro
 shares its KV cache between choice scoring of the decision and the reference answer's likelihood
 (for perplexity), then decodes `eval.batch_size` prompts together from their stacked caches. It does
 more than the notebook way (three extra scores per question: the direct choice, the reference's
-likelihood, and the choice after the generated answer). Greedy generations must be identical.
+likelihood, and the choice after the generated answer). Greedy generations must be identical in
+float32; in bfloat16 (`--dtype bfloat16`) their agreement is reported instead.
 The added cost of the after_answer and calibrated decision protocols is measured against the
 stage way without them, on the same questions (alternated, `--repeats` times each, the fastest counts).
 
@@ -105,7 +106,9 @@ def main() -> None:
     print(f"after_answer tokens read from the generation's cache: {sum(scored.after_answer_cached)} of {followup_tokens}")
     print(f"identical greedy generations: {same}/{n}; parsed decisions found by the notebook way: "
           f"{sum(d != 'none' for d in notebook_decisions)}/{n}")
-    assert same == n, "batched greedy generations differ from one-by-one generations"
+    # In fp32 the two ways must agree; in bf16 rounding differs with the batch shape, so it is reported.
+    if hardware.dtype == torch.float32:
+        assert same == n, "batched greedy generations differ from one-by-one generations"
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ set (ru_maxrss). The FLOPs the model needs, per sequence of length l with a answ
   + 4 * vocab * d_model * a               the vocabulary projection at the answer tokens only
   + 6 * r * (d_in + d_out) * l per LoRA module   LoRA forward and both gradients
 
-set against this machine's fp32 matmul rate, measured in the parent process.
+set against this machine's fp32 matmul rate (bf16's for the bf16 way), measured in the parent process.
+On a CPU with native bf16 (AVX512-BF16 or AMX) a third way runs: the stage's way with the Trainer's
+bf16 autocast over fp32 weights, as the finetune stage trains with `model.dtype: auto` there.
 
     python -m bench.train_speed [--steps 4]
 
@@ -38,17 +40,17 @@ import torch
 
 from medqa import paths
 from medqa.io import read_jsonl
-from medqa.models import load_tokenizer, resolve_hardware
+from medqa.models import cpu_has_native_bf16, load_tokenizer, resolve_hardware
 from medqa.params import load_params
 from medqa.trainer import build_trainer
 from medqa.training import setup_model, tokenize_example, training_arguments
 
-WAYS = ("notebook", "stage")
+WAYS = ("notebook", "stage", "stage-bf16")  # stage-bf16: the stage's way with bf16 autocast (native bf16 only)
 
 
-def matmul_flops(size: int = 2048, repeats: int = 5) -> float:
-    """fp32 FLOP/s of large square matmuls on this machine (best of three)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_flops(size: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of large square matmuls in `dtype` on this machine (best of three)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     best = 0.0
     for _ in range(3):
@@ -80,7 +82,8 @@ def run_way(way: str, steps: int) -> dict:
     params = load_params()
     tp = params.train
     set_seed(tp.seed)
-    hardware = resolve_hardware("none", "float32")
+    # The stage's hardware with bf16 autocast, or all fp32.
+    hardware = resolve_hardware("none", "auto" if way == "stage-bf16" else "float32")
     tokenizer = load_tokenizer(paths.BASE_MODEL)
     examples = read_jsonl(paths.TRAIN)
     n = steps * tp.batch_size * tp.grad_accum
@@ -95,7 +98,7 @@ def run_way(way: str, steps: int) -> dict:
         logging_steps=steps, disable_tqdm=True,
         train_sampling_strategy="group_by_length" if way == "stage" else "random",
     )
-    if way == "stage":
+    if way.startswith("stage"):
         trainer = build_trainer(model, tokenizer, args, dataset, None, [])
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=tp.max_length,
@@ -131,20 +134,28 @@ def main() -> None:
         print(json.dumps(run_way(args.way, args.steps)))
         return
     tp = load_params().train
+    bf16 = cpu_has_native_bf16() and not torch.cuda.is_available()
     peak = matmul_flops()
+    peak_bf16 = matmul_flops(dtype=torch.bfloat16) if bf16 else None
     print(f"max_length {tp.max_length}, batch {tp.batch_size} x {tp.grad_accum}, {args.steps} steps, "
-          f"{torch.get_num_threads()} threads; fp32 matmul rate {peak / 1e9:.1f} GFLOP/s")
+          f"{torch.get_num_threads()} threads; fp32 matmul rate {peak / 1e9:.1f} GFLOP/s"
+          + (f", bf16 {peak_bf16 / 1e9:.1f} GFLOP/s" if bf16 else "; no native bf16: the bf16 way is skipped"))
     results = {}
-    for way in WAYS:
+    for way in WAYS if bf16 else WAYS[:2]:
         child = subprocess.run([sys.executable, "-m", "bench.train_speed", "--way", way, "--steps", str(args.steps)],
                                capture_output=True, text=True, check=True)
         results[way] = json.loads(child.stdout.strip().splitlines()[-1])
-    print(f"| way | tokens/s | needed GFLOP/s | share of matmul rate | s/step | peak RSS GB |")
+    print("| way | tokens/s | needed GFLOP/s | share of its matmul rate | s/step | peak RSS GB |")
     print("|---|---|---|---|---|---|")
     for way, r in results.items():
-        print(f"| {way} | {r['tokens_per_s']:.1f} | {r['flops_per_s'] / 1e9:.1f} | {r['flops_per_s'] / peak:.1%} "
+        rate = peak_bf16 if way == "stage-bf16" else peak
+        print(f"| {way} | {r['tokens_per_s']:.1f} | {r['flops_per_s'] / 1e9:.1f} | {r['flops_per_s'] / rate:.1%} "
               f"| {r['seconds_per_step']:.1f} | {r['peak_rss_gb']:.2f} |")
-    print(f"stage / notebook tokens/s: {results['stage']['tokens_per_s'] / results['notebook']['tokens_per_s']:.2f}x")
+    tokens = {way: r["tokens_per_s"] for way, r in results.items()}
+    print(f"stage / notebook tokens/s: {tokens['stage'] / tokens['notebook']:.2f}x")
+    if bf16:
+        print(f"stage-bf16 / notebook: {tokens['stage-bf16'] / tokens['notebook']:.2f}x; "
+              f"stage-bf16 / stage (fp32): {tokens['stage-bf16'] / tokens['stage']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports about a medical tool
     if importlib.util.find_spec("gradio") is None:
-        raise PipelineError("gradio is not installed: `pip install -r requirements.txt` (or `make setup`)")
+        raise PipelineError("gradio is not installed: `make setup` installs requirements.lock")
     log.info("loading %s with the adapter in %s", args.base, args.adapter)
     assistant = Assistant.load(params, args.base, args.adapter)
     app = build_app(assistant, params.generation, load_test_questions(args.test))

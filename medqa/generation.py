@@ -87,7 +87,7 @@ def _generate_batch(
     """The decoded new text of each row of a left-padded batch, continuing from `cache` if given,
     and the new tokens (rows that stopped early are padded)."""
     torch.manual_seed(seed)  # per batch, so a sampled answer does not depend on earlier batches
-    new = model_generate(model, tokenizer, config, input_ids=ids, attention_mask=mask, past_key_values=cache)
+    new = model_generate(model, tokenizer, config, input_ids=ids, attention_mask=mask, cache=cache)
     new = new[:, ids.shape[1] :]
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new], new
 
@@ -169,7 +169,7 @@ def _extension_logprobs(model: Any, cache: Any, prompt: Sequence[int], tokens: S
     """Log-probabilities at the last `keep` positions of the prompt's last token + `tokens`, read
     from `cache` (which holds the prompt but its last token); the cache is cropped back after."""
     ids = torch.tensor([list(prompt[-1:]) + list(tokens)], device=model_device(model))
-    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=keep).logits[0]
+    logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=keep).logits[0]
     cache.crop(len(prompt) - 1 - cache.get_seq_length())
     return torch.log_softmax(logits.float(), dim=-1)
 
@@ -200,7 +200,7 @@ def _prefill_and_score(
 
     cache = DynamicCache(config=model.config)
     if len(prompt) > 1:
-        model(input_ids=torch.tensor([list(prompt[:-1])], device=model_device(model)), past_key_values=cache,
+        model(input_ids=torch.tensor([list(prompt[:-1])], device=model_device(model)), cache=cache,
               use_cache=True, logits_to_keep=1)
     choices = _option_logliks(model, cache, prompt, choice_prefix, options)
     target_loglik = _logprob_sum(_extension_logprobs(model, cache, prompt, target, keep=len(target) + 1)[: len(target)],
@@ -367,7 +367,7 @@ class SharedPrefixScorer:
         ids = list(prompt) + shared
         self._keep(min(_shared_prefix_length(self.ids, ids), len(prompt) - 1))  # read from the prompt's last token
         rest = ids[len(self.ids):]
-        logits = self.model(input_ids=torch.tensor([rest], device=model_device(self.model)), past_key_values=self.cache,
+        logits = self.model(input_ids=torch.tensor([rest], device=model_device(self.model)), cache=self.cache,
                             use_cache=True, logits_to_keep=len(shared) + 1).logits[0]
         self.ids = ids
         self.tokens_read += len(rest)

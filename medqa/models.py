@@ -205,13 +205,26 @@ def load_tokenizer(base_dir: str | Path, padding_side: str = "right") -> Any:
 @dataclass(frozen=True)
 class Hardware:
     device: str
-    dtype: Any
+    dtype: Any  # the weights' dtype, and the compute dtype of inference
     quantize_4bit: bool
+    autocast: Any = None  # training on the CPU: the mixed-precision compute dtype (fp32 weights), or None
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX), where bf16 compute
+    pays; elsewhere bf16 is emulated and slower than fp32."""
+    import torch
+
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
 
 
 def resolve_hardware(quantization: str = "auto", dtype: str = "auto") -> Hardware:
-    """CUDA: bf16 (fp16 on older GPUs), 4-bit nf4 unless `none`; CPU: fp32, 4-bit only when asked
-    (`4bit`: bitsandbytes quantises and multiplies nf4 weights on the CPU too)."""
+    """CUDA: bf16 (fp16 on older GPUs), 4-bit nf4 unless `none`. CPU: fp32 weights and inference;
+    with `auto`, training computes in bf16 autocast where the CPU has native bf16
+    (`cpu_has_native_bf16`), LoRA weights and optimiser state staying fp32; `float32` keeps all of
+    it fp32. 4-bit only when asked (`4bit`: bitsandbytes quantises and multiplies nf4 weights on the
+    CPU too)."""
     import torch
 
     if quantization not in ("auto", "4bit", "none"):
@@ -240,7 +253,9 @@ def resolve_hardware(quantization: str = "auto", dtype: str = "auto") -> Hardwar
                 "4-bit on a CPU without AVX2 (%s): bitsandbytes runs its scalar code, expect it slow; "
                 "model.quantization=none is faster here", capability
             )
-    return Hardware("cuda" if cuda else "cpu", torch_dtype, quantize)
+    # (Not over bitsandbytes' 4-bit CPU kernels, which compute in the weights' dtype.)
+    autocast = torch.bfloat16 if not cuda and not quantize and dtype == "auto" and cpu_has_native_bf16() else None
+    return Hardware("cuda" if cuda else "cpu", torch_dtype, quantize, autocast)
 
 
 def require_bitsandbytes(minimum: str) -> None:

@@ -99,7 +99,8 @@ def training_arguments(train: TrainParams, hardware: Hardware, output_dir: Path)
         seed=train.seed,
         data_seed=train.seed,
         train_sampling_strategy="group_by_length",
-        bf16=cuda and hardware.dtype == torch.bfloat16,
+        # On the CPU, bf16 is the Trainer's autocast over fp32 weights (`Hardware.autocast`).
+        bf16=(cuda and hardware.dtype == torch.bfloat16) or hardware.autocast == torch.bfloat16,
         fp16=cuda and hardware.dtype == torch.float16,
         activation_checkpointing=cuda,
         # Non-reentrant checkpointing lets gradients reach LoRA weights when the frozen inputs need none.
@@ -193,8 +194,9 @@ def train_adapter(
     val = read_jsonl(val_path)
     train_ds = _dataset(read_jsonl(train_path), tokenizer, train.max_length)
     val_ds = _dataset(val, tokenizer, train.max_length)
-    log.info("training on %d examples, validating on %d (%s%s)", len(train_ds), len(val_ds), hardware.device,
-             ", 4-bit nf4 base" if hardware.quantize_4bit else "")
+    log.info("training on %d examples, validating on %d (%s%s%s)", len(train_ds), len(val_ds), hardware.device,
+             ", 4-bit nf4 base" if hardware.quantize_4bit else "",
+             ", bf16 autocast" if hardware.autocast is not None else "")
     model = setup_model(base_dir, params.model, params.lora, hardware)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)

@@ -111,3 +111,30 @@ def test_the_eval_stages_and_the_chat_app_read_after_answer_decisions_alike(toke
     stated = score_after_answers(tiny_model, tokenizer, prompts[:1], [f"It is. {prefix} no. More."], prefix, 1)
     cut = score_after_answers(tiny_model, tokenizer, prompts[:1], ["It is."], prefix, 1)
     assert torch.allclose(torch.from_numpy(stated), torch.from_numpy(cut))
+
+
+def test_the_project_calls_no_deprecated_transformers_api(tokenizer, tiny_model, caplog):
+    """transformers announces removals as FutureWarnings or through its logger; the eval stages' and
+    the judge's calls (generation from a prefilled cache, cached scoring, shared-prefix scoring) and
+    the chat app's peft-wrapped generation raise none of them."""
+    import logging
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    from medqa.generation import SharedPrefixScorer
+
+    prompts = _prompts(tokenizer)
+    options = [continuation_ids(tokenizer, "answer is:", w) for w in (" yes", " no", " maybe")]
+    peft_model = get_peft_model(tiny_model, LoraConfig(r=2, target_modules=["q_proj"]))
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING, logger="transformers"):
+        warnings.simplefilter("always")
+        for model in (tiny_model, peft_model.eval()):
+            generate_and_score(model, tokenizer, prompts, generation_config(max_new_tokens=4), choice_prefix=[],
+                               options=options, targets=[[5, 6]] * len(prompts), batch_size=2,
+                               followup=lambda text: [7, 8], desc=None)
+            SharedPrefixScorer(model).option_logliks(prompts[1], options)
+            generate(model, tokenizer, prompts[:1], generation_config(max_new_tokens=3), batch_size=1, desc=None)
+    peft_model.unload()
+    said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [s for s in said if "deprecated" in s.lower() or "will be removed" in s.lower()], said

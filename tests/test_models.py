@@ -90,3 +90,19 @@ def test_params_profiles_set_existing_keys(profile):
         assert hasattr(getattr(params, section), leaf), f"{profile}: {key} is not in params.yaml"
         if key == "model.name":
             assert yaml.safe_load(value) in PROFILES
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, True), (False, True, True), (False, False, False)])
+def test_bf16_training_only_where_the_cpu_has_native_bf16(monkeypatch, avx512_bf16, amx, expected):
+    """`model.dtype: auto` on a CPU: bf16 autocast for training where the CPU multiplies bf16 natively
+    (AVX512-BF16 or AMX), fp32 elsewhere; the weights and inference stay fp32 either way, and
+    `float32` or 4-bit keep training fp32. Independent of the machine the tests run on."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    hardware = resolve_hardware("none", "auto")
+    assert (hardware.dtype, hardware.autocast) == (torch.float32, torch.bfloat16 if expected else None)
+    assert resolve_hardware("none", "float32").autocast is None
+    assert resolve_hardware("4bit", "auto").autocast is None
