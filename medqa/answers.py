@@ -1,6 +1,8 @@
 """The answer protocol, in one place: the decisions, the answer the model learns, reading a decision
 back out of a generation, the option tokens that choice scoring reads, and turning their
-log-likelihoods into decisions (directly, after the model's own answer, or calibrated).
+log-likelihoods into decisions (directly, after the model's own answer, or calibrated), and the
+registry of those decision protocols (`PROTOCOLS`) that the eval stages, metrics, report and chat app
+loop over.
 
 No model runs here (see `evaluation` and `generation`): this module is light enough for every stage.
 """
@@ -13,6 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from medqa.tokens import token_ids
+
 DECISIONS = ("yes", "no", "maybe")  # PubMedQA's final_decision labels, in option order
 NO_DECISION = "none"  # a generated answer from which no decision could be parsed
 
@@ -121,6 +124,7 @@ def calibrate(probs: np.ndarray, prior: np.ndarray) -> np.ndarray:
 
 
 def rounded_probabilities(probs: np.ndarray) -> dict[str, float]:
+    """One question's option probabilities by decision, rounded as the prediction rows store them."""
     return {d: round(float(p), 6) for d, p in zip(DECISIONS, probs)}
 
 
