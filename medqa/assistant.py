@@ -77,6 +77,9 @@ class Assistant:
         self.prompt, self.model_name = params.prompt, params.model.name
         self.format = prompt_format(tokenizer, params.prompt, params.model.name)
         self._priors: dict[bool, np.ndarray] = {}  # the content-free prior, with the adapter on and off
+        # The last prompt's direct-choice log-likelihoods, with the adapter on and off: a compare reads
+        # them before the answer streams and again after it, for the same prompt.
+        self._last_choice: dict[bool, tuple[tuple[int, ...], np.ndarray]] = {}
         self.lock = threading.Lock()
 
     @classmethod
@@ -118,7 +121,12 @@ class Assistant:
         -> (decision, P(yes/no/maybe) or None). Without the model's `answer`, only the protocols that
         need no generation."""
         with self._adapter(adapter):
-            choice = score_decisions(self.model, self.tokenizer, [prompt], self.answer_prefix, 1, desc=None)
+            last = self._last_choice.get(adapter)
+            if last is None or last[0] != tuple(prompt):
+                last = (tuple(prompt), score_decisions(self.model, self.tokenizer, [prompt], self.answer_prefix, 1,
+                                                       desc=None))
+                self._last_choice[adapter] = last
+            choice = last[1]
             after = (np.full_like(choice, np.nan) if answer is None else
                      score_after_answers(self.model, self.tokenizer, [prompt], [answer], self.answer_prefix, 1))
             if adapter not in self._priors:
