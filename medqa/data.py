@@ -57,16 +57,35 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return obj
 
 
-def _read_json_file(path: Path) -> object:
+def _read_text(path: Path) -> str:
+    """The file's text; one line naming the byte offset where it is not UTF-8."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f, object_pairs_hook=_unique_keys)
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{path} is not UTF-8 text: byte offset {exc.start} ({exc.object[exc.start:exc.start + 1]!r}"
+                            f") is {exc.reason}; re-save the file as UTF-8") from exc
+    except OSError as exc:
+        raise PipelineError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+ORIGINAL_FIELDS = ("QUESTION", "CONTEXTS", "LONG_ANSWER", "final_decision")
+
+
+def _is_original_layout(data: object) -> bool:
+    """{pmid: record} with records in the original layout's fields; any one field of any record is
+    enough to tell, so that one incomplete record is reported as such, not as an unknown layout."""
+    return (isinstance(data, dict) and bool(data) and all(isinstance(v, dict) for v in data.values())
+            and any(field in v for v in data.values() for field in ORIGINAL_FIELDS))
+
+
+def _read_json_file(path: Path) -> object:
+    text = _read_text(path)
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
     except PipelineError as exc:  # a duplicated pmid in ori_pqal.json, or a duplicated field
         raise PipelineError(f"{path}: {exc}") from exc
     except json.JSONDecodeError as exc:
         raise PipelineError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}") from exc
-    except OSError as exc:
-        raise PipelineError(f"cannot read {path}: {exc.strerror}") from exc
 
 
 def _load_file(path: Path) -> list[Record]:
@@ -77,16 +96,15 @@ def _load_file(path: Path) -> list[Record]:
         return [_from_hf(r) for r in pd.read_parquet(path).to_dict("records")]
     if suffix == ".jsonl":
         rows = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(_from_hf(json.loads(line)))
-                    except json.JSONDecodeError as exc:
-                        raise PipelineError(f"{path} line {n} is not valid JSON: {exc.msg}") from exc
+        for n, line in enumerate(_read_text(path).splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(_from_hf(json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise PipelineError(f"{path} line {n} is not valid JSON: {exc.msg}") from exc
         return rows
     data = _read_json_file(path)
-    if isinstance(data, dict) and all(isinstance(v, dict) and "QUESTION" in v for v in data.values()):
+    if _is_original_layout(data):
         return [_from_original(k, v) for k, v in data.items()]
     if isinstance(data, list):
         return [_from_hf(r) for r in data]

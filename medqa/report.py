@@ -34,16 +34,17 @@ def reported_rows() -> list[tuple[str, str]]:
     return rows + TEXT_ROWS
 
 
-def _get(tree: dict, dotted: str) -> Any:
+def metric_at(tree: dict, dotted: str) -> Any:
+    """The value at a dotted path ("decision.choice.accuracy") of a metrics tree."""
     for key in dotted.split("."):
         tree = tree[key]
     return tree
 
 
 def _with_ci(tree: dict, dotted: str) -> str:
-    value = _get(tree, dotted)
+    value = metric_at(tree, dotted)
     parent, leaf = dotted.rsplit(".", 1)
-    node = _get(tree, parent)
+    node = metric_at(tree, parent)
     if f"{leaf}_ci_low" in node:
         return f"{value:.4f} [{node[f'{leaf}_ci_low']:.4f}, {node[f'{leaf}_ci_high']:.4f}]"
     return f"{value:.4f}"
@@ -53,7 +54,7 @@ def metrics_table(baseline: dict, finetuned: dict, differences: dict[str, tuple[
     """One row per metric: baseline and fine-tuned (with 95% CIs) and the paired change (with its CI)."""
     rows = []
     for label, path in reported_rows():
-        change = "" if path.startswith("decision.majority.") else f"{_get(finetuned, path) - _get(baseline, path):+.4f}"
+        change = "" if path.startswith("decision.majority.") else f"{metric_at(finetuned, path) - metric_at(baseline, path):+.4f}"
         if path in differences:
             _, low, high = differences[path]
             change += f" [{low:+.4f}, {high:+.4f}]"

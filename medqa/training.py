@@ -11,16 +11,14 @@ from medqa.checkpoints import claim_checkpoints
 from medqa.errors import PipelineError, explain_out_of_memory
 from medqa.io import atomic_dir, read_jsonl, write_json
 from medqa.launch import launched_by_accelerate, save_fsdp_adapter
-from medqa.models import Hardware, fsdp_enabled, get_profile, load_model, load_tokenizer, lora_targets, resolve_hardware
+from medqa.models import (TRAINED_ON, Hardware, fsdp_enabled, get_profile, load_model, load_tokenizer, lora_targets,
+                          resolve_hardware)
 from medqa.params import LoraParams, ModelParams, Params, TrainParams, as_dict
 from medqa.prompts import fit_prompt
 from medqa.tokens import token_ids
 from medqa.trainer import LiveLossCallback, StopOnNonFiniteLoss, build_trainer
 
 log = logging.getLogger(__name__)
-
-TRAINED_ON = "trained_on.json"  # beside the adapter: what it was trained against (export merges accordingly)
-
 
 def tokenize_example(example: dict, tokenizer: Any, max_length: int) -> dict[str, list[int]]:
     """Prompt + target ids with the loss masked (-100) on the prompt; the context is cut, never the target."""
@@ -127,6 +125,7 @@ def _trained_on(trainer: Any, hardware: Hardware) -> dict:
     return {
         "quantization": "nf4-double-quant" if hardware.quantize_4bit else "none",
         "dtype": str(hardware.dtype).removeprefix("torch."),
+        "autocast": str(hardware.autocast).removeprefix("torch.") if hardware.autocast is not None else None,
         "device": hardware.device,
         "optim": str(trainer.args.optim.value if hasattr(trainer.args.optim, "value") else trainer.args.optim),
     }

@@ -56,6 +56,25 @@ def test_bad_record_names_record_and_field(tmp_path, field, value, message):
         validate_records(load_records(str(tmp_path / "bad.json")))
 
 
+def test_a_record_without_a_field_is_named_not_taken_for_another_layout(tmp_path):
+    original = make_original(6)
+    del original["1003"]["QUESTION"]
+    (tmp_path / "ori_pqal.json").write_text(json.dumps(original))
+    with pytest.raises(PipelineError, match="record 1003: field 'question' is missing or empty"):
+        validate_records(load_records(str(tmp_path / "ori_pqal.json")))
+
+
+@pytest.mark.parametrize("name", ["ori_pqal.json", "records.jsonl"])
+def test_a_file_that_is_not_utf8_is_named_with_the_byte_offset(tmp_path, name):
+    text = json.dumps(make_original(2)) if name.endswith(".json") else "\n".join(
+        json.dumps(r) for r in _hf_rows(make_original(2)))
+    offset = text.index("treatment 1")
+    data = text.encode()[:offset] + "traitement é".encode("latin-1") + text.encode()[offset + 12:]
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(PipelineError, match=rf"{name} is not UTF-8 text: byte offset {offset + 11} "):
+        load_records(str(tmp_path / name))
+
+
 def test_duplicate_ids_and_unreadable_files_are_clear_errors(tmp_path):
     rows = _hf_rows(make_original(3))
     rows.append(dict(rows[1]))

@@ -21,7 +21,7 @@ from tests.conftest import pubmedqa_data, write_official_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_STAGES = {"check_params", "download", "format", "split", "baseline_eval", "finetune", "finetuned_eval", "judge",
-              "report"}
+              "report", "harness_task", "release"}
 FAKE_TOKEN = "hf_" + uuid.uuid4().hex  # made at run time, so no file holds it beforehand
 TINY = {
     "train": {"max_samples": 6, "max_val_samples": 2, "max_steps": 2, "batch_size": 2, "grad_accum": 1,
@@ -117,12 +117,13 @@ def test_pipeline_runs_then_reruns_only_what_changed(project):
     assert all(1 <= v["ratings"][m]["correctness"]["score"] <= 4 for v in verdicts for m in ("baseline", "finetuned"))
     assert "## LLM judge" in report and "**A weak judge.**" in report and "![head to head](judge.png)" in report
     assert (repo / "reports/judge.png").stat().st_size > 1000
+    _check_release(repo, finetuned)
 
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "baseline run"], repo, env)
     generation = _run(["dvc", "exp", "run", "-S", "generation.max_new_tokens=6"], repo, env)
     # check_params runs on any param change; its output never changes, so it re-runs nothing else.
-    assert _stages_run(generation) == {"check_params", "baseline_eval", "finetuned_eval", "judge", "report"}
+    assert _stages_run(generation) == {"check_params", "baseline_eval", "finetuned_eval", "judge", "report", "release"}
 
     judge = _run(["dvc", "exp", "run", "-S", "judge.max_samples=3"], repo, env)
     assert _stages_run(judge) == {"check_params", "judge", "report"}
@@ -132,7 +133,8 @@ def test_pipeline_runs_then_reruns_only_what_changed(project):
     epochs = _run(["dvc", "exp", "run", "-S", "train.epochs=2"], repo, env)
     # max_steps caps both runs at 2 steps: the judge re-runs only if the fine-tuned answers changed.
     changed = (repo / "data/predictions/finetuned.jsonl").read_text() != answers
-    assert _stages_run(epochs) == {"check_params", "finetune", "finetuned_eval", "report"} | ({"judge"} if changed else set())
+    assert _stages_run(epochs) == ({"check_params", "finetune", "finetuned_eval", "report", "release"}
+                                   | ({"judge"} if changed else set()))
 
     assert (repo / "models/checkpoints").is_dir()  # scratch for resuming, kept by DVC between runs
     leaks = [p for p in repo.rglob("*") if p.is_file() and FAKE_TOKEN.encode() in p.read_bytes()]
@@ -143,6 +145,45 @@ def test_pipeline_runs_then_reruns_only_what_changed(project):
     assert "decision.choice.accuracy" in diff
     _run(["dvc", "plots", "show", "-o", str(repo / "plots_html")], repo, env)
     assert (repo / "plots_html" / "index.html").exists()
+
+
+def _check_release(repo: Path, finetuned: dict) -> None:
+    """The release holds the adapter and a card whose metadata are the run's metrics."""
+    from huggingface_hub import ModelCard
+
+    from medqa.release import card_results
+
+    release = repo / "models/release"
+    assert (release / "adapter_model.safetensors").read_bytes() == (
+        repo / "models/adapter/adapter_model.safetensors").read_bytes()
+    card = ModelCard.load(release / "README.md")
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and card.data.library_name == "peft"
+    found = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert found == pytest.approx({label: value for label, _, value in card_results(finetuned)}, abs=1e-6)
+    assert found["Decision accuracy (choice)"] == finetuned["decision"]["choice"]["accuracy"]
+    assert "4 test questions" in card.text and "[More Information Needed]" not in card.text
+
+
+def test_lm_eval_reads_the_decisions_the_choice_protocol_reads(project, tmp_path):
+    """`lm_eval` on the harness task, as docs/sharing.md says to run it: for the base model and the
+    adapter, its accuracy is the eval stages' choice accuracy and it picks the same option per question."""
+    repo, env = project
+    _run(["dvc", "repro"], repo, env)  # (a no-op after the test above)
+    for label, model_args in (("baseline", "pretrained=models/base,dtype=float32"),
+                              ("finetuned", "pretrained=models/base,peft=models/release,dtype=float32")):
+        out = tmp_path / label
+        _run(["lm_eval", "--model", "hf", "--model_args", model_args, "--device", "cpu", "--batch_size", "4",
+              "--include_path", "lm_eval_tasks", "--tasks", "pubmedqa_medqa", "--output_path", str(out),
+              "--log_samples"], repo, env)
+        results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]["pubmedqa_medqa"]
+        metrics = json.loads((repo / f"metrics/{label}.json").read_text())
+        assert results["acc,none"] == pytest.approx(metrics["decision"]["choice"]["accuracy"]), label
+        samples = [json.loads(line) for line in next(out.rglob("samples_pubmedqa_medqa_*.jsonl")).read_text().splitlines()]
+        # (The harness logs each option's log-likelihood as a string.)
+        picked = {s["doc"]["pmid"]: max(zip((float(r[0]) for r in s["filtered_resps"]), ("yes", "no", "maybe")))[1]
+                  for s in samples}
+        rows = [json.loads(line) for line in (repo / f"data/predictions/{label}.jsonl").read_text().splitlines()]
+        assert picked == {r["pmid"]: r["decision_choice"] for r in rows}, label
 
 
 def _commit(repo: Path, env: dict, message: str) -> None:
@@ -175,6 +216,7 @@ def test_push_then_pull_in_a_fresh_clone_needs_no_rerun(project, tmp_path):
     _run(["dvc", "artifacts", "get", str(repo), "pubmedqa-adapter", "-o", str(tmp_path / "fetched")], tmp_path, env)
     fetched = tmp_path / "fetched/adapter_model.safetensors"
     assert fetched.read_bytes() == (repo / "models/adapter/adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "fetched/README.md").read_text() == (repo / "models/release/README.md").read_text()
 
     clone = _clone(repo, tmp_path / "clone", env)
     assert not (clone / "models/adapter").exists()
@@ -191,7 +233,8 @@ def test_push_then_pull_in_a_fresh_clone_needs_no_rerun(project, tmp_path):
     answers = (clone / "data/predictions/finetuned.jsonl").read_text()
     ran = _run(["dvc", "exp", "run", "-n", "three-epochs", "-S", "train.epochs=3"], clone, env)
     changed = (clone / "data/predictions/finetuned.jsonl").read_text() != answers  # (as in the test above)
-    assert _stages_run(ran) == {"check_params", "finetune", "finetuned_eval", "report"} | ({"judge"} if changed else set())
+    assert _stages_run(ran) == ({"check_params", "finetune", "finetuned_eval", "report", "release"}
+                                | ({"judge"} if changed else set()))
     _run(["dvc", "exp", "push", "origin", "three-epochs"], clone, env)
     other = _clone(repo, tmp_path / "other", env)
     _run(["dvc", "exp", "pull", "origin", "three-epochs"], other, env)

@@ -105,7 +105,7 @@ def test_the_gpu_profile_runs_end_to_end_on_a_4bit_stand_in(tmp_path, tokenizer,
     trained_on = json.loads((adapter / "trained_on.json").read_text())
     hardware = resolve_hardware("4bit")  # the same test runs on a CUDA machine: bf16 there, fp32 here
     assert trained_on == {"quantization": "nf4-double-quant", "dtype": str(hardware.dtype).removeprefix("torch."),
-                          "device": hardware.device, "optim": "paged_adamw_8bit"}
+                          "device": hardware.device, "optim": "paged_adamw_8bit", "autocast": None}
     predictions = (repo / "data/predictions/finetuned.jsonl").read_text().splitlines()
     assert len(predictions) == 3 and json.loads(predictions[0])["prompt_id"]
     assert "[INST]" in (repo / "data/formatted/examples.jsonl").read_text().splitlines()[0]

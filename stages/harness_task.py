@@ -1,0 +1,20 @@
+"""Stage harness_task: the test questions as lm-evaluation-harness reads them (lm_eval_tasks/)."""
+from medqa import paths
+from medqa.errors import stage_main
+from medqa.harness import harness_rows
+from medqa.io import read_jsonl, write_jsonl
+from medqa.models import load_tokenizer
+from medqa.params import load_params
+
+
+@stage_main
+def main() -> None:
+    params = load_params()
+    rows = harness_rows(read_jsonl(paths.TEST), load_tokenizer(paths.BASE_MODEL), params.prompt.answer_prefix,
+                        params.eval.max_prompt_length)
+    write_jsonl(paths.HARNESS_TEST, rows)
+    print(f"harness_task: {len(rows)} questions in {paths.HARNESS_TEST}")
+
+
+if __name__ == "__main__":
+    main()
