@@ -10,7 +10,11 @@ float32; in bfloat16 (`--dtype bfloat16`) their agreement is reported instead.
 The added cost of the after_answer and calibrated decision protocols is measured against the
 stage way without them, on the same questions (alternated, `--repeats` times each, the fastest counts).
 
-    python -m bench.eval_speed [--questions 32] [--batch-size 8] [--max-new-tokens 96] [--repeats 2]
+With `--compile`, the stage way runs twice more with the decoding step compiled (transformers
+compiles the forward of a static-cache `generate` with `torch.compile`; it does so by itself on CUDA,
+here on the CPU too): the first run counts the compile time, the second does not.
+
+    python -m bench.eval_speed [--questions 32] [--batch-size 8] [--max-new-tokens 96] [--repeats 2] [--compile]
 
 Needs the pipeline's `models/base` and `data/split/test.jsonl` (run `dvc repro split` first).
 """
@@ -42,6 +46,29 @@ def _timed(run: Callable[[], T]) -> tuple[T, float]:
     return result, time.perf_counter() - start
 
 
+def _compiled_stage_way(model, tokenizer, prompts, targets, prefix, greedy, batch_size, eager_generations,
+                        eager_s) -> None:
+    """The stage way with the decode step compiled, twice: compile time counted, then not."""
+    import copy
+
+    from transformers import CompileConfig
+
+    config = copy.deepcopy(greedy)
+    config.compile_config = CompileConfig(mode="default")  # ("reduce-overhead" is CUDA graphs)
+    config.compile_config._compile_all_devices = True  # transformers' switch for compiling off CUDA
+
+    def run() -> ScoredAnswers:
+        return answer_and_score(model, tokenizer, prompts, targets, prefix, config, 0, batch_size, desc="compiled")
+
+    n = len(prompts)
+    first, first_s = _timed(run)
+    second_s = _timed(run)[1]
+    same = sum(a == b for a, b in zip(first.generations, eager_generations))
+    print(f"compiled stage way: first run {n / first_s:.3f} questions/s ({first_s:.1f} s, compile included, "
+          f"{eager_s / first_s:.2f}x the eager stage way), second {n / second_s:.3f} questions/s ({second_s:.1f} s, "
+          f"{eager_s / second_s:.2f}x); generations identical to the eager ones: {same}/{n}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", type=int, default=32)
@@ -49,6 +76,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: generation.max_new_tokens")
     parser.add_argument("--repeats", type=int, default=2, help="runs of the stage way, with and without after_answer")
     parser.add_argument("--dtype", default=None, help="default: model.dtype (float32 on the CPU)")
+    parser.add_argument("--compile", action="store_true", help="also the stage way with torch.compile'd decoding")
     args = parser.parse_args()
     params = load_params()
     batch_size = args.batch_size or params.eval.batch_size
@@ -106,6 +134,8 @@ def main() -> None:
     print(f"after_answer tokens read from the generation's cache: {sum(scored.after_answer_cached)} of {followup_tokens}")
     print(f"identical greedy generations: {same}/{n}; parsed decisions found by the notebook way: "
           f"{sum(d != 'none' for d in notebook_decisions)}/{n}")
+    if args.compile:
+        _compiled_stage_way(model, tokenizer, prompts, targets, prefix, greedy, batch_size, batched, runs[0])
     # In fp32 the two ways must agree; in bf16 rounding differs with the batch shape, so it is reported.
     if hardware.dtype == torch.float32:
         assert same == n, "batched greedy generations differ from one-by-one generations"

@@ -134,10 +134,16 @@ def content_free_prompts(fmt: PromptFormat, system: str, fillers: tuple[str, ...
 
 def fit_prompt(example: dict, tokenizer: Any, budget: int) -> list[int]:
     """Token ids of the example's prompt, with its context cut (never the question) to fit `budget`."""
+    return token_ids(tokenizer, fit_prompt_text(example, tokenizer, budget))
+
+
+def fit_prompt_text(example: dict, tokenizer: Any, budget: int) -> str:
+    """The example's prompt text, with its context cut (never the question) so that it tokenises
+    to at most `budget` tokens: the text `fit_prompt` tokenises."""
     ids = token_ids(tokenizer, example["prompt"])
     excess = len(ids) - budget
     if excess <= 0:
-        return ids
+        return example["prompt"]
     context_ids = token_ids(tokenizer, example["context"])
     keep = len(context_ids) - excess
     while True:
@@ -147,9 +153,10 @@ def fit_prompt(example: dict, tokenizer: Any, budget: int) -> list[int]:
                 "its context cut: raise train.max_length / eval.max_prompt_length"
             )
         short = tokenizer.decode(context_ids[:keep], skip_special_tokens=True)
-        cut = token_ids(tokenizer, example["prompt"].replace(example["context"], short, 1))
+        text = example["prompt"].replace(example["context"], short, 1)
+        cut = token_ids(tokenizer, text)
         if len(cut) <= budget:
-            return cut
+            return text
         # Re-tokenising at the cut can merge or split a token or two: cut a little more.
         keep -= len(cut) - budget
 
