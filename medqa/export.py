@@ -103,12 +103,12 @@ def main() -> None:
     target = args.merge_into or trained_merge_target(args.adapter)
     if args.format == "gguf":
         params = load_params()
-        out = export_gguf(paths.BASE_MODEL, args.adapter, args.out or Path("models/gguf"), params.prompt,
+        out = export_gguf(paths.BASE_MODEL, args.adapter, args.out or paths.GGUF, params.prompt,
                           params.model.name, args.gguf_type, target)
         print(f"export: {paths.BASE_MODEL} + {args.adapter} merged into the {target} weights -> {out} "
               f"(`ollama create pubmedqa -f {out.parent / 'Modelfile'}`)")
         return
-    out = args.out or Path("models/merged")
+    out = args.out or paths.MERGED
     merge_adapter(paths.BASE_MODEL, args.adapter, out, args.dtype, target)
     print(f"export: {paths.BASE_MODEL} + {args.adapter} merged into the {target} weights -> {out}")
 

@@ -4,7 +4,6 @@ the answer prefix, and yes/no/maybe as the choices, so `lm_eval` reads the decis
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from medqa.answers import DECISIONS
@@ -12,9 +11,6 @@ from medqa.prompts import fit_prompt_text
 from medqa.tokens import token_ids
 
 log = logging.getLogger(__name__)
-
-TASK = "pubmedqa_medqa"  # the task's name in lm_eval_tasks/pubmedqa_medqa.yaml
-TASK_DIR = Path("lm_eval_tasks")  # what `lm_eval --include_path` takes
 
 
 def harness_rows(examples: list[dict], tokenizer: Any, answer_prefix: str, max_prompt_length: int) -> list[dict]:

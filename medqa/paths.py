@@ -33,5 +33,7 @@ REPORT = Path("reports/report.md")
 LOSS_PNG = Path("reports/loss.png")
 JUDGE_PNG = Path("reports/judge.png")
 
+MERGED = Path("models/merged")  # `python -m medqa.export`'s default outputs (not stages': no DVC outputs)
+GGUF = Path("models/gguf")
 RELEASE = Path("models/release")  # the adapter with its model card: what is shared (artifact, hub, export)
 HARNESS_TEST = Path("data/lm_eval/pubmedqa_test.jsonl")  # the test questions as the lm-eval task reads them

@@ -134,16 +134,21 @@ def content_free_prompts(fmt: PromptFormat, system: str, fillers: tuple[str, ...
 
 def fit_prompt(example: dict, tokenizer: Any, budget: int) -> list[int]:
     """Token ids of the example's prompt, with its context cut (never the question) to fit `budget`."""
-    return token_ids(tokenizer, fit_prompt_text(example, tokenizer, budget))
+    return _fitted(example, tokenizer, budget)[1]
 
 
 def fit_prompt_text(example: dict, tokenizer: Any, budget: int) -> str:
     """The example's prompt text, with its context cut (never the question) so that it tokenises
-    to at most `budget` tokens: the text `fit_prompt` tokenises."""
+    to at most `budget` tokens: the text whose tokens `fit_prompt` returns."""
+    return _fitted(example, tokenizer, budget)[0]
+
+
+def _fitted(example: dict, tokenizer: Any, budget: int) -> tuple[str, list[int]]:
+    """The prompt text cut to fit `budget` tokens, and its token ids."""
     ids = token_ids(tokenizer, example["prompt"])
     excess = len(ids) - budget
     if excess <= 0:
-        return example["prompt"]
+        return example["prompt"], ids
     context_ids = token_ids(tokenizer, example["context"])
     keep = len(context_ids) - excess
     while True:
@@ -156,7 +161,7 @@ def fit_prompt_text(example: dict, tokenizer: Any, budget: int) -> str:
         text = example["prompt"].replace(example["context"], short, 1)
         cut = token_ids(tokenizer, text)
         if len(cut) <= budget:
-            return text
+            return text, cut
         # Re-tokenising at the cut can merge or split a token or two: cut a little more.
         keep -= len(cut) - budget
 

@@ -20,7 +20,7 @@ from medqa.errors import PipelineError, command_main
 from medqa.models import require_adapter
 from medqa.release import CARD, REPO_PLACEHOLDER
 
-EXPORTS = {"merged": Path("models/merged"), "gguf": Path("models/gguf")}  # medqa.export's default outputs
+EXPORTS = {"merged": paths.MERGED, "gguf": paths.GGUF}  # medqa.export's default outputs
 # How each export changes the card: its library, its relation to the base, a tag, and a note.
 EXPORT_CARDS = {
     "merged": ("transformers", "merge", "merged",
