@@ -38,6 +38,17 @@ def target_text(long_answer: str, decision: str, answer_prefix: str, decision_fi
     return " ".join(reversed(parts) if decision_first else parts)
 
 
+def decision_span(target: str, decision: str, answer_prefix: str) -> tuple[int, int]:
+    """Where the decision word stands in a target (`target_text`): its character span, in the
+    decision sentence wherever that sentence is."""
+    sentence = decision_sentence(decision, answer_prefix)
+    at = target.rfind(sentence)
+    if at < 0:
+        raise ValueError(f"the target does not state its decision as {sentence!r}")
+    start = at + len(answer_prefix) + 1
+    return start, start + len(decision)
+
+
 _ALTERNATIVES = "|".join(map(re.escape, DECISIONS))  # the decision words, as a regex alternation
 
 

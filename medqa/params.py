@@ -126,6 +126,8 @@ class TrainParams:
     scheduler: str = _key(one_of(*SCHEDULERS))
     optim: str = _key(text())
     max_length: int = _key(integer(32))
+    decision_loss_weight: float = _key(number(0, low_open=True))
+    decision_class_weights: str = _key(one_of("none", "balanced"))
     logging_steps: int = _key(integer(1))
     eval_steps: int = _key(integer(1))
     save_steps: int = _key(integer(1))

@@ -32,6 +32,12 @@ JUDGE_MODEL = Path("models/judge")  # scratch: a judge model other than the base
 REPORT = Path("reports/report.md")
 LOSS_PNG = Path("reports/loss.png")
 JUDGE_PNG = Path("reports/judge.png")
+DECISIONS_PNG = Path("reports/decisions.png")
+
+
+def decisions_csv(label: str) -> Path:
+    """A model's reference and chosen decision per test question, for DVC's confusion plot."""
+    return Path(f"reports/decisions_{label}.csv")
 
 MERGED = Path("models/merged")  # `python -m medqa.export`'s default outputs (not stages': no DVC outputs)
 GGUF = Path("models/gguf")

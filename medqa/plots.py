@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+
+from medqa.answers import DECISIONS
 
 
 def live_metric_file(live_dir: Path, name: str) -> Path:
@@ -31,7 +34,8 @@ def _save(fig, out_png: Path) -> None:
 
 
 def plot_losses(live_dir: Path, out_png: Path) -> None:
-    """Train and validation loss against the optimiser step, from the finetune stage's DVCLive logs."""
+    """Train and validation loss against the optimiser step, from the finetune stage's DVCLive logs;
+    the validation loss at step 0 is the base model's (the untrained adapter)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     for name, label, style in (("train/loss", "train", "-"), ("eval/loss", "validation", "o-")):
@@ -39,11 +43,34 @@ def plot_losses(live_dir: Path, out_png: Path) -> None:
         if path.exists():  # no validation curve when training ended before the first evaluation
             frame = pd.read_csv(path, sep="\t")
             ax.plot(frame["step"], frame["loss"], style, label=label)
+            if label == "validation" and frame["step"].iloc[0] == 0:
+                ax.annotate("base model", (0, frame["loss"].iloc[0]), textcoords="offset points", xytext=(6, 4),
+                            fontsize=8)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("Fine-tuning loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    _save(fig, out_png)
+
+
+def plot_confusions(confusions: dict[str, dict[str, dict[str, int]]], labels: dict[str, int], protocol: str,
+                    out_png: Path) -> None:
+    """Each model's confusion matrix of decisions (`metrics.json`'s decision.<protocol>.confusion:
+    truth -> decision -> count) side by side, with the test labels' distribution: a model that says
+    one answer to everything fills one column."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(confusions), figsize=(3.6 * len(confusions), 3.6), dpi=120, squeeze=False)
+    for ax, (model, confusion) in zip(axes[0], confusions.items()):
+        matrix = [[confusion[truth][said] for said in DECISIONS] for truth in DECISIONS]
+        ConfusionMatrixDisplay(np.array(matrix), display_labels=list(DECISIONS)).plot(ax=ax, colorbar=False, cmap="Blues")
+        said = {d: sum(confusion[t][d] for t in DECISIONS) for d in DECISIONS}
+        ax.set_title(f"{model}: said " + " / ".join(f"{d} {n}" for d, n in said.items()), fontsize=9)
+        ax.set_xlabel(f"decision ({protocol})")
+        ax.set_ylabel("reference")
+    fig.suptitle("Test labels: " + " / ".join(f"{d} {labels.get(d, 0)}" for d in DECISIONS), fontsize=10)
     _save(fig, out_png)
 
 

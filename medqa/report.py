@@ -69,6 +69,14 @@ def label_distribution(counts: dict[str, int]) -> str:
     return ", ".join(f"{label} {counts.get(label, 0)} ({counts.get(label, 0) / total:.0%})" for label in DECISIONS)
 
 
+def decisions_csv_text(rows: list[dict]) -> str:
+    """Per test question, the reference decision and the primary protocol's: DVC's confusion plot data."""
+    frame = pd.DataFrame({"pmid": [r["pmid"] for r in rows],
+                          "reference": [r["reference_decision"] for r in rows],
+                          "decision": [r[f"decision_{PRIMARY.name}"] for r in rows]})
+    return frame.to_csv(index=False)
+
+
 def _decisions(row: dict) -> str:
     return ", ".join(f"{p.label}: {row.get(f'decision_{p.name}')}" for p in PROTOCOLS)
 
@@ -106,7 +114,7 @@ def describe_run(model_name: str, lora: LoraParams, split_strategy: str) -> str:
 def render_report(
     baseline: dict, finetuned: dict, differences: dict[str, tuple[float, float, float]], train: dict,
     baseline_rows: list[dict], finetuned_rows: list[dict], run: str, n_examples: int, loss_png: str,
-    judge: str = "",
+    decisions_png: str, judge: str = "",
 ) -> str:
     """The whole report as Markdown; `run` is `describe_run`'s line, `judge` the `judge_section`."""
     table = metrics_table(baseline, finetuned, differences).to_markdown(index=False, disable_numparse=True)
@@ -123,15 +131,24 @@ def render_report(
         "long answer with the reference.\n\n"
         f"Test labels: {label_distribution(decision['labels'])}.\n\n"
         f"{table}\n\n"
+        f"## Decisions\n\nWhat each model answered ({PRIMARY.label} protocol) against the reference, per test "
+        "question: a model that gives one answer to everything fills one column.\n\n"
+        f"![decisions]({decisions_png})\n\n"
         "## Training\n\n"
         f"Best checkpoint at step {train['best_step']} of {train['steps']} "
-        f"(validation loss {train['best_val_loss']:.4f}), {train['trainable_params']:,} trainable parameters, "
-        f"{train['train_runtime_s']} s.\n\n"
+        f"(validation loss {train['best_val_loss']:.4f}{_from_base(train)}), "
+        f"{train['trainable_params']:,} trainable parameters, {train['train_runtime_s']} s.\n\n"
         f"![loss curves]({loss_png})\n\n"
         + (f"{judge}\n\n" if judge else "") +
         "## Example answers\n\n"
         f"{examples_table(baseline_rows, finetuned_rows, n_examples)}"
     )
+
+
+def _from_base(train: dict) -> str:
+    """", from 2.4012 for the base model" where the run measured the validation loss at step 0."""
+    base = train.get("base_val_loss")
+    return f", from {base:.4f} for the base model at step 0" if base is not None else ""
 
 
 def _interval_text(estimate: dict, signed: bool = False) -> str:

@@ -4,6 +4,7 @@ non-finite loss."""
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -88,7 +89,13 @@ class AnswerBatchCollator:
         self.window_logits = window_logits
 
     def __call__(self, features: list[dict]) -> dict[str, Any]:
+        import torch
+
+        weights = [f.pop("loss_weights") for f in features] if "loss_weights" in features[0] else None
         batch = self.pad(features)
+        if weights is not None:
+            width = batch["labels"].shape[1]
+            batch["loss_weights"] = torch.tensor([[0.0] * (width - len(w)) + list(w) for w in weights])
         batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         if self.window_logits:
             labelled = batch["labels"] != -100
@@ -98,20 +105,26 @@ class AnswerBatchCollator:
         return batch
 
 
-def answer_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
+def answer_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None, weights: Any = None) -> Any:
     """Cross-entropy of the answer tokens from logits over the last columns of the batch (all, or
     the `logits_to_keep` window): the same value as the model's own causal-LM loss.
 
     Normalised by `num_items_in_batch` (the labelled tokens of the whole accumulated batch, as
-    the Trainer counts them) when given, else by this batch's labelled tokens.
+    the Trainer counts them) when given, else by this batch's labelled tokens. `weights` (the
+    collator's `loss_weights`, shaped like `labels`) counts each token's cross-entropy that many
+    times: the decision's weight (`training.decision_weights`).
     """
     import torch.nn.functional as F
 
     logits = outputs.logits
-    targets = labels[:, labels.shape[1] - logits.shape[1] + 1 :].to(logits.device)
-    total = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
-    )
+    window = slice(labels.shape[1] - logits.shape[1] + 1, None)
+    targets = labels[:, window].to(logits.device)
+    flat_logits, flat_targets = logits[:, :-1].flatten(0, 1).float(), targets.flatten()
+    if weights is None:
+        total = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100, reduction="sum")
+    else:
+        per_token = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100, reduction="none")
+        total = (per_token * weights[:, window].to(per_token.device).flatten()).sum()
     return total / (num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum())
 
 
@@ -145,6 +158,13 @@ def build_trainer(model: Any, tokenizer: Any, args: Any, train_ds: Any, val_ds: 
     from transformers import Trainer
 
     class AnswerTrainer(Trainer):
+        def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            # The weights are not a model input: the loss function takes them (the validation
+            # batches have none, so the validation loss stays the plain answer loss).
+            self.compute_loss_func = functools.partial(answer_loss, weights=inputs.pop("loss_weights", None))
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
         def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
             if self.lr_scheduler is None:
                 scheduler = super().create_scheduler(num_training_steps, optimizer)

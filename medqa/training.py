@@ -4,9 +4,12 @@ several processes in `launch`."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+from medqa.answers import decision_span
 from medqa.checkpoints import claim_checkpoints
 from medqa.errors import PipelineError, explain_out_of_memory
 from medqa.io import atomic_dir, read_jsonl, write_json
@@ -20,25 +23,65 @@ from medqa.trainer import LiveLossCallback, StopOnNonFiniteLoss, build_trainer
 
 log = logging.getLogger(__name__)
 
-def tokenize_example(example: dict, tokenizer: Any, max_length: int) -> dict[str, list[int]]:
-    """Prompt + target ids with the loss masked (-100) on the prompt; the context is cut, never the target."""
+@dataclass(frozen=True)
+class DecisionWeighting:
+    """How much the decision's tokens count in the training loss: `weights[decision]` times each,
+    every other answer token once. Stated where the target states it (`answers.decision_span`)."""
+
+    weights: dict[str, float]
+    answer_prefix: str
+
+
+def decision_weighting(train: TrainParams, decisions: Sequence[str], answer_prefix: str) -> DecisionWeighting | None:
+    """The decision tokens' loss weights from the `train` params: `decision_loss_weight` for every
+    decision, or with `decision_class_weights: balanced` that times the decision's inverse frequency
+    among the training questions (mean 1 over them, so the mean weight stays `decision_loss_weight`).
+    None when every token counts once: the plain answer loss."""
+    if train.decision_loss_weight == 1 and train.decision_class_weights == "none":
+        return None
+    counts = Counter(decisions)
+    if train.decision_class_weights == "balanced":
+        weights = {d: train.decision_loss_weight * len(decisions) / (len(counts) * n) for d, n in counts.items()}
+    else:
+        weights = {d: float(train.decision_loss_weight) for d in counts}
+    return DecisionWeighting(weights, answer_prefix)
+
+
+def _target_weights(example: dict, tokenizer: Any, weighting: DecisionWeighting) -> list[float]:
+    """Each target token's loss weight: the decision's for the tokens that spell the decision word."""
+    try:
+        start, end = decision_span(example["target"], example["final_decision"], weighting.answer_prefix)
+    except ValueError as e:
+        raise PipelineError(f"pmid {example['pmid']}: {e} (prompt.answer_prefix); re-run the format stage") from e
+    encoded = tokenizer(example["target"], add_special_tokens=False, return_offsets_mapping=True)
+    weight = weighting.weights[example["final_decision"]]
+    return [weight if s < end and e > start else 1.0 for s, e in encoded["offset_mapping"]]
+
+
+def tokenize_example(example: dict, tokenizer: Any, max_length: int,
+                     weighting: DecisionWeighting | None = None) -> dict[str, list]:
+    """Prompt + target ids with the loss masked (-100) on the prompt; the context is cut, never the
+    target. With a `weighting`, also each token's loss weight (`loss_weights`, 0 on the prompt)."""
     target = token_ids(tokenizer, example["target"])
     if len(target) >= max_length:
         raise PipelineError(
             f"pmid {example['pmid']}: the answer alone is {len(target)} tokens; raise train.max_length above it"
         )
     prompt = fit_prompt(example, tokenizer, max_length - len(target))
-    return {
+    tokenized: dict[str, list] = {
         "input_ids": prompt + target,
         "attention_mask": [1] * (len(prompt) + len(target)),
         "labels": [-100] * len(prompt) + target,
     }
+    if weighting is not None:
+        tokenized["loss_weights"] = [0.0] * len(prompt) + _target_weights(example, tokenizer, weighting)
+    return tokenized
 
 
-def _dataset(examples: list[dict], tokenizer: Any, max_length: int) -> Any:
+def _dataset(examples: list[dict], tokenizer: Any, max_length: int, weighting: DecisionWeighting | None = None) -> Any:
     from datasets import Dataset
 
-    return Dataset.from_list([tokenize_example(ex, tokenizer, max_length) for ex in examples])
+    return Dataset.from_list([tokenize_example(ex, tokenizer, max_length, weighting) for ex in examples])
 
 
 def setup_model(base_dir: Path, model: ModelParams, lora: LoraParams, hardware: Hardware) -> Any:
@@ -63,8 +106,9 @@ def _optimizer(name: str, hardware: Hardware) -> str:
     return "paged_adamw_8bit" if hardware.quantize_4bit and not fsdp_enabled() else "adamw_torch"
 
 
-def training_arguments(train: TrainParams, hardware: Hardware, output_dir: Path) -> Any:
-    """transformers' TrainingArguments from the `train` params and the hardware."""
+def training_arguments(train: TrainParams, hardware: Hardware, output_dir: Path, evaluate_first: bool = True) -> Any:
+    """transformers' TrainingArguments from the `train` params and the hardware; `evaluate_first`:
+    the validation loss of the untrained adapter (the base model) at step 0 (a resumed run has it)."""
     import torch
     from transformers import TrainingArguments
 
@@ -87,6 +131,7 @@ def training_arguments(train: TrainParams, hardware: Hardware, output_dir: Path)
         logging_steps=train.logging_steps,
         eval_strategy="steps",
         eval_steps=train.eval_steps,
+        eval_on_start=evaluate_first,
         save_strategy="steps",
         save_steps=train.save_steps,
         save_total_limit=2,
@@ -106,6 +151,8 @@ def training_arguments(train: TrainParams, hardware: Hardware, output_dir: Path)
         activation_checkpointing_kwargs={"use_reentrant": fsdp} if cuda else None,
         use_cpu=not cuda,
         report_to="none",
+        # The datasets hold only what the collator reads (loss_weights is not a model input).
+        remove_unused_columns=False,
         dataloader_pin_memory=cuda,
         ddp_find_unused_parameters=False if launched_by_accelerate() else None,
     )
@@ -153,7 +200,9 @@ def _summary(trainer: Any, result: Any, trainable: int, resumed: bool, val_decis
     state = trainer.state
     best = state.best_model_checkpoint
     train_losses = [e["loss"] for e in state.log_history if "loss" in e]
+    at_start = [e["eval_loss"] for e in state.log_history if "eval_loss" in e and e["step"] == 0]
     return {
+        "base_val_loss": at_start[0] if at_start else None,
         "best_step": int(best.rsplit("-", 1)[-1]) if best else state.global_step,
         "best_val_loss": state.best_metric,
         "final_train_loss": train_losses[-1] if train_losses else None,
@@ -190,8 +239,13 @@ def train_adapter(
     set_seed(train.seed)
     hardware = resolve_hardware(params.model.quantization, params.model.dtype)
     tokenizer = load_tokenizer(base_dir)
-    val = read_jsonl(val_path)
-    train_ds = _dataset(read_jsonl(train_path), tokenizer, train.max_length)
+    val, train_examples = read_jsonl(val_path), read_jsonl(train_path)
+    weighting = decision_weighting(train, [ex["final_decision"] for ex in train_examples], params.prompt.answer_prefix)
+    if weighting is not None:
+        log.info("decision tokens weighted %s in the training loss",
+                 ", ".join(f"{d} {w:.2f}" for d, w in sorted(weighting.weights.items())))
+    train_ds = _dataset(train_examples, tokenizer, train.max_length, weighting)
+    # The validation loss stays the plain answer loss, comparable between recipes.
     val_ds = _dataset(val, tokenizer, train.max_length)
     log.info("training on %d examples, validating on %d (%s%s%s)", len(train_ds), len(val_ds), hardware.device,
              ", 4-bit nf4 base" if hardware.quantize_4bit else "",
@@ -203,7 +257,7 @@ def train_adapter(
     resume = claim_checkpoints(shaping_params(params), base_dir, train_path, val_path, checkpoints_dir)
     if resume:
         log.info("resuming from %s", resume)
-    trainer = build_trainer(model, tokenizer, training_arguments(train, hardware, checkpoints_dir), train_ds, val_ds,
+    trainer = build_trainer(model, tokenizer, training_arguments(train, hardware, checkpoints_dir, evaluate_first=not resume), train_ds, val_ds,
                             _callbacks(train, live_dir))
     with explain_out_of_memory("lower train.batch_size (raising train.grad_accum keeps the effective batch) "
                                "or train.max_length, or on CUDA keep model.quantization=auto (4-bit)"):

@@ -1,11 +1,12 @@
-"""Stage report: metrics table (base vs fine-tuned, with the change), loss plot, example answers."""
+"""Stage report: metrics table (base vs fine-tuned, with the change), decisions and loss plots, example answers."""
 from medqa import paths
+from medqa.answers import PRIMARY
 from medqa.errors import stage_main
 from medqa.io import read_json, read_jsonl, write_text
 from medqa.metrics import paired_differences, table_from_rows
 from medqa.params import load_params
-from medqa.plots import plot_head_to_head, plot_losses
-from medqa.report import describe_run, judge_section, render_report
+from medqa.plots import plot_confusions, plot_head_to_head, plot_losses
+from medqa.report import decisions_csv_text, describe_run, judge_section, render_report
 from medqa.rubric import OUTCOMES
 
 
@@ -18,16 +19,21 @@ def main() -> None:
         table_from_rows(base_rows), table_from_rows(tuned_rows), params.eval.bootstrap, params.eval.seed
     )
     plot_losses(paths.LIVE_DIR, paths.LOSS_PNG)
+    base_metrics, tuned_metrics = read_json(base["metrics_path"]), read_json(tuned["metrics_path"])
+    plot_confusions({"base": base_metrics["decision"][PRIMARY.name]["confusion"],
+                     "fine-tuned": tuned_metrics["decision"][PRIMARY.name]["confusion"]},
+                    base_metrics["decision"]["labels"], PRIMARY.label, paths.DECISIONS_PNG)
+    for label, rows in (("baseline", base_rows), ("finetuned", tuned_rows)):
+        write_text(paths.decisions_csv(label), decisions_csv_text(rows))
     judged = read_json(paths.JUDGE_METRICS)
     plot_head_to_head({o: judged["head_to_head"][o]["mean"] for o in OUTCOMES}, judged["judge"],
                       paths.JUDGE_PNG)
     judge = judge_section(judged, read_jsonl(paths.JUDGE_PREDICTIONS), paths.JUDGE_PNG.name,
                           n_examples=2)
     text = render_report(
-        read_json(base["metrics_path"]), read_json(tuned["metrics_path"]), differences,
-        read_json(paths.TRAIN_METRICS), base_rows, tuned_rows,
+        base_metrics, tuned_metrics, differences, read_json(paths.TRAIN_METRICS), base_rows, tuned_rows,
         describe_run(params.model.name, params.lora, params.split.strategy),
-        params.report.n_examples, paths.LOSS_PNG.name, judge,
+        params.report.n_examples, paths.LOSS_PNG.name, paths.DECISIONS_PNG.name, judge,
     )
     write_text(paths.REPORT, text)
     print(f"report: {paths.REPORT}")

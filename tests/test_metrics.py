@@ -107,9 +107,12 @@ def test_majority_baseline_from_the_test_labels_in_metrics_and_report():
     assert majority["weighted_f1"] == pytest.approx(0.5 * 2 / 3)
     tuned = summarize(table_from_rows([_row(t, t) for t in truths]), n_resamples=0, seed=0)
     differences = paired_differences(table_from_rows(rows), table_from_rows([_row(t, t) for t in truths]), 0, 0)
-    train = {"best_step": 2, "steps": 4, "best_val_loss": 1.0, "trainable_params": 10, "train_runtime_s": 1.0}
+    train = {"best_step": 2, "steps": 4, "best_val_loss": 1.0, "base_val_loss": 2.5, "trainable_params": 10,
+             "train_runtime_s": 1.0}
     run = describe_run("m", LoraParams(r=1, alpha=2, dropout=0.0, target_modules=None), "official")
-    report = render_report(result, tuned, differences, train, [], [], run, 0, "loss.png")
+    report = render_report(result, tuned, differences, train, [], [], run, 0, "loss.png", "decisions.png")
+    assert "(validation loss 1.0000, from 2.5000 for the base model at step 0)" in report
+    assert "![decisions](decisions.png)" in report
     assert report.splitlines()[2].startswith("Model `m`, LoRA r=1 alpha=2, split `official`, 10 test questions.")
     assert "Test labels: yes 5 (50%), no 3 (30%), maybe 2 (20%)" in report
     line = next(x for x in report.splitlines() if x.startswith("| Decision accuracy: majority class"))
@@ -142,3 +145,24 @@ def test_calibration_divides_the_prior_out():
     assert calibrated.tolist() == pytest.approx([3 / 4.75, 0.75 / 4.75, 1 / 4.75])
     assert int(np.argmax(question)) == 1 and int(np.argmax(calibrated)) == 0
     assert calibrate(question, np.full(3, 1 / 3))[0].tolist() == pytest.approx(question[0].tolist())  # flat prior: no change
+
+
+def test_the_decision_pictures_and_confusion_data_show_what_each_model_said(tmp_path):
+    import io
+
+    import pandas as pd
+
+    from medqa.plots import plot_confusions
+    from medqa.report import decisions_csv_text
+
+    truths = ["yes"] * 5 + ["no"] * 3 + ["maybe"] * 2
+    rows = [dict(_row(t, "yes"), pmid=str(i), reference_decision=t) for i, t in enumerate(truths)]
+    frame = pd.read_csv(io.StringIO(decisions_csv_text(rows)), dtype=str)
+    assert list(frame.columns) == ["pmid", "reference", "decision"]
+    assert frame["reference"].tolist() == truths and set(frame["decision"]) == {"yes"}
+    result = summarize(table_from_rows(rows), n_resamples=0, seed=0)
+    confusion = result["decision"]["choice"]["confusion"]
+    assert [confusion[t]["yes"] for t in ("yes", "no", "maybe")] == [5, 3, 2]
+    out = tmp_path / "decisions.png"
+    plot_confusions({"base": confusion, "fine-tuned": confusion}, result["decision"]["labels"], "choice", out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

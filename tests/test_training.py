@@ -83,8 +83,9 @@ def test_training_writes_adapter_history_and_best_step(workdir, tmp_path):
     summary = json.loads((tmp_path / "train.json").read_text())
     assert summary["steps"] == 6 and summary["best_step"] in (2, 4, 6) and not summary["resumed"]
     val = pd.read_csv(live_metric_file(tmp_path / "live", "eval/loss"), sep="\t")
-    assert list(val["step"]) == [2, 4, 6]
-    assert summary["best_val_loss"] == pytest.approx(val["loss"].min())
+    assert list(val["step"]) == [0, 2, 4, 6]  # step 0: the base model's validation loss
+    assert summary["base_val_loss"] == pytest.approx(val["loss"].iloc[0])
+    assert summary["best_val_loss"] == pytest.approx(val["loss"].iloc[1:].min())
     train = pd.read_csv(live_metric_file(tmp_path / "live", "train/loss"), sep="\t")
     assert list(train["step"]) == [1, 2, 3, 4, 5, 6]
     rates = pd.read_csv(live_metric_file(tmp_path / "live", "train/learning_rate"), sep="\t")
@@ -416,3 +417,83 @@ def test_fsdp_without_gpus_is_one_clear_line(workdir, tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "error: train.distributed=fsdp needs GPUs" in proc.stderr
     assert not (run / "models/checkpoints").exists()  # stopped before anything was cleared or written
+
+
+def _weighted_train(**overrides):
+    from medqa.params import params_from_dict
+
+    return params_from_dict(_params(**overrides)).train
+
+
+def test_decision_weights_are_the_param_or_inverse_frequency_with_mean_the_param():
+    from medqa.training import decision_weighting
+
+    decisions = ["yes"] * 6 + ["no"] * 3 + ["maybe"]
+    assert decision_weighting(_weighted_train(), decisions, "The answer is:") is None  # the plain loss
+    flat = decision_weighting(_weighted_train(decision_loss_weight=3.0), decisions, "The answer is:")
+    assert flat.weights == {"yes": 3.0, "no": 3.0, "maybe": 3.0}
+    balanced = decision_weighting(_weighted_train(decision_loss_weight=2.0, decision_class_weights="balanced"),
+                                  decisions, "The answer is:").weights
+    assert balanced["maybe"] == pytest.approx(6 * balanced["yes"])
+    assert balanced["no"] == pytest.approx(2 * balanced["yes"])
+    assert sum(balanced[d] for d in decisions) / len(decisions) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("decision_first", [True, False])
+def test_the_decision_word_alone_carries_the_decision_weight(tokenizer, decision_first):
+    from medqa.training import DecisionWeighting, tokenize_example
+
+    fmt = PromptFormat(tokenizer)
+    record = {"pmid": "1", "question": "Does it work, or not?", "contexts": ["No effect was seen; maybe later."],
+              "long_answer": "No, it does not work in these patients.", "final_decision": "no"}
+    example = format_record(record, fmt, "Answer.", "The answer is:", decision_first=decision_first)
+    weighting = DecisionWeighting({"no": 5.0}, "The answer is:")
+    tokenized = tokenize_example(example, tokenizer, 256, weighting)
+    plain = tokenize_example(example, tokenizer, 256)
+    assert {k: tokenized[k] for k in plain} == plain
+    weights, labels = tokenized["loss_weights"], tokenized["labels"]
+    assert len(weights) == len(labels)
+    assert all(w == 0.0 for w, label in zip(weights, labels) if label == -100)
+    weighted = [i for i, w in enumerate(weights) if w == 5.0]
+    # The "No," opening the long answer and the "no" in the context stay at weight 1.
+    assert tokenizer.decode([tokenized["input_ids"][i] for i in weighted]).strip() == "no"
+    assert sum(w == 1.0 for w in weights) == len(weights) - len(weighted) - labels.count(-100)
+
+
+def test_the_weighted_loss_counts_the_decision_tokens_that_many_times(tokenizer):
+    import torch
+
+    from medqa.trainer import AnswerBatchCollator, answer_loss
+
+    features = [
+        {"input_ids": [5, 6, 7, 8, 9], "attention_mask": [1] * 5, "labels": [-100, -100, 7, 8, 9],
+         "loss_weights": [0.0, 0.0, 1.0, 4.0, 1.0]},
+        {"input_ids": [5, 6, 7], "attention_mask": [1] * 3, "labels": [-100, 6, 7], "loss_weights": [0.0, 1.0, 1.0]},
+    ]
+    batch = AnswerBatchCollator(tokenizer)(features)
+    assert batch["loss_weights"].tolist() == [[0, 0, 1, 4, 1], [0, 0, 0, 1, 1]]  # padded on the left
+    logits = torch.randn(2, 5, 11)
+    out = type("Out", (), {"logits": logits[:, -batch["logits_to_keep"]:]})()
+    per_token = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), batch["labels"][:, 1:].reshape(-1),
+                                                  ignore_index=-100, reduction="none").reshape(2, 4)
+    expected = (per_token.sum() + 3 * per_token[0, 2]) / 5  # token 8 (column 3) counted 4 times, 5 answer tokens
+    assert answer_loss(out, batch["labels"], weights=batch["loss_weights"]).item() == pytest.approx(expected.item(), abs=1e-6)
+    ones = torch.where(batch["labels"] != -100, 1.0, 0.0)
+    assert answer_loss(out, batch["labels"], weights=ones).item() == pytest.approx(answer_loss(out, batch["labels"]).item(), abs=1e-6)
+
+
+def test_the_decision_weight_reaches_the_training_loss_not_the_validation_loss(workdir, tmp_path):
+    """The first logged training loss (the first batch, before any update) rises with the decision's
+    weight; the validation loss at step 0 (the untrained adapter) is the same either way."""
+    first = {}
+    for weight in (1.0, 8.0):
+        out = tmp_path / str(weight)
+        params = _params(max_steps=1, eval_steps=1, save_steps=1, decision_loss_weight=weight)
+        params["prompt"]["answer_prefix"] = "The answer is:"  # the workdir's targets'
+        log = _train(workdir, out, params)
+        history = pd.read_csv(live_metric_file(out / "live", "train/loss"), sep="\t")
+        val = pd.read_csv(live_metric_file(out / "live", "eval/loss"), sep="\t")
+        first[weight] = (history["loss"].iloc[0], val.loc[val["step"] == 0, "loss"].item())
+        assert ("decision tokens weighted" in log) == (weight != 1.0)
+    assert first[8.0][0] > first[1.0][0] + 0.01
+    assert first[8.0][1] == pytest.approx(first[1.0][1], abs=1e-6)
