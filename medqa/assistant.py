@@ -98,7 +98,12 @@ class Assistant:
             "pmid": "question", "context": context,
             "prompt": self.format.prompt(self.system, user_message(question.strip(), [context])),
         }
-        return fit_prompt(example, self.tokenizer, self.max_prompt_length)
+        try:
+            return fit_prompt(example, self.tokenizer, self.max_prompt_length)
+        except PipelineError:  # the question alone does not fit (a long context is cut, never this)
+            around = len(token_ids(self.tokenizer, self.format.prompt(self.system, user_message("", [""]))))
+            raise PipelineError(f"question too long: about {len(token_ids(self.tokenizer, question))} tokens, "
+                                f"the limit is {self.max_prompt_length - around}") from None
 
     def chat_prompt(self, history: list[dict[str, Any]], message: str) -> list[int]:
         """Token ids of a chat prompt: the last `chat.history_turns` exchanges, then `message`."""
@@ -107,8 +112,12 @@ class Assistant:
         turns = recent_turns(history, self.history_turns)
         while True:
             ids = token_ids(self.tokenizer, self.format.conversation(self.system, turns, message.strip()))
-            if len(ids) <= self.max_prompt_length or not turns:
-                return ids[-self.max_prompt_length:]
+            if len(ids) <= self.max_prompt_length:
+                return ids
+            if not turns:  # the message alone: said, not cut (a cut would lose the system prompt or the question)
+                around = len(ids) - len(token_ids(self.tokenizer, message.strip()))
+                raise PipelineError(f"message too long: about {len(ids) - around} tokens, "
+                                    f"the limit is {self.max_prompt_length - around}")
             turns = turns[1:]  # too long: forget the oldest exchange first
 
     @contextmanager

@@ -3,7 +3,8 @@
     python -m medqa.chat [--host 127.0.0.1] [--port 7860] [--share]      (or: make chat)
 
 Loads the base model named in params.yaml (models/base) and the adapter in models/adapter (from
-`dvc repro` or `dvc pull finetune`) once, and serves a Gradio app on 127.0.0.1 by default.
+`dvc repro` or `dvc pull finetune`) once, and serves a Gradio app on 127.0.0.1 by default; on any
+other address, or with a share link, only to the users whose passwords the environment gives.
 """
 from __future__ import annotations
 
@@ -151,6 +152,8 @@ def build_app(assistant: Assistant, defaults: GenerationParams, test_questions: 
                                               elem_id="finetuned-answer")
                     tuned_decision = gr.Markdown(elem_id="finetuned-decision")
             pmid.change(on_pick, [pmid], [question, context, reference])
+            # A question typed over a picked one is no longer that pmid's: its reference goes.
+            question.input(lambda: (None, ""), None, [pmid, reference])
             outputs = [base_answer, base_decision, tuned_answer, tuned_decision]
             ask.click(on_compare, [question, context, *controls], outputs)
             question.submit(on_compare, [question, context, *controls], outputs)
@@ -166,6 +169,37 @@ def build_app(assistant: Assistant, defaults: GenerationParams, test_questions: 
             message.submit(on_chat, [chatbot, message, *controls], [chatbot, message])
             clear.click(lambda: ([], ""), None, [chatbot, message])
     return app
+
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+USER_ENV, PASSWORD_ENV, AUTH_FILE_ENV = "MEDQA_CHAT_USER", "MEDQA_CHAT_PASSWORD", "MEDQA_CHAT_AUTH_FILE"
+
+
+def credentials(host: str, share: bool, environ: dict[str, str], repo: Path) -> list[tuple[str, str]] | None:
+    """Who may use the app: None (anyone who can reach it) on a loopback address without a share
+    link; otherwise the (username, password) pairs from the environment — `MEDQA_CHAT_USER` and
+    `MEDQA_CHAT_PASSWORD`, or `MEDQA_CHAT_AUTH_FILE`, a file of `user:password` lines outside the
+    repository — never from params or the command line, which shell history keeps."""
+    if host in LOOPBACK and not share:
+        return None
+    exposed = f"--host {host}" if host not in LOOPBACK else "--share (a public link)"
+    if environ.get(AUTH_FILE_ENV):
+        path = Path(environ[AUTH_FILE_ENV]).expanduser().resolve()
+        if path.is_relative_to(repo.resolve()):
+            raise PipelineError(f"{AUTH_FILE_ENV}={path} is inside the repository, where git or DVC could share it: "
+                                "keep the credentials file elsewhere")
+        if not path.is_file():
+            raise PipelineError(f"{AUTH_FILE_ENV}={path}: no such file")
+        pairs = [tuple(line.strip().split(":", 1)) for line in path.read_text().splitlines() if line.strip()]
+        if not pairs or any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
+            raise PipelineError(f"{path}: every line must be user:password (a non-empty user and password)")
+        return [(user, password) for user, password in pairs]
+    if environ.get(USER_ENV) and environ.get(PASSWORD_ENV):
+        return [(environ[USER_ENV], environ[PASSWORD_ENV])]
+    raise PipelineError(
+        f"with {exposed} anyone who can reach the app could use it: set {USER_ENV} and {PASSWORD_ENV} in the "
+        f"environment, or {AUTH_FILE_ENV} to a file of user:password lines outside the repository"
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -187,11 +221,15 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports about a medical tool
     if importlib.util.find_spec("gradio") is None:
         raise PipelineError("gradio is not installed: `make setup` installs requirements.lock")
+    host, port = args.host or params.chat.host, args.port or params.chat.port
+    # Checked before the model loads: a refused start takes a second, not a minute.
+    auth = credentials(host, args.share, dict(os.environ), Path(args.params).resolve().parent)
     log.info("loading %s with the adapter in %s", args.base, args.adapter)
     assistant = Assistant.load(params, args.base, args.adapter)
     app = build_app(assistant, params.generation, load_test_questions(args.test))
-    host, port = args.host or params.chat.host, args.port or params.chat.port
-    app.queue().launch(server_name=host, server_port=port, share=args.share, ssr_mode=False)
+    if auth:
+        log.info("serving on %s:%d to %d user(s) with a password", host, port, len(auth))
+    app.queue().launch(server_name=host, server_port=port, share=args.share, ssr_mode=False, auth=auth)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from medqa.answers import DECISIONS, NO_DECISION, PROTOCOL_NAMES
+from medqa.answers import DECISIONS, NO_DECISION, PRIMARY, PROTOCOL_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,20 @@ def summarize(table: Table, n_resamples: int, seed: int) -> dict:
     for col in PROTOCOL_NAMES:
         out["decision"][col].update(_decision_details(table, col))
     out["decision"].update(trivial_baselines(table["truth"]))
+    out["decision"][PRIMARY.name]["over_majority"] = gain_over_majority(table, n_resamples, seed)
+    return out
+
+
+def gain_over_majority(table: Table, n_resamples: int, seed: int) -> dict:
+    """The primary protocol's accuracy and macro-F1 minus the majority-class predictor's on the same
+    questions, with paired 95% intervals: above 0 is a model that learned more than the label prior."""
+    constant = _majority_table(table["truth"])
+    n, out = len(table["truth"]), {}
+    for stat in ("accuracy", "macro_f1"):
+        statistic = STATISTICS[f"decision.{PRIMARY.name}.{stat}"]
+        gain = lambda i, f=statistic: f(table, i) - f(constant, i)  # noqa: E731
+        low, high = bootstrap_interval(gain, n, n_resamples, seed)
+        out.update({stat: gain(np.arange(n)), f"{stat}_ci_low": low, f"{stat}_ci_high": high})
     return out
 
 
@@ -195,18 +209,22 @@ def trivial_baselines(truth: np.ndarray) -> dict:
     """What the test questions' labels alone give: their distribution, and the scores of always
     answering the most frequent decision (the majority-class predictor) on the same questions."""
     counts = np.bincount(truth, minlength=len(DECISIONS))[: len(DECISIONS)]
-    majority = int(np.argmax(counts))
-    # Scored by the same statistics as the models' choices, with the constant answer as the choice.
-    table = {"truth": truth, "choice": np.full_like(truth, majority)}
-    every = np.arange(len(truth))
+    table, every = _majority_table(truth), np.arange(len(truth))
     return {
         "labels": {d: int(c) for d, c in zip(DECISIONS, counts)},
         "majority": {
-            "decision": DECISIONS[majority],
-            **{stat: STATISTICS[f"decision.choice.{stat}"](table, every)
+            "decision": DECISIONS[int(np.argmax(counts))],
+            **{stat: STATISTICS[f"decision.{PRIMARY.name}.{stat}"](table, every)
                for stat in ("accuracy", "macro_f1", "weighted_f1")},
         },
     }
+
+
+def _majority_table(truth: np.ndarray) -> Table:
+    """The majority-class predictor as a table the primary protocol's statistics score: the most
+    frequent reference decision as every question's choice."""
+    counts = np.bincount(truth, minlength=len(DECISIONS))[: len(DECISIONS)]
+    return {"truth": truth, PRIMARY.name: np.full_like(truth, int(np.argmax(counts)))}
 
 
 def paired_differences(base: Table, tuned: Table, n_resamples: int, seed: int) -> dict[str, tuple[float, float, float]]:

@@ -13,7 +13,7 @@ from medqa.answers import DECISIONS, PRIMARY
 from medqa.io import atomic_dir
 from medqa.models import get_profile
 from medqa.params import LoraParams, ModelParams, PromptParams, TrainParams
-from medqa.report import label_distribution, metric_at, metrics_table, reported_rows
+from medqa.report import is_model_metric, label_distribution, metric_at, metrics_table, reported_rows
 
 DATASET = ("qiaojin/PubMedQA", "pqa_labeled")  # the hub's copy of the data the pipeline trains on
 CARD = "README.md"
@@ -51,8 +51,7 @@ def hub_base_model(source: dict) -> str | None:
 def card_results(finetuned: dict) -> list[tuple[str, str, float]]:
     """(label, metrics path, value) of each fine-tuned result the card's `model-index` lists: the
     report's rows, without the majority-class rows (no model's result)."""
-    return [(label, path, float(metric_at(finetuned, path))) for label, path in reported_rows()
-            if not path.startswith("decision.majority.")]
+    return [(label, path, float(metric_at(finetuned, path))) for label, path in reported_rows() if is_model_metric(path)]
 
 
 def _eval_results(finetuned: dict, split_strategy: str) -> list[Any]:

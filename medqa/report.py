@@ -31,7 +31,15 @@ def reported_rows() -> list[tuple[str, str]]:
         if protocol is PRIMARY:
             rows += [(f"{STATISTIC_LABELS[stat]}: majority class, same questions", f"decision.majority.{stat}")
                      for stat in ("accuracy", "macro_f1", "weighted_f1")]
+            rows += [(f"{STATISTIC_LABELS[stat]} ({protocol.label}) minus the majority class's",
+                      f"decision.{protocol.name}.over_majority.{stat}") for stat in ("accuracy", "macro_f1")]
     return rows + TEXT_ROWS
+
+
+def is_model_metric(path: str) -> bool:
+    """Whether a reported row is a model's own result: not the majority predictor's, nor a model's
+    gain over it (those have no paired change and are no hub results)."""
+    return not path.startswith("decision.majority.") and ".over_majority." not in path
 
 
 def metric_at(tree: dict, dotted: str) -> Any:
@@ -54,7 +62,7 @@ def metrics_table(baseline: dict, finetuned: dict, differences: dict[str, tuple[
     """One row per metric: baseline and fine-tuned (with 95% CIs) and the paired change (with its CI)."""
     rows = []
     for label, path in reported_rows():
-        change = "" if path.startswith("decision.majority.") else f"{metric_at(finetuned, path) - metric_at(baseline, path):+.4f}"
+        change = f"{metric_at(finetuned, path) - metric_at(baseline, path):+.4f}" if is_model_metric(path) else ""
         if path in differences:
             _, low, high = differences[path]
             change += f" [{low:+.4f}, {high:+.4f}]"

@@ -80,6 +80,15 @@ def test_chat_prompt_sends_recent_history_and_drops_the_oldest_when_too_long(ass
     ids = assistant.chat_prompt(long_history, "short")
     assert len(ids) <= assistant.max_prompt_length
     assert "short" in tokenizer.decode(ids) and "user 0" not in tokenizer.decode(ids)
+    # Too long on its own: said in the user's terms, never cut silently (nor named by config keys).
+    with pytest.raises(PipelineError, match=r"^message too long: about \d+ tokens, the limit is \d+$"):
+        assistant.chat_prompt([], "word " * 400)
+
+
+def test_a_question_too_long_is_said_in_the_users_terms(assistant):
+    with pytest.raises(PipelineError, match=r"^question too long: about \d+ tokens, the limit is \d+$"):
+        assistant.question_prompt("word " * 400, "a context that can be cut")
+    assert len(assistant.question_prompt("Short?", "word " * 400)) <= assistant.max_prompt_length  # the context is cut
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
@@ -153,8 +162,8 @@ def test_compare_fills_both_sides_and_chat_keeps_the_conversation(assistant):
         next(compare_answers(assistant, "  ", "", GREEDY))
 
 
-def _run_app(project: Path, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), GRADIO_ANALYTICS_ENABLED="False")
+def _run_app(project: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), GRADIO_ANALYTICS_ENABLED="False", **(env or {}))
     return subprocess.Popen(
         [sys.executable, "-m", "medqa.chat", "--params", str(project / "params.yaml"), "--base", str(project / "base"),
          "--test", str(project / "test.jsonl"), *args],
@@ -175,6 +184,53 @@ def test_the_app_refuses_to_start_without_an_adapter(project, tmp_path):
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1
     assert "dvc pull finetune" in output and "Traceback" not in output
+
+
+def test_an_app_others_can_reach_asks_for_a_password(tmp_path):
+    from medqa.chat import credentials
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    assert credentials("127.0.0.1", False, {}, repo) is None
+    for host, share in (("0.0.0.0", False), ("127.0.0.1", True), ("192.168.1.5", False)):
+        with pytest.raises(PipelineError, match="MEDQA_CHAT_USER and MEDQA_CHAT_PASSWORD"):
+            credentials(host, share, {}, repo)
+    env = {"MEDQA_CHAT_USER": "ana", "MEDQA_CHAT_PASSWORD": "s3cret"}
+    assert credentials("0.0.0.0", False, env, repo) == [("ana", "s3cret")]
+    outside = tmp_path / "users.txt"
+    outside.write_text("ana:s3cret\nbo:pass:with:colons\n")
+    assert credentials("0.0.0.0", True, {"MEDQA_CHAT_AUTH_FILE": str(outside)}, repo) == [
+        ("ana", "s3cret"), ("bo", "pass:with:colons")]
+    inside = repo / "users.txt"
+    inside.write_text("ana:s3cret\n")
+    with pytest.raises(PipelineError, match="inside the repository"):
+        credentials("0.0.0.0", False, {"MEDQA_CHAT_AUTH_FILE": str(inside)}, repo)
+    outside.write_text("ana\n")
+    with pytest.raises(PipelineError, match="user:password"):
+        credentials("0.0.0.0", False, {"MEDQA_CHAT_AUTH_FILE": str(outside)}, repo)
+
+
+def test_a_shared_app_refuses_to_start_without_credentials_and_serves_only_with_them(project):
+    from gradio_client import Client
+
+    port = _free_port()
+    args = ("--adapter", str(project / "adapter"), "--host", "0.0.0.0", "--port", str(port))
+    refused = _run_app(project, *args)
+    output, _ = refused.communicate(timeout=120)
+    assert refused.returncode == 1 and "MEDQA_CHAT_PASSWORD" in output and "Traceback" not in output
+
+    app = _run_app(project, *args, env={"MEDQA_CHAT_USER": "ana", "MEDQA_CHAT_PASSWORD": "s3cret"})
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_for(url, app)
+        for wrong in (None, ("ana", "wrong")):
+            with pytest.raises(Exception):
+                Client(url, auth=wrong, verbose=False).predict("1001", api_name="/on_pick")
+        picked = Client(url, auth=("ana", "s3cret"), verbose=False).predict("1001", api_name="/on_pick")
+        assert make_original(3)["1001"]["QUESTION"] in picked
+    finally:
+        app.terminate()
+        app.wait(timeout=30)
 
 
 def _free_port() -> int:

@@ -111,6 +111,12 @@ def test_majority_baseline_from_the_test_labels_in_metrics_and_report():
              "train_runtime_s": 1.0}
     run = describe_run("m", LoraParams(r=1, alpha=2, dropout=0.0, target_modules=None), "official")
     report = render_report(result, tuned, differences, train, [], [], run, 0, "loss.png", "decisions.png")
+    # Always "no" is right 3 times in 10 (0.2 below the majority's 0.5); the perfect model 0.5 above.
+    assert result["decision"]["choice"]["over_majority"]["accuracy"] == pytest.approx(-0.2)
+    assert tuned["decision"]["choice"]["over_majority"]["accuracy"] == pytest.approx(0.5)
+    assert tuned["decision"]["choice"]["over_majority"]["macro_f1"] == pytest.approx(1 - (2 / 3) / 3)
+    line = next(x for x in report.splitlines() if x.startswith("| Decision accuracy (choice) minus the majority"))
+    assert "-0.2000" in line and "+0.5000" not in line and "0.5000" in line
     assert "(validation loss 1.0000, from 2.5000 for the base model at step 0)" in report
     assert "![decisions](decisions.png)" in report
     assert report.splitlines()[2].startswith("Model `m`, LoRA r=1 alpha=2, split `official`, 10 test questions.")

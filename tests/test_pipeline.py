@@ -108,6 +108,10 @@ def test_pipeline_runs_then_reruns_only_what_changed(project):
     assert "| Decision accuracy: majority class" in report and "Test labels: " in report
     assert "| Decision accuracy (choice)" in report and "![loss curves](loss.png)" in report
     assert (repo / "reports/loss.png").stat().st_size > 1000
+    assert "![decisions](decisions.png)" in report and (repo / "reports/decisions.png").stat().st_size > 1000
+    confusion = (repo / "reports/decisions_finetuned.csv").read_text().splitlines()
+    assert confusion[0] == "pmid,reference,decision" and len(confusion) == 5
+    assert train["base_val_loss"] > 0 and "for the base model at step 0" in report
     judged = json.loads((repo / "metrics/judge.json").read_text())
     assert judged["n_questions"] == 2 and judged["n_test_questions"] == 4 and judged["judge"] == "smollm2-135m-instruct"
     assert set(judged["criteria"]) == {"helpfulness", "relevance", "completeness", "correctness"}
@@ -144,7 +148,8 @@ def test_pipeline_runs_then_reruns_only_what_changed(project):
     assert "metrics/baseline.json" in diff and "metrics/finetuned.json" in diff
     assert "decision.choice.accuracy" in diff
     _run(["dvc", "plots", "show", "-o", str(repo / "plots_html")], repo, env)
-    assert (repo / "plots_html" / "index.html").exists()
+    html = (repo / "plots_html" / "index.html").read_text()
+    assert "Fine-tuned model decisions" in html and "Base model decisions" in html
 
 
 def _check_release(repo: Path, finetuned: dict) -> None:
