@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from transformers import GenerationConfig
@@ -18,7 +18,13 @@ from medqa.params import EvalParams, GenerationParams, ModelParams, PromptParams
 from medqa.prompts import content_free_prompts, fit_prompt, prompt_format
 from medqa.tokens import token_ids
 
+if TYPE_CHECKING:
+    from medqa.progress import Progress
+
 log = logging.getLogger(__name__)
+
+
+EVAL_SECTIONS = ("model", "prompt", "generation", "eval")  # the params sections that decide an eval stage's outputs
 
 
 def score_decisions(
@@ -67,15 +73,17 @@ def validation_decisions(
 def answer_and_score(
     model: Any, tokenizer: Any, prompts: list[list[int]], targets: list[list[int]], answer_prefix: str,
     config: GenerationConfig, seed: int, batch_size: int, desc: str | None,
+    done: dict[int, dict] | None = None, on_batch: Callable[[dict[int, dict]], None] | None = None,
 ) -> ScoredAnswers:
     """The eval stages' pass over the test questions, one prefill per prompt: the generated answers,
     the log-likelihoods of " yes", " no", " maybe" after the answer prefix, those after the model's
     own answer and the prefix (`after_answer`), and the summed log-likelihood of each reference
-    target (token ids)."""
+    target (token ids). `done` and `on_batch`: resuming (`generate_and_score`)."""
     return generate_and_score(
         model, tokenizer, prompts, config, choice_prefix=token_ids(tokenizer, answer_prefix),
         options=answers.decision_options(tokenizer, answer_prefix), targets=targets, batch_size=batch_size, seed=seed,
         followup=lambda text: answers.after_answer_ids(tokenizer, text, answer_prefix), desc=desc,
+        done=done, on_batch=on_batch,
     )
 
 
@@ -148,8 +156,11 @@ def run_evaluation(
     official_path: str | Path,
     metrics_path: str | Path,
     label: str,
+    progress: Progress | None = None,
 ) -> dict:
-    """Evaluate the base model (or base + adapter) on the test split and write all three outputs."""
+    """Evaluate the base model (or base + adapter) on the test split and write all three outputs;
+    with `progress`, the questions an interrupted run finished are taken from it, and each finished
+    batch is kept there until the outputs are written."""
     prefix = prompt.answer_prefix
     examples = read_jsonl(test_path)
     loaded = load_for_inference(base_dir, resolve_hardware(model.quantization, model.dtype), adapter_dir)
@@ -159,9 +170,14 @@ def run_evaluation(
 
     prompts = [fit_prompt(ex, tokenizer, evaluation.max_prompt_length) for ex in examples]
     targets = [token_ids(tokenizer, ex["target"]) for ex in examples]
+    done = {i: progress.done[ex["pmid"]] for i, ex in enumerate(examples) if ex["pmid"] in progress.done} if progress else {}
+    if done:
+        log.info("%s: %d of %d questions reused from the interrupted run in %s", label, len(done), len(examples),
+                 progress.path)
     scored = answer_and_score(
         loaded.model, tokenizer, prompts, targets, prefix, generation_config_from_params(generation), generation.seed,
-        evaluation.batch_size, desc=f"{label}: generating and scoring",
+        evaluation.batch_size, desc=f"{label}: generating and scoring", done=done,
+        on_batch=(lambda rows: progress.add({examples[i]["pmid"]: row for i, row in rows.items()})) if progress else None,
     )
     prior = content_free_prior(loaded.model, tokenizer, prompt, model.name)
     del loaded  # BERTScore loads its own model next
@@ -176,6 +192,8 @@ def run_evaluation(
     result = metrics.summarize(metrics.table_from_rows(rows), evaluation.bootstrap, evaluation.seed)
     result["decision"]["calibrated"]["content_free_prior"] = answers.rounded_probabilities(prior)
     _write_outputs(rows, result, predictions_path, official_path, metrics_path)
+    if progress:
+        progress.finish()
     log.info(
         "%s: decision accuracy %s; ROUGE-L %.3f, token F1 %.3f, BERTScore F1 %.3f, perplexity %.2f", label,
         ", ".join(f"{p.label} {result['decision'][p.name]['accuracy']:.3f}" for p in answers.PROTOCOLS),

@@ -9,12 +9,15 @@ An adapter trained on a 4-bit base (QLoRA; the finetune stage records it in the 
 trained_on.json) learned corrections to the de-quantised nf4 weights, not to the original ones: it
 is merged into those (the base loaded in 4-bit as in training, then de-quantised), which is the
 model that was trained and evaluated. An adapter trained on an unquantised base is merged into the
-original weights. `--merge-into` overrides the choice. Safetensors are saved unquantised, in bf16
-on CUDA and fp32 on the CPU, or in `--dtype`.
+original weights. `--merge-into` overrides the choice. The merge runs on the CPU (a 4-bit base is
+loaded on the GPU as in training, then de-quantised on the CPU), so a 24 GB card exports a 7B
+model. Safetensors are saved unquantised, in bf16 where CUDA is present and fp32 otherwise, or in
+`--dtype`.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +39,11 @@ def trained_merge_target(adapter_dir: Path) -> str:
 
 
 def _dequantized_base(base_dir: Path, dtype: Any) -> Any:
-    """The base model as a 4-bit-trained adapter saw it: loaded in 4-bit nf4 (as the finetune stage
-    loads it), then de-quantised by bitsandbytes into plain `dtype` weights."""
-    return load_for_inference(base_dir, resolve_hardware("4bit", "auto")).model.dequantize(dtype=dtype)
+    """The base model as a 4-bit-trained adapter saw it: loaded in 4-bit nf4 where the finetune stage
+    loads it (the GPU, or the CPU), then moved to the CPU and de-quantised there by bitsandbytes into
+    plain `dtype` weights: the GPU holds only the 4-bit copy (~4 GB for a 7B model), never the
+    de-quantised one (14.5 GB in bf16, 29 GB in fp32)."""
+    return load_for_inference(base_dir, resolve_hardware("4bit", "auto")).model.to("cpu").dequantize(dtype=dtype)
 
 
 def merged_model(base_dir: Path, adapter_dir: Path, dtype: str = "auto", merge_into: str | None = None) -> Any:
@@ -49,12 +54,13 @@ def merged_model(base_dir: Path, adapter_dir: Path, dtype: str = "auto", merge_i
     merge_into = merge_into or trained_merge_target(adapter_dir)
     if merge_into not in MERGE_TARGETS:
         raise PipelineError(f"--merge-into is {merge_into!r}, expected one of {', '.join(MERGE_TARGETS)}")
-    hardware = resolve_hardware("none", dtype)
+    # Merging is a sum per adapted layer: done on the CPU, where a 7B model's unquantised weights fit.
+    hardware = dataclasses.replace(resolve_hardware("none", dtype), device="cpu")
     if merge_into == "original":
         model = load_for_inference(base_dir, hardware, adapter_dir).model
     else:
         require_adapter(adapter_dir)
-        model = PeftModel.from_pretrained(_dequantized_base(base_dir, hardware.dtype).to(hardware.device), str(adapter_dir))
+        model = PeftModel.from_pretrained(_dequantized_base(base_dir, hardware.dtype), str(adapter_dir))
     return model.merge_and_unload().eval()
 
 

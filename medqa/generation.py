@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -9,8 +11,22 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from medqa.models import fsdp_enabled
+
 if TYPE_CHECKING:
     from medqa.params import GenerationParams
+
+
+def without_grad(fn: Callable) -> Callable:
+    """Runs `fn` under torch.inference_mode, or under torch.no_grad where FSDP shards the model:
+    tensors made in inference mode break FSDP's unshard of the parameters (the finetune stage
+    scores the validation decisions with the FSDP-wrapped model)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad() if fsdp_enabled() else torch.inference_mode():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +108,7 @@ def _generate_batch(
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new], new
 
 
-@torch.inference_mode()
+@without_grad
 def generate(
     model: Any,
     tokenizer: Any,
@@ -111,7 +127,7 @@ def generate(
     return outputs
 
 
-@torch.inference_mode()
+@without_grad
 def continuation_logprobs(
     model: Any,
     contexts: Sequence[Sequence[int]],
@@ -135,7 +151,7 @@ def continuation_logprobs(
     return sums
 
 
-@torch.inference_mode()
+@without_grad
 def score_choices(
     model: Any,
     prompts: Sequence[Sequence[int]],
@@ -277,8 +293,16 @@ class ScoredAnswers:
     after_answer: list[list[float]]  # each option's log-likelihood after the prompt + followup(generation)
     after_answer_cached: list[int]  # how many followup tokens were read from the generation's cache
 
+    def row(self, i: int) -> dict[str, Any]:
+        """Prompt i's results, as one JSON-ready record (what a stage's progress keeps)."""
+        return {field.name: getattr(self, field.name)[i] for field in dataclasses.fields(self)}
 
-@torch.inference_mode()
+    def set_row(self, i: int, row: dict[str, Any]) -> None:
+        for name, value in row.items():
+            getattr(self, name)[i] = value
+
+
+@without_grad
 def generate_and_score(
     model: Any,
     tokenizer: Any,
@@ -292,6 +316,8 @@ def generate_and_score(
     seed: int = 0,
     followup: Callable[[str], Sequence[int]] | None = None,
     desc: str | None = "generating",
+    done: dict[int, dict[str, Any]] | None = None,
+    on_batch: Callable[[dict[int, dict[str, Any]]], None] | None = None,
 ) -> ScoredAnswers:
     """Per prompt: the generated answer, the log-likelihood of each option after `choice_prefix`, the
     summed log-likelihood of its reference `target` — reading each prompt once — and, with
@@ -304,10 +330,20 @@ def generate_and_score(
     those of the generated tokens the followup starts with, so neither the prompt nor the model's own
     answer is read again (only the answer prefix is). Gives the same generations as
     `generate` and the same scores as `score_choices` and `continuation_logprobs` (up to rounding).
+
+    Resuming: a batch whose prompts are all in `done` (prompt index -> `ScoredAnswers.row`) is
+    taken from there, not computed; `on_batch` receives each computed batch's rows. The batches are
+    the same in every run (by prompt length, then index) and each is seeded alone, so a resumed pass
+    gives what an uninterrupted one gives.
     """
     out = ScoredAnswers([""] * len(prompts), [[] for _ in prompts], [0.0] * len(prompts), [[] for _ in prompts],
                         [0] * len(prompts))
+    done = done or {}
     for batch, ids, mask in _padded_batches(prompts, batch_size, tokenizer.pad_token_id, model_device(model), desc):
+        if all(i in done for i in batch):
+            for i in batch:
+                out.set_row(i, done[i])
+            continue
         caches = []
         for i in batch:
             cache, out.choices[i], out.target_loglik[i] = _prefill_and_score(model, prompts[i], choice_prefix, options,
@@ -322,6 +358,8 @@ def generate_and_score(
             if followup is not None:
                 out.after_answer[i], out.after_answer_cached[i] = _after_answer_logliks(
                     model, cache, row, width, prompts[i], new[row].tolist(), followup(texts[row]), options)
+        if on_batch is not None:
+            on_batch({i: out.row(i) for i in batch})
     return out
 
 
@@ -346,6 +384,10 @@ class SharedPrefixScorer:
 
         return DynamicCache(config=self.model.config)
 
+    def forget(self) -> None:
+        """Start the next prompt from an empty cache: what follows does not depend on what came before."""
+        self._keep(0)
+
     def _keep(self, keep: int) -> None:
         """Crop the cache to its first `keep` tokens."""
         if keep == len(self.ids):
@@ -356,7 +398,7 @@ class SharedPrefixScorer:
             self.cache = self._new_cache()
         self.ids = self.ids[:keep]
 
-    @torch.inference_mode()
+    @without_grad
     def option_logliks(self, prompt: Sequence[int], options: Sequence[Sequence[int]]) -> list[float]:
         """The log-likelihood of each option's tokens after `prompt` (as `score_choices` gives it).
 

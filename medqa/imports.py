@@ -11,10 +11,25 @@ ROOT = Path(__file__).resolve().parents[1]
 PLUMBING = frozenset({"medqa/io.py", "medqa/errors.py", "medqa/params.py", "medqa/paths.py", "medqa/__init__.py"})
 
 
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node of `tree` but those under `if TYPE_CHECKING:` (imports for type hints only, which
+    run no code of theirs)."""
+    nodes, todo = [], [tree]
+    while todo:
+        node = todo.pop()
+        nodes.append(node)
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+    return nodes
+
+
 def _imported_modules(path: Path) -> set[Path]:
-    """The medqa modules `path` imports anywhere in it (top level or inside functions)."""
+    """The medqa modules `path` imports anywhere in it (top level or inside functions), but for type
+    hints only."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if node.module == "medqa":
                 found |= {ROOT / "medqa" / f"{alias.name}.py" for alias in node.names}

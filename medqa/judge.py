@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from medqa.params import JudgeParams, ModelParams
 from medqa.rubric import (COMPARISON_LEAD, OUTCOMES, RATING_LEAD, RATINGS, SYSTEM, Case, comparison_request,
                           rating_request)
 from medqa.tokens import token_ids
+
+if TYPE_CHECKING:
+    from medqa.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +68,25 @@ class ModelJudge:
 
         self.tokenizer, self.fmt = tokenizer, fmt
         self.scorer = SharedPrefixScorer(model)
+        self.pmid: str | None = None  # the question whose requests the scorer's cache holds
         self.rating_options = [answers.continuation_ids(tokenizer, RATING_LEAD, f" {r}") for r in RATINGS]
         self.comparison_options = [answers.continuation_ids(tokenizer, COMPARISON_LEAD, f" {c}") for c in "AB"]
 
-    def _logliks(self, user: str, lead: str, options: list[list[int]]) -> list[float]:
+    def _logliks(self, case: Case, user: str, lead: str, options: list[list[int]]) -> list[float]:
+        if case.pmid != self.pmid:
+            # Each question from an empty cache: its numbers do not depend on the question judged
+            # before it, so a resumed stage gives an uninterrupted one's (only the instructions,
+            # a few hundred tokens, are read again per question).
+            self.scorer.forget()
+            self.pmid = case.pmid
         ids = token_ids(self.tokenizer, self.fmt.prompt(SYSTEM, user) + lead)
         return self.scorer.option_logliks(ids, options)
 
     def rate(self, case: Case, answer: str, criterion: str) -> list[float]:
-        return self._logliks(rating_request(case, answer, criterion), RATING_LEAD, self.rating_options)
+        return self._logliks(case, rating_request(case, answer, criterion), RATING_LEAD, self.rating_options)
 
     def compare(self, case: Case, first: str, second: str) -> list[float]:
-        return self._logliks(comparison_request(case, first, second), COMPARISON_LEAD, self.comparison_options)
+        return self._logliks(case, comparison_request(case, first, second), COMPARISON_LEAD, self.comparison_options)
 
 
 def head_to_head(p_base_first: float, p_finetuned_first: float) -> tuple[str, bool]:
@@ -124,14 +134,23 @@ def judge_question(judge: Judge, case: Case, answers_by_model: dict[str, str], c
 
 def judge_all(
     judge: Judge, cases: Sequence[Case], base_answers: Sequence[str], tuned_answers: Sequence[str],
-    criteria: Sequence[str], desc: str | None = "judging",
+    criteria: Sequence[str], desc: str | None = "judging", done: dict[str, dict] | None = None,
+    on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Every question's row (`judge_question`), with a progress bar."""
+    """Every question's row (`judge_question`), with a progress bar. Resuming: a question whose
+    pmid is in `done` takes its row from there; `on_row` receives each row judged."""
     from tqdm.auto import tqdm
 
-    return [judge_question(judge, case, {"baseline": b, "finetuned": t}, criteria)
-            for case, b, t in tqdm(list(zip(cases, base_answers, tuned_answers)), desc=desc, unit="q",
-                                   disable=desc is None)]
+    done = done or {}
+    rows = []
+    for case, b, t in tqdm(list(zip(cases, base_answers, tuned_answers)), desc=desc, unit="q", disable=desc is None):
+        if case.pmid in done:
+            rows.append(done[case.pmid])
+            continue
+        rows.append(judge_question(judge, case, {"baseline": b, "finetuned": t}, criteria))
+        if on_row is not None:
+            on_row(rows[-1])
+    return rows
 
 
 def judge_subset(n: int, max_samples: int | None, seed: int) -> list[int]:
@@ -213,10 +232,12 @@ def _cases(rows: Sequence[dict], examples: dict[str, dict], tokenizer: Any, max_
 
 def run_judge(
     judge_params: JudgeParams, model: ModelParams, base_rows: list[dict], tuned_rows: list[dict],
-    examples: list[dict], judge_dir: Path, n_resamples: int, seed: int,
+    examples: list[dict], judge_dir: Path, n_resamples: int, seed: int, progress: Progress | None = None,
 ) -> tuple[list[dict], dict]:
     """Judge both models' answers on a seeded subset of the test questions: the per-question rows
-    and the metrics (`summarize_judgements`, with the judge's name and size)."""
+    and the metrics (`summarize_judgements`, with the judge's name and size). With `progress`, the
+    questions an interrupted run judged are taken from it and each judged one is kept there (the
+    stage clears it once its outputs are written)."""
     if [r["pmid"] for r in base_rows] != [r["pmid"] for r in tuned_rows]:
         raise ValueError("the judge needs both models' answers to the same test questions, in the same order")
     chosen = judge_subset(len(base_rows), judge_params.max_samples, judge_params.seed)
@@ -226,8 +247,13 @@ def run_judge(
     cases = _cases([base_rows[i] for i in chosen], {ex["pmid"]: ex for ex in examples}, judge.tokenizer,
                    judge_params.max_context_tokens)
     criteria = list(judge_params.criteria)
+    done = {c.pmid: progress.done[c.pmid] for c in cases if c.pmid in progress.done} if progress else {}
+    if done:
+        log.info("judge: %d of %d questions reused from the interrupted run in %s", len(done), len(cases),
+                 progress.path)
     rows = judge_all(judge, cases, [base_rows[i]["generation"] for i in chosen],
-                     [tuned_rows[i]["generation"] for i in chosen], criteria)
+                     [tuned_rows[i]["generation"] for i in chosen], criteria, done=done,
+                     on_row=(lambda row: progress.add({row["pmid"]: row})) if progress else None)
     log.info("judge: read %d of %d prompt tokens (the rest shared with the request before)",
              judge.scorer.tokens_read, judge.scorer.tokens_asked)
     result = summarize_judgements(rows, criteria, n_resamples, seed)

@@ -14,6 +14,7 @@ CHECKPOINTS = Path("models/checkpoints")
 TRAIN_METRICS = Path("metrics/train.json")
 LIVE_DIR = Path("dvclive")  # DVCLive logs of the finetune stage: loss and learning-rate curves
 PREDICTIONS_DIR = Path("data/predictions")
+PROGRESS = Path("data/progress")  # scratch: the finished questions of an interrupted eval or judge stage
 
 
 def eval_outputs(label: str) -> dict[str, Path]:

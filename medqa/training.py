@@ -217,6 +217,15 @@ def _summary(trainer: Any, result: Any, trainable: int, resumed: bool, val_decis
     }
 
 
+def _process() -> str:
+    """"rank r of n" in a process group, else "one process"."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return f"rank {dist.get_rank()} of {dist.get_world_size()}"
+    return "one process"
+
+
 def shaping_params(params: Params) -> dict[str, Any]:
     """The params sections that shape training: what a resumable checkpoint's fingerprint covers."""
     return {name: as_dict(getattr(params, name)) for name in ("model", "prompt", "lora", "train")}
@@ -250,15 +259,18 @@ def train_adapter(
     log.info("training on %d examples, validating on %d (%s%s%s)", len(train_ds), len(val_ds), hardware.device,
              ", 4-bit nf4 base" if hardware.quantize_4bit else "",
              ", bf16 autocast" if hardware.autocast is not None else "")
-    model = setup_model(base_dir, params.model, params.lora, hardware)
-    trainable, total = model.get_nb_trainable_parameters()
-    log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
-
     resume = claim_checkpoints(shaping_params(params), base_dir, train_path, val_path, checkpoints_dir)
     if resume:
         log.info("resuming from %s", resume)
-    trainer = build_trainer(model, tokenizer, training_arguments(train, hardware, checkpoints_dir, evaluate_first=not resume), train_ds, val_ds,
-                            _callbacks(train, live_dir))
+    args = training_arguments(train, hardware, checkpoints_dir, evaluate_first=not resume)
+    # The distributed state and this process's device before the model loads: under FSDP,
+    # from_pretrained then reads the weights on rank 0 only (cpu_ram_efficient_loading), and each
+    # rank's 4-bit weights land on its own GPU, not all on cuda:0.
+    log.info("loading the base model (%s, device %s)", _process(), args.device)
+    model = setup_model(base_dir, params.model, params.lora, hardware)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
+    trainer = build_trainer(model, tokenizer, args, train_ds, val_ds, _callbacks(train, live_dir))
     with explain_out_of_memory("lower train.batch_size (raising train.grad_accum keeps the effective batch) "
                                "or train.max_length, or on CUDA keep model.quantization=auto (4-bit)"):
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)

@@ -1,15 +1,18 @@
 """Stage baseline_eval: the base model on the test split."""
 from medqa import paths
 from medqa.errors import stage_main
-from medqa.evaluation import run_evaluation
+from medqa.evaluation import EVAL_SECTIONS, run_evaluation
 from medqa.params import load_params
+from medqa.progress import stage_progress
 
 
 @stage_main
 def main() -> None:
     params = load_params()
+    # A killed run goes on from its finished questions (data/progress/baseline_eval/).
+    progress = stage_progress("baseline_eval", params, EVAL_SECTIONS, [paths.TEST, paths.BASE_MODEL / "source.json"])
     run_evaluation(params.model, params.prompt, params.generation, params.eval, paths.BASE_MODEL, paths.TEST,
-                   None, label="baseline", **paths.eval_outputs("baseline"))
+                   None, label="baseline", progress=progress, **paths.eval_outputs("baseline"))
 
 
 if __name__ == "__main__":

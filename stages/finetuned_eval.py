@@ -1,15 +1,18 @@
 """Stage finetuned_eval: the base model with the trained adapter, on the same test questions."""
 from medqa import paths
 from medqa.errors import stage_main
-from medqa.evaluation import run_evaluation
+from medqa.evaluation import EVAL_SECTIONS, run_evaluation
 from medqa.params import load_params
+from medqa.progress import stage_progress
 
 
 @stage_main
 def main() -> None:
     params = load_params()
+    # A killed run goes on from its finished questions (data/progress/finetuned_eval/).
+    progress = stage_progress("finetuned_eval", params, EVAL_SECTIONS, [paths.TEST, paths.BASE_MODEL / "source.json", paths.ADAPTER])
     run_evaluation(params.model, params.prompt, params.generation, params.eval, paths.BASE_MODEL, paths.TEST,
-                   paths.ADAPTER, label="finetuned", **paths.eval_outputs("finetuned"))
+                   paths.ADAPTER, label="finetuned", progress=progress, **paths.eval_outputs("finetuned"))
 
 
 if __name__ == "__main__":

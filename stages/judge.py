@@ -4,19 +4,24 @@ from medqa.errors import stage_main
 from medqa.io import read_jsonl, write_json, write_jsonl
 from medqa.judge import judge_model_dir, run_judge
 from medqa.params import load_params
+from medqa.progress import stage_progress
 
 
 @stage_main
 def main() -> None:
     params = load_params()
+    answers = [paths.eval_outputs(label)["predictions_path"] for label in ("baseline", "finetuned")]
+    judge_dir = judge_model_dir(params.judge.model, params.model.name, paths.BASE_MODEL, paths.JUDGE_MODEL)
+    # A killed run goes on from its judged questions (data/progress/judge/).
+    progress = stage_progress("judge", params, ("judge", "model", "eval"),
+                              [paths.TEST, *answers, judge_dir / "source.json"])
     rows, result = run_judge(
-        params.judge, params.model, read_jsonl(paths.eval_outputs("baseline")["predictions_path"]),
-        read_jsonl(paths.eval_outputs("finetuned")["predictions_path"]), read_jsonl(paths.TEST),
-        judge_model_dir(params.judge.model, params.model.name, paths.BASE_MODEL, paths.JUDGE_MODEL),
-        params.eval.bootstrap, params.eval.seed,
+        params.judge, params.model, read_jsonl(answers[0]), read_jsonl(answers[1]), read_jsonl(paths.TEST), judge_dir,
+        params.eval.bootstrap, params.eval.seed, progress,
     )
     write_jsonl(paths.JUDGE_PREDICTIONS, rows)
     write_json(paths.JUDGE_METRICS, result)
+    progress.finish()
     pairs = result["head_to_head"]
     print(f"judge: fine-tuned vs base, win {pairs['win']['mean']:.2f} tie {pairs['tie']['mean']:.2f} "
           f"loss {pairs['loss']['mean']:.2f}; position consistency {pairs['position_consistency']['mean']:.2f}")

@@ -138,3 +138,22 @@ def test_the_project_calls_no_deprecated_transformers_api(tokenizer, tiny_model,
     peft_model.unload()
     said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
     assert not [s for s in said if "deprecated" in s.lower() or "will be removed" in s.lower()], said
+
+
+def test_scoring_leaves_inference_mode_off_under_fsdp(tokenizer, tiny_model, monkeypatch):
+    """Tensors made in inference mode break FSDP's unshard: under FSDP (the finetune stage's
+    validation decisions) the scoring forward runs under no_grad instead."""
+    modes: dict[str, list[tuple[bool, bool]]] = {}
+    current: list[tuple[bool, bool]] = []
+    hook = tiny_model.register_forward_pre_hook(
+        lambda module, args: current.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled())))
+    try:
+        for fsdp in ("false", "true"):
+            monkeypatch.setenv("ACCELERATE_USE_FSDP", fsdp)
+            current.clear()
+            score_choices(tiny_model, [[5, 6, 7]], [[8], [9]], pad_id=tokenizer.pad_token_id, batch_size=1)
+            modes[fsdp] = list(current)
+    finally:
+        hook.remove()
+    assert modes["false"] and set(modes["false"]) == {(True, False)}
+    assert modes["true"] and set(modes["true"]) == {(False, False)}

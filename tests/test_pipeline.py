@@ -345,6 +345,70 @@ def test_a_killed_stage_is_never_taken_as_done_and_a_rerun_gives_the_same_output
         assert (repo / name).read_bytes() == before[name], name
 
 
+def _kept_batches(repo: Path, stage: str) -> int:
+    return sum(len(p.read_text().splitlines()) for p in (repo / "data/progress" / stage).glob("*.jsonl"))
+
+
+def _kill_after_a_kept_batch(repo: Path, env: dict, stage: str) -> None:
+    """`dvc repro --force` of `stage` in its own process group, SIGKILLed as a whole once the stage
+    has kept a finished batch (a progress event, not a timer)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(["dvc", "repro", "--force", "--single-item", stage], cwd=repo, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while _kept_batches(repo, stage) < 1:
+        assert proc.poll() is None, f"{stage} ended before a batch was kept"
+        assert time.monotonic() < deadline, f"{stage} kept no batch in 600 s"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+RESUMABLE = {  # stage: its outputs
+    "baseline_eval": ["data/predictions/baseline.jsonl", "data/predictions/baseline_official.json",
+                      "metrics/baseline.json"],
+    "finetuned_eval": ["data/predictions/finetuned.jsonl", "data/predictions/finetuned_official.json",
+                       "metrics/finetuned.json"],
+    "judge": ["data/predictions/judge.jsonl", "metrics/judge.json"],
+}
+
+
+@pytest.mark.parametrize("stage", sorted(RESUMABLE))
+def test_a_killed_stage_goes_on_from_its_finished_questions(project, stage):
+    """Killed after a batch (the judge: a question), a forced re-run through DVC reuses the finished
+    questions and writes what an uninterrupted run writes, byte for byte; a changed param starts afresh."""
+    repo, env = project
+    _run(["dvc", "repro"], repo, env)
+    params_file = repo / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    params["eval"]["batch_size"] = 1  # the eval stages: four batches of one question
+    params["judge"]["max_samples"] = 3
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    outputs = [repo / name for name in RESUMABLE[stage]]
+    rerun = ["dvc", "repro", "--force", "--no-run-cache", "--single-item", stage]
+    try:
+        _run(rerun, repo, env)
+        uninterrupted = [p.read_bytes() for p in outputs]
+        assert _kept_batches(repo, stage) == 0  # a finished stage leaves no progress behind
+
+        _kill_after_a_kept_batch(repo, env, stage)
+        resumed = _run(rerun, repo, env)
+        reused = re.search(r"(\d+) of (\d+) questions reused", resumed)
+        assert reused and 1 <= int(reused.group(1)) <= int(reused.group(2)), resumed[-3000:]
+        assert [p.read_bytes() for p in outputs] == uninterrupted
+
+        _kill_after_a_kept_batch(repo, env, stage)
+        params["eval"]["bootstrap"] = 40
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        assert "questions reused" not in _run(rerun, repo, env)
+    finally:
+        params_file.write_text(original)
+        _run(["dvc", "repro"], repo, env)  # the module's outputs back, from DVC's run cache
+
+
 def test_a_changed_source_file_re_runs_download(tmp_path):
     data = write_official_dir(tmp_path / "pubmedqa", n=40, n_test=10)
     repo, env = make_repo(tmp_path, data)

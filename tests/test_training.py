@@ -393,6 +393,9 @@ def test_two_cpu_processes_train_the_adapter_one_process_trains(workdir, tmp_pat
     output = _finetune_stage(two)
     assert "finetune: accelerate launch" in output and "--num_processes 2" in output
     assert output.count("training on 20 examples") == 2  # both processes trained
+    # Each process joined the group and took its device before its model loaded (FSDP needs that order).
+    assert "loading the base model (rank 0 of 2, device cpu)" in output
+    assert "loading the base model (rank 1 of 2, device cpu)" in output
     assert output.count("finetune: best step") == 1  # rank 0 alone writes and reports
     _finetune_stage(one)
     for run in (one, two):

@@ -1,0 +1,72 @@
+"""Finished work of a long stage kept as it completes, so a stage that was killed (a spot instance
+taken away, Ctrl-C) goes on from where it stopped instead of from its first question.
+
+The progress lives in scratch space (`data/progress/<stage>/`), not in a DVC output: DVC deletes a
+stage's outputs before running it, and never caches this. One file per fingerprint of everything
+that decides the results (the params the stage reads, its inputs' bytes, its code): any change
+starts afresh, and a finished stage deletes its file.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from medqa.checkpoints import fingerprint
+from medqa.imports import stage_code
+from medqa.params import Params, as_dict
+from medqa.paths import PROGRESS
+
+
+class Progress:
+    """The finished units (by key: a question's pmid) of one run of a stage, appended a batch at a
+    time and flushed to disk, so a kill loses at most the batch in flight."""
+
+    def __init__(self, folder: Path, key: str):
+        folder.mkdir(parents=True, exist_ok=True)
+        for other in folder.glob("*.jsonl"):  # an earlier run with other params, inputs or code
+            if other.stem != key:
+                other.unlink()
+        self.path = folder / f"{key}.jsonl"
+        self.done: dict[str, Any] = {}
+        self._load()
+
+    def _load(self) -> None:
+        """Read the batches written to the end; a batch cut short by the kill is dropped from the file."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines(keepends=True):
+            try:
+                batch = json.loads(line) if line.endswith("\n") else None
+            except ValueError:
+                batch = None
+            if not isinstance(batch, dict):
+                break
+            self.done.update(batch)
+            kept.append(line)
+        self.path.write_text("".join(kept))
+
+    def add(self, finished: dict[str, Any]) -> None:
+        """Keep a finished batch: one line, on disk before the next batch starts."""
+        with self.path.open("a") as f:
+            f.write(json.dumps(finished) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done.update(finished)
+
+    def finish(self) -> None:
+        """The stage wrote its outputs: nothing left to resume."""
+        self.path.unlink(missing_ok=True)
+
+
+def stage_progress(stage: str, params: Params, sections: Sequence[str], inputs: Sequence[Path]) -> Progress:
+    """The progress of `stage` (e.g. "baseline_eval") for the params `sections` it reads and the
+    files and folders it reads (`inputs`), tied to the stage's code (its script and the modules it reaches, as
+    DVC's deps list them)."""
+    values = {name: as_dict(getattr(params, name)) for name in sections}
+    # A folder counts by its files; a missing input is left to the stage to name.
+    files = [f for path in inputs for f in (sorted(path.rglob("*")) if path.is_dir() else [path]) if f.is_file()]
+    key = fingerprint(values, [*files, *stage_code(f"stages/{stage}.py")])[:16]
+    return Progress(PROGRESS / stage, key)
