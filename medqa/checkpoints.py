@@ -1,24 +1,28 @@
 """Resumable checkpoints of the finetune stage: which run they belong to, and which one to resume.
 
-models/checkpoints/ is scratch space, not a DVC output: DVC neither deletes it before a run nor
-caches it, so an interrupted run can go on where it stopped.
+Checkpoints live in one folder per fingerprint of the run (params, data, base model, code) under
+models/checkpoints/ — scratch space, not a DVC output: DVC neither deletes it before a run nor
+caches it, so an interrupted run can go on where it stopped — or under `MEDQA_CHECKPOINT_DIR`, storage
+that outlives the machine (a mounted bucket, a shared filesystem): a run on a new machine resumes
+from what the old one wrote there.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from medqa.imports import stage_code
-from medqa.io import read_json, write_json
+from medqa.io import read_json
 
 log = logging.getLogger(__name__)
 
-FINGERPRINT = "fingerprint.json"
 FINETUNE_STAGE = "stages/finetune.py"
+SHARED_DIR_ENV = "MEDQA_CHECKPOINT_DIR"
 
 
 def fingerprint(sections: dict[str, Any], files: list[Path]) -> str:
@@ -56,22 +60,38 @@ def last_complete_checkpoint(checkpoints: Path) -> Path | None:
     return None
 
 
-def claim_checkpoints(sections: dict[str, Any], base_dir: Path, train_path: Path, val_path: Path,
-                      checkpoints: Path) -> Path | None:
-    """Make `checkpoints` this run's and return the checkpoint to resume from, if any.
+def base_identity(base_dir: Path) -> dict[str, Any]:
+    """The base model as a fingerprint sees it: its source record, without where a local model
+    directory lies (its record's content fingerprint stays), so another machine that mounts the
+    same model elsewhere computes the same fingerprint."""
+    source = read_json(base_dir / "source.json")
+    if source.get("weights") == "dir":
+        source = {k: v for k, v in source.items() if k not in ("path", "hub_id")}
+    return source
 
-    With the same fingerprint (params, data and code) as the run that wrote them, the checkpoints
-    are kept and the last complete one is returned. Otherwise they are deleted and None is
-    returned: DVC re-runs the stage when any of those changed, and resuming would then finish the
-    old run instead of training anew. Idempotent, so every process of a multi-GPU run, started after
-    the launcher called it, gets the same answer without deleting anything.
+
+def claim_checkpoints(sections: dict[str, Any], base_dir: Path, train_path: Path, val_path: Path,
+                      checkpoints: Path) -> tuple[Path, Path | None]:
+    """This run's checkpoint folder and the checkpoint to resume from, if any.
+
+    The folder is named by the run's fingerprint (params, data, base model and code) under
+    `MEDQA_CHECKPOINT_DIR` if set, else under `checkpoints`; a run with the same fingerprint resumes
+    from its last complete checkpoint, a changed one starts in a folder of its own (DVC re-runs the
+    stage when any of those changed, and resuming would finish the old run instead). Under
+    `checkpoints`, this clone's scratch, other runs' folders are deleted; under the shared directory
+    nothing of another run is ever touched (other experiments, other clones keep theirs).
+    Idempotent, so every process of a multi-GPU run, started after the launcher called it, gets the
+    same answer.
     """
-    current = fingerprint(sections, [train_path, val_path, base_dir / "source.json", *training_code()])
-    marker = checkpoints / FINGERPRINT
-    if marker.exists() and read_json(marker).get("fingerprint") == current:
-        return last_complete_checkpoint(checkpoints)
-    if checkpoints.exists():
-        shutil.rmtree(checkpoints)
-    checkpoints.mkdir(parents=True)
-    write_json(marker, {"fingerprint": current})
-    return None
+    key = fingerprint({**sections, "base": base_identity(base_dir)}, [train_path, val_path, *training_code()])[:16]
+    shared = os.environ.get(SHARED_DIR_ENV)
+    root = Path(shared).expanduser() if shared else checkpoints
+    if not shared and checkpoints.exists():
+        for stale in checkpoints.iterdir():
+            if stale.is_dir() and stale.name != key:
+                shutil.rmtree(stale)
+            elif stale.is_file():  # the record of the layout before per-run folders
+                stale.unlink()
+    folder = root / key
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder, last_complete_checkpoint(folder)

@@ -32,6 +32,28 @@ class StopOnNonFiniteLoss(TrainerCallback):
                 )
 
 
+class SameBatchesFreshOrResumed(TrainerCallback):
+    """Re-seeds the global random state when training begins and after the step-0 evaluation, so a
+    fresh run and one resumed from a checkpoint draw the same training batches.
+
+    transformers' length-grouped sampler shuffles with the global RNG when the epoch starts, and
+    the step-0 evaluation of a fresh run (`eval_on_start`) draws from that RNG first (every
+    DataLoader iterator takes a seed from it); a resumed run has no such evaluation.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        from transformers import set_seed
+
+        set_seed(self.seed)
+
+    def on_evaluate(self, args, state, control, **kwargs) -> None:
+        if state.global_step == 0:
+            self.on_train_begin(args, state, control)
+
+
 # Trainer log keys -> DVCLive metric names (dvclive/plots/metrics/<name>.tsv).
 LIVE_METRICS = {"loss": "train/loss", "learning_rate": "train/learning_rate", "eval_loss": "eval/loss"}
 

@@ -19,7 +19,7 @@ from medqa.models import (TRAINED_ON, Hardware, fsdp_enabled, get_profile, load_
 from medqa.params import LoraParams, ModelParams, Params, TrainParams, as_dict
 from medqa.prompts import fit_prompt
 from medqa.tokens import token_ids
-from medqa.trainer import LiveLossCallback, StopOnNonFiniteLoss, build_trainer
+from medqa.trainer import LiveLossCallback, SameBatchesFreshOrResumed, StopOnNonFiniteLoss, build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def training_arguments(train: TrainParams, hardware: Hardware, output_dir: Path,
 def _callbacks(train: TrainParams, live_dir: Path) -> list:
     from transformers import EarlyStoppingCallback
 
-    callbacks: list = [LiveLossCallback(live_dir), StopOnNonFiniteLoss()]
+    callbacks: list = [LiveLossCallback(live_dir), StopOnNonFiniteLoss(), SameBatchesFreshOrResumed(train.seed)]
     if train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
     return callbacks
@@ -259,9 +259,12 @@ def train_adapter(
     log.info("training on %d examples, validating on %d (%s%s%s)", len(train_ds), len(val_ds), hardware.device,
              ", 4-bit nf4 base" if hardware.quantize_4bit else "",
              ", bf16 autocast" if hardware.autocast is not None else "")
-    resume = claim_checkpoints(shaping_params(params), base_dir, train_path, val_path, checkpoints_dir)
+    checkpoints_dir, resume = claim_checkpoints(shaping_params(params), base_dir, train_path, val_path,
+                                                checkpoints_dir)
     if resume:
         log.info("resuming from %s", resume)
+    else:
+        log.info("checkpoints in %s", checkpoints_dir)
     args = training_arguments(train, hardware, checkpoints_dir, evaluate_first=not resume)
     # The distributed state and this process's device before the model loads: under FSDP,
     # from_pretrained then reads the weights on rank 0 only (cpu_ram_efficient_loading), and each

@@ -459,7 +459,7 @@ def test_a_killed_finetune_resumes_and_gives_the_same_adapter(project):
     proc = subprocess.Popen(["dvc", "repro", "--force", "--single-item", "finetune"], cwd=repo, env=env, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 600
-    while not (checkpoints.exists() and last_complete_checkpoint(checkpoints)):
+    while not any(last_complete_checkpoint(run) for run in checkpoints.glob("*")):
         assert proc.poll() is None and time.monotonic() < deadline, "finetune ended before its first checkpoint"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)

@@ -106,7 +106,7 @@ def test_resume_after_kill_gives_the_same_adapter(workdir, tmp_path):
     out = tmp_path / "killed"
     proc = _start(workdir, out, params)
     deadline = time.time() + 300
-    while not (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists():
+    while not list((out / "checkpoints").glob("*/checkpoint-2/trainer_state.json")):
         assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
@@ -226,22 +226,29 @@ def test_resume_point_is_idempotent_and_multi_gpu_launch_command(workdir, tmp_pa
     def sections(**train) -> dict:
         return shaping_params(params_from_dict(_params(**train)))
 
+    monkeypatch.delenv("MEDQA_CHECKPOINT_DIR", raising=False)
     params, ckpt = sections(), tmp_path / "checkpoints"
     args = (params, workdir / "base", workdir / "train.jsonl", workdir / "val.jsonl", ckpt)
-    assert claim_checkpoints(*args) is None
-    (ckpt / "checkpoint-2").mkdir()
-    (ckpt / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
-    assert claim_checkpoints(*args) == ckpt / "checkpoint-2"  # the same params: kept, not cleared
-    assert claim_checkpoints(*args) == ckpt / "checkpoint-2"
-    assert claim_checkpoints(sections(learning_rate=0.5), *args[1:]) is None and not (ckpt / "checkpoint-2").exists()
+
+    def write_checkpoint(folder: Path) -> Path:
+        (folder / "checkpoint-2").mkdir()
+        (folder / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
+        return folder / "checkpoint-2"
+
+    folder, resume = claim_checkpoints(*args)
+    assert folder.parent == ckpt and resume is None
+    written = write_checkpoint(folder)
+    assert claim_checkpoints(*args) == (folder, written)  # the same params: kept, not cleared
+    assert claim_checkpoints(*args) == (folder, written)
+    other, resume = claim_checkpoints(sections(learning_rate=0.5), *args[1:])
+    assert other != folder and resume is None and not written.exists()  # this clone's scratch: the old run's goes
     # a change to the training code (which makes DVC re-run the stage) starts afresh, too
-    (ckpt / "checkpoint-2").mkdir()
-    (ckpt / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
-    assert claim_checkpoints(sections(learning_rate=0.5), *args[1:]) == ckpt / "checkpoint-2"
+    written = write_checkpoint(other)
+    assert claim_checkpoints(sections(learning_rate=0.5), *args[1:]) == (other, written)
     code = tmp_path / "training.py"
     code.write_text("# changed\n")
     monkeypatch.setattr("medqa.checkpoints.training_code", lambda: [code])
-    assert claim_checkpoints(sections(learning_rate=0.5), *args[1:]) is None and not (ckpt / "checkpoint-2").exists()
+    assert claim_checkpoints(sections(learning_rate=0.5), *args[1:])[1] is None and not written.exists()
     from accelerate.commands.config.config_args import load_config_from_file
 
     for strategy, kind in (("ddp", "MULTI_GPU"), ("fsdp", "FSDP")):
@@ -368,14 +375,15 @@ def _stage_dir(path: Path, workdir: Path, params: dict) -> Path:
     return path
 
 
-def _run_finetune_stage(path: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+def _run_finetune_stage(path: Path, **env: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               **env)
     return subprocess.run([sys.executable, "-m", "stages.finetune"], cwd=path, env=env, capture_output=True, text=True,
                           timeout=900)
 
 
-def _finetune_stage(path: Path) -> str:
-    proc = _run_finetune_stage(path)
+def _finetune_stage(path: Path, **env: str) -> str:
+    proc = _run_finetune_stage(path, **env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     return proc.stdout + proc.stderr
 
@@ -407,6 +415,36 @@ def test_two_cpu_processes_train_the_adapter_one_process_trains(workdir, tmp_pat
             name, (weight - trained[1][name]).abs().max().item())
     # and training moved the weights: lora_B starts at zero
     assert any(w.abs().max() > 0 for name, w in trained[0].items() if "lora_B" in name)
+
+
+def test_checkpoints_on_shared_storage_resume_in_another_clone_and_keep_other_runs(workdir, tmp_path):
+    """MEDQA_CHECKPOINT_DIR: a run cut off after step 2 in one clone (its later checkpoint gone)
+    resumes in a clone at another path pointed at the same place and ends with the adapter of the
+    uninterrupted run; another experiment there keeps the first one's checkpoints."""
+    import shutil
+
+    shared = str(tmp_path / "bucket")
+    steps = {"max_steps": 4, "eval_steps": 2, "save_steps": 2}
+    first = _stage_dir(tmp_path / "first", workdir, _params(**steps))
+    _finetune_stage(first, MEDQA_CHECKPOINT_DIR=shared)
+    assert not (first / "models/checkpoints").exists() or not any((first / "models/checkpoints").iterdir())
+    (run,) = (tmp_path / "bucket").iterdir()
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    shutil.rmtree(run / "checkpoint-4")  # as if the machine had gone after step 2
+
+    second = _stage_dir(tmp_path / "elsewhere" / "second", workdir, _params(**steps))
+    output = _finetune_stage(second, MEDQA_CHECKPOINT_DIR=shared)
+    assert f"resuming from {run / 'checkpoint-2'}" in output
+    a, b = (load_file(d / "models/adapter/adapter_model.safetensors") for d in (first, second))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max() < 1e-4, key
+
+    other = _stage_dir(tmp_path / "other", workdir, _params(**steps, learning_rate=0.002))
+    _finetune_stage(other, MEDQA_CHECKPOINT_DIR=shared)
+    runs = sorted((tmp_path / "bucket").iterdir())
+    assert len(runs) == 2 and run in runs
+    assert all(sorted(p.name for p in r.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"] for r in runs)
 
 
 def test_fsdp_without_gpus_is_one_clear_line(workdir, tmp_path):
