@@ -26,6 +26,12 @@ RESTORE_HINT = (
     "{stage}: failed; the outputs of its last successful run are in the DVC cache: "
     "`dvc checkout` brings them back (`dvc status` lists what is missing)"
 )
+# Under `dvc exp run -S`: DVC stashes and re-applies params.yaml within a second, and a value of the
+# same width (its YAML writer keeps the comments' columns) leaves the file's size and second-resolution
+# mtime as git's index recorded them, so `git checkout params.yaml` (even `HEAD --`) may take it for
+# unchanged and keep the failed value. Writing the committed bytes back always works.
+PARAMS_HINT = "; `git show HEAD:params.yaml > params.yaml` restores the committed params (git may take DVC's rewrite for unchanged)"
+EXPERIMENT_ENV = "DVC_EXP_BASELINE_REV"  # set by DVC for the stages of `dvc exp run`
 
 
 def _entry_point(func: F, after_failure: str | None) -> F:
@@ -49,7 +55,8 @@ def _entry_point(func: F, after_failure: str | None) -> F:
             traceback.print_exc()
             code = 1
         if after_failure:
-            print(after_failure.format(stage=Path(sys.argv[0]).stem), file=sys.stderr)
+            hint = after_failure.format(stage=Path(sys.argv[0]).stem)
+            print(hint + (PARAMS_HINT if os.environ.get(EXPERIMENT_ENV) else ""), file=sys.stderr)
         sys.exit(code)
 
     return wrapper  # type: ignore[return-value]

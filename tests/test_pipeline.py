@@ -509,8 +509,9 @@ def test_a_failed_run_loses_nothing_and_says_how_to_restore(project):
     failed = _fail(["dvc", "exp", "run", "-S", "train.max_length=32"], repo, env)
     assert "raise train.max_length" in failed
     assert re.search(r"finetune: failed; .*`dvc checkout` brings them back", failed), failed[-2000:]
+    assert "`git show HEAD:params.yaml > params.yaml` restores" in failed
     assert not (repo / "metrics/train.json").exists()
-    _run(["git", "checkout", "params.yaml"], repo, env)
+    _restore_params(repo, env)
     _run(["dvc", "checkout"], repo, env)
     assert _outputs(repo) == before
 
@@ -520,9 +521,19 @@ def test_a_failed_run_loses_nothing_and_says_how_to_restore(project):
     assert _stages_run(failed) == {"check_params"}
     assert {k: v for k, v in _outputs(repo).items() if k != "data/params.checked"} == {
         k: v for k, v in before.items() if k != "data/params.checked"}
-    _run(["git", "checkout", "params.yaml"], repo, env)
+    _restore_params(repo, env)
     _run(["dvc", "checkout"], repo, env)
     assert _outputs(repo) == before
+
+    # A failed experiment stays failed: with a value of the same width (DVC's YAML writer keeps the
+    # comments' columns), `git checkout params.yaml` can keep it; the hinted command never does.
+    committed = (repo / "params.yaml").read_bytes()
+    for _ in range(4):
+        failed = _fail(["dvc", "exp", "run", "-S", "eval.max_samples=0"], repo, env)
+        assert "eval.max_samples is 0" in failed and len((repo / "params.yaml").read_bytes()) == len(committed)
+        _restore_params(repo, env)
+        assert (repo / "params.yaml").read_bytes() == committed
+        assert "eval.max_samples is 0" not in _run(["dvc", "exp", "run", "-S", "split.seed=42"], repo, env)
 
     # params.yaml that is not YAML: DVC stops before any stage.
     params = (repo / "params.yaml").read_text()
@@ -534,6 +545,11 @@ def test_a_failed_run_loses_nothing_and_says_how_to_restore(project):
     # Only check_params ran with a bad value (and succeeded), so only it is out of date.
     assert _stages_run(_run(["dvc", "repro"], repo, env)) <= {"check_params"}
     assert _outputs(repo) == before
+
+
+def _restore_params(repo: Path, env: dict) -> None:
+    """What a failed stage's last line says to run to get the committed params.yaml back."""
+    _run(["bash", "-c", "git show HEAD:params.yaml > params.yaml"], repo, env)
 
 
 def _readme_block(marker: str) -> str:
