@@ -90,6 +90,12 @@ def after_answer_context(generation: str, answer_prefix: str) -> str:
     return f"{answer} {answer_prefix}" if answer else answer_prefix
 
 
+def read_where_choice_reads(generation: str, answer_prefix: str) -> bool:
+    """Whether `after_answer` reads its options where `choice` does (straight after the prompt and the
+    prefix): a generation that starts with its answer prefix."""
+    return after_answer_context(generation, answer_prefix) == answer_prefix
+
+
 def after_answer_at(generation: str, answer_prefix: str) -> str:
     """Where `after_answer_context` cut the generation: at "its answer prefix", or at "its end"."""
     return "its end" if _first_prefix(generation, answer_prefix) < 0 else "its answer prefix"

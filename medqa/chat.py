@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from medqa import paths
-from medqa.answers import DECISIONS, PROTOCOLS
+from medqa.answers import DECISIONS, PRIMARY, PROTOCOLS, read_where_choice_reads
 from medqa.assistant import Assistant, Decision
 from medqa.errors import PipelineError, command_main
 from medqa.generation import generation_config
@@ -46,18 +46,22 @@ def _probabilities(probs: dict[str, float]) -> str:
 PANE_PROTOCOL = "after_answer"  # the pane's decision: read after the streamed answer, in the order the target teaches
 
 
-def decision_markdown(readings: dict[str, Decision]) -> str:
+def decision_markdown(readings: dict[str, Decision], at_choice: bool = False) -> str:
     """The pane's decision (`PANE_PROTOCOL`, read after the model's streamed answer) in bold, with every
     other protocol's reading beside it (`Assistant.decisions`); while the answer is still streaming,
-    the protocols that need no answer."""
+    the protocols that need no answer. `at_choice`: the answer starts with its decision sentence, so
+    the pane's reading is the choice reading, shown once."""
     def reading(name: str, bold: bool = False) -> str:
         decision, probs = readings[name]
         decision = f"**{decision}**" if bold else decision
         return decision if probs is None else f"{decision} ({_probabilities(probs)})"
 
     pane = reading(PANE_PROTOCOL, bold=True) if PANE_PROTOCOL in readings else "*(when the answer is complete)*"
-    others = [f"({p.label}): {reading(p.name)}" for p in PROTOCOLS if p.name in readings and p.name != PANE_PROTOCOL]
-    return " · ".join([f"Decision after its answer: {pane}", *others])
+    merged = at_choice and PANE_PROTOCOL in readings
+    others = [f"({p.label}): {reading(p.name)}" for p in PROTOCOLS
+              if p.name in readings and p.name != PANE_PROTOCOL and not (merged and p is PRIMARY)]
+    label = f"Decision after its answer = {PRIMARY.label} (the answer starts with it)" if merged else "Decision after its answer"
+    return " · ".join([f"{label}: {pane}", *others])
 
 
 def reference_markdown(example: dict | None) -> str:
@@ -77,11 +81,13 @@ def compare_answers(
     base = ""
     for base in assistant.stream(prompt, config, adapter=False):
         yield base, base_decision, "", tuned_decision
-    base_decision = decision_markdown(assistant.decisions(prompt, adapter=False, answer=base))
+    base_decision = decision_markdown(assistant.decisions(prompt, adapter=False, answer=base),
+                                      read_where_choice_reads(base, assistant.answer_prefix))
     tuned = ""
     for tuned in assistant.stream(prompt, config, adapter=True):
         yield base, base_decision, tuned, tuned_decision
-    tuned_decision = decision_markdown(assistant.decisions(prompt, adapter=True, answer=tuned))
+    tuned_decision = decision_markdown(assistant.decisions(prompt, adapter=True, answer=tuned),
+                                       read_where_choice_reads(tuned, assistant.answer_prefix))
     yield base, base_decision, tuned, tuned_decision
 
 

@@ -186,6 +186,23 @@ def test_the_app_refuses_to_start_without_an_adapter(project, tmp_path):
     assert "dvc pull finetune" in output and "Traceback" not in output
 
 
+def test_an_answer_that_starts_with_its_decision_shows_one_reading_for_both():
+    from medqa.answers import read_where_choice_reads
+    from medqa.chat import decision_markdown
+
+    prefix = "The answer is:"
+    assert read_where_choice_reads("The answer is: yes. It works.", prefix)
+    assert not read_where_choice_reads("It works. The answer is: yes.", prefix)
+    readings = {"choice": ("yes", {"yes": 0.7, "no": 0.2, "maybe": 0.1}),
+                "after_answer": ("yes", {"yes": 0.7, "no": 0.2, "maybe": 0.1}),
+                "calibrated": ("no", {"yes": 0.3, "no": 0.6, "maybe": 0.1}), "generated": ("yes", None)}
+    apart = decision_markdown(readings)
+    assert "(choice): yes" in apart and apart.startswith("Decision after its answer: **yes**")
+    merged = decision_markdown(readings, at_choice=True)
+    assert "(choice)" not in merged and merged.startswith("Decision after its answer = choice")
+    assert "(calibrated): no" in merged and "(parsed): yes" in merged
+
+
 def test_an_app_others_can_reach_asks_for_a_password(tmp_path):
     from medqa.chat import credentials
 
