@@ -527,6 +527,8 @@ def test_a_failed_run_loses_nothing_and_says_how_to_restore(project):
 
     # A failed experiment stays failed: with a value of the same width (DVC's YAML writer keeps the
     # comments' columns), `git checkout params.yaml` can keep it; the hinted command never does.
+    _run(["dvc", "exp", "run", "-S", "eval.max_samples=4"], repo, env)  # the value it has: DVC's layout of the file
+    _commit(repo, env, "params.yaml as DVC writes it")
     committed = (repo / "params.yaml").read_bytes()
     for _ in range(4):
         failed = _fail(["dvc", "exp", "run", "-S", "eval.max_samples=0"], repo, env)

@@ -40,6 +40,7 @@ def workdir(tmp_path_factory, tokenizer) -> Path:
 
 def _params(**train) -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["prompt"]["answer_prefix"] = "The answer is:"  # the workdir's targets'
     params["train"].update({"max_steps": 6, "batch_size": 2, "grad_accum": 1, "eval_steps": 2, "save_steps": 2,
                             "max_length": 256, "learning_rate": 0.001, **train})
     return params
@@ -402,8 +403,8 @@ def test_two_cpu_processes_train_the_adapter_one_process_trains(workdir, tmp_pat
     assert "finetune: accelerate launch" in output and "--num_processes 2" in output
     assert output.count("training on 20 examples") == 2  # both processes trained
     # Each process joined the group and took its device before its model loaded (FSDP needs that order).
-    assert "loading the base model (rank 0 of 2, device cpu)" in output
-    assert "loading the base model (rank 1 of 2, device cpu)" in output
+    assert "loading the base model (rank 0 of 2, device cpu" in output
+    assert "loading the base model (rank 1 of 2, device cpu" in output
     assert output.count("finetune: best step") == 1  # rank 0 alone writes and reports
     _finetune_stage(one)
     for run in (one, two):
@@ -470,7 +471,7 @@ def test_decision_weights_are_the_param_or_inverse_frequency_with_mean_the_param
     from medqa.training import decision_weighting
 
     decisions = ["yes"] * 6 + ["no"] * 3 + ["maybe"]
-    assert decision_weighting(_weighted_train(), decisions, "The answer is:") is None  # the plain loss
+    assert decision_weighting(_weighted_train(decision_loss_weight=1.0), decisions, "The answer is:") is None  # plain
     flat = decision_weighting(_weighted_train(decision_loss_weight=3.0), decisions, "The answer is:")
     assert flat.weights == {"yes": 3.0, "no": 3.0, "maybe": 3.0}
     balanced = decision_weighting(_weighted_train(decision_loss_weight=2.0, decision_class_weights="balanced"),
@@ -529,9 +530,7 @@ def test_the_decision_weight_reaches_the_training_loss_not_the_validation_loss(w
     first = {}
     for weight in (1.0, 8.0):
         out = tmp_path / str(weight)
-        params = _params(max_steps=1, eval_steps=1, save_steps=1, decision_loss_weight=weight)
-        params["prompt"]["answer_prefix"] = "The answer is:"  # the workdir's targets'
-        log = _train(workdir, out, params)
+        log = _train(workdir, out, _params(max_steps=1, eval_steps=1, save_steps=1, decision_loss_weight=weight))
         history = pd.read_csv(live_metric_file(out / "live", "train/loss"), sep="\t")
         val = pd.read_csv(live_metric_file(out / "live", "eval/loss"), sep="\t")
         first[weight] = (history["loss"].iloc[0], val.loc[val["step"] == 0, "loss"].item())
