@@ -170,10 +170,8 @@ def run_evaluation(
 
     prompts = [fit_prompt(ex, tokenizer, evaluation.max_prompt_length) for ex in examples]
     targets = [token_ids(tokenizer, ex["target"]) for ex in examples]
-    done = {i: progress.done[ex["pmid"]] for i, ex in enumerate(examples) if ex["pmid"] in progress.done} if progress else {}
-    if done:
-        log.info("%s: %d of %d questions reused from the interrupted run in %s", label, len(done), len(examples),
-                 progress.path)
+    reused = progress.reused([ex["pmid"] for ex in examples], label) if progress else {}
+    done = {i: reused[ex["pmid"]] for i, ex in enumerate(examples) if ex["pmid"] in reused}
     scored = answer_and_score(
         loaded.model, tokenizer, prompts, targets, prefix, generation_config_from_params(generation), generation.seed,
         evaluation.batch_size, desc=f"{label}: generating and scoring", done=done,

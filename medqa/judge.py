@@ -247,10 +247,7 @@ def run_judge(
     cases = _cases([base_rows[i] for i in chosen], {ex["pmid"]: ex for ex in examples}, judge.tokenizer,
                    judge_params.max_context_tokens)
     criteria = list(judge_params.criteria)
-    done = {c.pmid: progress.done[c.pmid] for c in cases if c.pmid in progress.done} if progress else {}
-    if done:
-        log.info("judge: %d of %d questions reused from the interrupted run in %s", len(done), len(cases),
-                 progress.path)
+    done = progress.reused([c.pmid for c in cases], "judge") if progress else {}
     rows = judge_all(judge, cases, [base_rows[i]["generation"] for i in chosen],
                      [tuned_rows[i]["generation"] for i in chosen], criteria, done=done,
                      on_row=(lambda row: progress.add({row["pmid"]: row})) if progress else None)

@@ -9,6 +9,7 @@ starts afresh, and a finished stage deletes its file.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,6 +18,8 @@ from medqa.checkpoints import fingerprint
 from medqa.imports import stage_code
 from medqa.params import Params, as_dict
 from medqa.paths import PROGRESS
+
+log = logging.getLogger(__name__)
 
 
 class Progress:
@@ -47,6 +50,14 @@ class Progress:
             self.done.update(batch)
             kept.append(line)
         self.path.write_text("".join(kept))
+
+    def reused(self, keys: Sequence[str], what: str) -> dict[str, Any]:
+        """The finished records among `keys`, logged ("<what>: n of m questions reused ...")."""
+        found = {key: self.done[key] for key in keys if key in self.done}
+        if found:
+            log.info("%s: %d of %d questions reused from the interrupted run in %s", what, len(found), len(keys),
+                     self.path)
+        return found
 
     def add(self, finished: dict[str, Any]) -> None:
         """Keep a finished batch: one line, on disk before the next batch starts."""

@@ -134,7 +134,7 @@ def answer_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None, weigh
     Normalised by `num_items_in_batch` (the labelled tokens of the whole accumulated batch, as
     the Trainer counts them) when given, else by this batch's labelled tokens. `weights` (the
     collator's `loss_weights`, shaped like `labels`) counts each token's cross-entropy that many
-    times: the decision's weight (`training.decision_weights`).
+    times: the decision's weight (`training.decision_weighting`).
     """
     import torch.nn.functional as F
 
