@@ -4,6 +4,7 @@
 # make chat           serve the base vs fine-tuned app on 127.0.0.1:7860 (CHAT_ARGS="--port 8000")
 # make remote         use a local directory as the default DVC remote (REMOTE=dir, not committed)
 # make lock           re-resolve requirements*.in into the lock files (exact versions and hashes)
+# make gpu-check      on a new GPU machine: the QLoRA stand-in through the stages, GPU memory and step time
 VENV ?= .venv
 PYTHON ?= python3
 DATA ?=
@@ -25,7 +26,7 @@ TORCH_SOURCE = $(if $(strip $(FIND_LINKS)),$(foreach dir,$(FIND_LINKS),--find-li
 LOCK = $(UV_PIP) compile --quiet --generate-hashes --custom-compile-command "make lock" --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	$(TORCH_SOURCE)
 
-.PHONY: setup run test chat remote lock clean
+.PHONY: setup run test chat remote lock gpu-check clean
 
 $(UV):
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +39,14 @@ $(VENV)/.installed: requirements.lock requirements-assets.lock | $(UV)
 	rm -f $(VENV)/.tests-installed
 	touch $@
 
-$(VENV)/.tests-installed: requirements-test.lock $(VENV)/.installed
+$(VENV)/.tests-installed: requirements-test.lock $(VENV)/.installed $(VENV)/skypilot/.installed
 	$(UV_PIP) install --python $(VENV)/bin/python --require-hashes -r requirements-test.lock
+	touch $@
+
+# SkyPilot's own environment (its pins clash with DVC's), for the test of the task file.
+$(VENV)/skypilot/.installed: requirements-skypilot.lock | $(UV)
+	$(UV) venv --quiet --allow-existing --python $(VENV)/bin/python $(VENV)/skypilot
+	$(UV_PIP) sync --python $(VENV)/skypilot/bin/python --require-hashes requirements-skypilot.lock
 	touch $@
 
 setup: $(VENV)/.installed
@@ -57,6 +64,9 @@ test: $(VENV)/.tests-installed
 chat: setup
 	$(VENV)/bin/python -m medqa.chat $(CHAT_ARGS)
 
+gpu-check: setup
+	$(VENV)/bin/python -m bench.gpu_check $(if $(strip $(DATA)),--data '$(abspath $(DATA))')
+
 remote: setup
 	dvc remote add --local --force --default local '$(abspath $(REMOTE))'
 	@echo "DVC remote 'local' -> $(abspath $(REMOTE)) (in .dvc/config.local). Now: dvc push / dvc pull"
@@ -65,6 +75,7 @@ lock: | $(UV)
 	$(LOCK) requirements.in -o requirements.lock
 	$(LOCK) requirements-test.in -o requirements-test.lock
 	$(LOCK) --no-deps requirements-assets.in -o requirements-assets.lock
+	$(LOCK) requirements-skypilot.in -o requirements-skypilot.lock
 
 clean:
 	rm -rf $(VENV)

@@ -20,7 +20,12 @@ set against this machine's fp32 matmul rate (bf16's for the bf16 way), measured 
 On a CPU with native bf16 (AVX512-BF16 or AMX) a third way runs: the stage's way with the Trainer's
 bf16 autocast over fp32 weights, as the finetune stage trains with `model.dtype: auto` there.
 
-    python -m bench.train_speed [--steps 4]
+    python -m bench.train_speed [--steps 4] [--params-hardware] [--batch-size B --grad-accum A] [--liger]
+
+`--params-hardware` trains both ways on the hardware params.yaml asks for (`model.quantization`,
+`model.dtype`: 4-bit nf4 with bf16 on CUDA under `auto`) instead of the CPU's fp32 / bf16-autocast
+ways; `--batch-size`/`--grad-accum` override the train section's (e.g. a gpu profile's micro-batch),
+`--liger` turns on `train.liger_kernel`. On CUDA the peak GPU memory of each way is reported.
 
 Needs the pipeline's `models/base` and `data/split/train.jsonl` (`dvc repro split`).
 """
@@ -74,16 +79,25 @@ def needed_flops(model: torch.nn.Module, features: list[dict]) -> float:
     return total
 
 
-def run_way(way: str, steps: int) -> dict:
-    """Train `steps` optimiser steps the given way; tokens/s, needed FLOP/s and peak RSS."""
+def _train_params(args: argparse.Namespace):
+    """params.yaml's train section with the command line's overrides."""
+    tp = load_params().train
+    overrides = {"batch_size": args.batch_size, "grad_accum": args.grad_accum, "liger_kernel": args.liger or None}
+    return dataclasses.replace(tp, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def run_way(way: str, steps: int, args: argparse.Namespace) -> dict:
+    """Train `steps` optimiser steps the given way; tokens/s, needed FLOP/s and peak RSS (and GPU memory)."""
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
     params = load_params()
-    tp = params.train
+    tp = _train_params(args)
     set_seed(tp.seed)
-    # The stage's hardware with bf16 autocast, or all fp32.
-    hardware = resolve_hardware("none", "auto" if way == "stage-bf16" else "float32")
+    if args.params_hardware:
+        hardware = resolve_hardware(params.model.quantization, params.model.dtype)
+    else:  # the CPU ways: the stage's hardware with bf16 autocast, or all fp32
+        hardware = resolve_hardware("none", "auto" if way == "stage-bf16" else "float32")
     tokenizer = load_tokenizer(paths.BASE_MODEL)
     examples = read_jsonl(paths.TRAIN)
     n = steps * tp.batch_size * tp.grad_accum
@@ -91,19 +105,22 @@ def run_way(way: str, steps: int) -> dict:
         raise SystemExit(f"{steps} steps need {n} train questions; data/split/train.jsonl has {len(examples)}")
     sample = random.Random(tp.seed).sample(examples, n)  # the same questions for both ways
     dataset = Dataset.from_list([tokenize_example(ex, tokenizer, tp.max_length) for ex in sample])
-    model = setup_model(paths.BASE_MODEL, params.model, params.lora, hardware)
-    args = dataclasses.replace(
+    model = setup_model(paths.BASE_MODEL, params.model, params.lora, hardware,
+                        tp.checkpoints_activations(hardware.device == "cuda"))
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    training = dataclasses.replace(
         training_arguments(tp, hardware, tempfile.mkdtemp(prefix="bench-train-")),
         max_steps=steps, eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
         logging_steps=steps, disable_tqdm=True,
         train_sampling_strategy="group_by_length" if way == "stage" else "random",
     )
     if way.startswith("stage"):
-        trainer = build_trainer(model, tokenizer, args, dataset, None, [])
+        trainer = build_trainer(model, tokenizer, training, dataset, None, [])
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=tp.max_length,
                                           label_pad_token_id=-100)
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+        trainer = Trainer(model=model, args=training, train_dataset=dataset, data_collator=collator)
     seen: list[dict] = []
     collate = trainer.data_collator
 
@@ -122,19 +139,25 @@ def run_way(way: str, steps: int) -> dict:
         "flops_per_s": needed_flops(model, used) / elapsed,
         "seconds_per_step": elapsed / steps,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--params-hardware", action="store_true",
+                        help="params.yaml's model.quantization and model.dtype (4-bit + bf16 on CUDA)")
+    parser.add_argument("--batch-size", type=int, help="override train.batch_size")
+    parser.add_argument("--grad-accum", type=int, help="override train.grad_accum")
+    parser.add_argument("--liger", action="store_true", help="train.liger_kernel=true (CUDA)")
     parser.add_argument("--way", choices=WAYS, help=argparse.SUPPRESS)  # one way, in a child process
     args = parser.parse_args()
     if args.way:
-        print(json.dumps(run_way(args.way, args.steps)))
+        print(json.dumps(run_way(args.way, args.steps, args)))
         return
-    tp = load_params().train
-    bf16 = cpu_has_native_bf16() and not torch.cuda.is_available()
+    tp = _train_params(args)
+    bf16 = cpu_has_native_bf16() and not torch.cuda.is_available() and not args.params_hardware
     peak = matmul_flops()
     peak_bf16 = matmul_flops(dtype=torch.bfloat16) if bf16 else None
     print(f"max_length {tp.max_length}, batch {tp.batch_size} x {tp.grad_accum}, {args.steps} steps, "
@@ -142,15 +165,17 @@ def main() -> None:
           + (f", bf16 {peak_bf16 / 1e9:.1f} GFLOP/s" if bf16 else "; no native bf16: the bf16 way is skipped"))
     results = {}
     for way in WAYS if bf16 else WAYS[:2]:
-        child = subprocess.run([sys.executable, "-m", "bench.train_speed", "--way", way, "--steps", str(args.steps)],
+        # the same command line, for one way in a fresh process
+        child = subprocess.run([sys.executable, "-m", "bench.train_speed", *sys.argv[1:], "--way", way],
                                capture_output=True, text=True, check=True)
         results[way] = json.loads(child.stdout.strip().splitlines()[-1])
-    print("| way | tokens/s | needed GFLOP/s | share of its matmul rate | s/step | peak RSS GB |")
-    print("|---|---|---|---|---|---|")
+    print("| way | tokens/s | needed GFLOP/s | share of its matmul rate | s/step | peak RSS GB | peak GPU GB |")
+    print("|---|---|---|---|---|---|---|")
     for way, r in results.items():
         rate = peak_bf16 if way == "stage-bf16" else peak
+        gpu = "-" if r["peak_gpu_gb"] is None else f"{r['peak_gpu_gb']:.2f}"
         print(f"| {way} | {r['tokens_per_s']:.1f} | {r['flops_per_s'] / 1e9:.1f} | {r['flops_per_s'] / rate:.1%} "
-              f"| {r['seconds_per_step']:.1f} | {r['peak_rss_gb']:.2f} |")
+              f"| {r['seconds_per_step']:.1f} | {r['peak_rss_gb']:.2f} | {gpu} |")
     tokens = {way: r["tokens_per_s"] for way, r in results.items()}
     print(f"stage / notebook tokens/s: {tokens['stage'] / tokens['notebook']:.2f}x")
     if bf16:

@@ -1,13 +1,16 @@
 """Answering one question or one chat message with the base model and the fine-tuned one.
 
 One model in memory: the base weights with the LoRA adapter attached; the base model's answers
-come from the same weights with the adapter disabled (peft's `disable_adapter`). A lock keeps
-two requests from toggling the adapter under each other.
+come from the same weights with the adapter off. One worker thread runs the model (`medqa.batcher`):
+what several readers ask at about the same moment — both panes of a compare, other users' questions
+— is decoded as one batch, the rows with the adapter and those without it together (peft's
+`adapter_names`), each reader's rows streamed back token by token.
 """
 from __future__ import annotations
 
 import threading
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,9 +19,10 @@ import torch
 from transformers import GenerationConfig
 
 from medqa.answers import DECISIONS, PROTOCOLS, DecisionEvidence
+from medqa.batcher import Batcher, Request
 from medqa.errors import PipelineError
 from medqa.evaluation import content_free_prior, score_after_answers, score_decisions
-from medqa.generation import model_device, model_generate
+from medqa.generation import end_token_ids, left_pad, model_device, model_generate
 from medqa.models import load_for_inference, resolve_hardware
 from medqa.params import Params
 from medqa.prompts import fit_prompt, join_contexts, prompt_format, user_message
@@ -53,14 +57,25 @@ def recent_turns(history: list[dict[str, Any]], n: int) -> list[tuple[str, str]]
     return turns[-n:] if n > 0 else []
 
 
-class _Stop:
-    """A stopping criterion that ends generation when the reader goes away (page closed, new request)."""
+@dataclass(frozen=True)
+class Row:
+    """One answer to generate: its prompt's token ids, whether the adapter is on, and whether the
+    decision protocols read it (a compare pane) or not (a chat reply)."""
 
-    def __init__(self) -> None:
-        self.event = threading.Event()
+    prompt: tuple[int, ...]
+    adapter: bool
+    readings: bool = False
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+@dataclass
+class Update:
+    """A request's rows so far: each row's text; each row's decision readings (None where not
+    asked for; before the answer, the protocols that need none; then every protocol); whether it is
+    the last update."""
+
+    texts: list[str]
+    readings: list["dict[str, Decision] | None"]
+    done: bool = False
 
 
 class Assistant:
@@ -77,10 +92,8 @@ class Assistant:
         self.prompt, self.model_name = params.prompt, params.model.name
         self.format = prompt_format(tokenizer, params.prompt, params.model.name)
         self._priors: dict[bool, np.ndarray] = {}  # the content-free prior, with the adapter on and off
-        # The last prompt's direct-choice log-likelihoods, with the adapter on and off: a compare reads
-        # them before the answer streams and again after it, for the same prompt.
-        self._last_choice: dict[bool, tuple[tuple[int, ...], np.ndarray]] = {}
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the batcher's worker and direct `decisions` calls take turns
+        self.batcher = Batcher(self._run_batch, params.chat.batch_rows, params.chat.batch_wait_s)
 
     @classmethod
     def load(cls, params: Params, base_dir: str | Path, adapter_dir: str | Path) -> "Assistant":
@@ -122,65 +135,138 @@ class Assistant:
 
     @contextmanager
     def _adapter(self, enabled: bool) -> Iterator[None]:
-        with self.lock, (nullcontext() if enabled else self.model.disable_adapter()):
+        with nullcontext() if enabled else self.model.disable_adapter():
             yield
+
+    def _choice_logliks(self, prompts: list[list[int]], adapter: bool) -> np.ndarray:
+        with self._adapter(adapter):
+            return score_decisions(self.model, self.tokenizer, prompts, self.answer_prefix, len(prompts), desc=None)
+
+    def _prior(self, adapter: bool) -> np.ndarray:
+        if adapter not in self._priors:
+            with self._adapter(adapter):
+                self._priors[adapter] = content_free_prior(self.model, self.tokenizer, self.prompt, self.model_name)
+        return self._priors[adapter]
+
+    def _readings(self, prompts: list[list[int]], adapter: bool, choice: np.ndarray,
+                  answers: list[str] | None) -> list[dict[str, Decision]]:
+        """Each prompt's reading by every decision protocol, from its `choice` log-likelihoods and,
+        given the model's `answers`, what follows them; without answers, only the protocols that
+        need no generation."""
+        after = np.full_like(choice, np.nan)
+        if answers is not None:
+            with self._adapter(adapter):
+                after = score_after_answers(self.model, self.tokenizer, prompts, answers, self.answer_prefix,
+                                            len(prompts))
+        evidence = DecisionEvidence(answers or [""] * len(prompts), choice, after, self._prior(adapter),
+                                    self.answer_prefix)
+        readings: list[dict[str, Decision]] = [{} for _ in prompts]
+        for protocol in PROTOCOLS:
+            if answers is not None or not protocol.needs_generation:
+                decisions, probs = protocol.read(evidence)
+                for i, reading in enumerate(readings):
+                    reading[protocol.name] = (decisions[i],
+                                              None if probs is None else dict(zip(DECISIONS, probs[i].tolist())))
+        return readings
 
     def decisions(self, prompt: list[int], adapter: bool, answer: str | None = None) -> dict[str, Decision]:
         """Each decision protocol's reading of one question, as the eval stages read it: protocol name
         -> (decision, P(yes/no/maybe) or None). Without the model's `answer`, only the protocols that
         need no generation."""
-        with self._adapter(adapter):
-            last = self._last_choice.get(adapter)
-            if last is None or last[0] != tuple(prompt):
-                last = (tuple(prompt), score_decisions(self.model, self.tokenizer, [prompt], self.answer_prefix, 1,
-                                                       desc=None))
-                self._last_choice[adapter] = last
-            choice = last[1]
-            after = (np.full_like(choice, np.nan) if answer is None else
-                     score_after_answers(self.model, self.tokenizer, [prompt], [answer], self.answer_prefix, 1))
-            if adapter not in self._priors:
-                self._priors[adapter] = content_free_prior(self.model, self.tokenizer, self.prompt, self.model_name)
-        evidence = DecisionEvidence([answer or ""], choice, after, self._priors[adapter], self.answer_prefix)
-        readings = {}
-        for protocol in PROTOCOLS:
-            if answer is not None or not protocol.needs_generation:
-                decisions, probs = protocol.read(evidence)
-                readings[protocol.name] = (decisions[0], None if probs is None else dict(zip(DECISIONS, probs[0].tolist())))
-        return readings
+        with self.lock, torch.inference_mode():
+            choice = self._choice_logliks([prompt], adapter)
+            return self._readings([prompt], adapter, choice, None if answer is None else [answer])[0]
 
     def decision_probabilities(self, prompt: list[int], adapter: bool, answer: str | None = None) -> dict[str, float]:
         """P(yes/no/maybe) straight after the prompt and the answer prefix (`choice`), or, given the
         model's `answer`, after it and the prefix (`after_answer`)."""
         return self.decisions(prompt, adapter, answer)["choice" if answer is None else "after_answer"][1]
 
+    def answer(self, rows: list[Row], config: GenerationConfig) -> Iterator[Update]:
+        """The answers to `rows`, growing token by token: decoded in one batch with whatever other
+        readers ask at the same moment with the same settings. Closing the iterator stops its rows."""
+        return self.batcher.submit(rows, config)
+
     def stream(self, prompt: list[int], config: GenerationConfig, adapter: bool) -> Iterator[str]:
-        """The answer so far, growing token by token while the model generates in a worker thread."""
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
+        """One answer so far, growing token by token (`answer` for a single row)."""
+        for update in self.answer([Row(tuple(prompt), adapter)], config):
+            yield update.texts[0]
 
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        stop, failure = _Stop(), []
-        ids = torch.tensor([prompt], device=model_device(self.model))
+    def _run_batch(self, requests: list[Request[Row]]) -> None:
+        """The batcher's worker: the choice readings of the rows that want them, then one `generate`
+        for all rows, streamed to their readers, then the readings after each complete answer."""
+        from transformers import StoppingCriteriaList
 
-        def work() -> None:
-            try:
-                with self._adapter(adapter), torch.inference_mode():
-                    torch.manual_seed(self.seed)
-                    model_generate(self.model, self.tokenizer, config, input_ids=ids, attention_mask=torch.ones_like(ids),
-                                   streamer=streamer, stopping_criteria=StoppingCriteriaList([stop]))
-            except BaseException as exc:  # surfaced to the reader below, not lost in the thread
-                failure.append(exc)
-                streamer.end()
+        rows = [row for request in requests for row in request.rows]
+        batch = _BatchRows(self.tokenizer, requests, end_token_ids(self.model, self.tokenizer))
+        read = [i for i, row in enumerate(rows) if row.readings]
+        groups = {adapter: [i for i in read if rows[i].adapter == adapter] for adapter in (False, True)}
+        with self.lock, torch.inference_mode():
+            choice = {adapter: self._choice_logliks([list(rows[i].prompt) for i in idx], adapter)
+                      for adapter, idx in groups.items() if idx}
+            for adapter, idx in groups.items():
+                if idx:
+                    batch.set_readings(idx, self._readings([list(rows[i].prompt) for i in idx], adapter,
+                                                           choice[adapter], None))
+            batch.send()
+            ids, mask = left_pad([row.prompt for row in rows], self.tokenizer.pad_token_id, model_device(self.model))
+            torch.manual_seed(self.seed)  # per batch: a sampled answer asked alone can be reproduced
+            model_generate(self.model, self.tokenizer, requests[0].settings, input_ids=ids, attention_mask=mask,
+                           streamer=batch, stopping_criteria=StoppingCriteriaList([batch.cancelled]),
+                           adapter_names=[self.model.active_adapter if row.adapter else BASE for row in rows])
+            answers = batch.texts(done=True)
+            for adapter, idx in groups.items():
+                if idx:
+                    batch.set_readings(idx, self._readings([list(rows[i].prompt) for i in idx], adapter,
+                                                           choice[adapter], [answers[i] for i in idx]))
+        batch.send(done=True)
 
-        worker = threading.Thread(target=work, daemon=True)
-        worker.start()
-        text = ""
-        try:
-            for piece in streamer:
-                text += piece
-                yield text.lstrip()
-        finally:
-            stop.event.set()  # the reader stopped early: let the worker finish and free the lock
-        worker.join()
-        if failure:
-            raise PipelineError(f"generation failed: {failure[0]}") from failure[0]
-        yield text.strip()
+
+BASE = "__base__"  # peft's adapter name for "no adapter" in a mixed batch
+
+
+class _BatchRows:
+    """A batch's generated tokens, split by row and sent to each row's request as text after every
+    decoding step (transformers' streamer protocol: `put` receives the prompt, then each step's
+    tokens); also the stopping criterion that ends the rows of a request whose reader went away."""
+
+    def __init__(self, tokenizer: Any, requests: list[Request[Row]], end_ids: set[int]):
+        self.tokenizer, self.requests, self.end_ids = tokenizer, requests, end_ids
+        self.owners = [request for request in requests for _ in request.rows]
+        self.tokens: list[list[int]] = [[] for _ in self.owners]
+        self.ended = [False] * len(self.owners)
+        self.readings: list[dict[str, Decision] | None] = [None] * len(self.owners)
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        for i, token in enumerate(value.reshape(-1).tolist()):
+            if not self.ended[i]:
+                self.ended[i] = token in self.end_ids  # a finished row is padded from here on
+                if not self.ended[i]:
+                    self.tokens[i].append(token)
+        self.send()
+
+    def end(self) -> None:
+        pass
+
+    def cancelled(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.tensor([owner.cancelled.is_set() for owner in self.owners], dtype=torch.bool,
+                            device=input_ids.device)
+
+    def set_readings(self, rows: list[int], readings: list[dict[str, Decision]]) -> None:
+        for i, reading in zip(rows, readings):
+            self.readings[i] = reading
+
+    def texts(self, done: bool = False) -> list[str]:
+        texts = [self.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in self.tokens]
+        return [text.strip() if done else text.lstrip() for text in texts]
+
+    def send(self, done: bool = False) -> None:
+        texts, start = self.texts(done), 0
+        for request in self.requests:
+            end = start + len(request.rows)
+            request.send(Update(texts[start:end], self.readings[start:end], done))
+            start = end

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from medqa import paths
 from medqa.answers import DECISIONS, PRIMARY, PROTOCOLS, read_where_choice_reads
-from medqa.assistant import Assistant, Decision
+from medqa.assistant import Assistant, Decision, Row
 from medqa.errors import PipelineError, command_main
 from medqa.generation import generation_config
 from medqa.io import read_jsonl
@@ -74,21 +74,17 @@ def reference_markdown(example: dict | None) -> str:
 def compare_answers(
     assistant: Assistant, question: str, context: str, config: GenerationConfig
 ) -> Iterator[tuple[str, str, str, str]]:
-    """(base answer, base decision, fine-tuned answer, fine-tuned decision), updated as tokens stream in."""
-    prompt = assistant.question_prompt(question, context)
-    base_decision = decision_markdown(assistant.decisions(prompt, adapter=False))
-    tuned_decision = decision_markdown(assistant.decisions(prompt, adapter=True))
-    base = ""
-    for base in assistant.stream(prompt, config, adapter=False):
-        yield base, base_decision, "", tuned_decision
-    base_decision = decision_markdown(assistant.decisions(prompt, adapter=False, answer=base),
-                                      read_where_choice_reads(base, assistant.answer_prefix))
-    tuned = ""
-    for tuned in assistant.stream(prompt, config, adapter=True):
+    """(base answer, base decision, fine-tuned answer, fine-tuned decision), updated as tokens stream
+    in: both panes are rows of one batch, so they grow side by side."""
+    prompt = tuple(assistant.question_prompt(question, context))
+    rows = [Row(prompt, adapter=False, readings=True), Row(prompt, adapter=True, readings=True)]
+    for update in assistant.answer(rows, config):
+        base, tuned = update.texts
+        base_decision, tuned_decision = (
+            "" if readings is None else
+            decision_markdown(readings, update.done and read_where_choice_reads(text, assistant.answer_prefix))
+            for text, readings in zip(update.texts, update.readings))
         yield base, base_decision, tuned, tuned_decision
-    tuned_decision = decision_markdown(assistant.decisions(prompt, adapter=True, answer=tuned),
-                                       read_where_choice_reads(tuned, assistant.answer_prefix))
-    yield base, base_decision, tuned, tuned_decision
 
 
 def chat_reply(
@@ -235,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     app = build_app(assistant, params.generation, load_test_questions(args.test))
     if auth:
         log.info("serving on %s:%d to %d user(s) with a password", host, port, len(auth))
-    app.queue().launch(server_name=host, server_port=port, share=args.share, ssr_mode=False, auth=auth)
+    # As many handlers at once as a batch has rows: the batcher, not Gradio's queue, decides who waits.
+    app.queue(default_concurrency_limit=params.chat.batch_rows).launch(server_name=host, server_port=port, share=args.share, ssr_mode=False, auth=auth)
 
 
 if __name__ == "__main__":

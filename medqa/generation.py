@@ -29,7 +29,8 @@ def without_grad(fn: Callable) -> Callable:
     return wrapper
 
 
-def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded on the left to one width (what decoder-only generation needs) and their attention mask."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -47,7 +48,7 @@ def _padded_batches(
     with tqdm(total=len(seqs), desc=desc, unit="q", disable=desc is None) as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            ids, mask = _left_pad([seqs[i] for i in batch], pad_id, device)
+            ids, mask = left_pad([seqs[i] for i in batch], pad_id, device)
             yield batch, ids, mask
             bar.update(len(batch))
 
@@ -88,11 +89,21 @@ def generation_config_from_params(generation: GenerationParams) -> GenerationCon
                              generation.repetition_penalty)
 
 
+def _end_token(model: Any, tokenizer: Any) -> int | list[int]:
+    return model.generation_config.eos_token_id or tokenizer.eos_token_id
+
+
+def end_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The token ids that end a generated answer (the model's end tokens, else the tokenizer's)."""
+    end = _end_token(model, tokenizer)
+    return set(end) if isinstance(end, (list, tuple)) else {end}
+
+
 def model_generate(model: Any, tokenizer: Any, config: GenerationConfig, **inputs: Any) -> torch.Tensor:
     """`model.generate` with `config`, its pad and end tokens filled in from the model and tokenizer."""
     config = copy.deepcopy(config)
     config.pad_token_id = tokenizer.pad_token_id
-    config.eos_token_id = model.generation_config.eos_token_id or tokenizer.eos_token_id
+    config.eos_token_id = _end_token(model, tokenizer)
     return model.generate(**inputs, generation_config=config)
 
 

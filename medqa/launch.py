@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from medqa.errors import PipelineError
 from medqa.io import atomic_dir, write_json
@@ -28,10 +29,50 @@ def check_distributed(strategy: str) -> None:
                             "train.distributed=ddp, which runs several CPU processes over gloo")
 
 
-def accelerate_command(num_processes: int, strategy: str = "ddp", module: str = "stages.finetune") -> list[str]:
-    """The command that re-runs `module` as `num_processes` processes (one per GPU), DDP or FSDP."""
-    return ["accelerate", "launch", "--config_file", str(ACCELERATE_CONFIGS[strategy]),
-            "--num_processes", str(num_processes), "-m", module]
+MACHINE_RANK_ENV, MAIN_ADDRESS_ENV, MAIN_PORT_ENV = "MEDQA_MACHINE_RANK", "MEDQA_MAIN_ADDRESS", "MEDQA_MAIN_PORT"
+
+
+@dataclass(frozen=True)
+class Machines:
+    """The machines that train together: how many, this one's rank (0: the main one, which writes
+    the outputs), and the main machine's address and port, where the others meet it."""
+
+    count: int = 1
+    rank: int = 0
+    main_address: str = "127.0.0.1"
+    main_port: int = 29500
+
+
+def machines_from_env(count: int, environ: Mapping[str, str]) -> Machines:
+    """`train.num_machines` machines; this one's rank and the main machine's address from
+    MEDQA_MACHINE_RANK / MEDQA_MAIN_ADDRESS (MEDQA_MAIN_PORT, default 29500), or from what SkyPilot
+    sets on each node of a multi-node task (SKYPILOT_NODE_RANK, the first of SKYPILOT_NODE_IPS)."""
+    if count == 1:
+        return Machines()
+    rank = environ.get(MACHINE_RANK_ENV, environ.get("SKYPILOT_NODE_RANK"))
+    address = environ.get(MAIN_ADDRESS_ENV) or (environ.get("SKYPILOT_NODE_IPS") or "").split("\n")[0].strip()
+    if rank is None or not address:
+        raise PipelineError(f"train.num_machines={count}: set {MACHINE_RANK_ENV} (0 on the main machine, 1 to {count - 1} "
+                            f"on the others) and {MAIN_ADDRESS_ENV} (the main machine's address) on every machine")
+    if not rank.isdigit() or int(rank) >= count:
+        raise PipelineError(f"{MACHINE_RANK_ENV}={rank}: expected 0 to {count - 1} (train.num_machines={count})")
+    port = environ.get(MAIN_PORT_ENV, "29500")
+    if not port.isdigit():
+        raise PipelineError(f"{MAIN_PORT_ENV}={port}: expected a port number")
+    return Machines(count, int(rank), address, int(port))
+
+
+def accelerate_command(num_processes: int, strategy: str = "ddp", machines: Machines = Machines(),
+                       module: str = "stages.finetune") -> list[str]:
+    """The command that re-runs `module` as `num_processes` processes on each machine (one per
+    GPU), DDP or FSDP. Several machines meet at the main one by a static rendezvous: each keeps the
+    rank it is given, so rank 0 — the process that writes the adapter — is on the main machine."""
+    command = ["accelerate", "launch", "--config_file", str(ACCELERATE_CONFIGS[strategy]),
+               "--num_processes", str(num_processes * machines.count)]
+    if machines.count > 1:
+        command += ["--num_machines", str(machines.count), "--machine_rank", str(machines.rank),
+                    "--main_process_ip", machines.main_address, "--main_process_port", str(machines.main_port)]
+    return [*command, "-m", module]
 
 
 def save_fsdp_adapter(trainer: Any, adapter_dir: Path, trained_on: dict, record_name: str) -> None:

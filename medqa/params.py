@@ -132,8 +132,16 @@ class TrainParams:
     eval_steps: int = _key(integer(1))
     save_steps: int = _key(integer(1))
     early_stopping_patience: int = _key(integer(0))
+    gradient_checkpointing: bool | str = _key((lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"))
+    liger_kernel: bool = _key(boolean())
     num_processes: int = _key(integer(1))
+    num_machines: int = _key(integer(1))
     distributed: str = _key(one_of("ddp", "fsdp"))
+
+    def checkpoints_activations(self, hardware_cuda: bool) -> bool:
+        """Whether activations are recomputed in the backward pass: `auto` on CUDA (where memory is
+        what runs out), not on the CPU (where time is)."""
+        return hardware_cuda if self.gradient_checkpointing == "auto" else bool(self.gradient_checkpointing)
 
 
 @dataclass(frozen=True)
@@ -177,6 +185,8 @@ class ChatParams:
     history_turns: int = _key(integer(0))
     host: str = _key(text())
     port: int = _key((lambda v: _is_int(v) and 1 <= v <= 65535, "a port number 1..65535"))
+    batch_rows: int = _key(integer(2))
+    batch_wait_s: float = _key(number(0))
 
 
 @dataclass(frozen=True)

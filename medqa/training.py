@@ -4,13 +4,14 @@ several processes in `launch`."""
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from medqa.answers import decision_span
-from medqa.checkpoints import claim_checkpoints
+from medqa.checkpoints import SHARED_DIR_ENV, claim_checkpoints
 from medqa.errors import PipelineError, explain_out_of_memory
 from medqa.io import atomic_dir, read_jsonl, write_json
 from medqa.launch import launched_by_accelerate, save_fsdp_adapter
@@ -84,7 +85,8 @@ def _dataset(examples: list[dict], tokenizer: Any, max_length: int, weighting: D
     return Dataset.from_list([tokenize_example(ex, tokenizer, max_length, weighting) for ex in examples])
 
 
-def setup_model(base_dir: Path, model: ModelParams, lora: LoraParams, hardware: Hardware) -> Any:
+def setup_model(base_dir: Path, model: ModelParams, lora: LoraParams, hardware: Hardware,
+                checkpoint_activations: bool = True) -> Any:
     """The base model (4-bit on CUDA) prepared for k-bit training where it applies, with a fresh LoRA adapter."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -92,7 +94,7 @@ def setup_model(base_dir: Path, model: ModelParams, lora: LoraParams, hardware: 
     base = load_model(base_dir, hardware)
     if hardware.quantize_4bit and not fsdp_enabled():
         # (Under FSDP it would upcast the frozen weights to fp32, but FSDP needs one dtype to shard.)
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=checkpoint_activations)
     return get_peft_model(base, LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
         target_modules=targets, task_type="CAUSAL_LM",
@@ -114,6 +116,9 @@ def training_arguments(train: TrainParams, hardware: Hardware, output_dir: Path,
 
     cuda = hardware.device == "cuda"
     fsdp = fsdp_enabled()
+    recompute = train.checkpoints_activations(cuda)
+    if train.liger_kernel:
+        _require_liger(cuda)
     return TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=train.epochs,
@@ -145,10 +150,16 @@ def training_arguments(train: TrainParams, hardware: Hardware, output_dir: Path,
         # On the CPU, bf16 is the Trainer's autocast over fp32 weights (`Hardware.autocast`).
         bf16=(cuda and hardware.dtype == torch.bfloat16) or hardware.autocast == torch.bfloat16,
         fp16=cuda and hardware.dtype == torch.float16,
-        activation_checkpointing=cuda,
+        activation_checkpointing=recompute,
         # Non-reentrant checkpointing lets gradients reach LoRA weights when the frozen inputs need none.
         # (FSDP-QLoRA wants the reentrant variant, as in peft's FSDP-QLoRA guide.)
-        activation_checkpointing_kwargs={"use_reentrant": fsdp} if cuda else None,
+        activation_checkpointing_kwargs={"use_reentrant": fsdp} if recompute else None,
+        # Several machines, each with its own checkpoints folder: each keeps a copy to resume from
+        # (on a shared MEDQA_CHECKPOINT_DIR the main machine's copy serves all).
+        save_on_each_node=train.num_machines > 1 and not os.environ.get(SHARED_DIR_ENV),
+        # Liger patches the model's RMSNorm, RoPE and SwiGLU; its fused cross-entropy needs labels in
+        # the forward, which the answer-column loss does not pass, so that one stays unfused.
+        use_liger_kernel=train.liger_kernel,
         use_cpu=not cuda,
         report_to="none",
         # The datasets hold only what the collator reads (loss_weights is not a model input).
@@ -156,6 +167,16 @@ def training_arguments(train: TrainParams, hardware: Hardware, output_dir: Path,
         dataloader_pin_memory=cuda,
         ddp_find_unused_parameters=False if launched_by_accelerate() else None,
     )
+
+
+def _require_liger(cuda: bool) -> None:
+    import importlib.util
+
+    if not cuda:
+        raise PipelineError("train.liger_kernel=true needs CUDA (Liger's kernels are Triton GPU kernels): set it to false")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise PipelineError("train.liger_kernel=true needs the liger-kernel package: "
+                            ".venv/.uv/bin/uv pip install --python .venv/bin/python liger-kernel")
 
 
 def _callbacks(train: TrainParams, live_dir: Path) -> list:
@@ -270,7 +291,8 @@ def train_adapter(
     # from_pretrained then reads the weights on rank 0 only (cpu_ram_efficient_loading), and each
     # rank's 4-bit weights land on its own GPU, not all on cuda:0.
     log.info("loading the base model (%s, device %s)", _process(), args.device)
-    model = setup_model(base_dir, params.model, params.lora, hardware)
+    model = setup_model(base_dir, params.model, params.lora, hardware,
+                        params.train.checkpoints_activations(hardware.device == "cuda"))
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
     trainer = build_trainer(model, tokenizer, args, train_ds, val_ds, _callbacks(train, live_dir))

@@ -4,7 +4,7 @@ import os
 from medqa import paths
 from medqa.checkpoints import claim_checkpoints
 from medqa.errors import stage_main
-from medqa.launch import accelerate_command, check_distributed, launched_by_accelerate
+from medqa.launch import accelerate_command, check_distributed, launched_by_accelerate, machines_from_env
 from medqa.params import load_params
 from medqa.training import shaping_params, train_adapter
 
@@ -13,11 +13,12 @@ from medqa.training import shaping_params, train_adapter
 def main() -> None:
     params = load_params()
     n = params.train.num_processes
-    if n > 1 and not launched_by_accelerate():
+    machines = machines_from_env(params.train.num_machines, os.environ)
+    if (n > 1 or machines.count > 1) and not launched_by_accelerate():
         check_distributed(params.train.distributed)
         # Settle resume/clean-up once, before the processes start; then become the launcher.
         claim_checkpoints(shaping_params(params), paths.BASE_MODEL, paths.TRAIN, paths.VAL, paths.CHECKPOINTS)
-        command = accelerate_command(n, params.train.distributed)
+        command = accelerate_command(n, params.train.distributed, machines)
         print("finetune: " + " ".join(command))
         os.execvp(command[0], command)
     summary = train_adapter(

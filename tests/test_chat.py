@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medqa.assistant import Assistant, recent_turns
+from medqa.assistant import Assistant, Row, recent_turns
 from medqa.chat import chat_reply, compare_answers
 from medqa.errors import PipelineError
 from medqa.generation import generate, generation_config
@@ -138,16 +139,49 @@ def test_sampling_is_seeded(assistant):
     assert list(assistant.stream(prompt, hot, adapter=True))[-1] == first
 
 
-def test_a_stream_abandoned_by_its_reader_frees_the_model(assistant):
-    stream = assistant.stream(assistant.question_prompt("Q?"), generation_config(max_new_tokens=400), adapter=False)
-    next(stream)
-    stream.close()
+def test_a_reader_who_leaves_stops_only_their_rows(assistant):
+    long = generation_config(max_new_tokens=400)
+    prompt = assistant.question_prompt("Is smoking linked to lung cancer?")
+    alone = list(assistant.stream(prompt, generation_config(max_new_tokens=400), adapter=True))[-1]
+    leaving = assistant.answer([Row(tuple(assistant.question_prompt("Q?")), adapter=False)], long)
+    staying = assistant.answer([Row(tuple(prompt), adapter=True)], long)
+    next(leaving)
+    leaving.close()
+    assert list(staying)[-1].texts == [alone]  # the other reader's answer is whole
+    assert assistant.batcher.batch_sizes[-1] == 2
     assert assistant.lock.acquire(timeout=30)  # the worker stopped early and let go
     assistant.lock.release()
 
 
+def test_readers_who_ask_at_once_share_one_batch_and_get_the_answers_they_get_alone(assistant):
+    asks = [(assistant.question_prompt(q), adapter) for q, adapter in
+            [("Does aspirin reduce fever?", True), ("Is smoking linked to lung cancer?", False),
+             ("Do statins lower cholesterol in adults over sixty?", True)]]
+    alone = [list(assistant.stream(prompt, GREEDY, adapter))[-1] for prompt, adapter in asks]
+    together: list = [None] * len(asks)
+    start = threading.Barrier(len(asks))
+
+    def ask(i: int) -> None:
+        start.wait()
+        together[i] = list(assistant.stream(*asks[i][:1], GREEDY, asks[i][1]))[-1]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert assistant.batcher.batch_sizes[-1] == 3  # one batch, the adapter on for two rows and off for one
+    assert together == alone and len(set(alone)) == 3
+
+
 def test_compare_fills_both_sides_and_chat_keeps_the_conversation(assistant):
-    *_, (base, base_decision, tuned, tuned_decision) = compare_answers(assistant, "Does it work?", "", GREEDY)
+    updates = list(compare_answers(assistant, "Does it work?", "", GREEDY))
+    base, base_decision, tuned, tuned_decision = updates[-1]
+    # Side by side, not one after the other: the fine-tuned pane starts while the base one still grows.
+    assert assistant.batcher.batch_sizes[-1] == 2
+    first_tuned = next(u for u in updates if u[2])
+    assert first_tuned[0] != base and base.startswith(first_tuned[0])
+    assert "(choice)" in updates[0][1] and "when the answer is complete" in updates[0][1]
     assert base and tuned and base != tuned
     assert "Decision after its answer: **" in base_decision and "(choice)" in tuned_decision
     # The pane's decision is the one read after the streamed answer, as the eval stages' after_answer reads it.

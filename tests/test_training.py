@@ -254,10 +254,49 @@ def test_resume_point_is_idempotent_and_multi_gpu_launch_command(workdir, tmp_pa
 
     for strategy, kind in (("ddp", "MULTI_GPU"), ("fsdp", "FSDP")):
         command = accelerate_command(4, strategy)
+        assert "--num_machines" not in command
         assert command[:2] == ["accelerate", "launch"] and command[-2:] == ["-m", "stages.finetune"]
         assert command[command.index("--num_processes") + 1] == "4"
         config = load_config_from_file(str(ROOT / command[command.index("--config_file") + 1]))  # accelerate parses it
         assert config.distributed_type == kind
+
+
+def test_machines_come_from_the_environment_a_scheduler_sets():
+    from medqa.errors import PipelineError
+    from medqa.launch import Machines, accelerate_command, machines_from_env
+
+    assert machines_from_env(1, {}) == Machines()
+    ours = machines_from_env(2, {"MEDQA_MACHINE_RANK": "1", "MEDQA_MAIN_ADDRESS": "10.0.0.5", "MEDQA_MAIN_PORT": "6000"})
+    assert ours == Machines(2, 1, "10.0.0.5", 6000)
+    skypilot = machines_from_env(3, {"SKYPILOT_NODE_RANK": "2", "SKYPILOT_NODE_IPS": "10.0.0.7\n10.0.0.8\n10.0.0.9\n"})
+    assert skypilot == Machines(3, 2, "10.0.0.7", 29500)
+    with pytest.raises(PipelineError, match="set MEDQA_MACHINE_RANK"):
+        machines_from_env(2, {"MEDQA_MACHINE_RANK": "0"})
+    with pytest.raises(PipelineError, match="expected 0 to 1"):
+        machines_from_env(2, {"MEDQA_MACHINE_RANK": "2", "MEDQA_MAIN_ADDRESS": "h"})
+    command = accelerate_command(4, "ddp", ours)
+    flags = dict(zip(command[2:-2:2], command[3:-2:2]))
+    assert flags["--num_processes"] == "8"  # accelerate counts the processes of all machines
+    assert (flags["--num_machines"], flags["--machine_rank"], flags["--main_process_ip"],
+            flags["--main_process_port"]) == ("2", "1", "10.0.0.5", "6000")
+
+
+def test_the_gpu_knobs_reach_the_trainer_and_liger_off_cuda_is_one_clear_line(tmp_path, monkeypatch):
+    from medqa.errors import PipelineError
+    from medqa.models import resolve_hardware
+    from medqa.training import training_arguments
+
+    cpu = resolve_hardware("none", "float32")
+    train = params_from_dict(_params()).train
+    assert not training_arguments(train, cpu, tmp_path).activation_checkpointing  # auto: off on the CPU
+    forced = params_from_dict(_params(gradient_checkpointing=True)).train
+    assert training_arguments(forced, cpu, tmp_path).activation_checkpointing
+    monkeypatch.delenv("MEDQA_CHECKPOINT_DIR", raising=False)
+    assert training_arguments(params_from_dict(_params(num_machines=2)).train, cpu, tmp_path).save_on_each_node
+    monkeypatch.setenv("MEDQA_CHECKPOINT_DIR", str(tmp_path / "shared"))  # one shared copy serves every machine
+    assert not training_arguments(params_from_dict(_params(num_machines=2)).train, cpu, tmp_path).save_on_each_node
+    with pytest.raises(PipelineError, match="liger_kernel=true needs CUDA"):
+        training_arguments(params_from_dict(_params(liger_kernel=True)).train, cpu, tmp_path)
 
 
 def _lora_trainer(workdir: Path, out: Path, stage_way: bool):
@@ -389,11 +428,23 @@ def _finetune_stage(path: Path, **env: str) -> str:
     return proc.stdout + proc.stderr
 
 
-def test_two_cpu_processes_train_the_adapter_one_process_trains(workdir, tmp_path):
+def _machine(path: Path, rank: int, port: int) -> subprocess.Popen:
+    """The finetune stage started on "machine" `rank` of two, both on this host."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               MEDQA_MACHINE_RANK=str(rank), MEDQA_MAIN_ADDRESS="127.0.0.1", MEDQA_MAIN_PORT=str(port))
+    return subprocess.Popen([sys.executable, "-m", "stages.finetune"], cwd=path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_cpu_processes_or_two_machines_train_the_adapter_one_process_trains(workdir, tmp_path):
     """train.num_processes=2 on the CPU: the finetune stage settles resume, relaunches itself through
     `accelerate launch` as two processes (DDP over gloo, as on GPUs over NCCL), rank 0 writes. Two
     processes of 2 questions give the adapter that one process with 2 × 2 accumulated gives, within
-    float32 rounding (the gradients are summed in a different order)."""
+    float32 rounding (the gradients are summed in a different order). train.num_machines=2, two
+    stage processes in two clones that meet at 127.0.0.1 (one process each): the same adapter, in the
+    main machine's clone only."""
+    import socket
+
     import torch
 
     steps = {"max_steps": 3, "eval_steps": 3, "save_steps": 3, "batch_size": 2, "warmup_ratio": 0.0}
@@ -406,14 +457,28 @@ def test_two_cpu_processes_train_the_adapter_one_process_trains(workdir, tmp_pat
     assert "loading the base model (rank 0 of 2, device cpu" in output
     assert "loading the base model (rank 1 of 2, device cpu" in output
     assert output.count("finetune: best step") == 1  # rank 0 alone writes and reports
+
+    machines = [_stage_dir(tmp_path / f"machine{rank}", workdir, _params(**steps, grad_accum=1, num_machines=2))
+                for rank in (0, 1)]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = [_machine(path, rank, port) for rank, path in enumerate(machines)]
+    outputs = [proc.communicate(timeout=900)[0] for proc in started]
+    assert all(proc.returncode == 0 for proc in started), outputs[0][-3000:] + outputs[1][-3000:]
+    assert "--num_machines 2 --machine_rank 1 --main_process_ip 127.0.0.1" in outputs[1]
+    assert "loading the base model (rank 1 of 2" in outputs[1] and "finetune: best step" in outputs[0]
+    assert not (machines[1] / "models/adapter").exists()  # the main machine writes
+
     _finetune_stage(one)
-    for run in (one, two):
+    for run in (one, two, machines[0]):
         assert json.loads((run / "metrics/train.json").read_text())["steps"] == 3
-    trained = [load_file(run / "models/adapter/adapter_model.safetensors") for run in (one, two)]
-    assert trained[0].keys() == trained[1].keys() and trained[0]
-    for name, weight in trained[0].items():
-        assert torch.allclose(weight, trained[1][name], rtol=1e-4, atol=1e-6), (
-            name, (weight - trained[1][name]).abs().max().item())
+    trained = [load_file(run / "models/adapter/adapter_model.safetensors") for run in (one, two, machines[0])]
+    assert trained[0].keys() == trained[1].keys() == trained[2].keys() and trained[0]
+    for other in trained[1:]:
+        for name, weight in trained[0].items():
+            assert torch.allclose(weight, other[name], rtol=1e-4, atol=1e-6), (
+                name, (weight - other[name]).abs().max().item())
     # and training moved the weights: lora_B starts at zero
     assert any(w.abs().max() > 0 for name, w in trained[0].items() if "lora_B" in name)
 
