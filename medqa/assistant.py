@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from transformers import GenerationConfig
 
-from medqa.answers import DECISIONS, PROTOCOLS, DecisionEvidence
+from medqa.answers import DECISIONS, PROTOCOLS, DecisionEvidence, after_answer_ids, decision_options
 from medqa.batcher import Batcher, Request
 from medqa.errors import PipelineError
 from medqa.evaluation import content_free_prior, score_after_answers, score_decisions
-from medqa.generation import end_token_ids, left_pad, model_device, model_generate
+from medqa.generation import end_token_ids, left_pad, model_device, score_and_decode_batch
 from medqa.models import load_for_inference, resolve_hardware
 from medqa.params import Params
 from medqa.prompts import fit_prompt, join_contexts, prompt_format, user_message
@@ -138,29 +138,22 @@ class Assistant:
         with nullcontext() if enabled else self.model.disable_adapter():
             yield
 
-    def _choice_logliks(self, prompts: list[list[int]], adapter: bool) -> np.ndarray:
-        with self._adapter(adapter):
-            return score_decisions(self.model, self.tokenizer, prompts, self.answer_prefix, len(prompts), desc=None)
-
     def _prior(self, adapter: bool) -> np.ndarray:
+        """The content-free prior with the adapter on or off (computed once; call it outside `_adapter`:
+        peft's disable_adapter does not nest)."""
         if adapter not in self._priors:
             with self._adapter(adapter):
                 self._priors[adapter] = content_free_prior(self.model, self.tokenizer, self.prompt, self.model_name)
         return self._priors[adapter]
 
-    def _readings(self, prompts: list[list[int]], adapter: bool, choice: np.ndarray,
-                  answers: list[str] | None) -> list[dict[str, Decision]]:
-        """Each prompt's reading by every decision protocol, from its `choice` log-likelihoods and,
-        given the model's `answers`, what follows them; without answers, only the protocols that
-        need no generation."""
-        after = np.full_like(choice, np.nan)
-        if answers is not None:
-            with self._adapter(adapter):
-                after = score_after_answers(self.model, self.tokenizer, prompts, answers, self.answer_prefix,
-                                            len(prompts))
-        evidence = DecisionEvidence(answers or [""] * len(prompts), choice, after, self._prior(adapter),
-                                    self.answer_prefix)
-        readings: list[dict[str, Decision]] = [{} for _ in prompts]
+    def _read(self, prior: np.ndarray, choice: np.ndarray, after: np.ndarray | None = None,
+              answers: list[str] | None = None) -> list[dict[str, Decision]]:
+        """Each question's reading by every decision protocol from its `choice` log-likelihoods, and,
+        given the model's `answers` and the log-likelihoods `after` them, the protocols that need the
+        answer too."""
+        evidence = DecisionEvidence(answers or [""] * len(choice), choice,
+                                    np.full_like(choice, np.nan) if after is None else after, prior, self.answer_prefix)
+        readings: list[dict[str, Decision]] = [{} for _ in choice]
         for protocol in PROTOCOLS:
             if answers is not None or not protocol.needs_generation:
                 decisions, probs = protocol.read(evidence)
@@ -174,8 +167,12 @@ class Assistant:
         -> (decision, P(yes/no/maybe) or None). Without the model's `answer`, only the protocols that
         need no generation."""
         with self.lock, torch.inference_mode():
-            choice = self._choice_logliks([prompt], adapter)
-            return self._readings([prompt], adapter, choice, None if answer is None else [answer])[0]
+            prior = self._prior(adapter)
+            with self._adapter(adapter):
+                choice = score_decisions(self.model, self.tokenizer, [prompt], self.answer_prefix, 1, desc=None)
+                after = None if answer is None else score_after_answers(
+                    self.model, self.tokenizer, [prompt], [answer], self.answer_prefix, 1)
+            return self._read(prior, choice, after, None if answer is None else [answer])[0]
 
     def decision_probabilities(self, prompt: list[int], adapter: bool, answer: str | None = None) -> dict[str, float]:
         """P(yes/no/maybe) straight after the prompt and the answer prefix (`choice`), or, given the
@@ -193,32 +190,42 @@ class Assistant:
             yield update.texts[0]
 
     def _run_batch(self, requests: list[Request[Row]]) -> None:
-        """The batcher's worker: the choice readings of the rows that want them, then one `generate`
-        for all rows, streamed to their readers, then the readings after each complete answer."""
+        """The batcher's worker, the eval stages' way (`score_and_decode_batch`): each row's prompt
+        prefilled alone with its adapter setting, which gives its choice readings (sent before the
+        answer streams); then one decode of all rows from their stacked caches, the adapter on for
+        some rows and off for others, streamed to their readers; then the readings after each answer,
+        read on top of the same cache."""
         from transformers import StoppingCriteriaList
 
         rows = [row for request in requests for row in request.rows]
+        prompts = [list(row.prompt) for row in rows]
         batch = _BatchRows(self.tokenizer, requests, end_token_ids(self.model, self.tokenizer))
-        read = [i for i, row in enumerate(rows) if row.readings]
-        groups = {adapter: [i for i in read if rows[i].adapter == adapter] for adapter in (False, True)}
+        prefix = self.answer_prefix
         with self.lock, torch.inference_mode():
-            choice = {adapter: self._choice_logliks([list(rows[i].prompt) for i in idx], adapter)
-                      for adapter, idx in groups.items() if idx}
-            for adapter, idx in groups.items():
-                if idx:
-                    batch.set_readings(idx, self._readings([list(rows[i].prompt) for i in idx], adapter,
-                                                           choice[adapter], None))
-            batch.send()
-            ids, mask = left_pad([row.prompt for row in rows], self.tokenizer.pad_token_id, model_device(self.model))
-            torch.manual_seed(self.seed)  # per batch: a sampled answer asked alone can be reproduced
-            model_generate(self.model, self.tokenizer, requests[0].settings, input_ids=ids, attention_mask=mask,
-                           streamer=batch, stopping_criteria=StoppingCriteriaList([batch.cancelled]),
-                           adapter_names=[self.model.active_adapter if row.adapter else BASE for row in rows])
-            answers = batch.texts(done=True)
-            for adapter, idx in groups.items():
-                if idx:
-                    batch.set_readings(idx, self._readings([list(rows[i].prompt) for i in idx], adapter,
-                                                           choice[adapter], [answers[i] for i in idx]))
+            priors = {row.adapter: self._prior(row.adapter) for row in rows if row.readings}
+
+            def readings(choices: list[list[float]], after: list[list[float]] | None = None,
+                         answers: list[str] | None = None) -> None:
+                batch.set_readings([
+                    self._read(priors[row.adapter], np.array([choices[i]]),
+                               None if after is None else np.array([after[i]]),
+                               None if answers is None else [answers[i]])[0] if row.readings else None
+                    for i, row in enumerate(rows)])
+
+            def show_choices(choices: list[list[float]]) -> None:
+                readings(choices)
+                batch.send()
+
+            ids, mask = left_pad(prompts, self.tokenizer.pad_token_id, model_device(self.model))
+            scored = score_and_decode_batch(
+                self.model, self.tokenizer, prompts, ids, mask, requests[0].settings,
+                choice_prefix=token_ids(self.tokenizer, prefix), options=decision_options(self.tokenizer, prefix),
+                targets=[[] for _ in rows], seed=self.seed,  # per batch: an answer asked alone can be reproduced
+                followup=lambda text: after_answer_ids(self.tokenizer, text, prefix),
+                row_context=lambda i: self._adapter(rows[i].adapter), on_choices=show_choices,
+                streamer=batch, stopping_criteria=StoppingCriteriaList([batch.cancelled]),
+                adapter_names=[self.model.active_adapter if row.adapter else BASE for row in rows])
+            readings(scored.choices, scored.after_answer, batch.texts(done=True))
         batch.send(done=True)
 
 
@@ -256,9 +263,8 @@ class _BatchRows:
         return torch.tensor([owner.cancelled.is_set() for owner in self.owners], dtype=torch.bool,
                             device=input_ids.device)
 
-    def set_readings(self, rows: list[int], readings: list[dict[str, Decision]]) -> None:
-        for i, reading in zip(rows, readings):
-            self.readings[i] = reading
+    def set_readings(self, readings: list[dict[str, Decision] | None]) -> None:
+        self.readings = readings
 
     def texts(self, done: bool = False) -> list[str]:
         texts = [self.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in self.tokens]

@@ -109,12 +109,12 @@ def model_generate(model: Any, tokenizer: Any, config: GenerationConfig, **input
 
 def _generate_batch(
     model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, config: GenerationConfig, seed: int,
-    cache: Any = None,
+    cache: Any = None, **generate_kwargs: Any,
 ) -> tuple[list[str], torch.Tensor]:
     """The decoded new text of each row of a left-padded batch, continuing from `cache` if given,
     and the new tokens (rows that stopped early are padded)."""
     torch.manual_seed(seed)  # per batch, so a sampled answer does not depend on earlier batches
-    new = model_generate(model, tokenizer, config, input_ids=ids, attention_mask=mask, cache=cache)
+    new = model_generate(model, tokenizer, config, input_ids=ids, attention_mask=mask, cache=cache, **generate_kwargs)
     new = new[:, ids.shape[1] :]
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new], new
 
@@ -231,7 +231,7 @@ def _prefill_and_score(
               use_cache=True, logits_to_keep=1)
     choices = _option_logliks(model, cache, prompt, choice_prefix, options)
     target_loglik = _logprob_sum(_extension_logprobs(model, cache, prompt, target, keep=len(target) + 1)[: len(target)],
-                                 target)
+                                 target) if target else 0.0
     return cache, choices, target_loglik
 
 
@@ -355,22 +355,61 @@ def generate_and_score(
             for i in batch:
                 out.set_row(i, done[i])
             continue
-        caches = []
-        for i in batch:
-            cache, out.choices[i], out.target_loglik[i] = _prefill_and_score(model, prompts[i], choice_prefix, options,
-                                                                             targets[i])
-            caches.append(cache)
-        width = ids.shape[1] - 1
-        cache = _batch_cache(model, caches, width, config.max_new_tokens) if width else None
-        del caches
-        texts, new = _generate_batch(model, tokenizer, ids, mask, config, seed, cache)
+        scored = score_and_decode_batch(model, tokenizer, [prompts[i] for i in batch], ids, mask, config,
+                                        choice_prefix=choice_prefix, options=options,
+                                        targets=[targets[i] for i in batch], seed=seed, followup=followup)
         for row, i in enumerate(batch):
-            out.generations[i] = texts[row]
-            if followup is not None:
-                out.after_answer[i], out.after_answer_cached[i] = _after_answer_logliks(
-                    model, cache, row, width, prompts[i], new[row].tolist(), followup(texts[row]), options)
+            out.set_row(i, scored.row(row))
         if on_batch is not None:
             on_batch({i: out.row(i) for i in batch})
+    return out
+
+
+@without_grad
+def score_and_decode_batch(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    config: GenerationConfig,
+    *,
+    choice_prefix: Sequence[int],
+    options: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    seed: int = 0,
+    followup: Callable[[str], Sequence[int]] | None = None,
+    row_context: Callable[[int], Any] | None = None,
+    on_choices: Callable[[list[list[float]]], None] | None = None,
+    **generate_kwargs: Any,
+) -> ScoredAnswers:
+    """`generate_and_score` for one batch (`ids`, `mask`: the prompts left-padded, in this order).
+    `row_context(row)`: a context manager each row's own forward passes (prefill, followup) run in —
+    the chat app's adapter on or off; `on_choices` hears the choice log-likelihoods before decoding
+    starts; `generate_kwargs` go to `generate` (a streamer, stopping criteria, peft's `adapter_names`)."""
+    from contextlib import nullcontext
+
+    context = row_context or (lambda row: nullcontext())
+    out = ScoredAnswers([""] * len(prompts), [[] for _ in prompts], [0.0] * len(prompts), [[] for _ in prompts],
+                        [0] * len(prompts))
+    caches = []
+    for row, prompt in enumerate(prompts):
+        with context(row):
+            cache, out.choices[row], out.target_loglik[row] = _prefill_and_score(model, prompt, choice_prefix, options,
+                                                                                 targets[row])
+        caches.append(cache)
+    if on_choices is not None:
+        on_choices(out.choices)
+    width = ids.shape[1] - 1
+    cache = _batch_cache(model, caches, width, config.max_new_tokens) if width else None
+    del caches
+    texts, new = _generate_batch(model, tokenizer, ids, mask, config, seed, cache, **generate_kwargs)
+    for row, prompt in enumerate(prompts):
+        out.generations[row] = texts[row]
+        if followup is not None:
+            with context(row):
+                out.after_answer[row], out.after_answer_cached[row] = _after_answer_logliks(
+                    model, cache, row, width, prompt, new[row].tolist(), followup(texts[row]), options)
     return out
 
 
