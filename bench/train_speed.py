@@ -105,16 +105,15 @@ def run_way(way: str, steps: int, args: argparse.Namespace) -> dict:
         raise SystemExit(f"{steps} steps need {n} train questions; data/split/train.jsonl has {len(examples)}")
     sample = random.Random(tp.seed).sample(examples, n)  # the same questions for both ways
     dataset = Dataset.from_list([tokenize_example(ex, tokenizer, tp.max_length) for ex in sample])
-    model = setup_model(paths.BASE_MODEL, params.model, params.lora, hardware,
-                        tp.checkpoints_activations(hardware.device == "cuda"))
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     training = dataclasses.replace(
-        training_arguments(tp, hardware, tempfile.mkdtemp(prefix="bench-train-")),
+        training_arguments(tp, hardware, tempfile.mkdtemp(prefix="bench-train-"), evaluate_first=False),
         max_steps=steps, eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
         logging_steps=steps, disable_tqdm=True,
         train_sampling_strategy="group_by_length" if way == "stage" else "random",
     )
+    model = setup_model(paths.BASE_MODEL, params.model, params.lora, hardware, training.activation_checkpointing)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     if way.startswith("stage"):
         trainer = build_trainer(model, tokenizer, training, dataset, None, [])
     else:

@@ -291,8 +291,7 @@ def train_adapter(
     # from_pretrained then reads the weights on rank 0 only (cpu_ram_efficient_loading), and each
     # rank's 4-bit weights land on its own GPU, not all on cuda:0.
     log.info("loading the base model (%s, device %s)", _process(), args.device)
-    model = setup_model(base_dir, params.model, params.lora, hardware,
-                        params.train.checkpoints_activations(hardware.device == "cuda"))
+    model = setup_model(base_dir, params.model, params.lora, hardware, args.activation_checkpointing)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
     trainer = build_trainer(model, tokenizer, args, train_ds, val_ds, _callbacks(train, live_dir))
