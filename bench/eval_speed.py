@@ -5,8 +5,10 @@ Stage way: what the eval stages run: `answer_and_score`, which prefills each pro
 shares its KV cache between choice scoring of the decision and the reference answer's likelihood
 (for perplexity), then decodes `eval.batch_size` prompts together from their stacked caches. It does
 more than the notebook way (three extra scores per question: the direct choice, the reference's
-likelihood, and the choice after the generated answer). Greedy generations must be identical in
-float32; in bfloat16 (`--dtype bfloat16`) their agreement is reported instead.
+likelihood, and the choice after the generated answer). On a CPU the notebook way runs in float32
+(the weights as they load) and the stage way in `model.dtype` (float32 under `auto`, as the eval
+stages run; `--dtype bfloat16` for bf16 weights). Greedy generations must be identical when both
+are float32; otherwise their agreement is reported.
 The added cost of the after_answer and calibrated decision protocols is measured against the
 stage way without them, on the same questions (alternated, `--repeats` times each, the fastest counts).
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from typing import Callable, TypeVar
 
 import torch
@@ -75,7 +78,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: generation.max_new_tokens")
     parser.add_argument("--repeats", type=int, default=2, help="runs of the stage way, with and without after_answer")
-    parser.add_argument("--dtype", default=None, help="default: model.dtype (float32 on the CPU)")
+    parser.add_argument("--dtype", default=None, help="the stage way's model.dtype (default: params.yaml's)")
     parser.add_argument("--compile", action="store_true", help="also the stage way with torch.compile'd decoding")
     args = parser.parse_args()
     params = load_params()
@@ -83,17 +86,21 @@ def main() -> None:
     max_new = args.max_new_tokens or params.generation.max_new_tokens
     prefix = params.prompt.answer_prefix
 
-    loaded = load_for_inference(paths.BASE_MODEL, resolve_hardware(params.model.quantization,
-                                                                   args.dtype or params.model.dtype))
-    model, tokenizer, hardware = loaded.model, loaded.tokenizer, loaded.hardware
+    hardware = resolve_hardware(params.model.quantization, args.dtype or params.model.dtype)
+    loaded = load_for_inference(paths.BASE_MODEL, hardware)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    # The notebooks load the weights as they come on a CPU, fp32 (on CUDA, in the stage's dtype).
+    notebook_hardware = replace(hardware, dtype=torch.float32) if hardware.device == "cpu" else hardware
+    notebook_model = model if notebook_hardware == hardware else load_for_inference(
+        paths.BASE_MODEL, notebook_hardware).model
     examples = read_jsonl(paths.TEST)[: args.questions]
     prompts = [fit_prompt(ex, tokenizer, params.eval.max_prompt_length) for ex in examples]
-    print(f"{len(prompts)} questions, {max_new} new tokens, {hardware.dtype} on {hardware.device}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(f"{len(prompts)} questions, {max_new} new tokens on {hardware.device}: the stage way in {hardware.dtype}, "
+          f"the notebook way in {notebook_hardware.dtype}; torch threads {torch.get_num_threads()}")
 
     greedy = generation_config(max_new)
     notebook, notebook_s = _timed(lambda: [
-        generate(model, tokenizer, [p], greedy, batch_size=1, desc="notebook")[0] for p in prompts])
+        generate(notebook_model, tokenizer, [p], greedy, batch_size=1, desc="notebook")[0] for p in prompts])
     notebook_decisions = [parse_decision(g, prefix) for g in notebook]
 
     targets = [token_ids(tokenizer, ex["target"]) for ex in examples]
@@ -137,7 +144,7 @@ def main() -> None:
     if args.compile:
         _compiled_stage_way(model, tokenizer, prompts, targets, prefix, greedy, batch_size, batched, runs[0])
     # In fp32 the two ways must agree; in bf16 rounding differs with the batch shape, so it is reported.
-    if hardware.dtype == torch.float32:
+    if hardware.dtype == notebook_hardware.dtype == torch.float32:
         assert same == n, "batched greedy generations differ from one-by-one generations"
 
 

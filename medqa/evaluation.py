@@ -165,8 +165,8 @@ def run_evaluation(
     examples = read_jsonl(test_path)
     loaded = load_for_inference(base_dir, resolve_hardware(model.quantization, model.dtype), adapter_dir)
     tokenizer, hardware = loaded.tokenizer, loaded.hardware
-    log.info("%s: %d test questions on %s%s", label, len(examples), hardware.device,
-             " (4-bit nf4 base)" if hardware.quantize_4bit else "")
+    log.info("%s: %d test questions on %s, %s%s", label, len(examples), hardware.device,
+             str(hardware.dtype).removeprefix("torch."), " (4-bit nf4 base)" if hardware.quantize_4bit else "")
 
     prompts = [fit_prompt(ex, tokenizer, evaluation.max_prompt_length) for ex in examples]
     targets = [token_ids(tokenizer, ex["target"]) for ex in examples]

@@ -6,7 +6,7 @@ import pytest
 
 from medqa.answers import calibrate, choice_probabilities, content_free_prior
 from medqa.metrics import (
-    bertscore_f1, paired_differences, resolve_bertscore_model, rouge_scores, summarize, table_from_rows, token_f1,
+    LABEL_IDS, bertscore_f1, class_f1, paired_differences, resolve_bertscore_model, rouge_scores, summarize, table_from_rows, token_f1,
 )
 
 PREFIX = "The direct answer to your question is:"
@@ -34,6 +34,21 @@ def test_decision_metrics_known_answer():
     assert parsed["confusion"]["maybe"]["none"] == 1
     assert choice["confusion"]["maybe"]["yes"] == 1
     assert result["n_questions"] == 4
+
+
+@pytest.mark.parametrize("average", ["macro", "weighted"])
+def test_class_f1_is_sklearns_f1_score(average):
+    """Including the corner cases: answers without a decision (code 3), a class nobody has or says,
+    one class only, a single question."""
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(0)
+    cases = [(rng.integers(0, 3, n), rng.integers(0, 4, n)) for n in (1, 2, 5, 60, 200) for _ in range(20)]
+    cases += [(np.zeros(8, int), np.zeros(8, int)), (np.zeros(8, int), np.full(8, 3)),
+              (np.array([0, 0, 1, 1]), np.array([1, 1, 0, 0])), (np.array([2]), np.array([2]))]
+    for truth, predicted in cases:
+        expected = f1_score(truth, predicted, labels=LABEL_IDS, average=average, zero_division=0)
+        assert class_f1(truth, predicted, average) == pytest.approx(expected, abs=1e-12), (truth, predicted)
 
 
 def test_bleu_and_perplexity_known_answers():
