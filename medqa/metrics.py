@@ -118,16 +118,22 @@ def _accuracy(col: str) -> Statistic:
     return lambda t, i: float(np.mean(t["truth"][i] == t[col][i]))
 
 
-def class_f1(truth: np.ndarray, predicted: np.ndarray, average: str) -> float:
-    """sklearn's `f1_score(truth, predicted, labels=LABEL_IDS, average=average, zero_division=0)`
-    (tested equal), from the class counts: the bootstrap calls it ~10^4 times a stage, where
-    sklearn's input checks cost ~1000x the arithmetic."""
+def per_class_f1(truth: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each decision's F1, as sklearn's `f1_score(truth, predicted, labels=LABEL_IDS, average=None,
+    zero_division=0)` (tested equal), and its number of true answers, from the class counts: the
+    bootstrap needs F1 ~10^4 times a stage, where sklearn's input checks cost ~1000x the arithmetic."""
     k = len(LABEL_IDS)
     predicted_counts = np.bincount(predicted, minlength=k + 1)[:k]  # answers without a decision count for no class
     true_counts = np.bincount(truth, minlength=k)[:k]
     hits = np.bincount(truth[truth == predicted], minlength=k)[:k]
     denominator = predicted_counts + true_counts
-    per_class = np.divide(2.0 * hits, denominator, out=np.zeros(k), where=denominator > 0)
+    return np.divide(2.0 * hits, denominator, out=np.zeros(k), where=denominator > 0), true_counts
+
+
+def class_f1(truth: np.ndarray, predicted: np.ndarray, average: str) -> float:
+    """Macro or weighted (by true answers) F1 over the decisions, as sklearn's `f1_score` with that
+    `average` (tested equal)."""
+    per_class, true_counts = per_class_f1(truth, predicted)
     if average == "macro":
         return float(per_class.mean())
     return float((per_class * true_counts).sum() / true_counts.sum()) if true_counts.sum() else 0.0
@@ -177,10 +183,10 @@ def _set(tree: dict, dotted: str, value: object) -> None:
 
 def _decision_details(table: Table, col: str) -> dict:
     """Per-class F1, the rate of answers without a decision, and the confusion matrix (+ "none")."""
-    from sklearn.metrics import confusion_matrix, f1_score
+    from sklearn.metrics import confusion_matrix
 
     t, p = table["truth"], table[col]
-    per_class = f1_score(t, p, labels=LABEL_IDS, average=None, zero_division=0)
+    per_class, _ = per_class_f1(t, p)
     matrix = confusion_matrix(t, p, labels=list(CODES.values()))
     return {
         **{f"f1_{label}": float(v) for label, v in zip(DECISIONS, per_class)},

@@ -6,7 +6,7 @@ import pytest
 
 from medqa.answers import calibrate, choice_probabilities, content_free_prior
 from medqa.metrics import (
-    LABEL_IDS, bertscore_f1, class_f1, paired_differences, resolve_bertscore_model, rouge_scores, summarize, table_from_rows, token_f1,
+    LABEL_IDS, bertscore_f1, class_f1, paired_differences, per_class_f1, resolve_bertscore_model, rouge_scores, summarize, table_from_rows, token_f1,
 )
 
 PREFIX = "The direct answer to your question is:"
@@ -37,7 +37,7 @@ def test_decision_metrics_known_answer():
 
 
 @pytest.mark.parametrize("average", ["macro", "weighted"])
-def test_class_f1_is_sklearns_f1_score(average):
+def test_class_f1_and_per_class_f1_are_sklearns_f1_score(average):
     """Including the corner cases: answers without a decision (code 3), a class nobody has or says,
     one class only, a single question."""
     from sklearn.metrics import f1_score
@@ -49,6 +49,8 @@ def test_class_f1_is_sklearns_f1_score(average):
     for truth, predicted in cases:
         expected = f1_score(truth, predicted, labels=LABEL_IDS, average=average, zero_division=0)
         assert class_f1(truth, predicted, average) == pytest.approx(expected, abs=1e-12), (truth, predicted)
+        each = f1_score(truth, predicted, labels=LABEL_IDS, average=None, zero_division=0)
+        assert per_class_f1(truth, predicted)[0] == pytest.approx(each, abs=1e-12), (truth, predicted)
 
 
 def test_bleu_and_perplexity_known_answers():
