@@ -277,6 +277,31 @@ def cap(rows: list[Record], max_samples: int | None, seed: int, name: str = "spl
     return subset
 
 
+def balanced_cap(rows: list[Record], max_samples: int | None, seed: int, name: str = "split") -> list[Record]:
+    """A seeded subset of `max_samples` rows with as equal a number of each decision as `rows` has:
+    a decision with fewer rows than its share gives all it has, the others share the rest. The rows
+    keep their order in `rows`."""
+    import random
+
+    if not max_samples:
+        raise PipelineError(f"balanced sampling needs a number of questions: set {name} (it is null)")
+    if max_samples > len(rows):
+        raise PipelineError(
+            f"{name} asks for {max_samples} questions but the split has only {len(rows)}: lower it or set it to null"
+        )
+    by_decision: dict[str, list[int]] = {}
+    for i, label in enumerate(_labels(rows)):
+        by_decision.setdefault(label, []).append(i)
+    quota, left = {}, max_samples
+    # Water-filling, smallest decision first: each takes its fair share of what is left, or all it has.
+    for k, (label, idx) in enumerate(sorted(by_decision.items(), key=lambda item: (len(item[1]), item[0]))):
+        quota[label] = min(len(idx), left // (len(by_decision) - k))
+        left -= quota[label]
+    rng = random.Random(seed)
+    chosen = {i for label in sorted(by_decision) for i in rng.sample(by_decision[label], quota[label])}
+    return [r for i, r in enumerate(rows) if i in chosen]
+
+
 def split_records(
     rows: list[Record],
     strategy: str,

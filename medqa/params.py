@@ -116,6 +116,7 @@ class TrainParams:
     seed: int = _key(integer(0))
     max_samples: int | None = _key(integer(1, nullable=True))
     max_val_samples: int | None = _key(integer(1, nullable=True))
+    sampling: str = _key(one_of("stratified", "balanced"))
     epochs: int = _key(integer(1))
     max_steps: int = _key((lambda v: _is_int(v) and (v == -1 or v >= 1), "-1 (use epochs) or an integer >= 1"))
     batch_size: int = _key(integer(1))

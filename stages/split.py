@@ -1,6 +1,6 @@
 """Stage split: train/val/test by PubMedQA's official test PMIDs or a seeded stratified split."""
 from medqa import paths
-from medqa.data import assert_disjoint, cap, split_records, split_stats
+from medqa.data import assert_disjoint, balanced_cap, cap, split_records, split_stats
 from medqa.errors import stage_main
 from medqa.io import read_json, read_jsonl, write_json, write_jsonl
 from medqa.params import load_params
@@ -19,7 +19,8 @@ def main() -> None:
             "val": ("train.max_val_samples", params.train.max_val_samples),
             "test": ("eval.max_samples", params.eval.max_samples)}
     for name, (key, limit) in caps.items():
-        splits[name] = cap(splits[name], limit, split.seed, key)
+        pick = balanced_cap if name == "train" and params.train.sampling == "balanced" else cap
+        splits[name] = pick(splits[name], limit, split.seed, key)
     assert_disjoint(splits)
     for name, path in (("train", paths.TRAIN), ("val", paths.VAL), ("test", paths.TEST)):
         write_jsonl(path, splits[name])

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pandas as pd
 import pytest
 
-from medqa.data import cap, load_records, load_test_labels, split_records, split_stats, validate_records
+from medqa.data import balanced_cap, cap, load_records, load_test_labels, split_records, split_stats, validate_records
 from medqa.errors import PipelineError
 from tests.conftest import make_original
 
@@ -164,6 +165,21 @@ def test_cap_is_a_seeded_stratified_subset_not_the_first_n():
     assert cap(rows, None, seed=3) == rows and cap(rows, 100, seed=3) == rows
     with pytest.raises(PipelineError, match="eval.max_samples asks for 500 questions but the split has only 100"):
         cap(rows, 500, seed=3, name="eval.max_samples")
+
+
+def test_balanced_cap_takes_equal_decisions_where_the_split_has_them():
+    rows = _records(100)  # 40 yes, 40 no, 20 maybe
+    subset = balanced_cap(rows, 30, seed=3)
+    assert subset == balanced_cap(rows, 30, seed=3) and subset != balanced_cap(rows, 30, seed=4)
+    assert Counter(r["final_decision"] for r in subset) == {"yes": 10, "no": 10, "maybe": 10}
+    assert subset == [r for r in rows if r in subset]  # the split's order kept
+    # "maybe" has 20 of a fair 26: all of it, the rest shared by the others
+    assert Counter(r["final_decision"] for r in balanced_cap(rows, 80, seed=3)) == {"yes": 30, "no": 30, "maybe": 20}
+    assert balanced_cap(rows, 100, seed=3) == rows
+    with pytest.raises(PipelineError, match="balanced sampling needs a number of questions: set train.max_samples"):
+        balanced_cap(rows, None, seed=3, name="train.max_samples")
+    with pytest.raises(PipelineError, match="asks for 101 questions but the split has only 100"):
+        balanced_cap(rows, 101, seed=3)
 
 
 def test_records_come_out_in_a_stable_order_whatever_the_ids():
