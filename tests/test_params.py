@@ -65,6 +65,9 @@ def test_typos_missing_keys_and_cross_field_rules():
         validate(params)
     with pytest.raises(PipelineError, match="must be a multiple of train.eval_steps"):
         validate(_with("train.save_steps", PARAMS["train"]["eval_steps"] + 1))
+    with pytest.raises(PipelineError, match="train.sampling=balanced picks train.max_samples questions, which is null"):
+        validate({**PARAMS, "train": dict(PARAMS["train"], sampling="balanced", max_samples=None)})
+    validate(_with("train.sampling", "balanced"))
     with pytest.raises(PipelineError, match="unknown model.name 'gpt-5'"):
         validate(_with("model.name", "gpt-5"))
     with pytest.raises(PipelineError, match="set lora.target_modules"):
