@@ -3,9 +3,10 @@ over its seeds.
 
     python -m bench.sweep_decisions RECIPE=ADAPTER_DIR [RECIPE=ADAPTER_DIR ...] [--bootstrap 1000] [--seed 42]
 
-Each adapter (a `models/adapter` of `dvc exp run finetune -n <name> ...`, copied out after `dvc exp
-apply <name>`) scores the validation split (`data/split/val.jsonl`) as the finetune stage does
-(choice protocol, `evaluation.choice_decisions`). Adapters named by the same RECIPE are seeds of one
+Each adapter (the `models/adapter` of an experiment `dvc exp run finetune -n <name> ...`, taken out
+of DVC's cache with `dvc get . models/adapter --rev <name> -o adapters/<name>`) scores the
+validation split (`data/split/val.jsonl`) as the finetune stage does (choice protocol,
+`evaluation.choice_decisions`). Adapters named by the same RECIPE are seeds of one
 recipe: its pooled row is the mean over seeds, with a 95% interval that resamples questions (the
 same resampled questions for every seed), so it shows what the questions, not only the seeds, allow.
 """
