@@ -262,6 +262,14 @@ def split_off(rows: list[Record], size: float | int, seed: int) -> tuple[list[Re
     return rest, part
 
 
+def _require_at_most(rows: list[Record], max_samples: int, name: str) -> None:
+    """Asking for more rows than the split has is an error, not a silent shortfall."""
+    if max_samples > len(rows):
+        raise PipelineError(
+            f"{name} asks for {max_samples} questions but the split has only {len(rows)}: lower it or set it to null"
+        )
+
+
 def cap(rows: list[Record], max_samples: int | None, seed: int, name: str = "split") -> list[Record]:
     """A seeded, stratified subset of `max_samples` rows (never simply the first N).
 
@@ -269,10 +277,7 @@ def cap(rows: list[Record], max_samples: int | None, seed: int, name: str = "spl
     """
     if not max_samples or max_samples == len(rows):
         return rows
-    if max_samples > len(rows):
-        raise PipelineError(
-            f"{name} asks for {max_samples} questions but the split has only {len(rows)}: lower it or set it to null"
-        )
+    _require_at_most(rows, max_samples, name)
     _, subset = split_off(rows, int(max_samples), seed)
     return subset
 
@@ -285,10 +290,7 @@ def balanced_cap(rows: list[Record], max_samples: int | None, seed: int, name: s
 
     if not max_samples:
         raise PipelineError(f"balanced sampling needs a number of questions: set {name} (it is null)")
-    if max_samples > len(rows):
-        raise PipelineError(
-            f"{name} asks for {max_samples} questions but the split has only {len(rows)}: lower it or set it to null"
-        )
+    _require_at_most(rows, max_samples, name)
     by_decision: dict[str, list[int]] = {}
     for i, label in enumerate(_labels(rows)):
         by_decision.setdefault(label, []).append(i)

@@ -211,6 +211,12 @@ def summarize(table: Table, n_resamples: int, seed: int) -> dict:
     return out
 
 
+def _with_interval(name: str, statistic: Callable[[np.ndarray], float], n: int, n_resamples: int, seed: int) -> dict:
+    """`name`: the statistic over all `n` questions, with its `_ci_low`/`_ci_high` siblings."""
+    low, high = bootstrap_interval(statistic, n, n_resamples, seed)
+    return {name: statistic(np.arange(n)), f"{name}_ci_low": low, f"{name}_ci_high": high}
+
+
 def gain_over_majority(table: Table, n_resamples: int, seed: int) -> dict:
     """The primary protocol's accuracy and macro-F1 minus the majority-class predictor's on the same
     questions, with paired 95% intervals: above 0 is a model that learned more than the label prior."""
@@ -218,9 +224,7 @@ def gain_over_majority(table: Table, n_resamples: int, seed: int) -> dict:
     n, out = len(table["truth"]), {}
     for stat in ("accuracy", "macro_f1"):
         statistic = STATISTICS[f"decision.{PRIMARY.name}.{stat}"]
-        gain = lambda i, f=statistic: f(table, i) - f(constant, i)  # noqa: E731
-        low, high = bootstrap_interval(gain, n, n_resamples, seed)
-        out.update({stat: gain(np.arange(n)), f"{stat}_ci_low": low, f"{stat}_ci_high": high})
+        out.update(_with_interval(stat, lambda i, f=statistic: f(table, i) - f(constant, i), n, n_resamples, seed))
     return out
 
 
@@ -228,12 +232,11 @@ def choice_summary(truth: np.ndarray, choice: np.ndarray, n_resamples: int, seed
     """Decisions under the primary protocol (coded as CODES) on their own: accuracy and macro-F1 with
     95% intervals, their gain over the majority class (`gain_over_majority`) and how often each
     decision was chosen."""
-    table, every = {"truth": truth, PRIMARY.name: choice}, np.arange(len(truth))
+    table: Table = {"truth": truth, PRIMARY.name: choice}
     out: dict = {}
     for stat in ("accuracy", "macro_f1"):
         statistic = STATISTICS[f"decision.{PRIMARY.name}.{stat}"]
-        low, high = bootstrap_interval(lambda i, f=statistic: f(table, i), len(truth), n_resamples, seed)
-        out.update({stat: statistic(table, every), f"{stat}_ci_low": low, f"{stat}_ci_high": high})
+        out.update(_with_interval(stat, lambda i, f=statistic: f(table, i), len(truth), n_resamples, seed))
     out["over_majority"] = gain_over_majority(table, n_resamples, seed)
     out["chosen"] = {d: int(np.sum(choice == CODES[d])) for d in DECISIONS}
     return out
