@@ -6,8 +6,9 @@ from __future__ import annotations
 import copy
 import functools
 import math
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from transformers import TrainerCallback
 
@@ -205,3 +206,20 @@ def build_trainer(model: Any, tokenizer: Any, args: Any, train_ds: Any, val_ds: 
     )
 
 
+
+
+@contextmanager
+def forward_as_loaded(model: Any) -> Iterator[Any]:
+    """The model computing in its weights' dtype, as the eval stages run it, inside the block.
+
+    Under mixed precision accelerate wraps the model's forward in autocast for training and leaves
+    the wrapper in place afterwards: scoring the trained model through it would compute in bf16 what
+    the eval stages compute in fp32. The wrapper is put back after the block."""
+    wrapped = {module: module.forward for module in model.modules() if "_original_forward" in module.__dict__}
+    for module in wrapped:
+        module.forward = module.__dict__["_original_forward"]
+    try:
+        yield model
+    finally:
+        for module, forward in wrapped.items():
+            module.forward = forward

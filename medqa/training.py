@@ -20,7 +20,8 @@ from medqa.models import (TRAINED_ON, Hardware, fsdp_enabled, get_profile, load_
 from medqa.params import LoraParams, ModelParams, Params, TrainParams, as_dict
 from medqa.prompts import fit_prompt
 from medqa.tokens import token_ids
-from medqa.trainer import LiveLossCallback, SameBatchesFreshOrResumed, StopOnNonFiniteLoss, build_trainer
+from medqa.trainer import (LiveLossCallback, SameBatchesFreshOrResumed, StopOnNonFiniteLoss, build_trainer,
+                           forward_as_loaded)
 
 log = logging.getLogger(__name__)
 
@@ -210,12 +211,14 @@ def _save_adapter(trainer: Any, adapter_dir: Path, hardware: Hardware) -> None:
 
 def _validation_decisions(trainer: Any, tokenizer: Any, val: list[dict], answer_prefix: str,
                           train: TrainParams) -> dict:
-    """The best checkpoint's choice-scored decisions on the validation split."""
+    """The best checkpoint's choice-scored decisions on the validation split, computed as the eval
+    stages compute (the adapter re-loaded would score the same)."""
     from medqa.evaluation import validation_decisions
 
     trainer.model.eval()
-    return validation_decisions(trainer.model, tokenizer, val, answer_prefix, train.max_length, train.batch_size,
-                                seed=train.seed)
+    with forward_as_loaded(trainer.model) as model:
+        return validation_decisions(model, tokenizer, val, answer_prefix, train.max_length, train.batch_size,
+                                    seed=train.seed)
 
 
 def _summary(trainer: Any, result: Any, trainable: int, resumed: bool, val_decisions: dict) -> dict:

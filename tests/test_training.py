@@ -602,3 +602,38 @@ def test_the_decision_weight_reaches_the_training_loss_not_the_validation_loss(w
         assert ("decision tokens weighted" in log) == (weight != 1.0)
     assert first[8.0][0] > first[1.0][0] + 0.01
     assert first[8.0][1] == pytest.approx(first[1.0][1], abs=1e-6)
+
+
+def test_the_trained_model_is_scored_as_the_eval_stages_score_it(workdir, tmp_path):
+    """Training under bf16 autocast leaves accelerate's autocast wrapper on the model's forward; the
+    validation decisions the finetune stage writes are computed without it (`forward_as_loaded`),
+    so they are the re-loaded adapter's, as the eval stages compute them in fp32."""
+    import torch
+
+    from medqa.io import read_jsonl
+    from medqa.models import Hardware, load_model, load_tokenizer
+    from medqa.trainer import build_trainer, forward_as_loaded
+    from medqa.training import _dataset, setup_model, training_arguments
+
+    params = params_from_dict(_params(max_steps=1, eval_steps=1, save_steps=1))
+    hardware = Hardware("cpu", torch.float32, False, autocast=torch.bfloat16)
+    tokenizer = load_tokenizer(workdir / "base")
+    model = setup_model(workdir / "base", params.model, params.lora, hardware, checkpoint_activations=False)
+    data = _dataset(read_jsonl(workdir / "train.jsonl")[:2], tokenizer, 256)
+    args = training_arguments(params.train, hardware, tmp_path / "checkpoints", evaluate_first=False)
+    trainer = build_trainer(model, tokenizer, args, data, data, [])
+    trainer.train()
+    trainer.model.save_pretrained(tmp_path / "adapter")
+    reloaded = load_model(workdir / "base", Hardware("cpu", torch.float32, False), tmp_path / "adapter").eval()
+
+    ids = torch.tensor([data[0]["input_ids"]])
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = reloaded(input_ids=ids).logits
+        as_trained = trainer.model(input_ids=ids).logits
+        with forward_as_loaded(trainer.model) as scored:
+            as_loaded = scored(input_ids=ids).logits
+        after = trainer.model(input_ids=ids).logits
+    assert torch.allclose(as_loaded, expected, atol=1e-5)
+    assert not torch.allclose(as_trained, expected, atol=1e-3)  # bf16 autocast was on
+    assert torch.equal(after, as_trained)  # and the training wrapper is back after the block
