@@ -1,7 +1,8 @@
 """A recipe sweep's validation decisions with intervals, each adapter alone and each recipe pooled
 over its seeds.
 
-    python -m bench.sweep_decisions RECIPE=ADAPTER_DIR [RECIPE=ADAPTER_DIR ...] [--bootstrap 1000] [--seed 42]
+    python -m bench.sweep_decisions RECIPE=ADAPTER_DIR [RECIPE=ADAPTER_DIR ...] [--against RECIPE]
+                                    [--bootstrap 1000] [--seed 42]
 
 Each adapter (the `models/adapter` of an experiment `dvc exp run finetune -n <name> ...`, taken out
 of DVC's cache with `dvc get . models/adapter --rev <name> -o adapters/<name>`) scores the
@@ -9,11 +10,15 @@ validation split (`data/split/val.jsonl`) as the finetune stage does (choice pro
 `evaluation.choice_decisions`). Adapters named by the same RECIPE are seeds of one
 recipe: its pooled row is the mean over seeds, with a 95% interval that resamples questions (the
 same resampled questions for every seed), so it shows what the questions, not only the seeds, allow.
+`--against RECIPE` adds each other recipe's pooled means minus that one's, with paired intervals (both
+recipes scored on the same resampled questions): whether one recipe beats another beyond the
+questions' noise, which two intervals side by side cannot say.
 """
 from __future__ import annotations
 
 import argparse
 from collections import defaultdict
+from typing import Callable
 
 import numpy as np
 
@@ -32,15 +37,33 @@ def _row(name: str, summary: dict) -> str:
             f"| {gain['accuracy']:+.3f} [{gain['accuracy_ci_low']:+.3f}, {gain['accuracy_ci_high']:+.3f}] | {chosen} |")
 
 
-def pooled(truth: np.ndarray, choices: list[np.ndarray], n_resamples: int, seed: int) -> dict[str, tuple[float, float, float]]:
+def _seed_mean(truth: np.ndarray, choices: list[np.ndarray], stat: str) -> Callable[[np.ndarray], float]:
+    """A statistic of the choice protocol averaged over seeds' choices, on the questions indexed."""
+    statistic = metrics.STATISTICS[f"decision.{metrics.PRIMARY.name}.{stat}"]
+    return lambda i: float(np.mean([statistic({"truth": truth, metrics.PRIMARY.name: c}, i) for c in choices]))
+
+
+def pooled(truth: np.ndarray, choices: list[np.ndarray], n_resamples: int, seed: int,
+           against: list[np.ndarray] | None = None) -> dict[str, tuple[float, float, float]]:
     """Accuracy and macro-F1 averaged over seeds' choices on the same questions, with 95% intervals
-    over questions."""
+    over questions; with `against` (another recipe's seeds), the difference of the two means, paired:
+    each resample draws the same questions for both recipes."""
     out = {}
     for stat in ("accuracy", "macro_f1"):
-        statistic = metrics.STATISTICS[f"decision.{metrics.PRIMARY.name}.{stat}"]
-        mean = lambda i, f=statistic: float(np.mean([f({"truth": truth, metrics.PRIMARY.name: c}, i) for c in choices]))  # noqa: E731
+        mean = _seed_mean(truth, choices, stat)
+        if against is not None:
+            mean = lambda i, m=mean, b=_seed_mean(truth, against, stat): m(i) - b(i)  # noqa: E731
         out[stat] = (mean(np.arange(len(truth))), *metrics.bootstrap_interval(mean, len(truth), n_resamples, seed))
     return out
+
+
+def _print_pooled(title: str, rows: dict[str, tuple[int, dict]], signed: bool = False) -> None:
+    sign = "+" if signed else ""
+    print(f"\n| {title} | seeds | mean accuracy (choice) | mean macro-F1 |")
+    print("|---|---|---|---|")
+    for recipe, (seeds, result) in rows.items():
+        cells = " | ".join(f"{v:{sign}.3f} [{lo:{sign}.3f}, {hi:{sign}.3f}]" for v, lo, hi in result.values())
+        print(f"| {recipe} | {seeds} | {cells} |")
 
 
 def main() -> None:
@@ -48,7 +71,10 @@ def main() -> None:
     parser.add_argument("adapters", nargs="+", metavar="RECIPE=ADAPTER_DIR")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--against", metavar="RECIPE", help="also each recipe's pooled means minus this one's, paired")
     args = parser.parse_args()
+    if args.against and not any(spec.partition("=")[0] == args.against for spec in args.adapters):
+        parser.error(f"--against {args.against}: no adapter of that recipe given")
     params = load_params()
     val = read_jsonl(paths.VAL)
     truth = np.array([metrics.CODES[ex["final_decision"]] for ex in val])
@@ -64,12 +90,12 @@ def main() -> None:
                                   params.train.max_length, params.train.batch_size)
         by_recipe[recipe].append(choice)
         print(_row(f"{recipe} ({adapter})", metrics.choice_summary(truth, choice, args.bootstrap, args.seed)), flush=True)
-    print("\n| recipe | seeds | mean accuracy (choice) | mean macro-F1 |")
-    print("|---|---|---|---|")
-    for recipe, choices in by_recipe.items():
-        result = pooled(truth, choices, args.bootstrap, args.seed)
-        cells = " | ".join(f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in result.values())
-        print(f"| {recipe} | {len(choices)} | {cells} |")
+    _print_pooled("recipe", {r: (len(c), pooled(truth, c, args.bootstrap, args.seed)) for r, c in by_recipe.items()})
+    if args.against:
+        base = by_recipe[args.against]
+        _print_pooled(f"recipe minus {args.against} (paired)", {
+            r: (len(c), pooled(truth, c, args.bootstrap, args.seed, against=base))
+            for r, c in by_recipe.items() if r != args.against}, signed=True)
 
 
 if __name__ == "__main__":

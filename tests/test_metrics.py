@@ -127,6 +127,27 @@ def test_choice_summary_of_validation_decisions_has_intervals_and_the_gain_over_
     assert found == choice_summary(truth, choice, n_resamples=200, seed=1)
 
 
+def test_a_sweep_pools_seeds_and_compares_two_recipes_paired():
+    """bench.sweep_decisions: a recipe's mean over seeds, and its difference from another recipe's
+    with a paired interval (the same resampled questions for both)."""
+    from bench.sweep_decisions import pooled
+
+    truth = np.array([CODES[t] for t in ["yes"] * 30 + ["no"] * 15 + ["maybe"] * 5])
+    always_yes = np.full_like(truth, CODES["yes"])
+    better = np.where(truth == CODES["no"], truth, always_yes)  # right on the "no" questions too: 0.9
+    seeds = [better, always_yes]  # a recipe whose two seeds score 0.9 and 0.6
+    mean = pooled(truth, seeds, n_resamples=200, seed=1)
+    assert mean["accuracy"][0] == pytest.approx(0.75) and mean["accuracy"][1] < 0.75 < mean["accuracy"][2]
+    same = pooled(truth, seeds, n_resamples=200, seed=1, against=seeds)
+    assert same["accuracy"] == (0.0, 0.0, 0.0) and same["macro_f1"] == (0.0, 0.0, 0.0)
+    gain = pooled(truth, seeds, n_resamples=200, seed=1, against=[always_yes])
+    assert gain["accuracy"][0] == pytest.approx(0.15)
+    # Paired: the recipes differ only where the first is right, so the interval stays above 0, where
+    # the two recipes' own intervals, side by side, overlap.
+    assert 0 < gain["accuracy"][1] < 0.15 < gain["accuracy"][2]
+    assert pooled(truth, [always_yes], n_resamples=200, seed=1)["accuracy"][2] > mean["accuracy"][1]
+
+
 def test_majority_baseline_from_the_test_labels_in_metrics_and_report():
     from medqa.params import LoraParams
     from medqa.report import describe_run, render_report
