@@ -2,14 +2,15 @@
 over its seeds.
 
     python -m bench.sweep_decisions RECIPE=ADAPTER_DIR [RECIPE=ADAPTER_DIR ...] [--against RECIPE]
-                                    [--bootstrap 1000] [--seed 42]
+                                    [--save-loglik FILE.npz] [--bootstrap 1000] [--seed 42]
 
 Each adapter (the `models/adapter` of an experiment `dvc exp run finetune -n <name> ...`, taken out
 of DVC's cache with `dvc get . models/adapter --rev <name> -o adapters/<name>`) scores the
 validation split (`data/split/val.jsonl`) as the finetune stage does (choice protocol,
-`evaluation.choice_decisions`). Adapters named by the same RECIPE are seeds of one
-recipe: its pooled row is the mean over seeds, with a 95% interval that resamples questions (the
-same resampled questions for every seed), so it shows what the questions, not only the seeds, allow.
+`evaluation.choice_decisions`; `--save-loglik` keeps the options' log-likelihoods). Adapters named
+by the same RECIPE are seeds of one recipe: its pooled row is the mean over seeds, with a 95%
+interval that resamples questions (the same resampled questions for every seed), so it shows what
+the questions, not only the seeds, allow.
 `--against RECIPE` adds each other recipe's pooled means minus that one's, with paired intervals (both
 recipes scored on the same resampled questions): whether one recipe beats another beyond the
 questions' noise, which two intervals side by side cannot say.
@@ -23,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from medqa import metrics, paths
-from medqa.evaluation import choice_decisions
+from medqa.evaluation import choice_loglik
 from medqa.io import read_jsonl
 from medqa.models import load_for_inference, resolve_hardware
 from medqa.params import load_params
@@ -72,6 +73,8 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--against", metavar="RECIPE", help="also each recipe's pooled means minus this one's, paired")
+    parser.add_argument("--save-loglik", metavar="FILE.npz",
+                        help="save each adapter's log-likelihoods of the three options (n x 3) and the labels")
     args = parser.parse_args()
     if args.against and not any(spec.partition("=")[0] == args.against for spec in args.adapters):
         parser.error(f"--against {args.against}: no adapter of that recipe given")
@@ -80,16 +83,20 @@ def main() -> None:
     truth = np.array([metrics.CODES[ex["final_decision"]] for ex in val])
     hardware = resolve_hardware("none", "float32")  # the finetune stage scores its validation decisions in fp32
     by_recipe: dict[str, list[np.ndarray]] = defaultdict(list)
+    loglik: dict[str, np.ndarray] = {}
     print(f"{len(val)} validation questions; 95% bootstrap intervals over questions")
     print("| adapter | accuracy (choice) | macro-F1 | accuracy minus always the majority | chosen yes / no / maybe |")
     print("|---|---|---|---|---|")
     for spec in args.adapters:
         recipe, _, adapter = spec.partition("=")
         model = load_for_inference(paths.BASE_MODEL, hardware, adapter)
-        choice = choice_decisions(model.model, model.tokenizer, val, params.prompt.answer_prefix,
-                                  params.train.max_length, params.train.batch_size)
+        loglik[spec] = choice_loglik(model.model, model.tokenizer, val, params.prompt.answer_prefix,
+                                     params.train.max_length, params.train.batch_size)
+        choice = loglik[spec].argmax(axis=1)  # as evaluation.choice_decisions reads them
         by_recipe[recipe].append(choice)
         print(_row(f"{recipe} ({adapter})", metrics.choice_summary(truth, choice, args.bootstrap, args.seed)), flush=True)
+    if args.save_loglik:
+        np.savez(args.save_loglik, truth=truth, **loglik)
     _print_pooled("recipe", {r: (len(c), pooled(truth, c, args.bootstrap, args.seed)) for r, c in by_recipe.items()})
     if args.against:
         base = by_recipe[args.against]

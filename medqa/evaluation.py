@@ -52,14 +52,21 @@ def score_after_answers(
     ))
 
 
+def choice_loglik(
+    model: Any, tokenizer: Any, examples: list[dict], answer_prefix: str, max_prompt_length: int, batch_size: int
+) -> np.ndarray:
+    """Each held-out example's log-likelihoods of the three options after its prompt and the answer
+    prefix, shape (n, 3) (one forward pass per question)."""
+    prompts = [fit_prompt(ex, tokenizer, max_prompt_length) for ex in examples]
+    return score_decisions(model, tokenizer, prompts, answer_prefix, batch_size, desc="validation decisions")
+
+
 def choice_decisions(
     model: Any, tokenizer: Any, examples: list[dict], answer_prefix: str, max_prompt_length: int, batch_size: int
 ) -> np.ndarray:
-    """Each held-out example's choice-scored decision, coded as `metrics.CODES` (one forward pass per
-    question)."""
-    prompts = [fit_prompt(ex, tokenizer, max_prompt_length) for ex in examples]
-    chosen = score_decisions(model, tokenizer, prompts, answer_prefix, batch_size, desc="validation decisions")
-    return chosen.argmax(axis=1)  # option i is DECISIONS[i], coded i
+    """Each held-out example's choice-scored decision, coded as `metrics.CODES`."""
+    loglik = choice_loglik(model, tokenizer, examples, answer_prefix, max_prompt_length, batch_size)
+    return loglik.argmax(axis=1)  # option i is DECISIONS[i], coded i
 
 
 def validation_decisions(
