@@ -148,6 +148,24 @@ def test_a_sweep_pools_seeds_and_compares_two_recipes_paired():
     assert pooled(truth, [always_yes], n_resamples=200, seed=1)["accuracy"][2] > mean["accuracy"][1]
 
 
+def test_offsets_fitted_on_other_questions_undo_a_lean_to_one_answer():
+    """bench.decision_offsets: a model whose options rank the questions right but lean to "yes" by a
+    constant says "yes" to all; offsets fitted on the other folds undo the lean on held-out ones."""
+    from bench.decision_offsets import cross_validated, fit_offsets
+
+    rng = np.random.default_rng(0)
+    truth = rng.choice(3, size=120, p=[0.55, 0.35, 0.10])
+    signal = np.eye(3)[truth] * 1.5 + rng.normal(0, 0.5, size=(120, 3))
+    leaning = signal + np.array([3.0, 0.0, 0.0])
+    assert np.all(leaning.argmax(axis=1) == CODES["yes"])
+    assert fit_offsets(leaning, truth, "accuracy")[1] > 2  # "no" raised by about the lean
+    held_out = cross_validated(leaning, truth, "accuracy", folds=5, repeats=2)
+    assert held_out["accuracy"] > np.mean(truth == CODES["yes"]) + 0.2 and held_out["macro_f1"] > 0.5
+    # no signal: the offsets cannot beat the majority answer on held-out questions
+    noise = rng.normal(0, 1, size=(120, 3))
+    assert cross_validated(noise, truth, "accuracy", folds=5, repeats=2)["accuracy"] < np.mean(truth == 0) + 0.05
+
+
 def test_majority_baseline_from_the_test_labels_in_metrics_and_report():
     from medqa.params import LoraParams
     from medqa.report import describe_run, render_report
