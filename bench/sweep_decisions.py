@@ -10,10 +10,10 @@ validation split (`data/split/val.jsonl`) as the finetune stage does (choice pro
 `evaluation.choice_decisions`; `--save-loglik` keeps the options' log-likelihoods). Adapters named
 by the same RECIPE are seeds of one recipe: its pooled row is the mean over seeds, with a 95%
 interval that resamples questions (the same resampled questions for every seed), so it shows what
-the questions, not only the seeds, allow.
-`--against RECIPE` adds each other recipe's pooled means minus that one's, with paired intervals (both
-recipes scored on the same resampled questions): whether one recipe beats another beyond the
-questions' noise, which two intervals side by side cannot say.
+the questions, not only the seeds, allow; `base=` (no adapter) scores the base model.
+`--against RECIPE` adds each other recipe's pooled means minus that one's, with paired intervals
+(both recipes scored on the same resampled questions): whether one recipe beats another beyond
+the questions' noise, which two intervals side by side cannot say.
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for spec in args.adapters:
         recipe, _, adapter = spec.partition("=")
-        model = load_for_inference(paths.BASE_MODEL, hardware, adapter)
+        model = load_for_inference(paths.BASE_MODEL, hardware, adapter or None)  # RECIPE= alone: the base model
         loglik[spec] = choice_loglik(model.model, model.tokenizer, val, params.prompt.answer_prefix,
                                      params.train.max_length, params.train.batch_size)
         choice = loglik[spec].argmax(axis=1)  # as evaluation.choice_decisions reads them
