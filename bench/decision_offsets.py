@@ -22,10 +22,15 @@ from medqa import metrics
 
 NO_GRID = np.linspace(-4.0, 4.0, 81)
 MAYBE_GRID = np.linspace(-4.0, 4.0, 21)
-OBJECTIVES = {
-    "accuracy": lambda truth, predicted: float(np.mean(truth == predicted)),
-    "macro_f1": lambda truth, predicted: metrics.class_f1(truth, predicted, "macro"),
-}
+
+
+def _objective(stat: str):
+    """The eval stages' statistic of the choice protocol (`metrics.STATISTICS`) over all questions."""
+    statistic = metrics.primary_statistic(stat)
+    return lambda truth, predicted: statistic({"truth": truth, metrics.PRIMARY.name: predicted}, np.arange(len(truth)))
+
+
+OBJECTIVES = {stat: _objective(stat) for stat in ("accuracy", "macro_f1")}
 
 
 def fit_offsets(loglik: np.ndarray, truth: np.ndarray, objective: str) -> np.ndarray:

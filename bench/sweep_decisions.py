@@ -40,7 +40,7 @@ def _row(name: str, summary: dict) -> str:
 
 def _seed_mean(truth: np.ndarray, choices: list[np.ndarray], stat: str) -> Callable[[np.ndarray], float]:
     """A statistic of the choice protocol averaged over seeds' choices, on the questions indexed."""
-    statistic = metrics.STATISTICS[f"decision.{metrics.PRIMARY.name}.{stat}"]
+    statistic = metrics.primary_statistic(stat)
     return lambda i: float(np.mean([statistic({"truth": truth, metrics.PRIMARY.name: c}, i) for c in choices]))
 
 

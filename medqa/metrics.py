@@ -157,6 +157,11 @@ STATISTICS: dict[str, Statistic] = {
 }
 
 
+def primary_statistic(stat: str) -> Statistic:
+    """The primary (choice) protocol's `stat` (accuracy, macro_f1, weighted_f1) over a table."""
+    return STATISTICS[f"decision.{PRIMARY.name}.{stat}"]
+
+
 def bootstrap_interval(statistic: Callable[[np.ndarray], float], n: int, n_resamples: int, seed: int) -> tuple[float, float]:
     """95% percentile bootstrap interval over questions (scipy.stats.bootstrap, resampling indices)."""
     from scipy.stats import bootstrap
@@ -223,7 +228,7 @@ def gain_over_majority(table: Table, n_resamples: int, seed: int) -> dict:
     constant = _majority_table(table["truth"])
     n, out = len(table["truth"]), {}
     for stat in ("accuracy", "macro_f1"):
-        statistic = STATISTICS[f"decision.{PRIMARY.name}.{stat}"]
+        statistic = primary_statistic(stat)
         out.update(_with_interval(stat, lambda i, f=statistic: f(table, i) - f(constant, i), n, n_resamples, seed))
     return out
 
@@ -235,7 +240,7 @@ def choice_summary(truth: np.ndarray, choice: np.ndarray, n_resamples: int, seed
     table: Table = {"truth": truth, PRIMARY.name: choice}
     out: dict = {}
     for stat in ("accuracy", "macro_f1"):
-        statistic = STATISTICS[f"decision.{PRIMARY.name}.{stat}"]
+        statistic = primary_statistic(stat)
         out.update(_with_interval(stat, lambda i, f=statistic: f(table, i), len(truth), n_resamples, seed))
     out["over_majority"] = gain_over_majority(table, n_resamples, seed)
     out["chosen"] = {d: int(np.sum(choice == CODES[d])) for d in DECISIONS}
@@ -251,7 +256,7 @@ def trivial_baselines(truth: np.ndarray) -> dict:
         "labels": {d: int(c) for d, c in zip(DECISIONS, counts)},
         "majority": {
             "decision": DECISIONS[int(np.argmax(counts))],
-            **{stat: STATISTICS[f"decision.{PRIMARY.name}.{stat}"](table, every)
+            **{stat: primary_statistic(stat)(table, every)
                for stat in ("accuracy", "macro_f1", "weighted_f1")},
         },
     }

@@ -206,8 +206,6 @@ def build_trainer(model: Any, tokenizer: Any, args: Any, train_ds: Any, val_ds: 
     )
 
 
-
-
 @contextmanager
 def forward_as_loaded(model: Any) -> Iterator[Any]:
     """The model computing in its weights' dtype, as the eval stages run it, inside the block.
