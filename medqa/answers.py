@@ -1,6 +1,7 @@
 """The answer protocol, in one place: the decisions, the answer the model learns, reading a decision
 back out of a generation, the option tokens that choice scoring reads, and turning their
-log-likelihoods into decisions (directly, after the model's own answer, or calibrated), and the
+log-likelihoods into decisions (directly, after the model's own answer, calibrated, or with offsets
+fitted on validation questions), and the
 registry of those decision protocols (`PROTOCOLS`) that the eval stages, metrics, report and chat app
 loop over.
 
@@ -140,6 +141,22 @@ def calibrate(probs: np.ndarray, prior: np.ndarray) -> np.ndarray:
     return scaled / scaled.sum(axis=-1, keepdims=True)
 
 
+# The offsets `fit_offsets` tries for "no" and for "maybe" ("yes" stays 0), in log-likelihood units.
+NO_OFFSETS = np.linspace(-4.0, 4.0, 81)
+MAYBE_OFFSETS = np.linspace(-4.0, 4.0, 21)
+
+
+def fit_offsets(loglik: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Offsets added to the options' log-likelihoods (shape (n, 3)) before the argmax, "yes" fixed at
+    0, that make the most of these questions' decisions right (`truth`: option indices): the grid
+    point with the best accuracy, the one nearest to no offsets where several tie. Fitted on
+    validation questions, they undo a model's lean to one answer and keep its ranking of questions."""
+    grid = np.array([[0.0, no, maybe] for no in NO_OFFSETS for maybe in MAYBE_OFFSETS])
+    accuracy = ((np.asarray(loglik)[None] + grid[:, None, :]).argmax(axis=2) == np.asarray(truth)).mean(axis=1)
+    best = np.flatnonzero(accuracy == accuracy.max())
+    return grid[best[np.argmin(np.linalg.norm(grid[best], axis=1))]]
+
+
 def rounded_probabilities(probs: np.ndarray) -> dict[str, float]:
     """One question's option probabilities by decision, rounded as the prediction rows store them."""
     return {d: round(float(p), 6) for d, p in zip(DECISIONS, probs)}
@@ -149,13 +166,15 @@ def rounded_probabilities(probs: np.ndarray) -> dict[str, float]:
 class DecisionEvidence:
     """What the decision protocols read, per question: the generated answers, the options'
     log-likelihoods straight after the prompt and the answer prefix, and after the model's own answer
-    (shape (n, 3) each), and the model's content-free prior (shape (3,))."""
+    (shape (n, 3) each); and per model, its content-free prior (shape (3,)) and the offsets fitted on
+    validation questions (`fit_offsets`, shape (3,); None where none were fitted)."""
 
     generations: Sequence[str]
     choice: np.ndarray
     after_answer: np.ndarray
     prior: np.ndarray
     answer_prefix: str
+    offsets: np.ndarray | None = None
 
 
 Reading = tuple[list[str], np.ndarray | None]  # per question, a decision and the probabilities behind it
@@ -177,6 +196,10 @@ def _read_calibrated(e: DecisionEvidence) -> Reading:
     return _argmax_decisions(calibrate(choice_probabilities(e.choice), e.prior))
 
 
+def _read_offsets(e: DecisionEvidence) -> Reading:
+    return _argmax_decisions(choice_probabilities(np.asarray(e.choice) + e.offsets))
+
+
 def _read_generated(e: DecisionEvidence) -> Reading:
     return [parse_decision(g, e.answer_prefix) for g in e.generations], None
 
@@ -192,6 +215,8 @@ class Protocol:
     scored: str  # how its options are scored, for the report's note
     read: Callable[[DecisionEvidence], Reading]
     reported: tuple[str, ...] = ("accuracy", "macro_f1")  # its statistics in the report's table
+    needs_offsets: bool = False  # reads the offsets fitted on validation questions (`DecisionEvidence.offsets`)
+    over_majority: bool = False  # its gain over the majority class, paired, in the metrics and the report
 
 
 # The decision protocols, in the order the report shows them. The first is the published zero-shot
@@ -201,13 +226,17 @@ PROTOCOLS: tuple[Protocol, ...] = (
     Protocol("choice", "choice", False,
              "the most likely of yes/no/maybe straight after the prompt and the answer prefix (the published "
              "zero-shot protocol; the official-format predictions file holds these)",
-             _read_choice, reported=("accuracy", "macro_f1", "weighted_f1")),
+             _read_choice, reported=("accuracy", "macro_f1", "weighted_f1"), over_majority=True),
     Protocol("after_answer", "after answer", True,
              "the same options after the model's own generated answer and the prefix (the order the "
              "fine-tuning target teaches)", _read_after_answer),
     Protocol("calibrated", "calibrated", False,
              "choice, with each option's probability divided by the model's own probability for it on "
              "content-free prompts (its content-free prior, given next)", _read_calibrated),
+    Protocol("offsets", "choice + offsets", False,
+             "choice, with offsets added to the options' log-likelihoods that give the model's best accuracy "
+             "on the validation questions, fitted for each model (given next): undoes a lean to one answer",
+             _read_offsets, needs_offsets=True, over_majority=True),
     Protocol("generated", "parsed", True,
              "the decision word found in the generated text (none found counts as wrong)",
              _read_generated, reported=("accuracy", "macro_f1", "weighted_f1", "none_rate")),
@@ -221,6 +250,8 @@ def read_decisions(evidence: DecisionEvidence, protocols: Sequence[Protocol] = P
     probabilities behind it (`<name>_probs`, rounded): the prediction rows' decision columns."""
     columns: list[dict[str, Any]] = [{} for _ in evidence.generations]
     for protocol in protocols:
+        if protocol.needs_offsets and evidence.offsets is None:
+            raise ValueError(f"protocol {protocol.name!r} needs offsets fitted on validation questions")
         decisions, probs = protocol.read(evidence)
         for i, row in enumerate(columns):
             row[f"decision_{protocol.name}"] = decisions[i]

@@ -154,8 +154,9 @@ class Assistant:
         evidence = DecisionEvidence(answers or [""] * len(choice), choice,
                                     np.full_like(choice, np.nan) if after is None else after, prior, self.answer_prefix)
         readings: list[dict[str, Decision]] = [{} for _ in choice]
+        # The offsets protocol needs offsets fitted on validation questions, which only the eval stages fit.
         for protocol in PROTOCOLS:
-            if answers is not None or not protocol.needs_generation:
+            if (answers is not None or not protocol.needs_generation) and not protocol.needs_offsets:
                 decisions, probs = protocol.read(evidence)
                 for i, reading in enumerate(readings):
                     reading[protocol.name] = (decisions[i],

@@ -10,7 +10,7 @@ from transformers import GenerationConfig
 
 from medqa import answers, metrics
 from medqa.answers import DECISIONS
-from medqa.errors import explain_out_of_memory
+from medqa.errors import PipelineError, explain_out_of_memory
 from medqa.generation import ScoredAnswers, generate_and_score, generation_config_from_params, score_choices
 from medqa.io import read_jsonl, write_json, write_jsonl
 from medqa.models import load_for_inference, resolve_hardware
@@ -69,13 +69,29 @@ def choice_decisions(
     return loglik.argmax(axis=1)  # option i is DECISIONS[i], coded i
 
 
+def validation_truth(examples: list[dict]) -> np.ndarray:
+    """Each example's reference decision, coded as `metrics.CODES` (the option order)."""
+    return np.array([metrics.CODES[ex["final_decision"]] for ex in examples])
+
+
+def fitted_offsets(
+    model: Any, tokenizer: Any, examples: list[dict], answer_prefix: str, max_prompt_length: int, batch_size: int
+) -> np.ndarray:
+    """The offsets (`answers.fit_offsets`) that give this model's choice-scored decisions their best
+    accuracy on held-out (validation) examples: what the `offsets` protocol adds on the test questions."""
+    if not examples:
+        raise PipelineError("no validation questions to fit the decision offsets on: raise split.val_size")
+    loglik = choice_loglik(model, tokenizer, examples, answer_prefix, max_prompt_length, batch_size)
+    return answers.fit_offsets(loglik, validation_truth(examples))
+
+
 def validation_decisions(
     model: Any, tokenizer: Any, examples: list[dict], answer_prefix: str, max_prompt_length: int, batch_size: int,
     n_resamples: int = 1000, seed: int = 0,
 ) -> dict[str, Any]:
     """Choice-scored decisions on held-out examples, summarised by `metrics.choice_summary` (the
     finetune stage's validation check)."""
-    truth = np.array([metrics.CODES[ex["final_decision"]] for ex in examples])
+    truth = validation_truth(examples)
     chosen = choice_decisions(model, tokenizer, examples, answer_prefix, max_prompt_length, batch_size)
     return metrics.choice_summary(truth, chosen, n_resamples, seed)
 
@@ -118,11 +134,11 @@ def _text_scores(long_answers: list[str], references: list[str], evaluation: Eva
     return scores
 
 
-def _decision_columns(scored: ScoredAnswers, prior: np.ndarray, answer_prefix: str) -> list[dict]:
+def _decision_columns(scored: ScoredAnswers, prior: np.ndarray, offsets: np.ndarray, answer_prefix: str) -> list[dict]:
     """Per question, the decision of each protocol (`answers.PROTOCOLS`) and the probabilities behind
     it, and where the after-answer reading cut the generation."""
     evidence = answers.DecisionEvidence(scored.generations, np.array(scored.choices), np.array(scored.after_answer),
-                                        prior, answer_prefix)
+                                        prior, answer_prefix, offsets)
     return [dict(columns, after_answer_at=answers.after_answer_at(generation, answer_prefix))
             for columns, generation in zip(answers.read_decisions(evidence), scored.generations)]
 
@@ -161,6 +177,7 @@ def run_evaluation(
     evaluation: EvalParams,
     base_dir: str | Path,
     test_path: str | Path,
+    val_path: str | Path,
     adapter_dir: str | Path | None,
     predictions_path: str | Path,
     official_path: str | Path,
@@ -168,8 +185,8 @@ def run_evaluation(
     label: str,
     progress: Progress | None = None,
 ) -> dict:
-    """Evaluate the base model (or base + adapter) on the test split and write all three outputs;
-    with `progress`, the questions an interrupted run finished are taken from it, and each finished
+    """Evaluate the base model (or base + adapter) on the test split and write all three outputs (the
+    `offsets` protocol's offsets fitted on the validation split, `val_path`); with `progress`, the questions an interrupted run finished are taken from it, and each finished
     batch is kept there until the outputs are written."""
     prefix = prompt.answer_prefix
     examples = read_jsonl(test_path)
@@ -188,6 +205,9 @@ def run_evaluation(
         on_batch=(lambda rows: progress.add({examples[i]["pmid"]: row for i, row in rows.items()})) if progress else None,
     )
     prior = content_free_prior(loaded.model, tokenizer, prompt, model.name)
+    validation = read_jsonl(val_path)
+    offsets = fitted_offsets(loaded.model, tokenizer, validation, prefix, evaluation.max_prompt_length,
+                             evaluation.batch_size)
     del loaded  # BERTScore loads its own model next
 
     long_answers = [answers.long_answer_part(g, prefix) for g in scored.generations]
@@ -195,10 +215,12 @@ def run_evaluation(
     rows = [
         _prediction_row(ex, scored.generations[i], long_answers[i], decisions, scored.target_loglik[i],
                         len(targets[i]), {k: v[i] for k, v in scores.items()})
-        for i, (ex, decisions) in enumerate(zip(examples, _decision_columns(scored, prior, prefix)))
+        for i, (ex, decisions) in enumerate(zip(examples, _decision_columns(scored, prior, offsets, prefix)))
     ]
     result = metrics.summarize(metrics.table_from_rows(rows), evaluation.bootstrap, evaluation.seed)
     result["decision"]["calibrated"]["content_free_prior"] = answers.rounded_probabilities(prior)
+    result["decision"]["offsets"]["fitted"] = {d: round(float(o), 6) for d, o in zip(DECISIONS, offsets)}
+    result["decision"]["offsets"]["validation_questions"] = len(validation)
     _write_outputs(rows, result, predictions_path, official_path, metrics_path)
     if progress:
         progress.finish()

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from medqa.answers import DECISIONS, NO_DECISION, PRIMARY, PROTOCOL_NAMES
+from medqa.answers import DECISIONS, NO_DECISION, PRIMARY, PROTOCOL_NAMES, PROTOCOLS
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,9 @@ def summarize(table: Table, n_resamples: int, seed: int) -> dict:
     for col in PROTOCOL_NAMES:
         out["decision"][col].update(_decision_details(table, col))
     out["decision"].update(trivial_baselines(table["truth"]))
-    out["decision"][PRIMARY.name]["over_majority"] = gain_over_majority(table, n_resamples, seed)
+    for protocol in PROTOCOLS:
+        if protocol.over_majority:
+            out["decision"][protocol.name]["over_majority"] = gain_over_majority(table, n_resamples, seed, protocol.name)
     return out
 
 
@@ -222,13 +224,13 @@ def _with_interval(name: str, statistic: Callable[[np.ndarray], float], n: int, 
     return {name: statistic(np.arange(n)), f"{name}_ci_low": low, f"{name}_ci_high": high}
 
 
-def gain_over_majority(table: Table, n_resamples: int, seed: int) -> dict:
-    """The primary protocol's accuracy and macro-F1 minus the majority-class predictor's on the same
-    questions, with paired 95% intervals: above 0 is a model that learned more than the label prior."""
-    constant = _majority_table(table["truth"])
+def gain_over_majority(table: Table, n_resamples: int, seed: int, protocol: str = PRIMARY.name) -> dict:
+    """A protocol's accuracy and macro-F1 minus the majority-class predictor's on the same questions,
+    with paired 95% intervals: above 0 is a model that learned more than the label prior."""
+    constant = _majority_table(table["truth"], protocol)
     n, out = len(table["truth"]), {}
     for stat in ("accuracy", "macro_f1"):
-        statistic = primary_statistic(stat)
+        statistic = STATISTICS[f"decision.{protocol}.{stat}"]
         out.update(_with_interval(stat, lambda i, f=statistic: f(table, i) - f(constant, i), n, n_resamples, seed))
     return out
 
@@ -262,11 +264,11 @@ def trivial_baselines(truth: np.ndarray) -> dict:
     }
 
 
-def _majority_table(truth: np.ndarray) -> Table:
-    """The majority-class predictor as a table the primary protocol's statistics score: the most
-    frequent reference decision as every question's choice."""
+def _majority_table(truth: np.ndarray, protocol: str = PRIMARY.name) -> Table:
+    """The majority-class predictor as a table a protocol's statistics score: the most frequent
+    reference decision as every question's decision."""
     counts = np.bincount(truth, minlength=len(DECISIONS))[: len(DECISIONS)]
-    return {"truth": truth, PRIMARY.name: np.full_like(truth, int(np.argmax(counts)))}
+    return {"truth": truth, protocol: np.full_like(truth, int(np.argmax(counts)))}
 
 
 def paired_differences(base: Table, tuned: Table, n_resamples: int, seed: int) -> dict[str, tuple[float, float, float]]:

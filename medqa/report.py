@@ -23,7 +23,8 @@ TEXT_ROWS = [
 
 def reported_rows() -> list[tuple[str, str]]:
     """(label, path in the metrics JSON) in the order the table shows them: each decision protocol's
-    statistics, the majority class's beside the primary protocol's, then the text metrics."""
+    statistics, the majority class's beside the primary protocol's, each protocol's gain over it where
+    the protocol reports one, then the text metrics."""
     rows = []
     for protocol in PROTOCOLS:
         rows += [(f"{STATISTIC_LABELS[stat]} ({protocol.label})", f"decision.{protocol.name}.{stat}")
@@ -31,6 +32,7 @@ def reported_rows() -> list[tuple[str, str]]:
         if protocol is PRIMARY:
             rows += [(f"{STATISTIC_LABELS[stat]}: majority class, same questions", f"decision.majority.{stat}")
                      for stat in ("accuracy", "macro_f1", "weighted_f1")]
+        if protocol.over_majority:
             rows += [(f"{STATISTIC_LABELS[stat]} ({protocol.label}) minus the majority class's",
                       f"decision.{protocol.name}.over_majority.{stat}") for stat in ("accuracy", "macro_f1")]
     return rows + TEXT_ROWS
@@ -109,6 +111,15 @@ def _prior(result: dict) -> str:
     return " · ".join(f"{d} {prior[d]:.2f}" for d in DECISIONS if d in prior) or "n/a"
 
 
+def _offsets(result: dict) -> str:
+    """The offsets protocol's fitted offsets, and how many validation questions they were fitted on."""
+    offsets = result["decision"]["offsets"]
+    if "fitted" not in offsets:
+        return "n/a"
+    fitted = " · ".join(f"{d} {offsets['fitted'][d]:+.1f}" for d in DECISIONS)
+    return f"{fitted} ({offsets['validation_questions']} validation questions)"
+
+
 def protocols_note() -> str:
     """What each decision protocol reads, for the report's note."""
     return "; ".join(f"*{p.label}*: {p.scored}" for p in PROTOCOLS)
@@ -133,7 +144,8 @@ def render_report(
         "Brackets: 95% bootstrap confidence intervals; for the change, the paired bootstrap interval of "
         "fine-tuned minus baseline on the same questions (an interval that excludes 0 is a real change "
         f"at that level). Decision protocols: {protocols_note()}. Content-free prior: base {_prior(baseline)}, "
-        f"fine-tuned {_prior(finetuned)}. *Majority class*: always answering the test "
+        f"fine-tuned {_prior(finetuned)}. Offsets: base {_offsets(baseline)}, fine-tuned {_offsets(finetuned)}. "
+        "*Majority class*: always answering the test "
         f"questions' most frequent decision ({decision['majority']['decision']!r}); a model that does not beat "
         "it has learned nothing about the decisions. *Token F1*: SQuAD-style word overlap of the generated "
         "long answer with the reference.\n\n"

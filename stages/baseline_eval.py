@@ -12,7 +12,7 @@ def main() -> None:
     # A killed run goes on from its finished questions (data/progress/baseline_eval/).
     progress = stage_progress("baseline_eval", params, EVAL_SECTIONS, [paths.TEST, paths.BASE_MODEL / "source.json"])
     run_evaluation(params.model, params.prompt, params.generation, params.eval, paths.BASE_MODEL, paths.TEST,
-                   None, label="baseline", progress=progress, **paths.eval_outputs("baseline"))
+                   paths.VAL, None, label="baseline", progress=progress, **paths.eval_outputs("baseline"))
 
 
 if __name__ == "__main__":

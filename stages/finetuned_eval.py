@@ -12,7 +12,7 @@ def main() -> None:
     # A killed run goes on from its finished questions (data/progress/finetuned_eval/).
     progress = stage_progress("finetuned_eval", params, EVAL_SECTIONS, [paths.TEST, paths.BASE_MODEL / "source.json", paths.ADAPTER])
     run_evaluation(params.model, params.prompt, params.generation, params.eval, paths.BASE_MODEL, paths.TEST,
-                   paths.ADAPTER, label="finetuned", progress=progress, **paths.eval_outputs("finetuned"))
+                   paths.VAL, paths.ADAPTER, label="finetuned", progress=progress, **paths.eval_outputs("finetuned"))
 
 
 if __name__ == "__main__":

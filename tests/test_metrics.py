@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medqa.answers import calibrate, choice_probabilities, content_free_prior
+from medqa.answers import (
+    DECISIONS, DecisionEvidence, calibrate, choice_probabilities, content_free_prior, fit_offsets, read_decisions,
+)
 from medqa.metrics import (
     CODES, LABEL_IDS, bertscore_f1, choice_summary, class_f1, paired_differences, per_class_f1, resolve_bertscore_model, rouge_scores, summarize, table_from_rows, token_f1,
 )
@@ -13,9 +15,10 @@ PREFIX = "The direct answer to your question is:"
 
 
 def _row(truth, choice, generated="none", answer="a b c d", reference="a b c d", nll=1.0, tokens=1, score=0.5,
-         after=None, calibrated=None):
+         after=None, calibrated=None, offsets=None):
     return {"reference_decision": truth, "decision_choice": choice, "decision_generated": generated,
             "decision_after_answer": after or choice, "decision_calibrated": calibrated or choice,
+            "decision_offsets": offsets or choice,
             "answer": answer, "reference": reference, "answer_nll": nll, "answer_tokens": tokens,
             "rouge1": score, "rouge2": score, "rougeL": score, "token_f1": score, "bertscore_f1": score}
 
@@ -149,21 +152,35 @@ def test_a_sweep_pools_seeds_and_compares_two_recipes_paired():
 
 
 def test_offsets_fitted_on_other_questions_undo_a_lean_to_one_answer():
-    """bench.decision_offsets: a model whose options rank the questions right but lean to "yes" by a
-    constant says "yes" to all; offsets fitted on the other folds undo the lean on held-out ones."""
-    from bench.decision_offsets import cross_validated, fit_offsets
+    """The offsets protocol's fit (`answers.fit_offsets`), cross-validated as bench.decision_offsets
+    does: a model whose options rank the questions right but lean to "yes" by a constant says "yes" to
+    all; offsets fitted on the other folds undo the lean on held-out ones."""
+    from bench.decision_offsets import cross_validated
 
     rng = np.random.default_rng(0)
     truth = rng.choice(3, size=120, p=[0.55, 0.35, 0.10])
     signal = np.eye(3)[truth] * 1.5 + rng.normal(0, 0.5, size=(120, 3))
     leaning = signal + np.array([3.0, 0.0, 0.0])
     assert np.all(leaning.argmax(axis=1) == CODES["yes"])
-    assert fit_offsets(leaning, truth, "accuracy")[1] > 2  # "no" raised by about the lean
-    held_out = cross_validated(leaning, truth, "accuracy", folds=5, repeats=2)
+    assert fit_offsets(leaning, truth)[1] > 2  # "no" raised by about the lean
+    held_out = cross_validated(leaning, truth, folds=5, repeats=2)
     assert held_out["accuracy"] > np.mean(truth == CODES["yes"]) + 0.2 and held_out["macro_f1"] > 0.5
     # no signal: the offsets cannot beat the majority answer on held-out questions
     noise = rng.normal(0, 1, size=(120, 3))
-    assert cross_validated(noise, truth, "accuracy", folds=5, repeats=2)["accuracy"] < np.mean(truth == 0) + 0.05
+    assert cross_validated(noise, truth, folds=5, repeats=2)["accuracy"] < np.mean(truth == 0) + 0.05
+
+
+def test_offsets_are_none_where_the_model_needs_none_and_the_protocol_needs_them():
+    """Where the plain argmax is already right everywhere, every offset that keeps it so ties: the
+    fit keeps the one nearest to none. The offsets protocol reads them; without them it says so."""
+    truth = np.array([0, 1, 2, 0, 1])
+    sure = np.log(np.where(np.eye(3)[truth] == 1, 0.9, 0.05))
+    assert fit_offsets(sure, truth).tolist() == [0.0, 0.0, 0.0]
+    evidence = DecisionEvidence([""] * 5, sure, sure, np.full(3, 1 / 3), "Answer:", np.array([0.0, 4.0, 0.0]))
+    assert [row["decision_offsets"] for row in read_decisions(evidence)] == ["no", "no", "no", "no", "no"]
+    assert [row["decision_choice"] for row in read_decisions(evidence)] == [DECISIONS[t] for t in truth]
+    with pytest.raises(ValueError, match="offsets"):
+        read_decisions(DecisionEvidence([""] * 5, sure, sure, np.full(3, 1 / 3), "Answer:"))
 
 
 def test_majority_baseline_from_the_test_labels_in_metrics_and_report():
@@ -172,7 +189,7 @@ def test_majority_baseline_from_the_test_labels_in_metrics_and_report():
 
     # 5 yes, 3 no, 2 maybe: always "yes" is right 5 times in 10; F1(yes) = 2*0.5/(1+0.5) = 2/3.
     truths = ["yes"] * 5 + ["no"] * 3 + ["maybe"] * 2
-    rows = [_row(t, "no") for t in truths]
+    rows = [_row(t, "no", offsets=t if t == "maybe" else "yes") for t in truths]
     result = summarize(table_from_rows(rows), n_resamples=0, seed=0)
     assert result["decision"]["labels"] == {"yes": 5, "no": 3, "maybe": 2}
     majority = result["decision"]["majority"]
@@ -191,6 +208,10 @@ def test_majority_baseline_from_the_test_labels_in_metrics_and_report():
     assert tuned["decision"]["choice"]["over_majority"]["macro_f1"] == pytest.approx(1 - (2 / 3) / 3)
     line = next(x for x in report.splitlines() if x.startswith("| Decision accuracy (choice) minus the majority"))
     assert "-0.2000" in line and "+0.5000" not in line and "0.5000" in line
+    # With offsets the base model says "maybe" where it is right, "yes" elsewhere: two more right.
+    assert result["decision"]["offsets"]["over_majority"]["accuracy"] == pytest.approx(0.2)
+    line = next(x for x in report.splitlines() if x.startswith("| Decision accuracy (choice + offsets) minus the majority"))
+    assert "0.2000" in line
     assert "(validation loss 1.0000, from 2.5000 for the base model at step 0)" in report
     assert "![decisions](decisions.png)" in report
     assert report.splitlines()[2].startswith("Model `m`, LoRA r=1 alpha=2, split `official`, 10 test questions.")
