@@ -1,7 +1,7 @@
 """Is there a per-question decision signal under a model's lean to one answer? Offsets added to the
 options' log-likelihoods, fitted on some validation questions and scored on the others.
 
-    python -m bench.decision_offsets LOGLIK.npz [--folds 5] [--repeats 5]
+    python -m bench.decision_offsets LOGLIK.npz [--folds 5] [--repeats 5] [--against RECIPE]
 
 LOGLIK.npz is what `python -m bench.sweep_decisions ... --save-loglik LOGLIK.npz` writes: each
 adapter's log-likelihoods of " yes", " no", " maybe" on the validation questions, and their labels.
@@ -9,14 +9,18 @@ For each adapter: the choice protocol's accuracy and macro-F1 (the most likely o
 log p(yes) - log p(no) on the questions labelled yes or no, and the accuracy and macro-F1 of the
 eval stages' `offsets` protocol with its offsets (`answers.fit_offsets`) fitted on k-1 folds and
 applied to the held-out fold: cross-validated, the offsets never see the questions they are scored
-on; the figures average `--repeats` shuffles of the folds.
+on; the figures average `--repeats` shuffles of the folds. `--against RECIPE` pools each recipe's
+seeds (the adapters saved as RECIPE=...) and compares the recipes' held-out decisions (the first
+shuffle) paired, as `bench.sweep_decisions --against` compares plain choices.
 """
 from __future__ import annotations
 
 import argparse
+from collections import defaultdict
 
 import numpy as np
 
+from bench.sweep_decisions import pooled, print_pooled
 from medqa import answers, metrics
 
 
@@ -29,17 +33,20 @@ def _score(stat: str):
 SCORES = {stat: _score(stat) for stat in ("accuracy", "macro_f1")}
 
 
-def cross_validated(loglik: np.ndarray, truth: np.ndarray, folds: int, repeats: int) -> dict[str, float]:
-    """Accuracy and macro-F1 of the decisions with offsets fitted on the other folds, averaged over
-    `repeats` shuffles of stratified folds."""
+def held_out_decisions(loglik: np.ndarray, truth: np.ndarray, folds: int, shuffle: int) -> np.ndarray:
+    """Each question's decision with offsets fitted on the other stratified folds (one shuffle)."""
     from sklearn.model_selection import StratifiedKFold
 
-    scores = []
-    for repeat in range(repeats):
-        predicted = np.empty_like(truth)
-        for fit, held_out in StratifiedKFold(folds, shuffle=True, random_state=repeat).split(loglik, truth):
-            predicted[held_out] = (loglik[held_out] + answers.fit_offsets(loglik[fit], truth[fit])).argmax(axis=1)
-        scores.append([score(truth, predicted) for score in SCORES.values()])
+    predicted = np.empty_like(truth)
+    for fit, held_out in StratifiedKFold(folds, shuffle=True, random_state=shuffle).split(loglik, truth):
+        predicted[held_out] = (loglik[held_out] + answers.fit_offsets(loglik[fit], truth[fit])).argmax(axis=1)
+    return predicted
+
+
+def cross_validated(loglik: np.ndarray, truth: np.ndarray, folds: int, repeats: int) -> dict[str, float]:
+    """Accuracy and macro-F1 of the held-out decisions, averaged over `repeats` shuffles of the folds."""
+    scores = [[score(truth, held_out_decisions(loglik, truth, folds, shuffle)) for score in SCORES.values()]
+              for shuffle in range(repeats)]
     return dict(zip(SCORES, np.mean(scores, axis=0).tolist()))
 
 
@@ -49,19 +56,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("loglik", metavar="LOGLIK.npz")
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--against", metavar="RECIPE", help="also each recipe's pooled held-out decisions minus this one's, paired")
+    parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     saved = np.load(args.loglik)
     truth = saved["truth"]
+    adapters = [name for name in saved.files if name != "truth"]
+    if args.against and not any(name.partition("=")[0] == args.against for name in adapters):
+        parser.error(f"--against {args.against}: no adapter of that recipe in {args.loglik}")
     yes, no = metrics.CODES["yes"], metrics.CODES["no"]
     labels = " / ".join(str(int(np.sum(truth == metrics.CODES[d]))) for d in metrics.DECISIONS)
     print(f"{len(truth)} validation questions (yes / no / maybe {labels}); offsets fitted for accuracy "
           f"on {args.folds - 1} of {args.folds} folds, {args.repeats} shuffles")
     print("| adapter | accuracy / macro-F1 (choice) | yes-vs-no AUC | accuracy / macro-F1 with offsets (held out) |")
     print("|---|---|---|---|")
-    for name in saved.files:
-        if name == "truth":
-            continue
+    by_recipe: dict[str, list[np.ndarray]] = defaultdict(list)
+    for name in adapters:
         loglik = saved[name]
         chosen = loglik.argmax(axis=1)
         plain = [score(truth, chosen) for score in SCORES.values()]
@@ -70,6 +81,14 @@ def main() -> None:
         tuned = cross_validated(loglik, truth, args.folds, args.repeats)
         print(f"| {name} | {plain[0]:.3f} / {plain[1]:.3f} | {auc:.3f} | "
               f"{tuned['accuracy']:.3f} / {tuned['macro_f1']:.3f} |", flush=True)
+        by_recipe[name.partition("=")[0]].append(held_out_decisions(loglik, truth, args.folds, shuffle=0))
+    if args.against:
+        base = by_recipe[args.against]
+        rows = {r: (len(d), pooled(truth, d, args.bootstrap, seed=42)) for r, d in by_recipe.items()}
+        print_pooled("recipe, held out", rows, protocol="choice + offsets")
+        print_pooled(f"recipe minus {args.against} (paired)", {
+            r: (len(d), pooled(truth, d, args.bootstrap, seed=42, against=base))
+            for r, d in by_recipe.items() if r != args.against}, signed=True, protocol="choice + offsets")
 
 
 if __name__ == "__main__":

@@ -58,9 +58,10 @@ def pooled(truth: np.ndarray, choices: list[np.ndarray], n_resamples: int, seed:
     return out
 
 
-def _print_pooled(title: str, rows: dict[str, tuple[int, dict]], signed: bool = False) -> None:
+def print_pooled(title: str, rows: dict[str, tuple[int, dict]], signed: bool = False, protocol: str = "choice") -> None:
+    """`pooled`'s results, one recipe a row, as a Markdown table."""
     sign = "+" if signed else ""
-    print(f"\n| {title} | seeds | mean accuracy (choice) | mean macro-F1 |")
+    print(f"\n| {title} | seeds | mean accuracy ({protocol}) | mean macro-F1 |")
     print("|---|---|---|---|")
     for recipe, (seeds, result) in rows.items():
         cells = " | ".join(f"{v:{sign}.3f} [{lo:{sign}.3f}, {hi:{sign}.3f}]" for v, lo, hi in result.values())
@@ -97,10 +98,10 @@ def main() -> None:
         print(_row(f"{recipe} ({adapter})", metrics.choice_summary(truth, choice, args.bootstrap, args.seed)), flush=True)
     if args.save_loglik:
         np.savez(args.save_loglik, truth=truth, **loglik)
-    _print_pooled("recipe", {r: (len(c), pooled(truth, c, args.bootstrap, args.seed)) for r, c in by_recipe.items()})
+    print_pooled("recipe", {r: (len(c), pooled(truth, c, args.bootstrap, args.seed)) for r, c in by_recipe.items()})
     if args.against:
         base = by_recipe[args.against]
-        _print_pooled(f"recipe minus {args.against} (paired)", {
+        print_pooled(f"recipe minus {args.against} (paired)", {
             r: (len(c), pooled(truth, c, args.bootstrap, args.seed, against=base))
             for r, c in by_recipe.items() if r != args.against}, signed=True)
 

@@ -13,7 +13,7 @@ from medqa.answers import DECISIONS, PRIMARY
 from medqa.io import atomic_dir
 from medqa.models import get_profile
 from medqa.params import LoraParams, ModelParams, PromptParams, TrainParams
-from medqa.report import is_model_metric, label_distribution, metric_at, metrics_table, reported_rows
+from medqa.report import is_model_metric, label_distribution, metric_at, metrics_table, offsets_text, reported_rows
 
 DATASET = ("qiaojin/PubMedQA", "pqa_labeled")  # the hub's copy of the data the pipeline trains on
 CARD = "README.md"
@@ -167,7 +167,9 @@ def card_text(outcome: RunOutcome, model: ModelParams, prompt: PromptParams, lor
         f"{n} test questions (labels: {label_distribution(outcome.finetuned['decision']['labels'])}), the base "
         "model and this adapter on the same questions. Brackets: 95% bootstrap intervals; the change is "
         "fine-tuned minus base with its paired interval. *Majority class*: always answering the most frequent "
-        "decision; a model that does not beat it has not learned the decisions.\n\n"
+        "decision; a model that does not beat it has not learned the decisions. *choice + offsets*: the "
+        "options' log-likelihoods plus offsets fitted on the validation questions, for this adapter "
+        f"{offsets_text(outcome.finetuned)}: add them to read its decisions as the table does.\n\n"
         f"{table}\n\n"
         "## Limitations\n\n"
         f"- {n} test questions: intervals are wide, and differences inside them are not evidence.\n"

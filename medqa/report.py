@@ -111,8 +111,9 @@ def _prior(result: dict) -> str:
     return " · ".join(f"{d} {prior[d]:.2f}" for d in DECISIONS if d in prior) or "n/a"
 
 
-def _offsets(result: dict) -> str:
-    """The offsets protocol's fitted offsets, and how many validation questions they were fitted on."""
+def offsets_text(result: dict) -> str:
+    """A model's offsets for the offsets protocol ("yes +0.0 · no +1.3 · maybe -0.4 (150 validation
+    questions)"), or "n/a" where none were fitted."""
     offsets = result["decision"]["offsets"]
     if "fitted" not in offsets:
         return "n/a"
@@ -144,7 +145,7 @@ def render_report(
         "Brackets: 95% bootstrap confidence intervals; for the change, the paired bootstrap interval of "
         "fine-tuned minus baseline on the same questions (an interval that excludes 0 is a real change "
         f"at that level). Decision protocols: {protocols_note()}. Content-free prior: base {_prior(baseline)}, "
-        f"fine-tuned {_prior(finetuned)}. Offsets: base {_offsets(baseline)}, fine-tuned {_offsets(finetuned)}. "
+        f"fine-tuned {_prior(finetuned)}. Offsets: base {offsets_text(baseline)}, fine-tuned {offsets_text(finetuned)}. "
         "*Majority class*: always answering the test "
         f"questions' most frequent decision ({decision['majority']['decision']!r}); a model that does not beat "
         "it has learned nothing about the decisions. *Token F1*: SQuAD-style word overlap of the generated "

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 from medqa.answers import decision_span
 from medqa.checkpoints import SHARED_DIR_ENV, claim_checkpoints
+from medqa.data import cap
 from medqa.errors import PipelineError, explain_out_of_memory
 from medqa.io import atomic_dir, read_jsonl, write_json
 from medqa.launch import launched_by_accelerate, save_fsdp_adapter
@@ -281,10 +282,12 @@ def train_adapter(
         log.info("decision tokens weighted %s in the training loss",
                  ", ".join(f"{d} {w:.2f}" for d, w in sorted(weighting.weights.items())))
     train_ds = _dataset(train_examples, tokenizer, train.max_length, weighting)
-    # The validation loss stays the plain answer loss, comparable between recipes.
-    val_ds = _dataset(val, tokenizer, train.max_length)
-    log.info("training on %d examples, validating on %d (%s%s%s)", len(train_ds), len(val_ds), hardware.device,
-             ", 4-bit nf4 base" if hardware.quantize_4bit else "",
+    # The validation loss stays the plain answer loss, comparable between recipes, on a seeded subset
+    # of the validation split (its passes cost as much as training steps); the decisions use all of it.
+    val_loss_examples = cap(val, train.max_val_samples, params.split.seed, "train.max_val_samples")
+    val_ds = _dataset(val_loss_examples, tokenizer, train.max_length)
+    log.info("training on %d examples, validation loss on %d of %d (%s%s%s)", len(train_ds), len(val_ds), len(val),
+             hardware.device, ", 4-bit nf4 base" if hardware.quantize_4bit else "",
              ", bf16 autocast" if hardware.autocast is not None else "")
     checkpoints_dir, resume = claim_checkpoints(shaping_params(params), base_dir, train_path, val_path,
                                                 checkpoints_dir)

@@ -14,9 +14,9 @@ def main() -> None:
         read_jsonl(paths.FORMATTED), split.strategy, read_json(paths.TEST_LABELS),
         split.test_size, split.val_size, split.seed,
     )
-    # Size caps for CPU runs: split -> the param that caps it.
+    # Size caps for CPU runs: split -> the param that caps it. The validation split stays whole: the
+    # eval stages fit their decision offsets on all of it (finetune caps its validation loss).
     caps = {"train": ("train.max_samples", params.train.max_samples),
-            "val": ("train.max_val_samples", params.train.max_val_samples),
             "test": ("eval.max_samples", params.eval.max_samples)}
     for name, (key, limit) in caps.items():
         pick = balanced_cap if name == "train" and params.train.sampling == "balanced" else cap

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,21 @@ def _with(key: str, value) -> dict:
 def test_shipped_params_are_valid_and_fully_described():
     validate(PARAMS)
     assert {f"{s}.{k}" for s, v in PARAMS.items() for k in v} == set(SCHEMA)
+
+
+@pytest.mark.parametrize("profile", sorted((ROOT / "profiles").glob("*.args")), ids=lambda p: p.name)
+def test_every_profile_gives_valid_params(profile):
+    """`dvc exp run $(cat profiles/<name>.args)` on the shipped params.yaml: its -S overrides applied
+    as DVC types them (YAML), the result passes check_params (a default changed under a profile, e.g.
+    balanced sampling where the profile trains on every question, shows here, not hours into a run)."""
+    words = shlex.split(profile.read_text())
+    params = copy.deepcopy(PARAMS)
+    for setting in (words[i + 1] for i, word in enumerate(words) if word == "-S"):
+        key, value = setting.split("=", 1)
+        section, leaf = key.split(".")
+        assert leaf in params[section], f"{profile.name} sets {key}, which params.yaml does not have"
+        params[section][leaf] = yaml.safe_load(value)
+    validate(params, str(profile))
 
 
 @pytest.mark.parametrize(

@@ -101,10 +101,17 @@ def test_pipeline_runs_then_reruns_only_what_changed(project):
             "decision.after_answer.accuracy", "decision.calibrated.macro_f1", "decision.calibrated.content_free_prior.no",
             "text.rouge1", "text.rouge2", "text.rougeL", "text.bertscore_f1", "text.token_f1",
             "text.bertscore_f1_ci_low", "decision.majority.accuracy", "decision.majority.macro_f1",
-            "decision.labels.yes"} <= keys(baseline)
+            "decision.labels.yes", "decision.offsets.accuracy", "decision.offsets.over_majority.macro_f1",
+            "decision.offsets.fitted.maybe"} <= keys(baseline)
     assert sum(baseline["decision"]["labels"].values()) == 4
+    # The validation split stays whole: the validation loss takes train.max_val_samples (2) of it, the
+    # validation decisions and both models' offsets all of it.
+    n_val = len((repo / "data/split/val.jsonl").read_text().splitlines())
+    assert n_val > 2 and f"validation loss on 2 of {n_val}" in first
     train = json.loads((repo / "metrics/train.json").read_text())
-    assert 0 <= train["val_choice_accuracy"] <= 1 and sum(train["val_chosen"].values()) == 2
+    assert 0 <= train["val_choice_accuracy"] <= 1 and sum(train["val_chosen"].values()) == n_val
+    assert baseline["decision"]["offsets"]["validation_questions"] == n_val
+    assert finetuned["decision"]["offsets"]["fitted"]["yes"] == 0
     assert baseline["n_questions"] == 4
     predictions = [json.loads(line) for line in (repo / "data/predictions/baseline.jsonl").read_text().splitlines()]
     assert len(predictions) == 4 and all(p["prompt_id"] and p["pmid"] for p in predictions)
@@ -114,6 +121,8 @@ def test_pipeline_runs_then_reruns_only_what_changed(project):
     report = (repo / "reports/report.md").read_text()
     assert "| Decision accuracy: majority class" in report and "Test labels: " in report
     assert "| Decision accuracy (choice)" in report and "![loss curves](loss.png)" in report
+    assert "| Decision accuracy (choice + offsets) minus the majority class's" in report
+    assert f"({n_val} validation questions)" in report
     assert (repo / "reports/loss.png").stat().st_size > 1000
     assert "![decisions](decisions.png)" in report and (repo / "reports/decisions.png").stat().st_size > 1000
     confusion = (repo / "reports/decisions_finetuned.csv").read_text().splitlines()
