@@ -42,7 +42,7 @@ def _params(**train) -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["prompt"]["answer_prefix"] = "The answer is:"  # the workdir's targets'
     params["train"].update({"max_steps": 6, "batch_size": 2, "grad_accum": 1, "eval_steps": 2, "save_steps": 2,
-                            "max_length": 256, "learning_rate": 0.001, **train})
+                            "max_length": 256, "learning_rate": 0.001, "max_val_samples": None, **train})
     return params
 
 
