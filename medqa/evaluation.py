@@ -186,8 +186,9 @@ def run_evaluation(
     progress: Progress | None = None,
 ) -> dict:
     """Evaluate the base model (or base + adapter) on the test split and write all three outputs (the
-    `offsets` protocol's offsets fitted on the validation split, `val_path`); with `progress`, the questions an interrupted run finished are taken from it, and each finished
-    batch is kept there until the outputs are written."""
+    `offsets` protocol's offsets fitted on the validation split, `val_path`); with `progress`, the
+    questions an interrupted run finished are taken from it, and each finished batch is kept there
+    until the outputs are written."""
     prefix = prompt.answer_prefix
     examples = read_jsonl(test_path)
     loaded = load_for_inference(base_dir, resolve_hardware(model.quantization, model.dtype), adapter_dir)
