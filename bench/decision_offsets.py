@@ -43,11 +43,15 @@ def held_out_decisions(loglik: np.ndarray, truth: np.ndarray, folds: int, shuffl
     return predicted
 
 
+def mean_scores(truth: np.ndarray, predictions: list[np.ndarray]) -> dict[str, float]:
+    """Accuracy and macro-F1 of each set of decisions, averaged over the sets."""
+    scores = [[score(truth, p) for score in SCORES.values()] for p in predictions]
+    return dict(zip(SCORES, np.mean(scores, axis=0).tolist()))
+
+
 def cross_validated(loglik: np.ndarray, truth: np.ndarray, folds: int, repeats: int) -> dict[str, float]:
     """Accuracy and macro-F1 of the held-out decisions, averaged over `repeats` shuffles of the folds."""
-    scores = [[score(truth, held_out_decisions(loglik, truth, folds, shuffle)) for score in SCORES.values()]
-              for shuffle in range(repeats)]
-    return dict(zip(SCORES, np.mean(scores, axis=0).tolist()))
+    return mean_scores(truth, [held_out_decisions(loglik, truth, folds, shuffle) for shuffle in range(repeats)])
 
 
 def main() -> None:
@@ -56,7 +60,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("loglik", metavar="LOGLIK.npz")
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--against", metavar="RECIPE", help="also each recipe's pooled held-out decisions minus this one's, paired")
+    parser.add_argument("--against", metavar="RECIPE",
+                        help="also each recipe's pooled held-out decisions minus this one's, paired")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
@@ -78,10 +83,11 @@ def main() -> None:
         plain = [score(truth, chosen) for score in SCORES.values()]
         both = np.isin(truth, [yes, no])
         auc = roc_auc_score(truth[both] == yes, (loglik[:, yes] - loglik[:, no])[both])
-        tuned = cross_validated(loglik, truth, args.folds, args.repeats)
+        held_out = [held_out_decisions(loglik, truth, args.folds, shuffle) for shuffle in range(args.repeats)]
+        tuned = mean_scores(truth, held_out)
         print(f"| {name} | {plain[0]:.3f} / {plain[1]:.3f} | {auc:.3f} | "
               f"{tuned['accuracy']:.3f} / {tuned['macro_f1']:.3f} |", flush=True)
-        by_recipe[name.partition("=")[0]].append(held_out_decisions(loglik, truth, args.folds, shuffle=0))
+        by_recipe[name.partition("=")[0]].append(held_out[0])
     if args.against:
         base = by_recipe[args.against]
         rows = {r: (len(d), pooled(truth, d, args.bootstrap, seed=42)) for r, d in by_recipe.items()}

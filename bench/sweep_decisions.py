@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from medqa import metrics, paths
-from medqa.evaluation import choice_loglik
+from medqa.evaluation import choice_loglik, validation_truth
 from medqa.io import read_jsonl
 from medqa.models import load_for_inference, resolve_hardware
 from medqa.params import load_params
@@ -81,7 +81,7 @@ def main() -> None:
         parser.error(f"--against {args.against}: no adapter of that recipe given")
     params = load_params()
     val = read_jsonl(paths.VAL)
-    truth = np.array([metrics.CODES[ex["final_decision"]] for ex in val])
+    truth = validation_truth(val)
     hardware = resolve_hardware("none", "float32")  # the finetune stage scores its validation decisions in fp32
     by_recipe: dict[str, list[np.ndarray]] = defaultdict(list)
     loglik: dict[str, np.ndarray] = {}
