@@ -96,7 +96,7 @@ def _load_file(path: Path) -> list[Record]:
         return [_from_hf(r) for r in pd.read_parquet(path).to_dict("records")]
     if suffix == ".jsonl":
         rows = []
-        for n, line in enumerate(_read_text(path).splitlines(), 1):
+        for n, line in enumerate(_read_text(path).split("\n"), 1):  # not splitlines: U+2028 is not a JSONL line end
             if line.strip():
                 try:
                     rows.append(_from_hf(json.loads(line)))

@@ -65,6 +65,17 @@ def test_a_record_without_a_field_is_named_not_taken_for_another_layout(tmp_path
         validate_records(load_records(str(tmp_path / "ori_pqal.json")))
 
 
+def test_a_jsonl_source_keeps_unicode_line_separators_inside_its_strings(tmp_path):
+    # PubMedQA's abstracts hold U+2028; JSON written with ensure_ascii=False keeps it raw, and it
+    # ends a line for str.splitlines but not for JSON Lines.
+    rows = _hf_rows(make_original(3))
+    rows[1]["long_answer"] = "First sentence.\u2028Second sentence."
+    (tmp_path / "raw.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    loaded = validate_records(load_records(str(tmp_path / "raw.jsonl")))
+    assert [r["long_answer"] for r in loaded][1] == "First sentence.\u2028Second sentence."
+    assert len(loaded) == 3
+
+
 @pytest.mark.parametrize("name", ["ori_pqal.json", "records.jsonl"])
 def test_a_file_that_is_not_utf8_is_named_with_the_byte_offset(tmp_path, name):
     text = json.dumps(make_original(2)) if name.endswith(".json") else "\n".join(

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from medqa.io import read_jsonl
 from tests.conftest import pubmedqa_data, write_official_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +25,9 @@ ALL_STAGES = {"check_params", "download", "format", "split", "baseline_eval", "f
               "report", "harness_task", "release"}
 FAKE_TOKEN = "hf_" + uuid.uuid4().hex  # made at run time, so no file holds it beforehand
 TINY = {
+    # 30 of PubMedQA's 500 non-test questions (3 of the synthetic set's 50): the eval stages score the
+    # whole validation split for their decision offsets, in every run below.
+    "split": {"val_size": 0.06},
     "train": {"max_samples": 6, "max_val_samples": 2, "max_steps": 2, "batch_size": 2, "grad_accum": 1,
               "eval_steps": 1, "save_steps": 1, "max_length": 384},
     "generation": {"max_new_tokens": 8},
@@ -71,7 +75,7 @@ def make_repo(work: Path, data: Path) -> tuple[Path, dict]:
 def project(tmp_path_factory) -> tuple[Path, dict]:
     """The project with tiny params, reading the real PubMedQA copy when there is one."""
     work = tmp_path_factory.mktemp("pipeline")
-    return make_repo(work, pubmedqa_data() or write_official_dir(work / "pubmedqa", n=40, n_test=10))
+    return make_repo(work, pubmedqa_data() or write_official_dir(work / "pubmedqa", n=60, n_test=10))
 
 
 def test_pipeline_runs_then_reruns_only_what_changed(project):
@@ -106,14 +110,14 @@ def test_pipeline_runs_then_reruns_only_what_changed(project):
     assert sum(baseline["decision"]["labels"].values()) == 4
     # The validation split stays whole: the validation loss takes train.max_val_samples (2) of it, the
     # validation decisions and both models' offsets all of it.
-    n_val = len((repo / "data/split/val.jsonl").read_text().splitlines())
+    n_val = len(read_jsonl(repo / "data/split/val.jsonl"))
     assert n_val > 2 and f"validation loss on 2 of {n_val}" in first
     train = json.loads((repo / "metrics/train.json").read_text())
     assert 0 <= train["val_choice_accuracy"] <= 1 and sum(train["val_chosen"].values()) == n_val
     assert baseline["decision"]["offsets"]["validation_questions"] == n_val
     assert finetuned["decision"]["offsets"]["fitted"]["yes"] == 0
     assert baseline["n_questions"] == 4
-    predictions = [json.loads(line) for line in (repo / "data/predictions/baseline.jsonl").read_text().splitlines()]
+    predictions = read_jsonl(repo / "data/predictions/baseline.jsonl")
     assert len(predictions) == 4 and all(p["prompt_id"] and p["pmid"] for p in predictions)
     official = json.loads((repo / "data/predictions/baseline_official.json").read_text())
     assert set(official) == {p["pmid"] for p in predictions} and set(official.values()) <= {"yes", "no", "maybe"}
@@ -132,7 +136,7 @@ def test_pipeline_runs_then_reruns_only_what_changed(project):
     assert judged["n_questions"] == 2 and judged["n_test_questions"] == 4 and judged["judge"] == "smollm2-135m-instruct"
     assert set(judged["criteria"]) == {"helpfulness", "relevance", "completeness", "correctness"}
     assert sum(judged["head_to_head"][o]["mean"] for o in ("win", "tie", "loss")) == pytest.approx(1.0)
-    verdicts = [json.loads(line) for line in (repo / "data/predictions/judge.jsonl").read_text().splitlines()]
+    verdicts = read_jsonl(repo / "data/predictions/judge.jsonl")
     assert len(verdicts) == 2 and {v["pmid"] for v in verdicts} <= {p["pmid"] for p in predictions}
     assert all(1 <= v["ratings"][m]["correctness"]["score"] <= 4 for v in verdicts for m in ("baseline", "finetuned"))
     assert "## LLM judge" in report and "**A weak judge.**" in report and "![head to head](judge.png)" in report
@@ -193,11 +197,11 @@ def test_lm_eval_reads_the_decisions_the_choice_protocol_reads(project, tmp_path
         results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]["pubmedqa_medqa"]
         metrics = json.loads((repo / f"metrics/{label}.json").read_text())
         assert results["acc,none"] == pytest.approx(metrics["decision"]["choice"]["accuracy"]), label
-        samples = [json.loads(line) for line in next(out.rglob("samples_pubmedqa_medqa_*.jsonl")).read_text().splitlines()]
+        samples = read_jsonl(next(out.rglob("samples_pubmedqa_medqa_*.jsonl")))
         # (The harness logs each option's log-likelihood as a string.)
         picked = {s["doc"]["pmid"]: max(zip((float(r[0]) for r in s["filtered_resps"]), ("yes", "no", "maybe")))[1]
                   for s in samples}
-        rows = [json.loads(line) for line in (repo / f"data/predictions/{label}.jsonl").read_text().splitlines()]
+        rows = read_jsonl(repo / f"data/predictions/{label}.jsonl")
         assert picked == {r["pmid"]: r["decision_choice"] for r in rows}, label
 
 
@@ -358,7 +362,7 @@ def test_a_killed_stage_is_never_taken_as_done_and_a_rerun_gives_the_same_output
 
 
 def _kept_batches(repo: Path, stage: str) -> int:
-    return sum(len(p.read_text().splitlines()) for p in (repo / "data/progress" / stage).glob("*.jsonl"))
+    return sum(len(read_jsonl(p)) for p in (repo / "data/progress" / stage).glob("*.jsonl"))
 
 
 def _kill_after_a_kept_batch(repo: Path, env: dict, stage: str) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from medqa.io import read_jsonl
 from medqa.models import LLAMA_MODULES, PROFILES, get_profile, resolve_hardware
 from tests.conftest import write_official_dir
 from tests.test_pipeline import ALL_STAGES, ROOT, _run, _stages_run, make_repo
@@ -109,11 +110,11 @@ def test_the_gpu_profile_runs_end_to_end_on_a_4bit_stand_in(tmp_path, tokenizer,
     hardware = resolve_hardware("4bit")  # the same test runs on a CUDA machine: bf16 there, fp32 here
     assert trained_on == {"quantization": "nf4-double-quant", "dtype": str(hardware.dtype).removeprefix("torch."),
                           "device": hardware.device, "optim": "paged_adamw_8bit", "autocast": None}
-    assert "[INST]" in (repo / "data/formatted/examples.jsonl").read_text().splitlines()[0]
+    assert "[INST]" in read_jsonl(repo / "data/formatted/examples.jsonl")[0]["prompt"]
     if not whole:
         return
-    predictions = (repo / "data/predictions/finetuned.jsonl").read_text().splitlines()
-    assert len(predictions) == 3 and json.loads(predictions[0])["prompt_id"]
+    predictions = read_jsonl(repo / "data/predictions/finetuned.jsonl")
+    assert len(predictions) == 3 and predictions[0]["prompt_id"]
     assert (repo / "reports/report.md").read_text().count("| Decision accuracy") >= 2
     assert json.loads((repo / "metrics/judge.json").read_text())["n_questions"] == 2
     _chat_and_export_use_the_4bit_trained_adapter(repo, params, tmp_path / "merged")
