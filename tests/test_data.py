@@ -72,7 +72,7 @@ def test_a_jsonl_source_keeps_unicode_line_separators_inside_its_strings(tmp_pat
     rows[1]["long_answer"] = "First sentence.\u2028Second sentence."
     (tmp_path / "raw.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
     loaded = validate_records(load_records(str(tmp_path / "raw.jsonl")))
-    assert [r["long_answer"] for r in loaded][1] == "First sentence.\u2028Second sentence."
+    assert loaded[1]["long_answer"] == "First sentence.\u2028Second sentence."
     assert len(loaded) == 3
 
 
