@@ -151,6 +151,28 @@ def test_a_sweep_pools_seeds_and_compares_two_recipes_paired():
     assert pooled(truth, [always_yes], n_resamples=200, seed=1)["accuracy"][2] > mean["accuracy"][1]
 
 
+def test_seeds_predictions_pool_to_their_mean_and_its_gain_over_the_majority(tmp_path, monkeypatch, capsys):
+    """bench.pool_predictions: two runs' prediction files on the same questions, per protocol the
+    mean over the runs and its paired gain over always answering the most frequent decision; runs on
+    other questions are refused."""
+    from bench import pool_predictions
+    from medqa.io import write_jsonl
+
+    truth = ["yes"] * 6 + ["no"] * 3 + ["maybe"]
+    always_yes = [dict(_row(t, "yes", offsets="no" if t == "no" else "yes"), pmid=str(i)) for i, t in enumerate(truth)]
+    right = [dict(_row(t, t), pmid=str(i)) for i, t in enumerate(truth)]
+    write_jsonl(tmp_path / "a.jsonl", always_yes)
+    write_jsonl(tmp_path / "b.jsonl", right)
+    monkeypatch.setattr("sys.argv", ["pool", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--bootstrap", "50"])
+    pool_predictions.main()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| m")]
+    assert [line.split(" | ")[2].split()[0] for line in lines] == ["0.800", "+0.200", "0.950", "+0.350"]
+    write_jsonl(tmp_path / "b.jsonl", right[::-1])
+    with pytest.raises(SystemExit, match="same questions"):
+        pool_predictions.main()
+    assert list(pool_predictions.decision_codes([{"decision_choice": "none"}], "choice")) == [CODES["none"]]
+
+
 def test_offsets_fitted_on_other_questions_undo_a_lean_to_one_answer():
     """The offsets protocol's fit (`answers.fit_offsets`), cross-validated as bench.decision_offsets
     does: a model whose options rank the questions right but lean to "yes" by a constant says "yes" to

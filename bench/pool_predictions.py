@@ -1,0 +1,52 @@
+"""Several runs' predictions on the same questions (seeds of one recipe) pooled: per decision
+protocol, the mean accuracy and macro-F1 over the runs, and the mean's gain over always answering
+the questions' most frequent decision, each with a 95% interval that resamples questions.
+
+    python -m bench.pool_predictions RUN.jsonl RUN.jsonl [...] [--protocols choice offsets]
+                                     [--bootstrap 1000] [--seed 42]
+
+Each RUN.jsonl is an experiment's `data/predictions/finetuned.jsonl` (`dvc get . data/predictions/
+finetuned.jsonl --rev <name> -o <name>.jsonl`), e.g. `profiles/cpu-full.args` at three
+`train.seed`s: what the recipe scores, not what one seed's luck does.
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from bench.sweep_decisions import pooled, print_pooled
+from medqa.answers import PROTOCOL_NAMES
+from medqa.io import read_jsonl
+from medqa.metrics import CODES, NO_DECISION
+
+
+def decision_codes(rows: list[dict], protocol: str) -> np.ndarray:
+    """One run's decisions under `protocol` as metric codes (no decision found: its own code)."""
+    return np.array([CODES.get(r[f"decision_{protocol}"], CODES[NO_DECISION]) for r in rows])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", metavar="RUN.jsonl")
+    parser.add_argument("--protocols", nargs="+", default=["choice", "offsets"], choices=PROTOCOL_NAMES)
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args()
+    runs = [read_jsonl(path) for path in args.runs]
+    if any([r["pmid"] for r in run] != [r["pmid"] for r in runs[0]] for run in runs):
+        raise SystemExit("the runs do not hold the same questions in the same order")
+    truth = np.array([CODES[r["reference_decision"]] for r in runs[0]])
+    majority = np.full_like(truth, np.bincount(truth).argmax())
+    for protocol in args.protocols:
+        choices = [decision_codes(run, protocol) for run in runs]
+        print_pooled(f"{len(truth)} questions", {
+            "mean over the runs": (len(runs), pooled(truth, choices, args.bootstrap, args.seed))}, protocol=protocol)
+        print_pooled(f"{len(truth)} questions", {
+            "minus the majority class (paired)": (
+                len(runs), pooled(truth, choices, args.bootstrap, args.seed, against=[majority]))},
+            signed=True, protocol=protocol)
+
+
+if __name__ == "__main__":
+    main()
