@@ -13,17 +13,10 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
 from bench.sweep_decisions import pooled, print_pooled
 from medqa.answers import PROTOCOL_NAMES
 from medqa.io import read_jsonl
-from medqa.metrics import CODES, NO_DECISION
-
-
-def decision_codes(rows: list[dict], protocol: str) -> np.ndarray:
-    """One run's decisions under `protocol` as metric codes (no decision found: its own code)."""
-    return np.array([CODES.get(r[f"decision_{protocol}"], CODES[NO_DECISION]) for r in rows])
+from medqa.metrics import decision_table, majority_decisions
 
 
 def main() -> None:
@@ -36,10 +29,11 @@ def main() -> None:
     runs = [read_jsonl(path) for path in args.runs]
     if any([r["pmid"] for r in run] != [r["pmid"] for r in runs[0]] for run in runs):
         raise SystemExit("the runs do not hold the same questions in the same order")
-    truth = np.array([CODES[r["reference_decision"]] for r in runs[0]])
-    majority = np.full_like(truth, np.bincount(truth).argmax())
+    tables = [decision_table(run) for run in runs]
+    truth = tables[0]["truth"]
+    majority = majority_decisions(truth)
     for protocol in args.protocols:
-        choices = [decision_codes(run, protocol) for run in runs]
+        choices = [table[protocol] for table in tables]
         print_pooled(f"{len(truth)} questions", {
             "mean over the runs": (len(runs), pooled(truth, choices, args.bootstrap, args.seed))}, protocol=protocol)
         print_pooled(f"{len(truth)} questions", {

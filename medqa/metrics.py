@@ -96,14 +96,22 @@ CODES = {label: i for i, label in enumerate(list(DECISIONS) + [NO_DECISION])}
 LABEL_IDS = list(range(len(DECISIONS)))
 
 
+def decision_table(rows: Sequence[dict]) -> Table:
+    """The reference decisions (`truth`) and each protocol's decisions of prediction rows, as CODES
+    (an answer without a decision: its own code)."""
+    return {
+        "truth": np.array([CODES[r["reference_decision"]] for r in rows]),
+        **{protocol: np.array([CODES.get(r[f"decision_{protocol}"], CODES[NO_DECISION]) for r in rows])
+           for protocol in PROTOCOL_NAMES},
+    }
+
+
 def table_from_rows(rows: Sequence[dict]) -> Table:
     """The per-question table from prediction rows (as written to data/predictions/*.jsonl)."""
     answers = [r["answer"] for r in rows]
     references = [r["reference"] for r in rows]
     return {
-        "truth": np.array([CODES[r["reference_decision"]] for r in rows]),
-        **{protocol: np.array([CODES.get(r[f"decision_{protocol}"], CODES[NO_DECISION]) for r in rows])
-           for protocol in PROTOCOL_NAMES},
+        **decision_table(rows),
         **{k: np.array([r[k] for r in rows], dtype=float) for k in TEXT_SCORES},
         "nll": np.array([r["answer_nll"] for r in rows], dtype=float),
         "n_tokens": np.array([r["answer_tokens"] for r in rows], dtype=float),
@@ -264,11 +272,15 @@ def trivial_baselines(truth: np.ndarray) -> dict:
     }
 
 
-def _majority_table(truth: np.ndarray, protocol: str = PRIMARY.name) -> Table:
-    """The majority-class predictor as a table a protocol's statistics score: the most frequent
-    reference decision as every question's decision."""
+def majority_decisions(truth: np.ndarray) -> np.ndarray:
+    """The majority-class predictor: the most frequent reference decision as every question's decision."""
     counts = np.bincount(truth, minlength=len(DECISIONS))[: len(DECISIONS)]
-    return {"truth": truth, protocol: np.full_like(truth, int(np.argmax(counts)))}
+    return np.full_like(truth, int(np.argmax(counts)))
+
+
+def _majority_table(truth: np.ndarray, protocol: str = PRIMARY.name) -> Table:
+    """The majority-class predictor as a table a protocol's statistics score."""
+    return {"truth": truth, protocol: majority_decisions(truth)}
 
 
 def paired_differences(base: Table, tuned: Table, n_resamples: int, seed: int) -> dict[str, tuple[float, float, float]]:

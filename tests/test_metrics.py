@@ -8,7 +8,7 @@ from medqa.answers import (
     DECISIONS, DecisionEvidence, calibrate, choice_probabilities, content_free_prior, fit_offsets, read_decisions,
 )
 from medqa.metrics import (
-    CODES, LABEL_IDS, bertscore_f1, choice_summary, class_f1, paired_differences, per_class_f1, resolve_bertscore_model, rouge_scores, summarize, table_from_rows, token_f1,
+    CODES, LABEL_IDS, bertscore_f1, choice_summary, class_f1, decision_table, paired_differences, per_class_f1, resolve_bertscore_model, rouge_scores, summarize, table_from_rows, token_f1,
 )
 
 PREFIX = "The direct answer to your question is:"
@@ -170,7 +170,8 @@ def test_seeds_predictions_pool_to_their_mean_and_its_gain_over_the_majority(tmp
     write_jsonl(tmp_path / "b.jsonl", right[::-1])
     with pytest.raises(SystemExit, match="same questions"):
         pool_predictions.main()
-    assert list(pool_predictions.decision_codes([{"decision_choice": "none"}], "choice")) == [CODES["none"]]
+    no_decision = dict(_row("yes", "none"), pmid="0")
+    assert list(decision_table([no_decision])["choice"]) == [CODES["none"]]
 
 
 def test_offsets_fitted_on_other_questions_undo_a_lean_to_one_answer():
