@@ -5,11 +5,11 @@ options' log-likelihoods, fitted on some validation questions and scored on the 
 
 LOGLIK.npz is what `python -m bench.sweep_decisions ... --save-loglik LOGLIK.npz` writes: each
 adapter's log-likelihoods of " yes", " no", " maybe" on the validation questions, and their labels.
-For each adapter: the choice protocol's accuracy and macro-F1 (the most likely option), the AUC of
-log p(yes) - log p(no) on the questions labelled yes or no, and the accuracy and macro-F1 of the
-eval stages' `offsets` protocol with its offsets (`answers.fit_offsets`) fitted on k-1 folds and
-applied to the held-out fold: cross-validated, the offsets never see the questions they are scored
-on; the figures average `--repeats` shuffles of the folds. `--against RECIPE` pools each recipe's
+For each adapter: the choice protocol's accuracy and macro-F1 (the most likely option), how well its
+options rank the questions (`ranking_aucs`: yes against no, "maybe" against the rest), and the
+accuracy and macro-F1 of the eval stages' `offsets` protocol with its offsets (`answers.fit_offsets`)
+fitted on k-1 folds and applied to the held-out fold: cross-validated, the offsets never see the
+questions they are scored on; the figures average `--repeats` shuffles of the folds. `--against RECIPE` pools each recipe's
 seeds (the adapters saved as RECIPE=...) and compares the recipes' held-out decisions (the first
 shuffle) paired, as `bench.sweep_decisions --against` compares plain choices.
 """
@@ -31,6 +31,21 @@ def _score(stat: str):
 
 
 SCORES = {stat: _score(stat) for stat in ("accuracy", "macro_f1")}
+
+
+def ranking_aucs(loglik: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """How the options' log-likelihoods (shape (n, 3)) rank the questions, as two AUCs: log p(yes) -
+    log p(no) on the questions labelled yes or no (no offset changes it), and the normalised
+    log p(maybe) of the "maybe" questions against the others (near 0.5 or below: the model cannot
+    pick them out, and offsets that make it say "maybe" mostly say it wrongly)."""
+    from scipy.special import log_softmax
+    from sklearn.metrics import roc_auc_score
+
+    yes, no, maybe = (metrics.CODES[d] for d in ("yes", "no", "maybe"))
+    both = np.isin(truth, [yes, no])
+    yes_vs_no = roc_auc_score(truth[both] == yes, (loglik[:, yes] - loglik[:, no])[both])
+    maybe_vs_rest = roc_auc_score(truth == maybe, log_softmax(loglik, axis=1)[:, maybe])
+    return float(yes_vs_no), float(maybe_vs_rest)
 
 
 def held_out_decisions(loglik: np.ndarray, truth: np.ndarray, folds: int, shuffle: int) -> np.ndarray:
@@ -55,8 +70,6 @@ def cross_validated(loglik: np.ndarray, truth: np.ndarray, folds: int, repeats: 
 
 
 def main() -> None:
-    from sklearn.metrics import roc_auc_score
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("loglik", metavar="LOGLIK.npz")
     parser.add_argument("--folds", type=int, default=5)
@@ -70,22 +83,21 @@ def main() -> None:
     adapters = [name for name in saved.files if name != "truth"]
     if args.against and not any(name.partition("=")[0] == args.against for name in adapters):
         parser.error(f"--against {args.against}: no adapter of that recipe in {args.loglik}")
-    yes, no = metrics.CODES["yes"], metrics.CODES["no"]
     labels = " / ".join(str(int(np.sum(truth == metrics.CODES[d]))) for d in metrics.DECISIONS)
     print(f"{len(truth)} validation questions (yes / no / maybe {labels}); offsets fitted for accuracy "
           f"on {args.folds - 1} of {args.folds} folds, {args.repeats} shuffles")
-    print("| adapter | accuracy / macro-F1 (choice) | yes-vs-no AUC | accuracy / macro-F1 with offsets (held out) |")
-    print("|---|---|---|---|")
+    print("| adapter | accuracy / macro-F1 (choice) | yes-vs-no AUC | maybe-vs-rest AUC "
+          "| accuracy / macro-F1 with offsets (held out) |")
+    print("|---|---|---|---|---|")
     by_recipe: dict[str, list[np.ndarray]] = defaultdict(list)
     for name in adapters:
         loglik = saved[name]
         chosen = loglik.argmax(axis=1)
         plain = [score(truth, chosen) for score in SCORES.values()]
-        both = np.isin(truth, [yes, no])
-        auc = roc_auc_score(truth[both] == yes, (loglik[:, yes] - loglik[:, no])[both])
+        yes_vs_no, maybe_vs_rest = ranking_aucs(loglik, truth)
         held_out = [held_out_decisions(loglik, truth, args.folds, shuffle) for shuffle in range(args.repeats)]
         tuned = mean_scores(truth, held_out)
-        print(f"| {name} | {plain[0]:.3f} / {plain[1]:.3f} | {auc:.3f} | "
+        print(f"| {name} | {plain[0]:.3f} / {plain[1]:.3f} | {yes_vs_no:.3f} | {maybe_vs_rest:.3f} | "
               f"{tuned['accuracy']:.3f} / {tuned['macro_f1']:.3f} |", flush=True)
         by_recipe[name.partition("=")[0]].append(held_out[0])
     if args.against:

@@ -193,6 +193,25 @@ def test_offsets_fitted_on_other_questions_undo_a_lean_to_one_answer():
     assert cross_validated(noise, truth, folds=5, repeats=2)["accuracy"] < np.mean(truth == 0) + 0.05
 
 
+def test_ranking_aucs_tell_a_maybe_signal_from_none():
+    """bench.decision_offsets' ranking AUCs: a model whose "maybe" option is likelier on the "maybe"
+    questions ranks them first (AUC 1), one whose is noise sits near 0.5; yes against no is read on
+    the yes and no questions alone, and a lean (a constant added to one option) leaves it unchanged."""
+    from bench.decision_offsets import ranking_aucs
+
+    rng = np.random.default_rng(1)
+    truth = rng.choice(3, size=300, p=[0.55, 0.35, 0.10])
+    informed = np.eye(3)[truth] * 3.0 + rng.normal(0, 0.3, size=(300, 3))
+    assert ranking_aucs(informed, truth) == (1.0, 1.0)
+    # "maybe" questions that look like yes or no ones: nothing tells them apart
+    looks_like = np.where(truth == CODES["maybe"], rng.choice([CODES["yes"], CODES["no"]], size=300), truth)
+    blind = np.eye(3)[looks_like] * 3.0 + rng.normal(0, 0.3, size=(300, 3))
+    yes_vs_no, maybe_vs_rest = ranking_aucs(blind, truth)
+    assert yes_vs_no > 0.99 and abs(maybe_vs_rest - 0.5) < 0.15
+    leaning = informed + np.array([5.0, 0.0, 0.0])
+    assert ranking_aucs(leaning, truth)[0] == ranking_aucs(informed, truth)[0]
+
+
 def test_offsets_are_none_where_the_model_needs_none_and_the_protocol_needs_them():
     """Where the plain argmax is already right everywhere, every offset that keeps it so ties: the
     fit keeps the one nearest to none. The offsets protocol reads them; without them it says so."""
