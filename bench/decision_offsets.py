@@ -83,7 +83,7 @@ def main() -> None:
     adapters = [name for name in saved.files if name != "truth"]
     if args.against and not any(name.partition("=")[0] == args.against for name in adapters):
         parser.error(f"--against {args.against}: no adapter of that recipe in {args.loglik}")
-    labels = " / ".join(str(int(np.sum(truth == metrics.CODES[d]))) for d in metrics.DECISIONS)
+    labels = " / ".join(str(int(n)) for n in metrics.label_counts(truth))
     print(f"{len(truth)} validation questions (yes / no / maybe {labels}); offsets fitted for accuracy "
           f"on {args.folds - 1} of {args.folds} folds, {args.repeats} shuffles")
     print("| adapter | accuracy / macro-F1 (choice) | yes-vs-no AUC | maybe-vs-rest AUC "

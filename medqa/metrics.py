@@ -260,22 +260,30 @@ def choice_summary(truth: np.ndarray, choice: np.ndarray, n_resamples: int, seed
 def trivial_baselines(truth: np.ndarray) -> dict:
     """What the test questions' labels alone give: their distribution, and the scores of always
     answering the most frequent decision (the majority-class predictor) on the same questions."""
-    counts = np.bincount(truth, minlength=len(DECISIONS))[: len(DECISIONS)]
     table, every = _majority_table(truth), np.arange(len(truth))
     return {
-        "labels": {d: int(c) for d, c in zip(DECISIONS, counts)},
+        "labels": {d: int(c) for d, c in zip(DECISIONS, label_counts(truth))},
         "majority": {
-            "decision": DECISIONS[int(np.argmax(counts))],
+            "decision": DECISIONS[majority_code(truth)],
             **{stat: primary_statistic(stat)(table, every)
                for stat in ("accuracy", "macro_f1", "weighted_f1")},
         },
     }
 
 
+def label_counts(truth: np.ndarray) -> np.ndarray:
+    """How many reference decisions (coded as `CODES`) are each of `DECISIONS`."""
+    return np.bincount(truth, minlength=len(DECISIONS))[: len(DECISIONS)]
+
+
+def majority_code(truth: np.ndarray) -> int:
+    """The most frequent reference decision's code (the first of `DECISIONS` where several tie)."""
+    return int(np.argmax(label_counts(truth)))
+
+
 def majority_decisions(truth: np.ndarray) -> np.ndarray:
     """The majority-class predictor: the most frequent reference decision as every question's decision."""
-    counts = np.bincount(truth, minlength=len(DECISIONS))[: len(DECISIONS)]
-    return np.full_like(truth, int(np.argmax(counts)))
+    return np.full_like(truth, majority_code(truth))
 
 
 def _majority_table(truth: np.ndarray, protocol: str = PRIMARY.name) -> Table:
