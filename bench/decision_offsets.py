@@ -9,9 +9,10 @@ For each adapter: the choice protocol's accuracy and macro-F1 (the most likely o
 options rank the questions (`ranking_aucs`: yes against no, "maybe" against the rest), and the
 accuracy and macro-F1 of the eval stages' `offsets` protocol with its offsets (`answers.fit_offsets`)
 fitted on k-1 folds and applied to the held-out fold: cross-validated, the offsets never see the
-questions they are scored on; the figures average `--repeats` shuffles of the folds. `--against RECIPE` pools each recipe's
-seeds (the adapters saved as RECIPE=...) and compares the recipes' held-out decisions (the first
-shuffle) paired, as `bench.sweep_decisions --against` compares plain choices.
+questions they are scored on; the figures average `--repeats` shuffles of the folds. `--against
+RECIPE` pools each recipe's seeds (the adapters saved as RECIPE=...) and compares the recipes'
+held-out decisions (the first shuffle) paired, as `bench.sweep_decisions --against` compares plain
+choices.
 """
 from __future__ import annotations
 

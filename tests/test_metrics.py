@@ -195,8 +195,9 @@ def test_offsets_fitted_on_other_questions_undo_a_lean_to_one_answer():
 
 def test_ranking_aucs_tell_a_maybe_signal_from_none():
     """bench.decision_offsets' ranking AUCs: a model whose "maybe" option is likelier on the "maybe"
-    questions ranks them first (AUC 1), one whose is noise sits near 0.5; yes against no is read on
-    the yes and no questions alone, and a lean (a constant added to one option) leaves it unchanged."""
+    questions ranks them first (AUC 1); one that scores them as it scores yes or no questions sits
+    near 0.5; yes against no is read on the yes and no questions alone, and a lean (a constant added
+    to one option) leaves it unchanged."""
     from bench.decision_offsets import ranking_aucs
 
     rng = np.random.default_rng(1)
