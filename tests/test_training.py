@@ -1,13 +1,16 @@
 """Fine-tuning on a tiny model: outputs, early stopping, and resume after a kill."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 import pytest
@@ -50,31 +53,55 @@ SCRIPT = """
 import json, logging, sys
 logging.basicConfig(level=logging.INFO)
 from pathlib import Path
-from dataclasses import replace
-from medqa.params import params_from_dict
-from medqa.training import train_adapter
-raw, out = json.loads(sys.argv[1]), Path(sys.argv[2])
-# A zero learning rate (the early-stopping test's) is no valid param, but the trainer takes it.
-lr = raw["train"]["learning_rate"]
-params = params_from_dict(dict(raw, train=dict(raw["train"], learning_rate=lr or 1.0)))
-params = replace(params, train=replace(params.train, learning_rate=lr))
-w = Path(sys.argv[3])
-train_adapter(params, w / "base", w / "train.jsonl", w / "val.jsonl", out / "adapter", out / "checkpoints",
-              out / "live", out / "train.json")
+sys.path.insert(0, sys.argv[4])
+from tests.test_training import train_in_this_process
+train_in_this_process(Path(sys.argv[3]), Path(sys.argv[2]), json.loads(sys.argv[1]))
 """
 
 
+def train_in_this_process(workdir: Path, out: Path, raw: dict) -> None:
+    """train_adapter on the workdir's splits, writing under `out`."""
+    from dataclasses import replace
+
+    from medqa.training import train_adapter
+
+    # A zero learning rate (the early-stopping test's) is no valid param, but the trainer takes it.
+    lr = raw["train"]["learning_rate"]
+    params = params_from_dict(dict(raw, train=dict(raw["train"], learning_rate=lr or 1.0)))
+    params = replace(params, train=replace(params.train, learning_rate=lr))
+    train_adapter(params, workdir / "base", workdir / "train.jsonl", workdir / "val.jsonl", out / "adapter",
+                  out / "checkpoints", out / "live", out / "train.json")
+
+
 def _start(workdir: Path, out: Path, params: dict) -> subprocess.Popen:
+    """Training in a process of its own: for the tests that kill it."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(params), str(out), str(workdir)],
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(params), str(out), str(workdir), str(ROOT)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@contextlib.contextmanager
+def _logged() -> Iterator[list[str]]:
+    """The project's log lines (INFO and up) while the block runs."""
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("medqa")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def _train(workdir: Path, out: Path, params: dict) -> str:
-    proc = _start(workdir, out, params)
-    output, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, output[-3000:]
-    return output
+    """Train in this process (no interpreter and torch start-up per run); returns what the project logged."""
+    with _logged() as lines:
+        train_in_this_process(workdir, out, params)
+    return "\n".join(lines)
 
 
 def test_training_writes_adapter_history_and_best_step(workdir, tmp_path):
@@ -148,20 +175,30 @@ def test_changed_params_start_fresh(workdir, tmp_path):
     assert json.loads((tmp_path / "train.json").read_text())["steps"] == 4
 
 
-def test_export_merges_the_adapter(workdir, tmp_path):
+EXPORTED = {"max_steps": 2, "learning_rate": 0.01}  # the adapter the export tests merge
+
+
+@pytest.fixture(scope="module")
+def trained(workdir, tmp_path_factory) -> Path:
+    """One short training run whose adapter the export tests share (under `adapter/`)."""
+    out = tmp_path_factory.mktemp("trained")
+    _train(workdir, out, _params(**EXPORTED))
+    return out
+
+
+def test_export_merges_the_adapter(workdir, trained, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
     from medqa.export import merge_adapter
     from medqa.models import load_model, resolve_hardware
 
-    _train(workdir, tmp_path, _params(max_steps=2, learning_rate=0.01))
-    merge_adapter(workdir / "base", tmp_path / "adapter", tmp_path / "merged", "float32")
+    merge_adapter(workdir / "base", trained / "adapter", tmp_path / "merged", "float32")
     assert (tmp_path / "merged" / "model.safetensors").exists()
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
     ids = torch.tensor([[1, 5, 9, 42, 7]])
     with torch.no_grad():
-        adapted = load_model(workdir / "base", resolve_hardware("none", "float32"), tmp_path / "adapter")(ids).logits
+        adapted = load_model(workdir / "base", resolve_hardware("none", "float32"), trained / "adapter")(ids).logits
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(ids).logits
         base = AutoModelForCausalLM.from_pretrained(workdir / "base")(ids).logits
     assert torch.allclose(adapted, merged, atol=1e-4)
@@ -169,7 +206,7 @@ def test_export_merges_the_adapter(workdir, tmp_path):
 
 
 @pytest.mark.parametrize("gguf_type, tolerance", [("f16", 2e-3), ("q8_0", 5e-2)])
-def test_gguf_export_reads_back_as_the_merged_model(workdir, tmp_path, gguf_type, tolerance):
+def test_gguf_export_reads_back_as_the_merged_model(workdir, trained, tmp_path, gguf_type, tolerance):
     """The GGUF file, read back by an independent reader (transformers' GGUF loader), gives the merged
     safetensors model's logits (largest difference: f16 within 2e-3, q8_0 within 5e-2, on logits of
     magnitude ~1), the same token ids (chat markup included) and the same chat template; the
@@ -180,12 +217,11 @@ def test_gguf_export_reads_back_as_the_merged_model(workdir, tmp_path, gguf_type
     from medqa.export import export_gguf, merge_adapter
     from medqa.prompts import prompt_format, user_message
 
-    params = _params(max_steps=2, learning_rate=0.01)
-    _train(workdir, tmp_path, params)
+    params = _params(**EXPORTED)
     typed = params_from_dict(params)
-    gguf_file = export_gguf(workdir / "base", tmp_path / "adapter", tmp_path / "gguf", typed.prompt, typed.model.name,
+    gguf_file = export_gguf(workdir / "base", trained / "adapter", tmp_path / "gguf", typed.prompt, typed.model.name,
                             gguf_type)
-    merge_adapter(workdir / "base", tmp_path / "adapter", tmp_path / "merged", "float32")
+    merge_adapter(workdir / "base", trained / "adapter", tmp_path / "merged", "float32")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     read_back = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
@@ -211,9 +247,11 @@ def test_gguf_export_reads_back_as_the_merged_model(workdir, tmp_path, gguf_type
 
 
 def test_non_finite_loss_stops_with_a_clear_message(workdir, tmp_path):
-    proc = _start(workdir, tmp_path, _params(max_steps=30, learning_rate=1e8, warmup_ratio=0.0))
-    output, _ = proc.communicate(timeout=600)
-    assert proc.returncode != 0
+    from medqa.errors import PipelineError
+
+    with pytest.raises(PipelineError) as stopped:
+        _train(workdir, tmp_path, _params(max_steps=30, learning_rate=1e8, warmup_ratio=0.0))
+    output = str(stopped.value)
     assert "became nan" in output or "became inf" in output, output[-2000:]
     assert "lower train.learning_rate" in output
     assert not (tmp_path / "adapter").exists()
@@ -428,6 +466,18 @@ def _finetune_stage(path: Path, **env: str) -> str:
     return proc.stdout + proc.stderr
 
 
+def _finetune_stage_here(path: Path, monkeypatch, **env: str) -> str:
+    """What `python -m stages.finetune` does in `path`, in this process; returns what the project logged."""
+    from stages.finetune import main
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(path)
+    with _logged() as lines:
+        main.__wrapped__()  # the stage itself, without the wrapper that exits the process
+    return "\n".join(lines)
+
+
 def _machine(path: Path, rank: int, port: int) -> subprocess.Popen:
     """The finetune stage started on "machine" `rank` of two, both on this host."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -436,13 +486,15 @@ def _machine(path: Path, rank: int, port: int) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
-def test_two_cpu_processes_or_two_machines_train_the_adapter_one_process_trains(workdir, tmp_path):
+@pytest.mark.slow
+def test_two_cpu_processes_or_two_machines_train_the_adapter_one_process_trains(workdir, tmp_path, monkeypatch):
     """train.num_processes=2 on the CPU: the finetune stage settles resume, relaunches itself through
     `accelerate launch` as two processes (DDP over gloo, as on GPUs over NCCL), rank 0 writes. Two
     processes of 2 questions give the adapter that one process with 2 × 2 accumulated gives, within
     float32 rounding (the gradients are summed in a different order). train.num_machines=2, two
     stage processes in two clones that meet at 127.0.0.1 (one process each): the same adapter, in the
-    main machine's clone only."""
+    main machine's clone only. Slow: four training processes and two launchers, each starting
+    Python, torch and accelerate (a distributed run cannot share this process)."""
     import socket
 
     import torch
@@ -470,7 +522,7 @@ def test_two_cpu_processes_or_two_machines_train_the_adapter_one_process_trains(
     assert "loading the base model (rank 1 of 2" in outputs[1] and "finetune: best step" in outputs[0]
     assert not (machines[1] / "models/adapter").exists()  # the main machine writes
 
-    _finetune_stage(one)
+    _finetune_stage_here(one, monkeypatch)
     for run in (one, two, machines[0]):
         assert json.loads((run / "metrics/train.json").read_text())["steps"] == 3
     trained = [load_file(run / "models/adapter/adapter_model.safetensors") for run in (one, two, machines[0])]
@@ -483,7 +535,7 @@ def test_two_cpu_processes_or_two_machines_train_the_adapter_one_process_trains(
     assert any(w.abs().max() > 0 for name, w in trained[0].items() if "lora_B" in name)
 
 
-def test_checkpoints_on_shared_storage_resume_in_another_clone_and_keep_other_runs(workdir, tmp_path):
+def test_checkpoints_on_shared_storage_resume_in_another_clone_and_keep_other_runs(workdir, tmp_path, monkeypatch):
     """MEDQA_CHECKPOINT_DIR: a run cut off after step 2 in one clone (its later checkpoint gone)
     resumes in a clone at another path pointed at the same place and ends with the adapter of the
     uninterrupted run; another experiment there keeps the first one's checkpoints."""
@@ -492,14 +544,14 @@ def test_checkpoints_on_shared_storage_resume_in_another_clone_and_keep_other_ru
     shared = str(tmp_path / "bucket")
     steps = {"max_steps": 4, "eval_steps": 2, "save_steps": 2}
     first = _stage_dir(tmp_path / "first", workdir, _params(**steps))
-    _finetune_stage(first, MEDQA_CHECKPOINT_DIR=shared)
+    _finetune_stage_here(first, monkeypatch, MEDQA_CHECKPOINT_DIR=shared)
     assert not (first / "models/checkpoints").exists() or not any((first / "models/checkpoints").iterdir())
     (run,) = (tmp_path / "bucket").iterdir()
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     shutil.rmtree(run / "checkpoint-4")  # as if the machine had gone after step 2
 
     second = _stage_dir(tmp_path / "elsewhere" / "second", workdir, _params(**steps))
-    output = _finetune_stage(second, MEDQA_CHECKPOINT_DIR=shared)
+    output = _finetune_stage_here(second, monkeypatch, MEDQA_CHECKPOINT_DIR=shared)
     assert f"resuming from {run / 'checkpoint-2'}" in output
     a, b = (load_file(d / "models/adapter/adapter_model.safetensors") for d in (first, second))
     assert a.keys() == b.keys()
@@ -507,7 +559,7 @@ def test_checkpoints_on_shared_storage_resume_in_another_clone_and_keep_other_ru
         assert (a[key] - b[key]).abs().max() < 1e-4, key
 
     other = _stage_dir(tmp_path / "other", workdir, _params(**steps, learning_rate=0.002))
-    _finetune_stage(other, MEDQA_CHECKPOINT_DIR=shared)
+    _finetune_stage_here(other, monkeypatch, MEDQA_CHECKPOINT_DIR=shared)
     runs = sorted((tmp_path / "bucket").iterdir())
     assert len(runs) == 2 and run in runs
     assert all(sorted(p.name for p in r.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"] for r in runs)
