@@ -202,6 +202,11 @@ def _trained_on(trainer: Any, hardware: Hardware) -> dict:
 
 
 def _save_adapter(trainer: Any, adapter_dir: Path, hardware: Hardware) -> None:
+    # peft holds target_modules as a set and writes it in hash order, which differs between processes:
+    # sorted, the same training writes the same adapter_config.json, and DVC re-runs nothing after it.
+    for config in trainer.model.peft_config.values():
+        if isinstance(config.target_modules, set):
+            config.target_modules = sorted(config.target_modules)
     if fsdp_enabled():
         save_fsdp_adapter(trainer, adapter_dir, _trained_on(trainer, hardware), TRAINED_ON)
     elif trainer.is_world_process_zero():

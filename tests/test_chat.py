@@ -307,8 +307,10 @@ def _chromium() -> str | None:
     return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 
 
+@pytest.mark.slow
 def test_compare_in_a_real_browser(project, tmp_path):
-    """Headless Chromium types a question, presses Compare and sees both answers fill in."""
+    """Headless Chromium types a question, presses Compare and sees both answers fill in. Slow: the app
+    starts in its own process (Gradio, torch, the model) and a browser drives it through the page."""
     browser_path = _chromium()
     if browser_path is None:
         if os.environ.get("REQUIRE_BROWSER"):

@@ -1,7 +1,13 @@
-"""End to end: the real pipeline, with tiny params, in a throw-away git + DVC copy of the project.
+"""End to end: the real pipeline, with tiny params, in throw-away git + DVC copies of the project.
 
-Uses the real default model (offline) and the PubMedQA copy named by PUBMEDQA_DATA, or a small
-synthetic set in the official layout when that is not set.
+Two copies, each run once for the whole module and shared by its tests:
+- `project`, for the pipeline's mechanics (re-runs, experiments, push/pull, kills, resume, restore):
+  a tiny random local model as `model.name` and `judge.model`, on a small synthetic set;
+- `embedded`, for what is about the embedded default model (the README's commands, the lm-eval
+  agreement, the names in the model card and the report): the real SmolLM2 (offline), on the PubMedQA
+  copy named by PUBMEDQA_DATA, or the synthetic set when that is not set.
+Slow, all of it: every stage is a Python process that DVC starts (torch and transformers loaded
+anew each time), and a test runs several stages, most of them more than once.
 """
 from __future__ import annotations
 
@@ -18,7 +24,9 @@ import pytest
 import yaml
 
 from medqa.io import read_jsonl
-from tests.conftest import pubmedqa_data, write_official_dir
+from tests.conftest import pubmedqa_data, save_tiny_base, write_official_dir
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_STAGES = {"check_params", "download", "format", "split", "baseline_eval", "finetune", "finetuned_eval", "judge",
@@ -28,8 +36,9 @@ TINY = {
     # 30 of PubMedQA's 500 non-test questions (3 of the synthetic set's 50): the eval stages score the
     # whole validation split for their decision offsets, in every run below.
     "split": {"val_size": 0.06},
-    "train": {"max_samples": 6, "max_val_samples": 2, "max_steps": 2, "batch_size": 2, "grad_accum": 1,
-              "eval_steps": 1, "save_steps": 1, "max_length": 384},
+    # 3 steps an epoch, so that an experiment with more epochs trains another adapter.
+    "train": {"max_samples": 6, "max_val_samples": 2, "max_steps": -1, "batch_size": 2, "grad_accum": 1,
+              "eval_steps": 3, "save_steps": 3, "max_length": 384},
     "generation": {"max_new_tokens": 8},
     "eval": {"max_samples": 4, "batch_size": 4, "bootstrap": 50},
     "judge": {"max_samples": 2, "max_context_tokens": 64},
@@ -48,8 +57,9 @@ def _stages_run(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-def make_repo(work: Path, data: Path) -> tuple[Path, dict]:
-    """A git + DVC copy of the project's tracked files in `work`/repo, reading `data`, with tiny params."""
+def make_repo(work: Path, data: Path, model: Path | None = None) -> tuple[Path, dict]:
+    """A git + DVC copy of the project's tracked files in `work`/repo, reading `data`, with tiny params;
+    `model`, a local model directory, is then the base model and the judge."""
     repo = work / "repo"
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for name in files:
@@ -60,6 +70,8 @@ def make_repo(work: Path, data: Path) -> tuple[Path, dict]:
     params["data"]["source"] = str(data)
     for section, values in TINY.items():
         params[section].update(values)
+    if model is not None:
+        params["model"]["name"] = params["judge"]["model"] = str(model)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.invalid",
@@ -71,24 +83,48 @@ def make_repo(work: Path, data: Path) -> tuple[Path, dict]:
     return repo, env
 
 
+def save_tiny_model(path: Path, tokenizer) -> Path:
+    """A small random Llama with the default model's tokenizer: real stages, seconds a stage."""
+    save_tiny_base(path, tokenizer, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                   max_position_embeddings=2048)
+    return path
+
+
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> tuple[Path, dict]:
-    """The project with tiny params, reading the real PubMedQA copy when there is one."""
+def project(tmp_path_factory, tokenizer) -> tuple[Path, dict]:
+    """The project with tiny params and a tiny random model on a synthetic set, before any run."""
     work = tmp_path_factory.mktemp("pipeline")
-    return make_repo(work, pubmedqa_data() or write_official_dir(work / "pubmedqa", n=60, n_test=10))
+    return make_repo(work, write_official_dir(work / "pubmedqa", n=60, n_test=10),
+                     save_tiny_model(work / "tiny-model", tokenizer))
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory) -> tuple[Path, dict, str]:
+    """The project with tiny params on the embedded default model, reading the real PubMedQA copy when
+    there is one, after `dvc repro` (what `make run` does); with that run's output."""
+    work = tmp_path_factory.mktemp("embedded")
+    repo, env = make_repo(work, pubmedqa_data() or write_official_dir(work / "pubmedqa", n=60, n_test=10))
+    first = _run(["dvc", "repro"], repo, env)
+    assert _stages_run(first) == ALL_STAGES
+    return repo, env, first
+
+
+def _assert_evaluated_in_the_weights_dtype(output: str) -> None:
+    """Both evaluations in the weights' dtype: fp32 on a CPU, even where training computed in bf16
+    autocast (docs/benchmarks.md, "bf16 on the CPU")."""
+    from medqa.models import resolve_hardware
+
+    hardware = resolve_hardware("auto", "auto")
+    for label in ("baseline", "finetuned"):
+        assert f"{label}: 4 test questions on {hardware.device}, {str(hardware.dtype).removeprefix('torch.')}" in output
 
 
 def test_pipeline_runs_then_reruns_only_what_changed(project):
+    """Slow: the whole pipeline, then two experiments that re-run most of it."""
     repo, env = project
     first = _run(["dvc", "repro"], repo, env)
     assert _stages_run(first) == ALL_STAGES
-    from medqa.models import resolve_hardware
-
-    # Both evaluations in the weights' dtype: fp32 on a CPU, even where training computed in bf16
-    # autocast (docs/benchmarks.md, "bf16 on the CPU").
-    hardware = resolve_hardware("auto", "auto")
-    for label in ("baseline", "finetuned"):
-        assert f"{label}: 4 test questions on {hardware.device}, {str(hardware.dtype).removeprefix('torch.')}" in first
+    _assert_evaluated_in_the_weights_dtype(first)
 
     again = _run(["dvc", "repro"], repo, env)
     assert _stages_run(again) == set(), again
@@ -133,7 +169,7 @@ def test_pipeline_runs_then_reruns_only_what_changed(project):
     assert confusion[0] == "pmid,reference,decision" and len(confusion) == 5
     assert train["base_val_loss"] > 0 and "for the base model at step 0" in report
     judged = json.loads((repo / "metrics/judge.json").read_text())
-    assert judged["n_questions"] == 2 and judged["n_test_questions"] == 4 and judged["judge"] == "smollm2-135m-instruct"
+    assert judged["n_questions"] == 2 and judged["n_test_questions"] == 4
     assert set(judged["criteria"]) == {"helpfulness", "relevance", "completeness", "correctness"}
     assert sum(judged["head_to_head"][o]["mean"] for o in ("win", "tie", "loss")) == pytest.approx(1.0)
     verdicts = read_jsonl(repo / "data/predictions/judge.jsonl")
@@ -167,7 +203,8 @@ def test_pipeline_runs_then_reruns_only_what_changed(project):
 
 
 def _check_release(repo: Path, finetuned: dict) -> None:
-    """The release holds the adapter and a card whose metadata are the run's metrics."""
+    """The release holds the adapter and a card whose metadata are the run's metrics (the card's
+    `base_model`, a hub id, only for a hub model: the embedded run checks it)."""
     from huggingface_hub import ModelCard
 
     from medqa.release import card_results
@@ -176,18 +213,32 @@ def _check_release(repo: Path, finetuned: dict) -> None:
     assert (release / "adapter_model.safetensors").read_bytes() == (
         repo / "models/adapter/adapter_model.safetensors").read_bytes()
     card = ModelCard.load(release / "README.md")
-    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and card.data.library_name == "peft"
+    assert card.data.library_name == "peft"
     found = {r.metric_name: r.metric_value for r in card.data.eval_results}
     assert found == pytest.approx({label: value for label, _, value in card_results(finetuned)}, abs=1e-6)
     assert found["Decision accuracy (choice)"] == finetuned["decision"]["choice"]["accuracy"]
     assert "4 test questions" in card.text and "[More Information Needed]" not in card.text
 
 
-def test_lm_eval_reads_the_decisions_the_choice_protocol_reads(project, tmp_path):
+def test_the_embedded_run_names_its_model_and_judge(embedded):
+    """`dvc repro` on the embedded default: evaluated in fp32 on a CPU; the judge, the card's base model
+    and the report name SmolLM2, the report as a weak judge. Slow: the whole pipeline on the real model."""
+    from huggingface_hub import ModelCard
+
+    repo, env, first = embedded
+    _assert_evaluated_in_the_weights_dtype(first)
+    assert json.loads((repo / "metrics/judge.json").read_text())["judge"] == "smollm2-135m-instruct"
+    card = ModelCard.load(repo / "models/release/README.md")
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and card.data.library_name == "peft"
+    _check_release(repo, json.loads((repo / "metrics/finetuned.json").read_text()))
+    assert "**A weak judge.** `smollm2-135m-instruct`" in (repo / "reports/report.md").read_text()
+
+
+def test_lm_eval_reads_the_decisions_the_choice_protocol_reads(embedded, tmp_path):
     """`lm_eval` on the harness task, as docs/sharing.md says to run it: for the base model and the
-    adapter, its accuracy is the eval stages' choice accuracy and it picks the same option per question."""
-    repo, env = project
-    _run(["dvc", "repro"], repo, env)  # (a no-op after the test above)
+    adapter, its accuracy is the eval stages' choice accuracy and it picks the same option per question.
+    Slow: two lm_eval processes, each loading the harness and the model."""
+    repo, env, _ = embedded
     for label, model_args in (("baseline", "pretrained=models/base,dtype=float32"),
                               ("finetuned", "pretrained=models/base,peft=models/release,dtype=float32")):
         out = tmp_path / label
@@ -251,7 +302,7 @@ def test_push_then_pull_in_a_fresh_clone_needs_no_rerun(project, tmp_path):
     # An experiment run in one clone, shared through git + the DVC remote, applied in another.
     answers = (clone / "data/predictions/finetuned.jsonl").read_text()
     ran = _run(["dvc", "exp", "run", "-n", "three-epochs", "-S", "train.epochs=3"], clone, env)
-    # max_steps caps both runs at 2 steps: the judge re-runs only if the fine-tuned answers changed.
+    # The judge re-runs only if the fine-tuned answers changed (a tiny random model's may not).
     changed = (clone / "data/predictions/finetuned.jsonl").read_text() != answers
     assert _stages_run(ran) == ({"check_params", "finetune", "finetuned_eval", "report", "release"}
                                 | ({"judge"} if changed else set()))
@@ -333,28 +384,21 @@ def test_round_trip_over_ssh(project, sshd, tmp_path):
 
 
 def test_a_killed_stage_is_never_taken_as_done_and_a_rerun_gives_the_same_outputs(project):
-    import signal
-
+    """SIGKILL inside baseline_eval; then everything the evaluations depend on, run again from scratch,
+    gives byte-identical outputs. Slow: six stages run again."""
     repo, env = project
     outputs = ["data/raw/pubmedqa.jsonl", "data/formatted/examples.jsonl", "data/split/train.jsonl",
                "data/split/test.jsonl", "data/predictions/baseline.jsonl", "metrics/baseline.json",
                "data/predictions/finetuned.jsonl", "metrics/finetuned.json"]
     before = {name: (repo / name).read_bytes() for name in outputs}
-    proc = subprocess.Popen(["dvc", "repro", "--force", "--single-item", "baseline_eval"], cwd=repo, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    for line in proc.stdout:
-        if "Running stage 'baseline_eval'" in line:
-            break
-    import time
-
-    time.sleep(4)  # inside the stage: the model is loading or generating
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_after_a_kept_batch(repo, env, "baseline_eval")  # inside the stage, after its answers, before its outputs
     status = _run(["dvc", "status"], repo, env)
     assert "baseline_eval" in status, status
     assert "Data and pipelines are up to date." not in status
 
-    # Everything the two evaluations depend on, run again (the judge, report and release only read them).
+    # Everything the two evaluations depend on, run again (the judge, report and release only read them),
+    # computed afresh: without the killed run's kept answers.
+    shutil.rmtree(repo / "data/progress/baseline_eval")
     rerun = _run(["dvc", "repro", "--force", "--no-run-cache", "baseline_eval", "finetuned_eval"], repo, env)
     assert _stages_run(rerun) == ALL_STAGES - {"judge", "report", "harness_task", "release"}
     for name in outputs:  # same params and seed: byte-identical data, generations and metrics
@@ -382,11 +426,13 @@ def _kill_after_a_kept_batch(repo: Path, env: dict, stage: str) -> None:
     proc.wait()
 
 
-# stage: its outputs (finetuned_eval runs baseline_eval's code, `run_evaluation` with its stage's
-# progress, on another model)
+# stage: its outputs (the two eval stages run the same `run_evaluation`, each with its own progress,
+# whose fingerprint for finetuned_eval also holds the adapter's files)
 RESUMABLE = {
     "baseline_eval": ["data/predictions/baseline.jsonl", "data/predictions/baseline_official.json",
                       "metrics/baseline.json"],
+    "finetuned_eval": ["data/predictions/finetuned.jsonl", "data/predictions/finetuned_official.json",
+                       "metrics/finetuned.json"],
     "judge": ["data/predictions/judge.jsonl", "metrics/judge.json"],
 }
 
@@ -425,9 +471,9 @@ def test_a_killed_stage_goes_on_from_its_finished_questions(project, stage):
         _run(["dvc", "repro"], repo, env)  # the module's outputs back, from DVC's run cache
 
 
-def test_a_changed_source_file_re_runs_download(tmp_path):
+def test_a_changed_source_file_re_runs_download(tmp_path, tokenizer):
     data = write_official_dir(tmp_path / "pubmedqa", n=40, n_test=10)
-    repo, env = make_repo(tmp_path, data)
+    repo, env = make_repo(tmp_path, data, save_tiny_model(tmp_path / "tiny-model", tokenizer))
     assert _stages_run(_run(["dvc", "repro", "download"], repo, env)) == {"check_params", "download"}
     assert "up to date" in _run(["dvc", "status", "download"], repo, env)
     raw = (repo / "data/raw/pubmedqa.jsonl").read_bytes()
@@ -464,7 +510,7 @@ def test_a_killed_finetune_resumes_and_gives_the_same_adapter(project):
 
     repo, env = project
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"].update(max_steps=4)
+    params["train"].update(max_steps=4, eval_steps=1, save_steps=1)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     checkpoints, adapter = repo / "models/checkpoints", repo / "models/adapter/adapter_model.safetensors"
 
@@ -578,10 +624,11 @@ def _readme_block(marker: str) -> str:
     return match.group(1)
 
 
-def test_the_readme_commands_after_make_run_work_in_a_new_shell(project):
-    """The README's block of commands after `make run`, as written, in a shell with only the system PATH."""
-    repo, env = project
-    _run(["dvc", "repro"], repo, env)  # what `make run` leaves (a no-op after the tests above)
+def test_the_readme_commands_after_make_run_work_in_a_new_shell(embedded):
+    """The README's block of commands after `make run`, as written, in a shell with only the system PATH.
+    Slow: its experiment re-trains and re-evaluates the real model."""
+    repo, env, _ = embedded
+    _run(["dvc", "repro"], repo, env)  # what `make run` leaves (a no-op after the fixture's run)
     _commit(repo, env, "make run")
     block = _readme_block("<!-- after make run -->")
     assert block.startswith(". .venv/bin/activate") and "dvc exp run" in block and "dvc metrics diff" in block
@@ -596,7 +643,7 @@ def test_the_readme_commands_after_make_run_work_in_a_new_shell(project):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     # A new experiment, not a cached one, re-running what the README's comment lists (the judge only
-    # if the fine-tuned answers changed: max_steps caps the training).
+    # if the fine-tuned answers changed).
     listed = re.search(r"dvc exp run -S train\.epochs=\d+ +# an experiment: re-runs (.+)", block)
     assert listed, block
     ran = _stages_run(output)

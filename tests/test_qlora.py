@@ -72,10 +72,12 @@ def test_4bit_loads_nf4_on_any_device_and_auto_is_4bit_on_cuda_only(tmp_path, to
     assert layer.self_attn.q_proj.weight.quant_state.nested  # double quantisation
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", sorted(STAND_INS))
 def test_the_gpu_profile_runs_end_to_end_on_a_4bit_stand_in(tmp_path, tokenizer, architecture):
     """All stages through DVC with profiles/gpu.args' settings (QLoRA: nf4, paged AdamW 8-bit, its
-    LoRA settings, Mistral's template), `model.name` a local stand-in directory and tiny caps."""
+    LoRA settings, Mistral's template), `model.name` a local stand-in directory and tiny caps.
+    Slow: every stage is a process DVC starts, each loading torch, transformers and bitsandbytes."""
     stand_in = save_stand_in(tmp_path / f"{architecture}-stand-in", architecture, tokenizer)
     repo, env = make_repo(tmp_path, write_official_dir(tmp_path / "pubmedqa", n=40, n_test=10))
     params = yaml.safe_load((repo / "params.yaml").read_text())

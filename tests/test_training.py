@@ -108,6 +108,8 @@ def test_training_writes_adapter_history_and_best_step(workdir, tmp_path):
     _train(workdir, tmp_path, _params())
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert not list((tmp_path / "adapter").glob("*.bin"))
+    targets = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    assert targets == sorted(targets)  # not peft's hash order, which differs between runs
     summary = json.loads((tmp_path / "train.json").read_text())
     assert summary["steps"] == 6 and summary["best_step"] in (2, 4, 6) and not summary["resumed"]
     val = pd.read_csv(live_metric_file(tmp_path / "live", "eval/loss"), sep="\t")
