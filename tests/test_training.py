@@ -1,7 +1,6 @@
 """Fine-tuning on a tiny model: outputs, early stopping, and resume after a kill."""
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -10,7 +9,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 import pytest
@@ -53,7 +51,6 @@ SCRIPT = """
 import json, logging, sys
 logging.basicConfig(level=logging.INFO)
 from pathlib import Path
-sys.path.insert(0, sys.argv[4])
 from tests.test_training import train_in_this_process
 train_in_this_process(Path(sys.argv[3]), Path(sys.argv[2]), json.loads(sys.argv[1]))
 """
@@ -76,32 +73,19 @@ def train_in_this_process(workdir: Path, out: Path, raw: dict) -> None:
 def _start(workdir: Path, out: Path, params: dict) -> subprocess.Popen:
     """Training in a process of its own: for the tests that kill it."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(params), str(out), str(workdir), str(ROOT)],
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(params), str(out), str(workdir)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@contextlib.contextmanager
-def _logged() -> Iterator[list[str]]:
-    """The project's log lines (INFO and up) while the block runs."""
-    lines: list[str] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: lines.append(record.getMessage())
-    logger = logging.getLogger("medqa")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield lines
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+def _train(workdir: Path, out: Path, params: dict) -> None:
+    """Train in this process (no interpreter and torch start-up per run); tests read its log from caplog."""
+    train_in_this_process(workdir, out, params)
 
 
-def _train(workdir: Path, out: Path, params: dict) -> str:
-    """Train in this process (no interpreter and torch start-up per run); returns what the project logged."""
-    with _logged() as lines:
-        train_in_this_process(workdir, out, params)
-    return "\n".join(lines)
+def _log_from_here(caplog) -> None:
+    """caplog holds the project's INFO lines from now on, and nothing logged before."""
+    caplog.set_level(logging.INFO, logger="medqa")
+    caplog.clear()
 
 
 def test_training_writes_adapter_history_and_best_step(workdir, tmp_path):
@@ -129,7 +113,7 @@ def test_early_stopping_stops(workdir, tmp_path):
     assert json.loads((tmp_path / "train.json").read_text())["steps"] == 2
 
 
-def test_resume_after_kill_gives_the_same_adapter(workdir, tmp_path):
+def test_resume_after_kill_gives_the_same_adapter(workdir, tmp_path, caplog):
     params = _params(max_steps=12)
     _train(workdir, tmp_path / "straight", params)
 
@@ -143,8 +127,9 @@ def test_resume_after_kill_gives_the_same_adapter(workdir, tmp_path):
     proc.wait()
     assert not (out / "adapter").exists()
 
-    output = _train(workdir, out, params)
-    assert "resuming from" in output
+    _log_from_here(caplog)
+    _train(workdir, out, params)
+    assert "resuming from" in caplog.text
     summary = json.loads((out / "train.json").read_text())
     assert summary["resumed"] and summary["steps"] == 12
     # The loss curve of the resumed run has every step, the ones before the kill included.
@@ -170,10 +155,11 @@ def test_an_interrupted_checkpoint_is_never_loaded(tmp_path):
     assert last_complete_checkpoint(tmp_path / "nothing-here") is None
 
 
-def test_changed_params_start_fresh(workdir, tmp_path):
+def test_changed_params_start_fresh(workdir, tmp_path, caplog):
     _train(workdir, tmp_path, _params(max_steps=2))
-    output = _train(workdir, tmp_path, _params(max_steps=4))
-    assert "resuming from" not in output
+    _log_from_here(caplog)
+    _train(workdir, tmp_path, _params(max_steps=4))
+    assert "resuming from" not in caplog.text
     assert json.loads((tmp_path / "train.json").read_text())["steps"] == 4
 
 
@@ -468,16 +454,14 @@ def _finetune_stage(path: Path, **env: str) -> str:
     return proc.stdout + proc.stderr
 
 
-def _finetune_stage_here(path: Path, monkeypatch, **env: str) -> str:
-    """What `python -m stages.finetune` does in `path`, in this process; returns what the project logged."""
+def _finetune_stage_here(path: Path, monkeypatch, **env: str) -> None:
+    """What `python -m stages.finetune` does in `path`, in this process."""
     from stages.finetune import main
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(path)
-    with _logged() as lines:
-        main.__wrapped__()  # the stage itself, without the wrapper that exits the process
-    return "\n".join(lines)
+    main.__wrapped__()  # the stage itself, without the wrapper that exits the process
 
 
 def _machine(path: Path, rank: int, port: int) -> subprocess.Popen:
@@ -537,7 +521,8 @@ def test_two_cpu_processes_or_two_machines_train_the_adapter_one_process_trains(
     assert any(w.abs().max() > 0 for name, w in trained[0].items() if "lora_B" in name)
 
 
-def test_checkpoints_on_shared_storage_resume_in_another_clone_and_keep_other_runs(workdir, tmp_path, monkeypatch):
+def test_checkpoints_on_shared_storage_resume_in_another_clone_and_keep_other_runs(workdir, tmp_path, monkeypatch,
+                                                                                    caplog):
     """MEDQA_CHECKPOINT_DIR: a run cut off after step 2 in one clone (its later checkpoint gone)
     resumes in a clone at another path pointed at the same place and ends with the adapter of the
     uninterrupted run; another experiment there keeps the first one's checkpoints."""
@@ -553,8 +538,9 @@ def test_checkpoints_on_shared_storage_resume_in_another_clone_and_keep_other_ru
     shutil.rmtree(run / "checkpoint-4")  # as if the machine had gone after step 2
 
     second = _stage_dir(tmp_path / "elsewhere" / "second", workdir, _params(**steps))
-    output = _finetune_stage_here(second, monkeypatch, MEDQA_CHECKPOINT_DIR=shared)
-    assert f"resuming from {run / 'checkpoint-2'}" in output
+    _log_from_here(caplog)
+    _finetune_stage_here(second, monkeypatch, MEDQA_CHECKPOINT_DIR=shared)
+    assert f"resuming from {run / 'checkpoint-2'}" in caplog.text
     a, b = (load_file(d / "models/adapter/adapter_model.safetensors") for d in (first, second))
     assert a.keys() == b.keys()
     for key in a:
@@ -643,17 +629,18 @@ def test_the_weighted_loss_counts_the_decision_tokens_that_many_times(tokenizer)
     assert answer_loss(out, batch["labels"], weights=ones).item() == pytest.approx(answer_loss(out, batch["labels"]).item(), abs=1e-6)
 
 
-def test_the_decision_weight_reaches_the_training_loss_not_the_validation_loss(workdir, tmp_path):
+def test_the_decision_weight_reaches_the_training_loss_not_the_validation_loss(workdir, tmp_path, caplog):
     """The first logged training loss (the first batch, before any update) rises with the decision's
     weight; the validation loss at step 0 (the untrained adapter) is the same either way."""
     first = {}
     for weight in (1.0, 8.0):
         out = tmp_path / str(weight)
-        log = _train(workdir, out, _params(max_steps=1, eval_steps=1, save_steps=1, decision_loss_weight=weight))
+        _log_from_here(caplog)
+        _train(workdir, out, _params(max_steps=1, eval_steps=1, save_steps=1, decision_loss_weight=weight))
         history = pd.read_csv(live_metric_file(out / "live", "train/loss"), sep="\t")
         val = pd.read_csv(live_metric_file(out / "live", "eval/loss"), sep="\t")
         first[weight] = (history["loss"].iloc[0], val.loc[val["step"] == 0, "loss"].item())
-        assert ("decision tokens weighted" in log) == (weight != 1.0)
+        assert ("decision tokens weighted" in caplog.text) == (weight != 1.0)
     assert first[8.0][0] > first[1.0][0] + 0.01
     assert first[8.0][1] == pytest.approx(first[1.0][1], abs=1e-6)
 
