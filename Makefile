@@ -64,11 +64,15 @@ else
 endif
 
 # --durations: the slowest tests in every run's output, so growth shows before it costs CI its limit.
+# Two workers, each taking whole modules (a module's tests share its runs) in the order collected:
+# the end-to-end modules first (tests/conftest.py orders them), so the two longest run side by side.
+PYTEST_WORKERS = -n 2 --dist loadfile --no-loadscope-reorder
+
 test: $(VENV)/.tests-installed
-	$(VENV)/bin/python -m pytest -q --durations=20 tests
+	$(VENV)/bin/python -m pytest -q --durations=20 $(PYTEST_WORKERS) tests
 
 test-fast: $(VENV)/.tests-installed
-	$(VENV)/bin/python -m pytest -q -m "not slow" --durations=10 tests
+	$(VENV)/bin/python -m pytest -q -m "not slow" --durations=10 $(PYTEST_WORKERS) tests
 
 chat: setup
 	$(VENV)/bin/python -m medqa.chat $(CHAT_ARGS)

@@ -7,7 +7,22 @@ from pathlib import Path
 
 import pytest
 
+# Under `make test`'s two workers, every process (each worker and the stages it starts) computes on
+# one thread: torch's default, a thread per core in each, oversubscribes two cores, and its threads
+# spin waiting for each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 DECISIONS = ("yes", "no", "maybe")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The modules that are slow as a whole (the end-to-end runs, the longest by far) first, each module's
+    tests in their own order: `make test` hands whole modules to its two workers in this order, so the two
+    longest start at once instead of one of them last."""
+    slow_modules = {item.module for item in items} - {item.module for item in items
+                                                      if item.get_closest_marker("slow") is None}
+    items.sort(key=lambda item: item.module not in slow_modules)
 
 
 def make_original(n: int, start: int = 1000) -> dict[str, dict]:

@@ -12,7 +12,7 @@ import yaml
 from medqa.io import read_jsonl
 from medqa.models import LLAMA_MODULES, PROFILES, get_profile, resolve_hardware
 from tests.conftest import write_official_dir
-from tests.test_pipeline import ALL_STAGES, ROOT, _run, _stages_run, make_repo
+from tests.pipeline_repo import ALL_STAGES, ROOT, make_repo, run, stages_run
 
 STAND_INS = {"mistral": "MistralConfig", "llama": "LlamaConfig"}
 
@@ -99,8 +99,8 @@ def test_the_gpu_profile_runs_end_to_end_on_a_4bit_stand_in(tmp_path, tokenizer,
     # What follows training (the evaluations, judge, chat and export) runs the same code for either
     # architecture: one stand-in goes through all of it, the other through training.
     whole = architecture == "mistral"
-    output = _run(["dvc", "repro"] if whole else ["dvc", "repro", "finetune"], repo, env)
-    assert _stages_run(output) == (ALL_STAGES if whole else {"check_params", "download", "format", "split", "finetune"})
+    output = run(["dvc", "repro"] if whole else ["dvc", "repro", "finetune"], repo, env)
+    assert stages_run(output) == (ALL_STAGES if whole else {"check_params", "download", "format", "split", "finetune"})
     assert "4-bit nf4 base" in output and output.count("(4-bit nf4 base)") == (2 if whole else 0)  # training, both evals
     source = json.loads((repo / "models/base/source.json").read_text())
     assert source["weights"] == "dir" and source["path"] == str(stand_in.resolve())
