@@ -2,9 +2,12 @@
 taken away, Ctrl-C) goes on from where it stopped instead of from its first question.
 
 The progress lives in scratch space (`data/progress/<stage>/`), not in a DVC output: DVC deletes a
-stage's outputs before running it, and never caches this. One file per fingerprint of everything
-that decides the results (the params the stage reads, its inputs' bytes, its code): any change
-starts afresh, and a finished stage deletes its file.
+stage's outputs before running it, and never caches this. With `MEDQA_CHECKPOINT_DIR` set (storage
+that outlives the machine, where the finetune stage keeps its checkpoints too) it lives there, under
+`progress/<stage>/`: a spot machine's replacement goes on from what the old one finished. One file
+per fingerprint of everything that decides the results (the params the stage reads, its inputs'
+bytes, the models as `checkpoints.base_identity` sees them, its code): any change starts afresh, and
+a finished stage deletes its file.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from medqa.checkpoints import fingerprint
+from medqa.checkpoints import SHARED_DIR_ENV, base_identity, fingerprint
 from medqa.imports import stage_code
 from medqa.params import Params, as_dict
 from medqa.paths import PROGRESS
@@ -26,9 +29,11 @@ class Progress:
     """The finished units (by key: a question's pmid) of one run of a stage, appended a batch at a
     time and flushed to disk, so a kill loses at most the batch in flight."""
 
-    def __init__(self, folder: Path, key: str):
+    def __init__(self, folder: Path, key: str, shared: bool = False):
         folder.mkdir(parents=True, exist_ok=True)
-        for other in folder.glob("*.jsonl"):  # an earlier run with other params, inputs or code
+        # An earlier run with other params, inputs or code; in shared storage, maybe another clone's
+        # or experiment's, which is left alone.
+        for other in [] if shared else folder.glob("*.jsonl"):
             if other.stem != key:
                 other.unlink()
         self.path = folder / f"{key}.jsonl"
@@ -72,12 +77,17 @@ class Progress:
         self.path.unlink(missing_ok=True)
 
 
-def stage_progress(stage: str, params: Params, sections: Sequence[str], inputs: Sequence[Path]) -> Progress:
-    """The progress of `stage` (e.g. "baseline_eval") for the params `sections` it reads and the
-    files and folders it reads (`inputs`), tied to the stage's code (its script and the modules it reaches, as
-    DVC's deps list them)."""
+def stage_progress(stage: str, params: Params, sections: Sequence[str], inputs: Sequence[Path],
+                   models: Sequence[Path]) -> Progress:
+    """The progress of `stage` (e.g. "baseline_eval") for the params `sections` it reads, the files and
+    folders it reads (`inputs`) and the model directories it loads (`models`, each by its source
+    record: a local model by its content, wherever it lies), tied to the stage's code (its script and
+    the modules it reaches, as DVC's deps list them). Under `MEDQA_CHECKPOINT_DIR` when that is set."""
     values = {name: as_dict(getattr(params, name)) for name in sections}
+    values["models"] = [base_identity(model) for model in models]
     # A folder counts by its files; a missing input is left to the stage to name.
     files = [f for path in inputs for f in (sorted(path.rglob("*")) if path.is_dir() else [path]) if f.is_file()]
     key = fingerprint(values, [*files, *stage_code(f"stages/{stage}.py")])[:16]
-    return Progress(PROGRESS / stage, key)
+    shared = os.environ.get(SHARED_DIR_ENV)
+    root = Path(shared).expanduser() / "progress" if shared else PROGRESS
+    return Progress(root / stage, key, shared=bool(shared))

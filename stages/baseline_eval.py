@@ -9,8 +9,8 @@ from medqa.progress import stage_progress
 @stage_main
 def main() -> None:
     params = load_params()
-    # A killed run goes on from its finished questions (data/progress/baseline_eval/).
-    progress = stage_progress("baseline_eval", params, EVAL_SECTIONS, [paths.TEST, paths.BASE_MODEL / "source.json"])
+    # A killed run goes on from its finished questions (data/progress/baseline_eval/, or MEDQA_CHECKPOINT_DIR).
+    progress = stage_progress("baseline_eval", params, EVAL_SECTIONS, [paths.TEST], [paths.BASE_MODEL])
     run_evaluation(params.model, params.prompt, params.generation, params.eval, paths.BASE_MODEL, paths.TEST,
                    paths.VAL, None, label="baseline", progress=progress, **paths.eval_outputs("baseline"))
 

@@ -9,8 +9,8 @@ from medqa.progress import stage_progress
 @stage_main
 def main() -> None:
     params = load_params()
-    # A killed run goes on from its finished questions (data/progress/finetuned_eval/).
-    progress = stage_progress("finetuned_eval", params, EVAL_SECTIONS, [paths.TEST, paths.BASE_MODEL / "source.json", paths.ADAPTER])
+    # A killed run goes on from its finished questions (data/progress/finetuned_eval/, or MEDQA_CHECKPOINT_DIR).
+    progress = stage_progress("finetuned_eval", params, EVAL_SECTIONS, [paths.TEST, paths.ADAPTER], [paths.BASE_MODEL])
     run_evaluation(params.model, params.prompt, params.generation, params.eval, paths.BASE_MODEL, paths.TEST,
                    paths.VAL, paths.ADAPTER, label="finetuned", progress=progress, **paths.eval_outputs("finetuned"))
 

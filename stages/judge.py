@@ -12,9 +12,8 @@ def main() -> None:
     params = load_params()
     answers = [paths.eval_outputs(label)["predictions_path"] for label in ("baseline", "finetuned")]
     judge_dir = judge_model_dir(params.judge.model, params.model.name, paths.BASE_MODEL, paths.JUDGE_MODEL)
-    # A killed run goes on from its judged questions (data/progress/judge/).
-    progress = stage_progress("judge", params, ("judge", "model", "eval"),
-                              [paths.TEST, *answers, judge_dir / "source.json"])
+    # A killed run goes on from its judged questions (data/progress/judge/, or MEDQA_CHECKPOINT_DIR).
+    progress = stage_progress("judge", params, ("judge", "model", "eval"), [paths.TEST, *answers], [judge_dir])
     rows, result = run_judge(
         params.judge, params.model, read_jsonl(answers[0]), read_jsonl(answers[1]), read_jsonl(paths.TEST), judge_dir,
         params.eval.bootstrap, params.eval.seed, progress,

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 # Under `make test`'s two workers, every process (each worker and the stages it starts) computes on
 # one thread: torch's default, a thread per core in each, oversubscribes two cores, and its threads
@@ -109,3 +110,30 @@ def pubmedqa_data() -> Path | None:
     """The real PubMedQA copy named by PUBMEDQA_DATA (CI sets it), if any."""
     value = os.environ.get("PUBMEDQA_DATA")
     return Path(value) if value and Path(value, "ori_pqal.json").exists() else None
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tokenizer) -> Path:
+    """A base model directory (a small random Llama) and formatted train/val splits."""
+    from medqa.io import write_jsonl
+    from medqa.prompts import PromptFormat, format_record
+
+    work = tmp_path_factory.mktemp("train")
+    save_tiny_base(work / "base", tokenizer, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                   max_position_embeddings=512)
+    fmt = PromptFormat(tokenizer)
+    records = [{"pmid": k, "question": v["QUESTION"], "contexts": v["CONTEXTS"], "long_answer": v["LONG_ANSWER"],
+                "final_decision": v["final_decision"]} for k, v in make_original(24).items()]
+    examples = [format_record(r, fmt, "Answer from the context.", "The answer is:") for r in records]
+    write_jsonl(work / "train.jsonl", examples[:20])
+    write_jsonl(work / "val.jsonl", examples[20:])
+    return work
+
+
+def train_params(**train) -> dict:
+    """The project's params for training on the `workdir` fixture: a few small steps, `train` on top."""
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["prompt"]["answer_prefix"] = "The answer is:"  # the workdir's targets'
+    params["train"].update({"max_steps": 6, "batch_size": 2, "grad_accum": 1, "eval_steps": 2, "save_steps": 2,
+                            "max_length": 256, "learning_rate": 0.001, "max_val_samples": None, **train})
+    return params

@@ -245,39 +245,51 @@ def test_a_killed_stage_is_never_taken_as_done_and_a_rerun_gives_the_same_output
                "data/split/test.jsonl", "data/predictions/baseline.jsonl", "metrics/baseline.json",
                "data/predictions/finetuned.jsonl", "metrics/finetuned.json"]
     before = {name: (repo / name).read_bytes() for name in outputs}
-    _kill_after_a_kept_batch(repo, env, "baseline_eval")  # inside the stage, after its answers, before its outputs
+    progress = repo / "data/progress/baseline_eval"
+    _kill_after_a_kept_batch(repo, env, "baseline_eval", progress)  # inside the stage, after its answers, before its outputs
     status = run(["dvc", "status"], repo, env)
     assert "baseline_eval" in status, status
     assert "Data and pipelines are up to date." not in status
 
     # Everything the two evaluations depend on, run again (the judge, report and release only read them),
     # computed afresh: without the killed run's kept answers.
-    shutil.rmtree(repo / "data/progress/baseline_eval")
+    shutil.rmtree(progress)
     rerun = run(["dvc", "repro", "--force", "--no-run-cache", "baseline_eval", "finetuned_eval"], repo, env)
     assert stages_run(rerun) == ALL_STAGES - {"judge", "report", "harness_task", "release"}
     for name in outputs:  # same params and seed: byte-identical data, generations and metrics
         assert (repo / name).read_bytes() == before[name], name
 
 
-def _kept_batches(repo: Path, stage: str) -> int:
-    return sum(len(read_jsonl(p)) for p in (repo / "data/progress" / stage).glob("*.jsonl"))
+def _kept_batches(progress: Path) -> int:
+    """The finished batches kept in a stage's progress folder."""
+    return sum(len(read_jsonl(p)) for p in progress.glob("*.jsonl"))
 
 
-def _kill_after_a_kept_batch(repo: Path, env: dict, stage: str) -> None:
+def _kill_after_a_kept_batch(repo: Path, env: dict, stage: str, progress: Path) -> None:
     """`dvc repro --force` of `stage` in its own process group, SIGKILLed as a whole once the stage
-    has kept a finished batch (a progress event, not a timer)."""
+    has kept a finished batch in `progress` (a progress event, not a timer)."""
     import signal
     import time
 
     proc = subprocess.Popen(["dvc", "repro", "--force", "--single-item", stage], cwd=repo, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 600
-    while _kept_batches(repo, stage) < 1:
+    while _kept_batches(progress) < 1:
         assert proc.poll() is None, f"{stage} ended before a batch was kept"
         assert time.monotonic() < deadline, f"{stage} kept no batch in 600 s"
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def _new_machine(repo: Path, dest: Path, env: dict) -> Path:
+    """A fresh clone of `repo`'s last commit with its workspace's params.yaml, whose DVC outputs come
+    from `repo`'s cache (what `dvc pull` gives a new machine, without a remote)."""
+    clone = _clone(repo, dest, env)
+    shutil.copy2(repo / "params.yaml", clone / "params.yaml")
+    run(["dvc", "cache", "dir", "--local", str(repo / ".dvc/cache")], clone, env)
+    run(["dvc", "checkout"], clone, env)
+    return clone
 
 
 # stage: its outputs. baseline_eval stands for both eval stages: finetuned_eval runs the same
@@ -291,35 +303,43 @@ RESUMABLE = {
 
 
 @pytest.mark.parametrize("stage", sorted(RESUMABLE))
-def test_a_killed_stage_goes_on_from_its_finished_questions(project, stage):
+def test_a_killed_stage_goes_on_from_its_finished_questions(project, stage, tmp_path):
     """Killed after a batch (the judge: a question), a forced re-run through DVC reuses the finished
     questions and writes what an uninterrupted run writes, byte for byte; a changed param starts afresh.
-    Slow: the stage runs five times, twice killed."""
+    The judge keeps its progress in this clone's data/progress; baseline_eval runs as on spot machines,
+    with MEDQA_CHECKPOINT_DIR set: its progress goes there, and the re-run after the kill is on a new
+    machine (a fresh clone) with the same directory. Slow: the stage runs five times, twice killed."""
     repo, env = project
     run(["dvc", "repro"], repo, env)
+    commit(repo, env, "before the kills")
     params_file = repo / "params.yaml"
     original = params_file.read_text()
     params = yaml.safe_load(original)
     params["eval"]["batch_size"] = 1  # the eval stages: four batches of one question
     params["judge"]["max_samples"] = 3
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    outputs = [repo / name for name in RESUMABLE[stage]]
+    spot = stage == "baseline_eval"
+    stage_env = dict(env, MEDQA_CHECKPOINT_DIR=str(tmp_path / "bucket")) if spot else env
+    progress = tmp_path / "bucket/progress" / stage if spot else repo / "data/progress" / stage
+    outputs = RESUMABLE[stage]
     rerun = ["dvc", "repro", "--force", "--no-run-cache", "--single-item", stage]
     try:
-        run(rerun, repo, env)
-        uninterrupted = [p.read_bytes() for p in outputs]
-        assert _kept_batches(repo, stage) == 0  # a finished stage leaves no progress behind
+        run(rerun, repo, stage_env)
+        uninterrupted = [(repo / name).read_bytes() for name in outputs]
+        assert _kept_batches(progress) == 0  # a finished stage leaves no progress behind
 
-        _kill_after_a_kept_batch(repo, env, stage)
-        resumed = run(rerun, repo, env)
+        _kill_after_a_kept_batch(repo, stage_env, stage, progress)
+        assert not spot or _kept_batches(repo / "data/progress" / stage) == 0  # all of it in the bucket
+        resumed_in = _new_machine(repo, tmp_path / "new-machine", env) if spot else repo
+        resumed = run(rerun, resumed_in, stage_env)
         reused = re.search(r"(\d+) of (\d+) questions reused", resumed)
         assert reused and 1 <= int(reused.group(1)) <= int(reused.group(2)), resumed[-3000:]
-        assert [p.read_bytes() for p in outputs] == uninterrupted
+        assert [(resumed_in / name).read_bytes() for name in outputs] == uninterrupted
 
-        _kill_after_a_kept_batch(repo, env, stage)
+        _kill_after_a_kept_batch(repo, stage_env, stage, progress)
         params["eval"]["bootstrap"] = 40
         params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-        assert "questions reused" not in run(rerun, repo, env)
+        assert "questions reused" not in run(rerun, repo, stage_env)
     finally:
         params_file.write_text(original)
         run(["dvc", "repro"], repo, env)  # the module's outputs back, from DVC's run cache

@@ -15,36 +15,12 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from medqa.io import write_jsonl
 from medqa.params import params_from_dict
 from medqa.plots import live_metric_file
 from medqa.prompts import PromptFormat, format_record
-from tests.conftest import make_original, save_tiny_base
+from tests.conftest import train_params
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory, tokenizer) -> Path:
-    """A base model directory (a small random Llama) and formatted train/val splits."""
-    work = tmp_path_factory.mktemp("train")
-    save_tiny_base(work / "base", tokenizer, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                   max_position_embeddings=512)
-    fmt = PromptFormat(tokenizer)
-    records = [{"pmid": k, "question": v["QUESTION"], "contexts": v["CONTEXTS"], "long_answer": v["LONG_ANSWER"],
-                "final_decision": v["final_decision"]} for k, v in make_original(24).items()]
-    examples = [format_record(r, fmt, "Answer from the context.", "The answer is:") for r in records]
-    write_jsonl(work / "train.jsonl", examples[:20])
-    write_jsonl(work / "val.jsonl", examples[20:])
-    return work
-
-
-def _params(**train) -> dict:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["prompt"]["answer_prefix"] = "The answer is:"  # the workdir's targets'
-    params["train"].update({"max_steps": 6, "batch_size": 2, "grad_accum": 1, "eval_steps": 2, "save_steps": 2,
-                            "max_length": 256, "learning_rate": 0.001, "max_val_samples": None, **train})
-    return params
 
 
 SCRIPT = """
@@ -89,7 +65,7 @@ def _log_from_here(caplog) -> None:
 
 
 def test_training_writes_adapter_history_and_best_step(workdir, tmp_path):
-    _train(workdir, tmp_path, _params())
+    _train(workdir, tmp_path, train_params())
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert not list((tmp_path / "adapter").glob("*.bin"))
     targets = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"]
@@ -108,13 +84,13 @@ def test_training_writes_adapter_history_and_best_step(workdir, tmp_path):
 
 def test_early_stopping_stops(workdir, tmp_path):
     # With a zero learning rate the validation loss never improves: patience 1 stops at the second eval.
-    _train(workdir, tmp_path, _params(max_steps=20, eval_steps=1, save_steps=1, learning_rate=0.0,
+    _train(workdir, tmp_path, train_params(max_steps=20, eval_steps=1, save_steps=1, learning_rate=0.0,
                                       early_stopping_patience=1, warmup_ratio=0.0))
     assert json.loads((tmp_path / "train.json").read_text())["steps"] == 2
 
 
 def test_resume_after_kill_gives_the_same_adapter(workdir, tmp_path, caplog):
-    params = _params(max_steps=12)
+    params = train_params(max_steps=12)
     _train(workdir, tmp_path / "straight", params)
 
     out = tmp_path / "killed"
@@ -156,9 +132,9 @@ def test_an_interrupted_checkpoint_is_never_loaded(tmp_path):
 
 
 def test_changed_params_start_fresh(workdir, tmp_path, caplog):
-    _train(workdir, tmp_path, _params(max_steps=2))
+    _train(workdir, tmp_path, train_params(max_steps=2))
     _log_from_here(caplog)
-    _train(workdir, tmp_path, _params(max_steps=4))
+    _train(workdir, tmp_path, train_params(max_steps=4))
     assert "resuming from" not in caplog.text
     assert json.loads((tmp_path / "train.json").read_text())["steps"] == 4
 
@@ -170,7 +146,7 @@ EXPORTED = {"max_steps": 2, "learning_rate": 0.01}  # the adapter the export tes
 def trained(workdir, tmp_path_factory) -> Path:
     """One short training run whose adapter the export tests share (under `adapter/`)."""
     out = tmp_path_factory.mktemp("trained")
-    _train(workdir, out, _params(**EXPORTED))
+    _train(workdir, out, train_params(**EXPORTED))
     return out
 
 
@@ -205,7 +181,7 @@ def test_gguf_export_reads_back_as_the_merged_model(workdir, trained, tmp_path, 
     from medqa.export import export_gguf, merge_adapter
     from medqa.prompts import prompt_format, user_message
 
-    params = _params(**EXPORTED)
+    params = train_params(**EXPORTED)
     typed = params_from_dict(params)
     gguf_file = export_gguf(workdir / "base", trained / "adapter", tmp_path / "gguf", typed.prompt, typed.model.name,
                             gguf_type)
@@ -238,7 +214,7 @@ def test_non_finite_loss_stops_with_a_clear_message(workdir, tmp_path):
     from medqa.errors import PipelineError
 
     with pytest.raises(PipelineError) as stopped:
-        _train(workdir, tmp_path, _params(max_steps=30, learning_rate=1e8, warmup_ratio=0.0))
+        _train(workdir, tmp_path, train_params(max_steps=30, learning_rate=1e8, warmup_ratio=0.0))
     output = str(stopped.value)
     assert "became nan" in output or "became inf" in output, output[-2000:]
     assert "lower train.learning_rate" in output
@@ -251,7 +227,7 @@ def test_resume_point_is_idempotent_and_multi_gpu_launch_command(workdir, tmp_pa
     from medqa.training import shaping_params
 
     def sections(**train) -> dict:
-        return shaping_params(params_from_dict(_params(**train)))
+        return shaping_params(params_from_dict(train_params(**train)))
 
     monkeypatch.delenv("MEDQA_CHECKPOINT_DIR", raising=False)
     params, ckpt = sections(), tmp_path / "checkpoints"
@@ -313,16 +289,16 @@ def test_the_gpu_knobs_reach_the_trainer_and_liger_off_cuda_is_one_clear_line(tm
     from medqa.training import training_arguments
 
     cpu = resolve_hardware("none", "float32")
-    train = params_from_dict(_params()).train
+    train = params_from_dict(train_params()).train
     assert not training_arguments(train, cpu, tmp_path).activation_checkpointing  # auto: off on the CPU
-    forced = params_from_dict(_params(gradient_checkpointing=True)).train
+    forced = params_from_dict(train_params(gradient_checkpointing=True)).train
     assert training_arguments(forced, cpu, tmp_path).activation_checkpointing
     monkeypatch.delenv("MEDQA_CHECKPOINT_DIR", raising=False)
-    assert training_arguments(params_from_dict(_params(num_machines=2)).train, cpu, tmp_path).save_on_each_node
+    assert training_arguments(params_from_dict(train_params(num_machines=2)).train, cpu, tmp_path).save_on_each_node
     monkeypatch.setenv("MEDQA_CHECKPOINT_DIR", str(tmp_path / "shared"))  # one shared copy serves every machine
-    assert not training_arguments(params_from_dict(_params(num_machines=2)).train, cpu, tmp_path).save_on_each_node
+    assert not training_arguments(params_from_dict(train_params(num_machines=2)).train, cpu, tmp_path).save_on_each_node
     with pytest.raises(PipelineError, match="liger_kernel=true needs CUDA"):
-        training_arguments(params_from_dict(_params(liger_kernel=True)).train, cpu, tmp_path)
+        training_arguments(params_from_dict(train_params(liger_kernel=True)).train, cpu, tmp_path)
 
 
 def _lora_trainer(workdir: Path, out: Path, stage_way: bool):
@@ -334,7 +310,7 @@ def _lora_trainer(workdir: Path, out: Path, stage_way: bool):
     from medqa.trainer import build_trainer
     from medqa.training import _dataset, setup_model, training_arguments
 
-    params = _params(max_steps=4, batch_size=3, grad_accum=2, learning_rate=0.01, warmup_ratio=0.0,
+    params = train_params(max_steps=4, batch_size=3, grad_accum=2, learning_rate=0.01, warmup_ratio=0.0,
                      logging_steps=1, eval_steps=4, save_steps=4)
     params["lora"]["dropout"] = 0.0  # dropout masks would differ between the two layouts
     set_seed(0)
@@ -486,8 +462,8 @@ def test_two_cpu_processes_or_two_machines_train_the_adapter_one_process_trains(
     import torch
 
     steps = {"max_steps": 3, "eval_steps": 3, "save_steps": 3, "batch_size": 2, "warmup_ratio": 0.0}
-    one = _stage_dir(tmp_path / "one", workdir, _params(**steps, grad_accum=2, num_processes=1))
-    two = _stage_dir(tmp_path / "two", workdir, _params(**steps, grad_accum=1, num_processes=2))
+    one = _stage_dir(tmp_path / "one", workdir, train_params(**steps, grad_accum=2, num_processes=1))
+    two = _stage_dir(tmp_path / "two", workdir, train_params(**steps, grad_accum=1, num_processes=2))
     output = _finetune_stage(two)
     assert "finetune: accelerate launch" in output and "--num_processes 2" in output
     assert output.count("training on 20 examples") == 2  # both processes trained
@@ -496,7 +472,7 @@ def test_two_cpu_processes_or_two_machines_train_the_adapter_one_process_trains(
     assert "loading the base model (rank 1 of 2, device cpu" in output
     assert output.count("finetune: best step") == 1  # rank 0 alone writes and reports
 
-    machines = [_stage_dir(tmp_path / f"machine{rank}", workdir, _params(**steps, grad_accum=1, num_machines=2))
+    machines = [_stage_dir(tmp_path / f"machine{rank}", workdir, train_params(**steps, grad_accum=1, num_machines=2))
                 for rank in (0, 1)]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -530,14 +506,14 @@ def test_checkpoints_on_shared_storage_resume_in_another_clone_and_keep_other_ru
 
     shared = str(tmp_path / "bucket")
     steps = {"max_steps": 4, "eval_steps": 2, "save_steps": 2}
-    first = _stage_dir(tmp_path / "first", workdir, _params(**steps))
+    first = _stage_dir(tmp_path / "first", workdir, train_params(**steps))
     _finetune_stage_here(first, monkeypatch, MEDQA_CHECKPOINT_DIR=shared)
     assert not (first / "models/checkpoints").exists() or not any((first / "models/checkpoints").iterdir())
     (run,) = (tmp_path / "bucket").iterdir()
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     shutil.rmtree(run / "checkpoint-4")  # as if the machine had gone after step 2
 
-    second = _stage_dir(tmp_path / "elsewhere" / "second", workdir, _params(**steps))
+    second = _stage_dir(tmp_path / "elsewhere" / "second", workdir, train_params(**steps))
     _log_from_here(caplog)
     _finetune_stage_here(second, monkeypatch, MEDQA_CHECKPOINT_DIR=shared)
     assert f"resuming from {run / 'checkpoint-2'}" in caplog.text
@@ -546,11 +522,53 @@ def test_checkpoints_on_shared_storage_resume_in_another_clone_and_keep_other_ru
     for key in a:
         assert (a[key] - b[key]).abs().max() < 1e-4, key
 
-    other = _stage_dir(tmp_path / "other", workdir, _params(**steps, learning_rate=0.002))
+    other = _stage_dir(tmp_path / "other", workdir, train_params(**steps, learning_rate=0.002))
     _finetune_stage_here(other, monkeypatch, MEDQA_CHECKPOINT_DIR=shared)
     runs = sorted((tmp_path / "bucket").iterdir())
     assert len(runs) == 2 and run in runs
     assert all(sorted(p.name for p in r.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"] for r in runs)
+
+
+@pytest.mark.parametrize("read", ["whole", "in blocks"])
+def test_a_local_model_is_known_by_its_content_not_its_path(tmp_path, tokenizer, monkeypatch, read):
+    """model.name a local directory: the same weights under another path resume each other's checkpoints
+    (and eval progress, keyed on the same record); weights changed in place, same names and sizes, do
+    not. "in blocks": the weights read as a 7B model's are, 64 blocks of each file."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    import medqa.models
+    from medqa.checkpoints import base_identity, claim_checkpoints
+    from medqa.models import get_profile, prepare_base_model
+    from tests.conftest import save_tiny_base
+
+    monkeypatch.setattr(medqa.models, "WHOLE_FILE_BYTES", 10**12 if read == "whole" else 1000)
+    monkeypatch.setenv("MEDQA_CHECKPOINT_DIR", str(tmp_path / "bucket"))
+    original = tmp_path / "a/model"
+    save_tiny_base(original, tokenizer, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    shutil.copytree(original, tmp_path / "b/model")
+    shutil.copytree(original, tmp_path / "changed/model")
+    weights = tmp_path / "changed/model/model.safetensors"
+    save_file({k: v * 1.01 for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    assert weights.stat().st_size == (original / "model.safetensors").stat().st_size
+    for split in ("train", "val"):
+        (tmp_path / f"{split}.jsonl").write_text("{}\n")
+
+    def claim(model: Path) -> tuple[Path, Path | None]:
+        """The download stage for `model`, then the finetune stage's claim on the shared checkpoints."""
+        prepare_base_model(get_profile(str(model)), model.parent / "base")
+        return claim_checkpoints({"train": {}}, model.parent / "base", tmp_path / "train.jsonl",
+                                 tmp_path / "val.jsonl", tmp_path / "scratch")
+
+    folder, resume = claim(original)
+    assert resume is None
+    (folder / "checkpoint-2").mkdir()
+    (folder / "checkpoint-2/trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    assert claim(tmp_path / "b/model") == (folder, folder / "checkpoint-2")
+    assert claim(tmp_path / "changed/model")[1] is None
+    identities = [base_identity(tmp_path / name / "base") for name in ("a", "b", "changed")]
+    assert identities[0] == identities[1] != identities[2]
 
 
 def test_fsdp_without_gpus_is_one_clear_line(workdir, tmp_path):
@@ -559,7 +577,7 @@ def test_fsdp_without_gpus_is_one_clear_line(workdir, tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has GPUs: FSDP can start")
-    run = _stage_dir(tmp_path / "fsdp", workdir, _params(num_processes=2, distributed="fsdp"))
+    run = _stage_dir(tmp_path / "fsdp", workdir, train_params(num_processes=2, distributed="fsdp"))
     proc = _run_finetune_stage(run)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "error: train.distributed=fsdp needs GPUs" in proc.stderr
@@ -569,7 +587,7 @@ def test_fsdp_without_gpus_is_one_clear_line(workdir, tmp_path):
 def _weighted_train(**overrides):
     from medqa.params import params_from_dict
 
-    return params_from_dict(_params(**overrides)).train
+    return params_from_dict(train_params(**overrides)).train
 
 
 def test_decision_weights_are_the_param_or_inverse_frequency_with_mean_the_param():
@@ -636,7 +654,7 @@ def test_the_decision_weight_reaches_the_training_loss_not_the_validation_loss(w
     for weight in (1.0, 8.0):
         out = tmp_path / str(weight)
         _log_from_here(caplog)
-        _train(workdir, out, _params(max_steps=1, eval_steps=1, save_steps=1, decision_loss_weight=weight))
+        _train(workdir, out, train_params(max_steps=1, eval_steps=1, save_steps=1, decision_loss_weight=weight))
         history = pd.read_csv(live_metric_file(out / "live", "train/loss"), sep="\t")
         val = pd.read_csv(live_metric_file(out / "live", "eval/loss"), sep="\t")
         first[weight] = (history["loss"].iloc[0], val.loc[val["step"] == 0, "loss"].item())
@@ -656,7 +674,7 @@ def test_the_trained_model_is_scored_as_the_eval_stages_score_it(workdir, tmp_pa
     from medqa.trainer import build_trainer, forward_as_loaded
     from medqa.training import _dataset, setup_model, training_arguments
 
-    params = params_from_dict(_params(max_steps=1, eval_steps=1, save_steps=1))
+    params = params_from_dict(train_params(max_steps=1, eval_steps=1, save_steps=1))
     hardware = Hardware("cpu", torch.float32, False, autocast=torch.bfloat16)
     tokenizer = load_tokenizer(workdir / "base")
     model = setup_model(workdir / "base", params.model, params.lora, hardware, checkpoint_activations=False)
