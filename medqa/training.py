@@ -97,6 +97,11 @@ def setup_model(base_dir: Path, model: ModelParams, lora: LoraParams, hardware: 
     if hardware.quantize_4bit and not fsdp_enabled():
         # (Under FSDP it would upcast the frozen weights to fp32, but FSDP needs one dtype to shard.)
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=checkpoint_activations)
+    elif checkpoint_activations:
+        # Reentrant checkpointing (FSDP's) gives a layer's LoRA weights no gradient unless its inputs
+        # require one; transformers' checkpointing switch adds this hook today, stated here so that no
+        # library default decides whether LoRA trains (tests/test_fsdp.py).
+        base.enable_input_require_grads()
     return get_peft_model(base, LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
         target_modules=targets, task_type="CAUSAL_LM",
@@ -208,7 +213,7 @@ def _save_adapter(trainer: Any, adapter_dir: Path, hardware: Hardware) -> None:
         if isinstance(config.target_modules, set):
             config.target_modules = sorted(config.target_modules)
     if fsdp_enabled():
-        save_fsdp_adapter(trainer, adapter_dir, _trained_on(trainer, hardware), TRAINED_ON)
+        save_fsdp_adapter(trainer.model, adapter_dir, _trained_on(trainer, hardware), TRAINED_ON)
     elif trainer.is_world_process_zero():
         with atomic_dir(adapter_dir) as tmp:
             trainer.model.save_pretrained(tmp, safe_serialization=True)

@@ -261,6 +261,7 @@ def test_resume_point_is_idempotent_and_multi_gpu_launch_command(workdir, tmp_pa
         assert command[command.index("--num_processes") + 1] == "4"
         config = load_config_from_file(str(ROOT / command[command.index("--config_file") + 1]))  # accelerate parses it
         assert config.distributed_type == kind
+    assert config.fsdp_config["fsdp_version"] == 2  # FSDP2, what tests/test_fsdp.py trains with
 
 
 def test_machines_come_from_the_environment_a_scheduler_sets():
