@@ -88,6 +88,10 @@ def _read_json_file(path: Path) -> object:
         raise PipelineError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}") from exc
 
 
+READ_FORMATS = ("a directory with ori_pqal.json (and test_ground_truth.json), a .json file (the original "
+                "layout or a list of records), .jsonl, .parquet, or a hub reference .yaml")
+
+
 def _load_file(path: Path) -> list[Record]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
@@ -150,7 +154,8 @@ def read_hub_reference(path: Path) -> dict[str, str]:
 
 def check_source(source: str) -> Path:
     """The file `source` names (a data file, the official directory's ori_pqal.json, or a hub
-    reference), or a PipelineError saying what is missing. Cheap: reads nothing."""
+    reference), or a PipelineError saying what is missing or which formats are read. Cheap: reads
+    nothing (check_params calls it)."""
     path = Path(source).expanduser()
     if not path.exists():
         raise PipelineError(
@@ -161,6 +166,10 @@ def check_source(source: str) -> Path:
         if not (path / ORIGINAL_FILE).exists():
             raise PipelineError(f"data.source {path} is a directory without {ORIGINAL_FILE}")
         return path / ORIGINAL_FILE
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".jsonl", ".parquet") and not is_hub_reference(path):
+        raise PipelineError(f"data.source {path}: {'a ' + suffix if suffix else 'a file without a suffix'} is not "
+                            f"read; data.source can be {READ_FORMATS}")
     return path
 
 
@@ -178,25 +187,57 @@ def _test_labels(raw: dict) -> dict[str, str]:
     return {str(k): _normal_decision(v) for k, v in raw.items()}
 
 
+def test_labels_location(source: str, url: str | None) -> str | None:
+    """Where the official test split's labels come from: the source directory's test_ground_truth.json,
+    else `url` (a local path or an address); None when there is neither."""
+    local = Path(source).expanduser() / TEST_FILE
+    if Path(source).expanduser().is_dir() and local.exists():
+        return str(local)
+    return url or None
+
+
 def load_test_labels(source: str, url: str | None) -> dict[str, str] | None:
     """The official test split {pmid: decision}: from the source directory, else from `url`.
 
     Returns None (with a warning) when neither is reachable; the split stage then explains.
     """
-    if Path(source).expanduser().is_dir():
-        local = Path(source).expanduser() / TEST_FILE
-        if local.exists():
-            return _test_labels(_read_json_file(local))
-    if not url:
+    where = test_labels_location(source, url)
+    if where is None:
         return None
-    if Path(url).expanduser().exists():
-        return _test_labels(_read_json_file(Path(url).expanduser()))
+    if Path(where).expanduser().exists():
+        return _test_labels(_read_json_file(Path(where).expanduser()))
     try:
-        with urllib.request.urlopen(url, timeout=30) as resp:
+        with urllib.request.urlopen(where, timeout=30) as resp:
             return _test_labels(json.load(resp))
     except Exception as exc:
-        log.warning("could not fetch the official test split from %s (%s)", url, exc)
+        log.warning("could not fetch the official test split from %s (%s)", where, exc)
         return None
+
+
+def check_test_labels(records: list[Record], labels: dict[str, str], records_from: str, labels_from: str) -> None:
+    """The official test split's labels against the records they name (validated, so normalised): a
+    label that is no decision, or that disagrees with its record's, is one line naming the record, both
+    files and both values (a copy that was edited, or mixed from two versions)."""
+    decisions = {r["pmid"]: r["final_decision"] for r in records}
+    for pmid, label in labels.items():
+        if label not in DECISIONS:
+            raise PipelineError(f"{labels_from}: record {pmid}: the label is {label!r}, expected one of "
+                                f"{', '.join(DECISIONS)}")
+        if pmid in decisions and decisions[pmid] != label:
+            raise PipelineError(
+                f"record {pmid}: {records_from} says final_decision {decisions[pmid]!r}, {labels_from} says "
+                f"{label!r}: the two files disagree (an edited copy, or two versions mixed); take both from one "
+                "PubMedQA release"
+            )
+
+
+def load_source(source: str, test_ids: str | None) -> tuple[list[Record], dict[str, str]]:
+    """A data source's records (validated) and its official test labels ({} when it has none), read as
+    a whole: the labels agree with the records they name (`check_test_labels`)."""
+    records = validate_records(load_records(source), f"data.source {source}")
+    labels = load_test_labels(source, test_ids) or {}
+    check_test_labels(records, labels, str(check_source(source)), str(test_labels_location(source, test_ids)))
+    return records, labels
 
 
 # --- validation ----------------------------------------------------------------------------

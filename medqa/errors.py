@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
@@ -26,12 +27,19 @@ RESTORE_HINT = (
     "{stage}: failed; the outputs of its last successful run are in the DVC cache: "
     "`dvc checkout` brings them back (`dvc status` lists what is missing)"
 )
-# Under `dvc exp run -S`: DVC stashes and re-applies params.yaml within a second, and a value of the
-# same width (its YAML writer keeps the comments' columns) leaves the file's size and second-resolution
-# mtime as git's index recorded them, so `git checkout params.yaml` (even `HEAD --`) may take it for
-# unchanged and keep the failed value. Writing the committed bytes back always works.
-PARAMS_HINT = "; `git show HEAD:params.yaml > params.yaml` restores the committed params (git may take DVC's rewrite for unchanged)"
+PARAMS_HINT = "; `git checkout -- params.yaml` restores the committed params"
 EXPERIMENT_ENV = "DVC_EXP_BASELINE_REV"  # set by DVC for the stages of `dvc exp run`
+
+
+def _let_git_see_the_experiments_params() -> None:
+    """Move params.yaml's mtime past the second DVC wrote it in. Under `dvc exp run -S`, DVC stashes and
+    re-applies params.yaml within a second, and a value of the same width (its YAML writer keeps the
+    comments' columns) leaves the file's size and whole-second mtime as git's index recorded them: git
+    then takes the failed value for the committed one and `git checkout -- params.yaml` keeps it."""
+    path = Path("params.yaml")
+    if path.is_file():
+        later = max(time.time(), path.stat().st_mtime + 1)
+        os.utime(path, (later, later))
 
 
 def _entry_point(func: F, after_failure: str | None) -> F:
@@ -55,8 +63,11 @@ def _entry_point(func: F, after_failure: str | None) -> F:
             traceback.print_exc()
             code = 1
         if after_failure:
+            experiment = bool(os.environ.get(EXPERIMENT_ENV))
+            if experiment:
+                _let_git_see_the_experiments_params()
             hint = after_failure.format(stage=Path(sys.argv[0]).stem)
-            print(hint + (PARAMS_HINT if os.environ.get(EXPERIMENT_ENV) else ""), file=sys.stderr)
+            print(hint + (PARAMS_HINT if experiment else ""), file=sys.stderr)
         sys.exit(code)
 
     return wrapper  # type: ignore[return-value]

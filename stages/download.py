@@ -1,6 +1,6 @@
 """Stage download: PubMedQA (hub or local copy) and the base model, from the outside world."""
 from medqa import paths
-from medqa.data import load_records, load_test_labels, validate_records
+from medqa.data import load_source
 from medqa.errors import stage_main
 from medqa.io import write_json, write_jsonl
 from medqa.models import get_profile, prepare_base_model
@@ -11,9 +11,9 @@ from medqa.params import load_params
 def main() -> None:
     params = load_params()
     data = params.data
-    records = validate_records(load_records(data.source), f"data.source {data.source}")
+    records, labels = load_source(data.source, data.test_ids)
     write_jsonl(paths.RAW_DATA, records)
-    write_json(paths.TEST_LABELS, load_test_labels(data.source, data.test_ids) or {})
+    write_json(paths.TEST_LABELS, labels)
     print(f"download: {len(records)} records -> {paths.RAW_DATA}")
     source = prepare_base_model(get_profile(params.model.name), paths.BASE_MODEL)
     print(f"download: base model {source['hub_id']} ({source['weights']}) -> {paths.BASE_MODEL}")

@@ -7,7 +7,8 @@ from collections import Counter
 import pandas as pd
 import pytest
 
-from medqa.data import balanced_cap, cap, load_records, load_test_labels, split_records, split_stats, validate_records
+from medqa.data import (balanced_cap, cap, load_records, load_source, load_test_labels, split_records, split_stats,
+                        validate_records)
 from medqa.errors import PipelineError
 from tests.conftest import make_original
 
@@ -196,3 +197,35 @@ def test_balanced_cap_takes_equal_decisions_where_the_split_has_them():
 def test_records_come_out_in_a_stable_order_whatever_the_ids():
     rows = [dict(r, pmid=p) for r, p in zip(_records(3), ["10", "abc", "9"])]
     assert [r["pmid"] for r in validate_records(rows)] == ["9", "10", "abc"]
+
+
+def test_a_source_whose_files_disagree_names_the_record_both_files_and_both_values(tmp_path, official_dir):
+    """The official directory's two files overlap on the test questions' decisions: an edited copy, or
+    one mixed from two versions, stops the download with both sides, not a run on either."""
+    records, labels = load_source(str(official_dir), None)
+    assert len(records) == 40 and len(labels) == 10  # a copy whose files agree
+    truth = json.loads((official_dir / "test_ground_truth.json").read_text())
+    truth["1002"] = "no"  # ori_pqal.json says yes
+    (official_dir / "test_ground_truth.json").write_text(json.dumps(truth))
+    with pytest.raises(PipelineError) as error:
+        load_source(str(official_dir), None)
+    assert str(error.value).startswith(
+        f"record 1002: {official_dir / 'ori_pqal.json'} says final_decision 'yes', "
+        f"{official_dir / 'test_ground_truth.json'} says 'no': the two files disagree")
+    truth["1002"] = "probably"
+    (official_dir / "test_ground_truth.json").write_text(json.dumps(truth))
+    with pytest.raises(PipelineError, match="test_ground_truth.json: record 1002: the label is 'probably', expected one of"):
+        load_source(str(official_dir), None)
+    # The labels named by data.test_ids (a local copy here) are compared the same way.
+    (tmp_path / "labels.json").write_text(json.dumps({"1003": "yes"}))  # ori_pqal.json says no
+    with pytest.raises(PipelineError, match=r"record 1003: .*ori_pqal.json says final_decision 'no', .*labels.json says 'yes'"):
+        load_source(str(official_dir / "ori_pqal.json"), str(tmp_path / "labels.json"))
+
+
+@pytest.mark.parametrize("name", ["pubmedqa.csv", "ori_pqal.json.gz", "records"])
+def test_a_format_that_is_not_read_says_which_are(tmp_path, name):
+    (tmp_path / name).write_text("pubid,question\n1,Does it?\n")
+    with pytest.raises(PipelineError) as error:
+        load_records(str(tmp_path / name))
+    assert "is not read; data.source can be a directory with ori_pqal.json" in str(error.value)
+    assert ".jsonl, .parquet, or a hub reference .yaml" in str(error.value) and "not valid JSON" not in str(error.value)
