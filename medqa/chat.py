@@ -1,14 +1,17 @@
 """The browser app: the base and the fine-tuned model side by side, and a chat with the fine-tuned one.
 
     python -m medqa.chat [--host 127.0.0.1] [--port 7860] [--share]      (or: make chat)
+    python -m medqa.chat --host 0.0.0.0 --ssl-certfile cert.pem --ssl-keyfile key.pem
 
 Loads the base model named in params.yaml (models/base) and the adapter in models/adapter (from
 `dvc repro` or `dvc pull finetune`) once, and serves a Gradio app on 127.0.0.1 by default; on any
-other address, or with a share link, only to the users whose passwords the environment gives.
+other address, or with a share link, only to the users whose passwords the environment gives, and
+beyond loopback over HTTPS only (unless told `--insecure-http`), with repeated failed logins slowed.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
 import logging
 import os
@@ -204,11 +207,71 @@ def credentials(host: str, share: bool, environ: dict[str, str], repo: Path) -> 
     )
 
 
+def check_transport(host: str, certfile: str | None, keyfile: str | None, insecure_http: bool) -> None:
+    """Beyond loopback, passwords and answers cross the network: HTTPS (a certificate and its key), or
+    plain HTTP only when asked for by name. A --share link is Gradio's own HTTPS tunnel."""
+    if bool(certfile) != bool(keyfile):
+        raise PipelineError("--ssl-certfile and --ssl-keyfile go together: the certificate and its private key")
+    for option, path in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
+        if path and not Path(path).expanduser().is_file():
+            raise PipelineError(f"{option} {path}: no such file")
+    if host not in LOOPBACK and not certfile and not insecure_http:
+        raise PipelineError(
+            f"with --host {host} the passwords and answers would cross the network as plain HTTP, readable by "
+            "anyone on the way: give --ssl-certfile and --ssl-keyfile (a certificate for that address and its "
+            "key; docs/chat.md), or --insecure-http on a network you trust"
+        )
+
+
+class LoginThrottle:
+    """ASGI middleware in front of Gradio's login: a client (by address) whose logins failed more than
+    FREE_FAILURES times in a row waits before its next attempt is checked, FIRST_DELAY_S and twice as long
+    after each further failure, up to MAX_DELAY_S; a successful login clears its count. The wait is that
+    request's own (an asyncio sleep): other clients and the app's other requests go on meanwhile."""
+
+    FREE_FAILURES, FIRST_DELAY_S, MAX_DELAY_S = 3, 1.0, 60.0
+
+    def __init__(self, app: Any):
+        self.app = app
+        self.failures: dict[str, int] = {}
+
+    def delay(self, client: str) -> float:
+        """Seconds the next login attempt from `client` waits."""
+        extra = self.failures.get(client, 0) - self.FREE_FAILURES
+        return 0.0 if extra < 0 else min(self.FIRST_DELAY_S * 2 ** extra, self.MAX_DELAY_S)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].rstrip("/").endswith("/login"):
+            return await self.app(scope, receive, send)
+        client = (scope.get("client") or ("unknown",))[0]
+        wait = self.delay(client)
+        if wait:
+            await asyncio.sleep(wait)
+        status: list[int] = []
+
+        async def send_and_note(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, send_and_note)
+        if status == [200]:
+            self.failures.pop(client, None)
+        elif status and 400 <= status[0] < 500:
+            self.failures[client] = self.failures.get(client, 0) + 1
+            log.warning("failed login %d in a row from %s; its next attempt waits %.0f s",
+                        self.failures[client], client, self.delay(client))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m medqa.chat", description=__doc__.splitlines()[0])
     parser.add_argument("--host", help="address to bind (default: chat.host in params.yaml, 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: chat.port in params.yaml)")
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
+    parser.add_argument("--ssl-certfile", help="HTTPS: the server's certificate (PEM), needed beyond loopback")
+    parser.add_argument("--ssl-keyfile", help="HTTPS: the certificate's private key (PEM)")
+    parser.add_argument("--insecure-http", action="store_true",
+                        help="plain HTTP beyond loopback (passwords and answers unencrypted: a trusted network only)")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--base", default=str(paths.BASE_MODEL), help="base model directory (download stage)")
     parser.add_argument("--adapter", default=str(paths.ADAPTER), help="LoRA adapter directory (finetune stage)")
@@ -226,13 +289,21 @@ def main(argv: list[str] | None = None) -> None:
     host, port = args.host or params.chat.host, args.port or params.chat.port
     # Checked before the model loads: a refused start takes a second, not a minute.
     auth = credentials(host, args.share, dict(os.environ), Path(args.params).resolve().parent)
+    check_transport(host, args.ssl_certfile, args.ssl_keyfile, args.insecure_http)
     log.info("loading %s with the adapter in %s", args.base, args.adapter)
     assistant = Assistant.load(params, args.base, args.adapter)
     app = build_app(assistant, params.generation, load_test_questions(args.test))
     if auth:
         log.info("serving on %s:%d to %d user(s) with a password", host, port, len(auth))
+    from starlette.middleware import Middleware
+
     # As many handlers at once as a batch has rows: the batcher, not Gradio's queue, decides who waits.
-    app.queue(default_concurrency_limit=params.chat.batch_rows).launch(server_name=host, server_port=port, share=args.share, ssr_mode=False, auth=auth)
+    app.queue(default_concurrency_limit=params.chat.batch_rows).launch(
+        server_name=host, server_port=port, share=args.share, ssr_mode=False, auth=auth,
+        ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+        # (ssl_verify: Gradio checks its own URL once started; a self-signed certificate must not stop it.)
+        ssl_verify=False, app_kwargs={"middleware": [Middleware(LoginThrottle)]},
+    )
 
 
 if __name__ == "__main__":

@@ -261,27 +261,114 @@ def test_an_app_others_can_reach_asks_for_a_password(tmp_path):
         credentials("0.0.0.0", False, {"MEDQA_CHAT_AUTH_FILE": str(outside)}, repo)
 
 
-def test_a_shared_app_refuses_to_start_without_credentials_and_serves_only_with_them(project):
+def _self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by its own key (a day's validity), and the key, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_a_shared_app_refuses_to_start_without_credentials_or_https_and_serves_only_with_them(project, tmp_path):
+    """Beyond loopback: no credentials, or credentials without a certificate, and the app refuses to start
+    in one line; with both it serves HTTPS only (a client that trusts the certificate gets the page, plain
+    HTTP gets nothing) and only to the right password; a client's repeated wrong logins are slowed."""
+    import ssl
+
     from gradio_client import Client
 
     port = _free_port()
     args = ("--adapter", str(project / "adapter"), "--host", "0.0.0.0", "--port", str(port))
-    refused = _run_app(project, *args)
-    output, _ = refused.communicate(timeout=120)
-    assert refused.returncode == 1 and "MEDQA_CHAT_PASSWORD" in output and "Traceback" not in output
+    users = {"MEDQA_CHAT_USER": "ana", "MEDQA_CHAT_PASSWORD": "s3cret"}
+    for env, says in ((None, "MEDQA_CHAT_PASSWORD"), (users, "--ssl-certfile and --ssl-keyfile")):
+        refused = _run_app(project, *args, env=env)
+        output, _ = refused.communicate(timeout=120)
+        assert refused.returncode == 1 and says in output and "Traceback" not in output, output[-2000:]
+    assert "plain HTTP" in output and "--insecure-http" in output
 
-    app = _run_app(project, *args, env={"MEDQA_CHAT_USER": "ana", "MEDQA_CHAT_PASSWORD": "s3cret"})
-    url = f"http://127.0.0.1:{port}/"
+    cert, key = _self_signed_certificate(tmp_path)
+    app = _run_app(project, *args, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), env=users)
+    url = f"https://127.0.0.1:{port}/"
+    trusting = ssl.create_default_context(cafile=str(cert))
     try:
-        _wait_for(url, app)
+        _wait_for(url, app, context=trusting)
+        with pytest.raises(OSError):  # no plain HTTP on that port
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
         for wrong in (None, ("ana", "wrong")):
             with pytest.raises(Exception):
-                Client(url, auth=wrong, verbose=False).predict("1001", api_name="/on_pick")
-        picked = Client(url, auth=("ana", "s3cret"), verbose=False).predict("1001", api_name="/on_pick")
+                Client(url, auth=wrong, verbose=False, ssl_verify=False).predict("1001", api_name="/on_pick")
+        picked = Client(url, auth=("ana", "s3cret"), verbose=False, ssl_verify=False).predict("1001", api_name="/on_pick")
         assert make_original(3)["1001"]["QUESTION"] in picked
+        for _ in range(4):
+            with pytest.raises(Exception):
+                Client(url, auth=("ana", "guess"), verbose=False, ssl_verify=False)
     finally:
         app.terminate()
-        app.wait(timeout=30)
+        output = app.communicate(timeout=30)[0]
+    # the fourth failure in a row from this client makes its next attempt wait
+    assert "failed login 4 in a row from 127.0.0.1; its next attempt waits 2 s" in output, output[-3000:]
+
+
+def test_logins_slow_down_per_client_after_repeated_failures_and_a_success_clears_them(monkeypatch):
+    """The throttle in front of Gradio's login: three free failures, then 1, 2, 4 ... s (up to a minute)
+    before that client's next attempt is checked; another client waits nothing; a success starts over."""
+    import asyncio
+
+    from medqa.chat import LoginThrottle
+
+    waits: list[tuple[str, float]] = []
+    client_now: list[str] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        waits.append((client_now[0], seconds))
+
+    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+
+    async def login(scope, receive, send):  # Gradio's answer: 400 for a wrong password
+        await send({"type": "http.response.start", "status": 200 if scope["password"] == "right" else 400})
+
+    async def send(message: dict) -> None:
+        pass
+
+    throttle = LoginThrottle(login)
+
+    def attempt(client: str, password: str, path: str = "/login/") -> None:
+        client_now[:] = [client]
+        scope = {"type": "http", "method": "POST", "path": path, "client": (client, 5000), "password": password}
+        asyncio.run(throttle(scope, None, send))
+
+    for _ in range(7):
+        attempt("10.0.0.9", "guess")
+    assert [w for c, w in waits if c == "10.0.0.9"] == [1.0, 2.0, 4.0, 8.0]
+    attempt("10.0.0.5", "guess")
+    attempt("10.0.0.5", "right")
+    assert not [w for c, w in waits if c == "10.0.0.5"]
+    attempt("10.0.0.9", "right")  # waits 16 s, then succeeds
+    attempt("10.0.0.9", "guess")
+    assert waits[-1] == ("10.0.0.9", 16.0) and throttle.delay("10.0.0.9") == 0
+    for _ in range(12):
+        attempt("10.0.0.9", "guess")
+    assert waits[-1][1] == LoginThrottle.MAX_DELAY_S
+    waits.clear()
+    attempt("10.0.0.9", "guess", path="/gradio_api/queue/join")  # not a login: never held
+    assert not waits
 
 
 def _free_port() -> int:
@@ -290,13 +377,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_for(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+def _wait_for(url: str, proc: subprocess.Popen, timeout: float = 180, context=None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"the app exited: {proc.stdout.read()[-3000:]}")
         try:
-            urllib.request.urlopen(url, timeout=2)
+            urllib.request.urlopen(url, timeout=2, context=context)
             return
         except OSError:
             time.sleep(0.5)
