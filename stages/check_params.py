@@ -4,6 +4,7 @@ from medqa import paths
 from medqa.data import check_source
 from medqa.errors import stage_main
 from medqa.io import write_text
+from medqa.models import check_lora_targets, get_profile
 from medqa.params import load_params
 
 
@@ -11,6 +12,8 @@ from medqa.params import load_params
 def main() -> None:
     params = load_params()
     check_source(params.data.source)
+    # What the params name in the model, against the model's own config (no weights read).
+    check_lora_targets(get_profile(params.model.name), params.lora.target_modules)
     # Always the same bytes: the download stage depends on this file only to run after the check,
     # so a param change re-runs nothing else through it.
     write_text(paths.PARAMS_CHECKED, "params.yaml passed medqa.params.validate\n")

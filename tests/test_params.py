@@ -139,3 +139,31 @@ def test_a_failing_stage_ends_with_how_to_restore_its_outputs(monkeypatch, capsy
     with pytest.raises(SystemExit):  # commands (chat, export) are no stages: no DVC hint
         command_main(body)()
     assert "dvc checkout" not in capsys.readouterr().err
+
+
+def test_check_params_names_a_lora_target_the_model_lacks_before_any_stage_runs(tmp_path, tokenizer, monkeypatch,
+                                                                               capsys, official_dir):
+    """`lora.target_modules` is checked against the model's own modules (built from its config, no
+    weights) in check_params: a typo is one line with "did you mean", no traceback, and the stage's
+    restore hint; names the model has pass."""
+    import stages.check_params
+    from tests.conftest import save_tiny_base
+
+    save_tiny_base(tmp_path / "model", tokenizer, hidden_size=64, intermediate_size=128, num_hidden_layers=1)
+    params = _with("model.name", str(tmp_path / "model"))
+    params["data"]["source"] = str(official_dir)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["stages/check_params.py"])  # as DVC runs it (the hint names the stage)
+    for targets, error in ((["q_proj", "v_projj"], "lora.target_modules: 'v_projj' is no module of"),
+                           (["q_proj", "v_proj"], None)):
+        params["lora"]["target_modules"] = targets
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        if error is None:
+            stages.check_params.main()
+            continue
+        with pytest.raises(SystemExit) as exit_:
+            stages.check_params.main()
+        stderr = capsys.readouterr().err
+        assert exit_.value.code == 1 and "Traceback" not in stderr
+        assert error in stderr and "(did you mean 'v_proj'?); its linear layers: " in stderr, stderr
+        assert "check_params: failed; the outputs of its last successful run are in the DVC cache" in stderr
