@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import string
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,23 @@ def one_of(*options: str) -> Check:
     return (lambda v: v in options), "one of " + ", ".join(options)
 
 
+def prompt_template() -> Check:
+    """null, or a format string whose fields are {user} and optionally {system}, braces well-formed:
+    what `prompts.PromptFormat` fills in, checked before the format stage meets it."""
+    def ok(v: Any) -> bool:
+        if v is None:
+            return True
+        if not isinstance(v, str):
+            return False
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(v) if name is not None}
+        except ValueError:  # a lone { or }
+            return False
+        return "user" in fields and fields <= {"user", "system"}
+
+    return ok, "null or a string with {user} and optionally {system}, no other fields (a literal brace doubled)"
+
+
 def string_list(nullable: bool = True) -> Check:
     return (lambda v: (nullable and v is None) or (isinstance(v, list) and v and all(isinstance(x, str) for x in v)),
             "a list of module names" + (" or null" if nullable else ""))
@@ -86,7 +104,7 @@ class ModelParams:
 @dataclass(frozen=True)
 class PromptParams:
     system: str = _key(text())
-    template: str | None = _key(text(nullable=True))
+    template: str | None = _key(prompt_template())
     answer_prefix: str = _key(text())
     decision_first: bool = _key(boolean())
 

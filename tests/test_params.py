@@ -62,6 +62,9 @@ def test_every_profile_gives_valid_params(profile):
         ("model.quantization", "8bit", "one of auto, 4bit, none"),
         ("lora.target_modules", "q_proj", "a list of module names or null"),
         ("eval.max_samples", 0, "an integer >= 1 or null"),
+        *(("prompt.template", template, "null or a string with {user} and optionally {system}, no other fields "
+           "(a literal brace doubled)") for template in ("<s>{system} {user} {question}", "<s>{system}",
+                                                         "{sys} {user}", "[INST] {user", "")),
     ],
 )
 def test_bad_value_names_key_value_and_allowed(key, value, allowed):
