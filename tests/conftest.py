@@ -106,6 +106,15 @@ def tiny_model(tokenizer):
     return LlamaForCausalLM(config).eval()
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server a test starts)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def pubmedqa_data() -> Path | None:
     """The real PubMedQA copy named by PUBMEDQA_DATA (CI sets it), if any."""
     value = os.environ.get("PUBMEDQA_DATA")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ from medqa.io import write_jsonl
 from medqa.models import PROFILES, load_model, resolve_hardware
 from medqa.params import load_params, params_from_dict
 from medqa.prompts import PromptFormat, format_record, prompt_format
-from tests.conftest import make_original, save_tiny_base
+from tests.conftest import free_port, make_original, save_tiny_base
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = generation_config(max_new_tokens=12)
@@ -294,7 +293,7 @@ def test_a_shared_app_refuses_to_start_without_credentials_or_https_and_serves_o
 
     from gradio_client import Client
 
-    port = _free_port()
+    port = free_port()
     args = ("--adapter", str(project / "adapter"), "--host", "0.0.0.0", "--port", str(port))
     users = {"MEDQA_CHAT_USER": "ana", "MEDQA_CHAT_PASSWORD": "s3cret"}
     for env, says in ((None, "MEDQA_CHAT_PASSWORD"), (users, "--ssl-certfile and --ssl-keyfile")):
@@ -371,12 +370,6 @@ def test_logins_slow_down_per_client_after_repeated_failures_and_a_success_clear
     assert not waits
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_for(url: str, proc: subprocess.Popen, timeout: float = 180, context=None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -406,7 +399,7 @@ def test_compare_in_a_real_browser(project, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     test_question = make_original(3)["1001"]["QUESTION"]
-    port = _free_port()
+    port = free_port()
     app = _run_app(project, "--adapter", str(project / "adapter"), "--port", str(port))
     url = f"http://127.0.0.1:{port}/"
     try:

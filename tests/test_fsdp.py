@@ -11,7 +11,7 @@ import pytest
 
 from medqa.io import read_jsonl
 from medqa.params import params_from_dict
-from tests.conftest import train_params
+from tests.conftest import free_port, train_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +95,6 @@ def test_two_processes_sharded_by_fsdp2_train_the_adapter_one_process_trains(wor
     the adapter one process trains with the same questions accumulated, within float32 rounding.
     4bit-bf16: the weights as on a GPU, nf4 in bf16 containers and bf16 embeddings, frozen, beside fp32
     LoRA weights; fp32: a model without quantisation."""
-    import socket
     import subprocess
     import sys
 
@@ -105,9 +104,7 @@ def test_two_processes_sharded_by_fsdp2_train_the_adapter_one_process_trains(wor
     from tests.fsdp_train import train
 
     steps = 3
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
          "--master-port", str(port), "-m", "tests.fsdp_train", str(workdir), str(tmp_path / "two"), str(steps), weights],

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from medqa.io import read_jsonl
-from tests.conftest import write_official_dir
+from tests.conftest import free_port, write_official_dir
 from tests.pipeline_repo import (ALL_STAGES, FAKE_TOKEN, assert_evaluated_in_the_weights_dtype, check_release,
                                  commit, make_repo, run, save_tiny_model, stages_run)
 
@@ -193,9 +193,7 @@ def sshd(tmp_path):
     for key in ("host_key", "client_key"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
     (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     (d / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\n"
         f"AuthorizedKeysFile {d / 'authorized_keys'}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from medqa.params import params_from_dict
 from medqa.plots import live_metric_file
 from medqa.prompts import PromptFormat, format_record
-from tests.conftest import train_params
+from tests.conftest import free_port, train_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -458,8 +458,6 @@ def test_two_cpu_processes_or_two_machines_train_the_adapter_one_process_trains(
     stage processes in two clones that meet at 127.0.0.1 (one process each): the same adapter, in the
     main machine's clone only. Slow: four training processes and two launchers, each starting
     Python, torch and accelerate (a distributed run cannot share this process)."""
-    import socket
-
     import torch
 
     steps = {"max_steps": 3, "eval_steps": 3, "save_steps": 3, "batch_size": 2, "warmup_ratio": 0.0}
@@ -475,9 +473,7 @@ def test_two_cpu_processes_or_two_machines_train_the_adapter_one_process_trains(
 
     machines = [_stage_dir(tmp_path / f"machine{rank}", workdir, train_params(**steps, grad_accum=1, num_machines=2))
                 for rank in (0, 1)]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     started = [_machine(path, rank, port) for rank, path in enumerate(machines)]
     outputs = [proc.communicate(timeout=900)[0] for proc in started]
     assert all(proc.returncode == 0 for proc in started), outputs[0][-3000:] + outputs[1][-3000:]
