@@ -123,8 +123,9 @@ def check_lora_targets(profile: ModelProfile, override: list[str] | None) -> Non
     has (peft matches a name by its last parts), checked on the model built from its config on the meta
     device: no weights read, seconds for a 7B model. One line naming the missing ones, "did you mean"
     and what the model has."""
-    targets = lora_targets(profile, override)
-    config = _model_config(profile) if override else None
+    if not override:
+        return
+    config = _model_config(profile)
     if config is None:
         return
     import difflib
@@ -135,7 +136,7 @@ def check_lora_targets(profile: ModelProfile, override: list[str] | None) -> Non
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     names = {name for name, _ in model.named_modules() if name}
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    missing = [t for t in override if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         hints = [f"did you mean {close[0]!r}?" for t in missing if (close := difflib.get_close_matches(t, linear, 1))]
