@@ -247,17 +247,21 @@ class LoginThrottle:
         wait = self.delay(client)
         if wait:
             await asyncio.sleep(wait)
-        status: list[int] = []
 
-        async def send_and_note(message: dict) -> None:
+        async def note_then_send(message: dict) -> None:
+            # Counted and logged before the response leaves: a client that saw its refusal can rely on
+            # the count (and the log line) being there already.
             if message["type"] == "http.response.start":
-                status.append(message["status"])
+                self.note(client, message["status"])
             await send(message)
 
-        await self.app(scope, receive, send_and_note)
-        if status == [200]:
+        await self.app(scope, receive, note_then_send)
+
+    def note(self, client: str, status: int) -> None:
+        """Count a login's outcome: success clears the client's failures, a 4xx adds one."""
+        if status == 200:
             self.failures.pop(client, None)
-        elif status and 400 <= status[0] < 500:
+        elif 400 <= status < 500:
             self.failures[client] = self.failures.get(client, 0) + 1
             log.warning("failed login %d in a row from %s; its next attempt waits %.0f s",
                         self.failures[client], client, self.delay(client))
