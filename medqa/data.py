@@ -6,10 +6,13 @@ import logging
 import urllib.request
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from medqa.answers import DECISIONS
 from medqa.errors import PipelineError
+
+if TYPE_CHECKING:
+    from medqa.params import DataParams, EvalParams, SplitParams, TrainParams
 
 log = logging.getLogger(__name__)
 
@@ -381,6 +384,29 @@ def split_records(
             raise PipelineError(f"the {name} split is empty: check split.test_size / split.val_size")
     assert_disjoint(splits)
     return splits
+
+
+def make_splits(rows: list[Record], test_labels: dict[str, str] | None, split: SplitParams, train: TrainParams,
+                evaluation: EvalParams) -> dict[str, list[Record]]:
+    """The split stage's train/val/test: `split_records`, then the size caps for CPU runs (train.max_samples,
+    drawn as train.sampling says, and eval.max_samples). The validation split stays whole: the eval
+    stages fit their decision offsets on all of it (finetune caps its validation loss)."""
+    splits = split_records(rows, split.strategy, test_labels, split.test_size, split.val_size, split.seed)
+    pick = balanced_cap if train.sampling == "balanced" else cap
+    splits["train"] = pick(splits["train"], train.max_samples, split.seed, "train.max_samples")
+    splits["test"] = cap(splits["test"], evaluation.max_samples, split.seed, "eval.max_samples")
+    assert_disjoint(splits)
+    return splits
+
+
+def read_local_source(data: DataParams) -> tuple[list[Record], dict[str, str]] | None:
+    """`load_source` where reading the source and its test labels needs no network (a local copy with its
+    labels beside it or at a local data.test_ids); None for a hub reference or labels at an address."""
+    path = check_source(data.source)
+    labels_at = test_labels_location(data.source, data.test_ids)
+    if is_hub_reference(path) or (labels_at is not None and not Path(labels_at).expanduser().exists()):
+        return None
+    return load_source(data.source, data.test_ids)
 
 
 def assert_disjoint(splits: dict[str, Iterable[Record]]) -> None:

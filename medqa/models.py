@@ -118,6 +118,27 @@ def _model_config(profile: ModelProfile) -> Any | None:
         return None
 
 
+def tokenizer_before_download(profile: ModelProfile, downloaded: str | Path) -> Any | None:
+    """The model's tokenizer before the download stage has run for it: the download stage's copy when it
+    holds this model already, else from the local directory, the embedded GGUF or the hub (its cache
+    offline); None where none can be read (the later stages then check what needs it)."""
+    try:
+        if Path(downloaded, SOURCE_FILE).is_file() and read_source(downloaded).get("hub_id") == profile.hub_id:
+            return load_tokenizer(downloaded)
+        if profile.local_dir is not None:
+            return load_tokenizer(profile.local_dir)
+        from transformers import AutoTokenizer
+
+        embedded = package_dir(profile.gguf[0]) if profile.gguf else None
+        if embedded is not None:
+            return AutoTokenizer.from_pretrained(embedded, gguf_file=profile.gguf[1])
+        return AutoTokenizer.from_pretrained(profile.hub_id)
+    except Exception as exc:  # offline, gated, or no such model: the download stage says which
+        log.info("token budgets not checked against %s's tokenizer: it is not readable here (%s)",
+                 profile.hub_id, type(exc).__name__)
+        return None
+
+
 def check_lora_targets(profile: ModelProfile, override: list[str] | None) -> None:
     """The module names `lora.target_modules` sets (a profile's own are known good) are ones the model
     has (peft matches a name by its last parts), checked on the model built from its config on the meta

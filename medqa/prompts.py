@@ -133,8 +133,20 @@ def content_free_prompts(fmt: PromptFormat, system: str, fillers: tuple[str, ...
 
 
 def fit_prompt(example: dict, tokenizer: Any, budget: int) -> list[int]:
-    """Token ids of the example's prompt, with its context cut (never the question) to fit `budget`."""
+    """Token ids of the example's prompt, with its context cut (never the question) to fit `budget`
+    (eval.max_prompt_length)."""
     return _fitted(example, tokenizer, budget)[1]
+
+
+def fit_example(example: dict, tokenizer: Any, max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids of the example's prompt and target within `max_length` (train.max_length) together:
+    the context is cut, never the target."""
+    target = token_ids(tokenizer, example["target"])
+    if len(target) >= max_length:
+        raise PipelineError(
+            f"pmid {example['pmid']}: the answer alone is {len(target)} tokens; raise train.max_length above it"
+        )
+    return _fitted(example, tokenizer, max_length - len(target), "train.max_length")[1], target
 
 
 def fit_prompt_text(example: dict, tokenizer: Any, budget: int) -> str:
@@ -143,8 +155,9 @@ def fit_prompt_text(example: dict, tokenizer: Any, budget: int) -> str:
     return _fitted(example, tokenizer, budget)[0]
 
 
-def _fitted(example: dict, tokenizer: Any, budget: int) -> tuple[str, list[int]]:
-    """The prompt text cut to fit `budget` tokens, and its token ids."""
+def _fitted(example: dict, tokenizer: Any, budget: int, budget_key: str = "eval.max_prompt_length"
+            ) -> tuple[str, list[int]]:
+    """The prompt text cut to fit `budget` tokens (the one `budget_key` sets), and its token ids."""
     ids = token_ids(tokenizer, example["prompt"])
     excess = len(ids) - budget
     if excess <= 0:
@@ -155,7 +168,7 @@ def _fitted(example: dict, tokenizer: Any, budget: int) -> tuple[str, list[int]]
         if keep <= 0 or example["context"] not in example["prompt"]:
             raise PipelineError(
                 f"pmid {example['pmid']}: the prompt needs {len(ids)} tokens but only {budget} fit even with "
-                "its context cut: raise train.max_length / eval.max_prompt_length"
+                f"its context cut: raise {budget_key}"
             )
         short = tokenizer.decode(context_ids[:keep], skip_special_tokens=True)
         text = example["prompt"].replace(example["context"], short, 1)

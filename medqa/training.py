@@ -19,8 +19,7 @@ from medqa.launch import launched_by_accelerate, save_fsdp_adapter
 from medqa.models import (TRAINED_ON, Hardware, fsdp_enabled, get_profile, load_model, load_tokenizer, lora_targets,
                           resolve_hardware)
 from medqa.params import LoraParams, ModelParams, Params, TrainParams, as_dict
-from medqa.prompts import fit_prompt
-from medqa.tokens import token_ids
+from medqa.prompts import fit_example
 from medqa.trainer import (LiveLossCallback, SameBatchesFreshOrResumed, StopOnNonFiniteLoss, build_trainer,
                            forward_as_loaded)
 
@@ -65,12 +64,7 @@ def tokenize_example(example: dict, tokenizer: Any, max_length: int,
                      weighting: DecisionWeighting | None = None) -> dict[str, list]:
     """Prompt + target ids with the loss masked (-100) on the prompt; the context is cut, never the
     target. With a `weighting`, also each token's loss weight (`loss_weights`, 0 on the prompt)."""
-    target = token_ids(tokenizer, example["target"])
-    if len(target) >= max_length:
-        raise PipelineError(
-            f"pmid {example['pmid']}: the answer alone is {len(target)} tokens; raise train.max_length above it"
-        )
-    prompt = fit_prompt(example, tokenizer, max_length - len(target))
+    prompt, target = fit_example(example, tokenizer, max_length)
     tokenized: dict[str, list] = {
         "input_ids": prompt + target,
         "attention_mask": [1] * (len(prompt) + len(target)),

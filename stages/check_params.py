@@ -6,6 +6,7 @@ from medqa.errors import stage_main
 from medqa.io import write_text
 from medqa.models import check_lora_targets, get_profile
 from medqa.params import load_params
+from medqa.preflight import check_against_data_and_model
 
 
 @stage_main
@@ -14,6 +15,8 @@ def main() -> None:
     check_source(params.data.source)
     # What the params name in the model, against the model's own config (no weights read).
     check_lora_targets(get_profile(params.model.name), params.lora.target_modules)
+    # Sizes and token budgets, against the data and the model's tokenizer (a local source; seconds).
+    check_against_data_and_model(params)
     # Always the same bytes: the download stage depends on this file only to run after the check,
     # so a param change re-runs nothing else through it.
     write_text(paths.PARAMS_CHECKED, "params.yaml passed medqa.params.validate\n")

@@ -144,29 +144,126 @@ def test_a_failing_stage_ends_with_how_to_restore_its_outputs(monkeypatch, capsy
     assert "dvc checkout" not in capsys.readouterr().err
 
 
-def test_check_params_names_a_lora_target_the_model_lacks_before_any_stage_runs(tmp_path, tokenizer, monkeypatch,
-                                                                               capsys, official_dir):
-    """`lora.target_modules` is checked against the model's own modules (built from its config, no
-    weights) in check_params: a typo is one line with "did you mean", no traceback, and the stage's
-    restore hint; names the model has pass."""
-    import stages.check_params
+def _check_params_on_small_data(tmp_path, tokenizer, monkeypatch, official_dir) -> dict:
+    """params.yaml for check_params on the small official-layout data (40 records: 21 train, 9 validation,
+    10 test) with a tiny local model of SmolLM2's vocabulary; returns the params to vary."""
     from tests.conftest import save_tiny_base
 
     save_tiny_base(tmp_path / "model", tokenizer, hidden_size=64, intermediate_size=128, num_hidden_layers=1)
     params = _with("model.name", str(tmp_path / "model"))
     params["data"]["source"] = str(official_dir)
+    params["train"]["max_samples"] = params["eval"]["max_samples"] = 8  # what the small data has
+    params["train"]["max_val_samples"] = 4
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["stages/check_params.py"])  # as DVC runs it (the hint names the stage)
-    for targets, error in ((["q_proj", "v_projj"], "lora.target_modules: 'v_projj' is no module of"),
-                           (["q_proj", "v_proj"], None)):
-        params["lora"]["target_modules"] = targets
-        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-        if error is None:
-            stages.check_params.main()
-            continue
+    return params
+
+
+def _check_params_says(params: dict, capsys) -> str | None:
+    """Run check_params on `params`: None when it passes, else its stderr (asserted one line, no traceback,
+    then the stage's restore hint)."""
+    import stages.check_params
+
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    capsys.readouterr()  # what ran before (a model saved with a progress bar) is not check_params' output
+    try:
+        stages.check_params.main()
+        return None
+    except SystemExit as exit_:
+        assert exit_.code == 1
+    stderr = capsys.readouterr().err
+    lines = stderr.strip().splitlines()
+    assert "Traceback" not in stderr and len(lines) == 2 and lines[0].startswith("error: "), stderr
+    assert lines[1].startswith("check_params: failed; the outputs of its last successful run are in the DVC cache")
+    return lines[0]
+
+
+def test_check_params_names_a_lora_target_the_model_lacks_before_any_stage_runs(tmp_path, tokenizer, monkeypatch,
+                                                                               capsys, official_dir):
+    """`lora.target_modules` is checked against the model's own modules (built from its config, no
+    weights) in check_params: a typo is one line with "did you mean", no traceback, and the stage's
+    restore hint; names the model has pass."""
+    params = _check_params_on_small_data(tmp_path, tokenizer, monkeypatch, official_dir)
+    params["lora"]["target_modules"] = ["q_proj", "v_projj"]
+    error = _check_params_says(params, capsys)
+    assert "lora.target_modules: 'v_projj' is no module of" in error
+    assert "(did you mean 'v_proj'?); its linear layers: " in error, error
+    params["lora"]["target_modules"] = ["q_proj", "v_proj"]
+    assert _check_params_says(params, capsys) is None
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("train.max_samples", 22, "train.max_samples asks for 22 questions but the split has only 21: lower it or set it"),
+    ("train.max_val_samples", 10, "train.max_val_samples asks for 10 questions but the split has only 9"),
+    ("eval.max_samples", 11, "eval.max_samples asks for 11 questions but the split has only 10"),
+    ("train.max_length", 40, "train.max_length is 40, which the data does not fit: pmid "),
+    ("eval.max_prompt_length", 40, "eval.max_prompt_length is 40, which the data does not fit: pmid "),
+])
+def test_check_params_fits_sizes_to_the_splits_and_examples_to_the_token_budgets(
+        key, value, says, tmp_path, tokenizer, monkeypatch, capsys, official_dir):
+    """Values the params schema allows but the data does not (a cap above its split's size, a token budget
+    the prompts cannot be cut to fit) fail in check_params, in one line naming the key and the value, not
+    minutes later in split, finetune or an eval stage. The same params with values that fit pass."""
+    params = _check_params_on_small_data(tmp_path, tokenizer, monkeypatch, official_dir)
+    assert _check_params_says(params, capsys) is None
+    section, leaf = key.split(".")
+    params[section][leaf] = value
+    assert says in _check_params_says(params, capsys)
+
+# Values tried, in order, for a value a param's check refuses: the first one its check refuses is used.
+_CANDIDATE_BAD_VALUES = (-1, "not-a-value", 0, 1.5, True, None, [], "")
+
+
+def _bad_value(key: str):
+    ok, _ = SCHEMA[key]
+    return next(v for v in _CANDIDATE_BAD_VALUES if not ok(v))
+
+
+def _params_each_stage_reads() -> list[tuple[str, str]]:
+    """(stage, key) for every params key each stage of dvc.yaml declares (a section stands for all its keys)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    pairs = []
+    for stage, spec in stages.items():
+        for entry in spec.get("params", []):
+            names = entry if isinstance(entry, str) else None
+            assert names, f"{stage}: params entry {entry!r} is neither a key nor a section"
+            keys = [k for k in SCHEMA if k == names or k.startswith(names + ".")]
+            assert keys, f"{stage} declares {names}, which the params schema does not have"
+            pairs += [(stage, key) for key in keys]
+    return pairs
+
+
+@pytest.mark.parametrize("key", sorted(SCHEMA))
+def test_every_param_has_a_value_its_check_refuses(key):
+    """The schema-driven test below needs a bad value for each key: a check that took everything would be no check."""
+    value = _bad_value(key)
+    with pytest.raises(PipelineError, match=f"params.yaml: {key} is "):
+        validate(_with(key, value))
+
+
+def test_each_stage_stops_on_a_bad_value_of_each_param_it_reads_with_one_line_and_its_restore_hint(
+        tmp_path, monkeypatch, capsys):
+    """Generated from dvc.yaml's params and the params schema, not listed by hand: every stage's entry point,
+    given params.yaml with one refused value of a key it reads, exits 1 with one error line naming the key
+    and the value, then the stage's restore hint, and no traceback; with DEBUG=1 the traceback is shown."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DEBUG", raising=False)
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)
+    pairs = _params_each_stage_reads()
+    assert len({stage for stage, _ in pairs}) == len(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+    for stage, key in pairs:
+        value = _bad_value(key)
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(_with(key, value)))
+        monkeypatch.setattr(sys, "argv", [f"stages/{stage}.py"])
         with pytest.raises(SystemExit) as exit_:
-            stages.check_params.main()
-        stderr = capsys.readouterr().err
-        assert exit_.value.code == 1 and "Traceback" not in stderr
-        assert error in stderr and "(did you mean 'v_proj'?); its linear layers: " in stderr, stderr
-        assert "check_params: failed; the outputs of its last successful run are in the DVC cache" in stderr
+            importlib.import_module(f"stages.{stage}").main()
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 1, (stage, key)
+        assert lines[:1] == [f"error: params.yaml: {key} is {value!r}; expected {SCHEMA[key][1]}"], (stage, key, lines)
+        assert len(lines) == 2 and lines[1].startswith(f"{stage}: failed; the outputs of its last successful run"), \
+            (stage, key, lines)
+    monkeypatch.setenv("DEBUG", "1")
+    with pytest.raises(PipelineError, match=f"{key} is"):
+        importlib.import_module(f"stages.{stage}").main()

@@ -1,0 +1,56 @@
+"""What check_params can check only against the data and the model: the size caps fit their splits, and
+every example fits its token budget. The checks run the later stages' own functions (the format stage's
+prompt, the split stage's splits and caps, the finetune stage's token budget, the eval stages' prompt
+cut) on the data source's records, so a value that passes the params schema but not the data fails in
+check_params with the line the later stage would print minutes later, prefixed with the key and value."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Iterator
+
+from medqa import paths
+from medqa.data import cap, make_splits, read_local_source
+from medqa.errors import PipelineError
+from medqa.models import get_profile, tokenizer_before_download
+from medqa.params import Params
+from medqa.prompts import fit_example, fit_prompt, format_record, prompt_format
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _for_key(key: str, value: Any) -> Iterator[None]:
+    """A later stage's PipelineError, led by the param whose value made it."""
+    try:
+        yield
+    except PipelineError as exc:
+        raise PipelineError(f"{key} is {value!r}, which the data does not fit: {exc}") from None
+
+
+def check_against_data_and_model(params: Params) -> None:
+    """The size caps against the splits of a local data source, and (where the model's tokenizer can be
+    read) every train and validation example within train.max_length and every evaluated prompt within
+    eval.max_prompt_length. A hub data source is checked by the stages that download it."""
+    source = read_local_source(params.data)
+    if source is None:
+        log.info("split sizes and token budgets not checked here: data.source %s is read by the download stage",
+                 params.data.source)
+        return
+    records, labels = source
+    tokenizer = tokenizer_before_download(get_profile(params.model.name), paths.BASE_MODEL)
+    if tokenizer is not None:
+        prompt = params.prompt
+        fmt = prompt_format(tokenizer, prompt, params.model.name)
+        records = [format_record(r, fmt, prompt.system, prompt.answer_prefix, prompt.decision_first) for r in records]
+    splits = make_splits(records, labels, params.split, params.train, params.eval)
+    train = params.train
+    val_loss = cap(splits["val"], train.max_val_samples, params.split.seed, "train.max_val_samples")
+    if tokenizer is None:
+        return
+    with _for_key("train.max_length", train.max_length):
+        for example in splits["train"] + val_loss:
+            fit_example(example, tokenizer, train.max_length)
+    with _for_key("eval.max_prompt_length", params.eval.max_prompt_length):
+        for example in splits["test"] + splits["val"]:
+            fit_prompt(example, tokenizer, params.eval.max_prompt_length)
