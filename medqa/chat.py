@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports about a medical tool
     if importlib.util.find_spec("gradio") is None:
-        raise PipelineError("gradio is not installed: `make setup` installs requirements.lock")
+        raise PipelineError("gradio is not installed: `make setup` installs requirements.txt")
     host, port = args.host or params.chat.host, args.port or params.chat.port
     # Checked before the model loads: a refused start takes a second, not a minute.
     auth = credentials(host, args.share, dict(os.environ), Path(args.params).resolve().parent)

@@ -30,3 +30,16 @@ def test_every_module_a_stage_reaches_is_a_dependency(name):
     assert script in deps, f"{name}: its script {script} is not in its deps"
     missing = reached_modules(ROOT / script, deps) - EXEMPT - deps
     assert not missing, f"dvc.yaml: stage {name} imports {sorted(missing)} but does not list them in deps"
+
+
+def test_the_product_imports_no_research_or_benchmark_code():
+    """research/ and bench/ read the product; nothing in medqa/ or stages/ reads them (a stage whose result
+    hung on an analysis script would re-run when the analysis changed, and ship it)."""
+    import ast
+
+    for path in sorted((ROOT / "medqa").glob("*.py")) + sorted((ROOT / "stages").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            assert not any(n.split(".")[0] in ("research", "bench") for n in names), \
+                f"{path.relative_to(ROOT)} imports {names}"

@@ -45,7 +45,7 @@ CASES = {"launched": ({"DVC_REMOTE": "s3://team-bucket/pubmedqa"}, {"HF_TOKEN": 
 def read() -> dict[str, dict]:
     """SkyPilot's reading of the task file in each case of CASES."""
     if not SKY_PYTHON.exists():
-        pytest.fail(f"no SkyPilot environment at {SKY_PYTHON}: `make test` installs requirements-skypilot.lock there")
+        pytest.fail(f"no SkyPilot environment at {SKY_PYTHON}: `make test` installs requirements-skypilot.txt there")
     out = subprocess.run([str(SKY_PYTHON), "-c", READ, str(TASK), json.dumps(list(CASES.values()))],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]

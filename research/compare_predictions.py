@@ -1,7 +1,7 @@
 """Two runs' predictions on the same questions, compared metric by metric: B minus A with its paired
 95% bootstrap interval for every metric of the report, and how often their decisions agree.
 
-    python -m bench.compare_predictions A.jsonl B.jsonl [--bootstrap 1000] [--seed 42]
+    python -m research.compare_predictions A.jsonl B.jsonl [--bootstrap 1000] [--seed 42]
 
 For example the fine-tuned predictions of a float32 run (A) and a bf16 run (B) of the same recipe
 (`data/predictions/finetuned.jsonl` of each experiment): an interval that contains 0 is a

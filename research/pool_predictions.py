@@ -2,7 +2,7 @@
 protocol, the mean accuracy and macro-F1 over the runs, and the mean's gain over always answering
 the questions' most frequent decision, each with a 95% interval that resamples questions.
 
-    python -m bench.pool_predictions RUN.jsonl RUN.jsonl [...] [--protocols choice offsets]
+    python -m research.pool_predictions RUN.jsonl RUN.jsonl [...] [--protocols choice offsets]
                                      [--bootstrap 1000] [--seed 42]
 
 Each RUN.jsonl is an experiment's `data/predictions/finetuned.jsonl` (`dvc get . data/predictions/
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 
-from bench.sweep_decisions import pooled, print_pooled
 from medqa.answers import PROTOCOL_NAMES
 from medqa.io import read_jsonl
 from medqa.metrics import decision_table, majority_decisions
+from research.sweep_decisions import pooled, print_pooled
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 """Is there a per-question decision signal under a model's lean to one answer? Offsets added to the
 options' log-likelihoods, fitted on some validation questions and scored on the others.
 
-    python -m bench.decision_offsets LOGLIK.npz [--folds 5] [--repeats 5] [--against RECIPE]
+    python -m research.decision_offsets LOGLIK.npz [--folds 5] [--repeats 5] [--against RECIPE]
 
-LOGLIK.npz is what `python -m bench.sweep_decisions ... --save-loglik LOGLIK.npz` writes: each
+LOGLIK.npz is what `python -m research.sweep_decisions ... --save-loglik LOGLIK.npz` writes: each
 adapter's log-likelihoods of " yes", " no", " maybe" on the validation questions, and their labels.
 For each adapter: the choice protocol's accuracy and macro-F1 (the most likely option), how well its
 options rank the questions (`ranking_aucs`: yes against no, "maybe" against the rest), and the
@@ -11,7 +11,7 @@ accuracy and macro-F1 of the eval stages' `offsets` protocol with its offsets (`
 fitted on k-1 folds and applied to the held-out fold: cross-validated, the offsets never see the
 questions they are scored on; the figures average `--repeats` shuffles of the folds. `--against
 RECIPE` pools each recipe's seeds (the adapters saved as RECIPE=...) and compares the recipes'
-held-out decisions (the first shuffle) paired, as `bench.sweep_decisions --against` compares plain
+held-out decisions (the first shuffle) paired, as `research.sweep_decisions --against` compares plain
 choices.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from bench.sweep_decisions import pooled, print_pooled
 from medqa import answers, metrics
+from research.sweep_decisions import pooled, print_pooled
 
 
 def _score(stat: str):

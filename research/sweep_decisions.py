@@ -1,7 +1,7 @@
 """A recipe sweep's validation decisions with intervals, each adapter alone and each recipe pooled
 over its seeds.
 
-    python -m bench.sweep_decisions RECIPE=ADAPTER_DIR [RECIPE=ADAPTER_DIR ...] [--against RECIPE]
+    python -m research.sweep_decisions RECIPE=ADAPTER_DIR [RECIPE=ADAPTER_DIR ...] [--against RECIPE]
                                     [--save-loglik FILE.npz] [--bootstrap 1000] [--seed 42]
 
 Each adapter (the `models/adapter` of an experiment `dvc exp run finetune -n <name> ...`, taken out

@@ -1,0 +1,92 @@
+"""The research scripts (research/): the analyses' own statistics on known answers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medqa.answers import fit_offsets
+from medqa.metrics import CODES, decision_table
+from tests.test_metrics import _row
+
+
+def test_a_sweep_pools_seeds_and_compares_two_recipes_paired():
+    """research.sweep_decisions: a recipe's mean over seeds, and its difference from another recipe's
+    with a paired interval (the same resampled questions for both)."""
+    from research.sweep_decisions import pooled
+
+    truth = np.array([CODES[t] for t in ["yes"] * 30 + ["no"] * 15 + ["maybe"] * 5])
+    always_yes = np.full_like(truth, CODES["yes"])
+    better = np.where(truth == CODES["no"], truth, always_yes)  # right on the "no" questions too: 0.9
+    seeds = [better, always_yes]  # a recipe whose two seeds score 0.9 and 0.6
+    mean = pooled(truth, seeds, n_resamples=200, seed=1)
+    assert mean["accuracy"][0] == pytest.approx(0.75) and mean["accuracy"][1] < 0.75 < mean["accuracy"][2]
+    same = pooled(truth, seeds, n_resamples=200, seed=1, against=seeds)
+    assert same["accuracy"] == (0.0, 0.0, 0.0) and same["macro_f1"] == (0.0, 0.0, 0.0)
+    gain = pooled(truth, seeds, n_resamples=200, seed=1, against=[always_yes])
+    assert gain["accuracy"][0] == pytest.approx(0.15)
+    # Paired: the recipes differ only where the first is right, so the interval stays above 0, where
+    # the two recipes' own intervals, side by side, overlap.
+    assert 0 < gain["accuracy"][1] < 0.15 < gain["accuracy"][2]
+    assert pooled(truth, [always_yes], n_resamples=200, seed=1)["accuracy"][2] > mean["accuracy"][1]
+
+
+def test_seeds_predictions_pool_to_their_mean_and_its_gain_over_the_majority(tmp_path, monkeypatch, capsys):
+    """research.pool_predictions: two runs' prediction files on the same questions, per protocol the
+    mean over the runs and its paired gain over always answering the most frequent decision; runs on
+    other questions are refused."""
+    from research import pool_predictions
+    from medqa.io import write_jsonl
+
+    truth = ["yes"] * 6 + ["no"] * 3 + ["maybe"]
+    always_yes = [dict(_row(t, "yes", offsets="no" if t == "no" else "yes"), pmid=str(i)) for i, t in enumerate(truth)]
+    right = [dict(_row(t, t), pmid=str(i)) for i, t in enumerate(truth)]
+    write_jsonl(tmp_path / "a.jsonl", always_yes)
+    write_jsonl(tmp_path / "b.jsonl", right)
+    monkeypatch.setattr("sys.argv", ["pool", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--bootstrap", "50"])
+    pool_predictions.main()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| m")]
+    assert [line.split(" | ")[2].split()[0] for line in lines] == ["0.800", "+0.200", "0.950", "+0.350"]
+    write_jsonl(tmp_path / "b.jsonl", right[::-1])
+    with pytest.raises(SystemExit, match="same questions"):
+        pool_predictions.main()
+    no_decision = dict(_row("yes", "none"), pmid="0")
+    assert list(decision_table([no_decision])["choice"]) == [CODES["none"]]
+
+
+def test_offsets_fitted_on_other_questions_undo_a_lean_to_one_answer():
+    """The offsets protocol's fit (`answers.fit_offsets`), cross-validated as research.decision_offsets
+    does: a model whose options rank the questions right but lean to "yes" by a constant says "yes" to
+    all; offsets fitted on the other folds undo the lean on held-out ones."""
+    from research.decision_offsets import cross_validated
+
+    rng = np.random.default_rng(0)
+    truth = rng.choice(3, size=120, p=[0.55, 0.35, 0.10])
+    signal = np.eye(3)[truth] * 1.5 + rng.normal(0, 0.5, size=(120, 3))
+    leaning = signal + np.array([3.0, 0.0, 0.0])
+    assert np.all(leaning.argmax(axis=1) == CODES["yes"])
+    assert fit_offsets(leaning, truth)[1] > 2  # "no" raised by about the lean
+    held_out = cross_validated(leaning, truth, folds=5, repeats=2)
+    assert held_out["accuracy"] > np.mean(truth == CODES["yes"]) + 0.2 and held_out["macro_f1"] > 0.5
+    # no signal: the offsets cannot beat the majority answer on held-out questions
+    noise = rng.normal(0, 1, size=(120, 3))
+    assert cross_validated(noise, truth, folds=5, repeats=2)["accuracy"] < np.mean(truth == 0) + 0.05
+
+
+def test_ranking_aucs_tell_a_maybe_signal_from_none():
+    """research.decision_offsets' ranking AUCs: a model whose "maybe" option is likelier on the "maybe"
+    questions ranks them first (AUC 1); one that scores them as it scores yes or no questions sits
+    near 0.5; yes against no is read on the yes and no questions alone, and a lean (a constant added
+    to one option) leaves it unchanged."""
+    from research.decision_offsets import ranking_aucs
+
+    rng = np.random.default_rng(1)
+    truth = rng.choice(3, size=300, p=[0.55, 0.35, 0.10])
+    informed = np.eye(3)[truth] * 3.0 + rng.normal(0, 0.3, size=(300, 3))
+    assert ranking_aucs(informed, truth) == (1.0, 1.0)
+    # "maybe" questions that look like yes or no ones: nothing tells them apart
+    looks_like = np.where(truth == CODES["maybe"], rng.choice([CODES["yes"], CODES["no"]], size=300), truth)
+    blind = np.eye(3)[looks_like] * 3.0 + rng.normal(0, 0.3, size=(300, 3))
+    yes_vs_no, maybe_vs_rest = ranking_aucs(blind, truth)
+    assert yes_vs_no > 0.99 and abs(maybe_vs_rest - 0.5) < 0.15
+    leaning = informed + np.array([5.0, 0.0, 0.0])
+    assert ranking_aucs(leaning, truth)[0] == ranking_aucs(informed, truth)[0]
