@@ -75,7 +75,7 @@ test-fast: $(VENV)/.tests-installed
 	$(VENV)/bin/python -m pytest -q -m "not slow" --durations=10 $(PYTEST_WORKERS) tests
 
 chat: setup
-	$(VENV)/bin/python -m medqa.chat $(CHAT_ARGS)
+	$(VENV)/bin/python -m medqa.chat.app $(CHAT_ARGS)
 
 gpu-check: setup
 	$(VENV)/bin/python -m bench.gpu_check $(if $(strip $(DATA)),--data '$(abspath $(DATA))')

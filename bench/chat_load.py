@@ -1,7 +1,7 @@
 """The chat app under load: the wait per client, to the first token and to the end, with one client and
 with several at once, through the app's own API (gradio_client), as users would meet it.
 
-Starts `python -m medqa.chat` from `--app-root` (default: this checkout; another checkout measures
+Starts `python -m medqa.chat.app` from `--app-root` (default: this checkout; another checkout measures
 another version) on a free port with the pipeline's models, sends one untimed compare (the model's
 first-call costs), then one client alone, then `--clients` at once, each a Compare of a test
 question (`--same`: all the same one, else one each), greedy, `generation.max_new_tokens` tokens.
@@ -38,7 +38,7 @@ def start_app(app_root: Path, port: int) -> subprocess.Popen:
     """The app of the checkout at `app_root`, reading this checkout's models and test split."""
     env = dict(os.environ, PYTHONPATH=str(app_root), GRADIO_ANALYTICS_ENABLED="False")
     return subprocess.Popen(
-        [sys.executable, "-m", "medqa.chat", "--params", str(app_root / "params.yaml"), "--port", str(port),
+        [sys.executable, "-m", "medqa.chat.app", "--params", str(app_root / "params.yaml"), "--port", str(port),
          "--base", str(ROOT / paths.BASE_MODEL), "--adapter", str(ROOT / paths.ADAPTER), "--test", str(ROOT / paths.TEST)],
         cwd=app_root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )

@@ -30,14 +30,14 @@ from typing import Callable, TypeVar
 import torch
 
 from medqa import paths
-from medqa.answers import after_answer_ids, decision_options, parse_decision
-from medqa.evaluation import answer_and_score, content_free_prior
-from medqa.generation import ScoredAnswers, generate, generate_and_score, generation_config
+from medqa.decisions.answers import after_answer_ids, decision_options, parse_decision
+from medqa.evaluation.run import answer_and_score, content_free_prior
+from medqa.inference.generation import ScoredAnswers, generate, generate_and_score, generation_config
 from medqa.io import read_jsonl
-from medqa.models import load_for_inference, resolve_hardware
+from medqa.modeling.models import load_for_inference, resolve_hardware
 from medqa.params import load_params
-from medqa.prompts import fit_prompt
-from medqa.tokens import token_ids
+from medqa.prompting.prompts import fit_prompt
+from medqa.prompting.tokens import token_ids
 
 T = TypeVar("T")
 

@@ -1,7 +1,7 @@
 """Training throughput and memory: the finetune stage's way against the reference notebooks' way.
 
 Notebook way: random batches, each padded to `train.max_length`, logits and loss at every position
-(the model's own loss). Stage way: `medqa.trainer.build_trainer` as the finetune stage runs it:
+(the model's own loss). Stage way: `medqa.training.trainer.build_trainer` as the finetune stage runs it:
 length-grouped, left-padded batches, logits only over the columns that predict answer tokens.
 
 Both ways train on the same examples: a seeded sample of `steps x batch_size x grad_accum` train
@@ -46,10 +46,10 @@ import torch
 
 from medqa import paths
 from medqa.io import read_jsonl
-from medqa.models import cpu_has_native_bf16, load_tokenizer, resolve_hardware
+from medqa.modeling.models import cpu_has_native_bf16, load_tokenizer, resolve_hardware
 from medqa.params import load_params
-from medqa.trainer import build_trainer
-from medqa.training import setup_model, tokenize_example, training_arguments
+from medqa.training.trainer import build_trainer
+from medqa.training.recipe import setup_model, tokenize_example, training_arguments
 
 WAYS = ("notebook", "stage", "stage-bf16")  # stage-bf16: the stage's way with bf16 autocast (native bf16 only)
 

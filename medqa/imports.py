@@ -25,19 +25,28 @@ def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
     return nodes
 
 
+def _module_files(module: str, names: list[str]) -> set[Path]:
+    """The files `from <module> import <names>` runs: the module's file, or for a package the modules
+    among `names` (a package's __init__.py holds only its docstring: tests/test_dvc_deps.py checks)."""
+    base = ROOT / module.replace(".", "/")
+    if base.with_suffix(".py").is_file():
+        return {base.with_suffix(".py")}
+    return {base / f"{name}.py" for name in names if (base / f"{name}.py").is_file()}
+
+
 def _imported_modules(path: Path) -> set[Path]:
     """The medqa modules `path` imports anywhere in it (top level or inside functions), but for type
     hints only."""
-    found = set()
+    found: set[Path] = set()
     for node in _runtime_nodes(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module == "medqa":
-                found |= {ROOT / "medqa" / f"{alias.name}.py" for alias in node.names}
-            elif node.module.startswith("medqa."):
-                found.add(ROOT / (node.module.replace(".", "/") + ".py"))
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and \
+                (node.module == "medqa" or node.module.startswith("medqa.")):
+            found |= _module_files(node.module, [alias.name for alias in node.names])
         elif isinstance(node, ast.Import):
-            found |= {ROOT / (a.name.replace(".", "/") + ".py") for a in node.names if a.name.startswith("medqa.")}
-    return {p for p in found if p.exists()}
+            for alias in node.names:
+                if alias.name.startswith("medqa."):
+                    found |= _module_files(alias.name, [])
+    return found
 
 
 def reached_modules(script: Path, deps: set[str] = frozenset()) -> set[str]:

@@ -40,7 +40,7 @@ def decisions_csv(label: str) -> Path:
     """A model's reference and chosen decision per test question, for DVC's confusion plot."""
     return Path(f"reports/decisions_{label}.csv")
 
-MERGED = Path("models/merged")  # `python -m medqa.export`'s default outputs (not stages': no DVC outputs)
+MERGED = Path("models/merged")  # `python -m medqa.release.export`'s default outputs (not stages': no DVC outputs)
 GGUF = Path("models/gguf")
 RELEASE = Path("models/release")  # the adapter with its model card: what is shared (artifact, hub, export)
 HARNESS_TEST = Path("data/lm_eval/pubmedqa_test.jsonl")  # the test questions as the lm-eval task reads them

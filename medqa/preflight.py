@@ -10,11 +10,11 @@ import logging
 from typing import Any, Iterator
 
 from medqa import paths
-from medqa.data import cap, make_splits, read_local_source
+from medqa.data.pubmedqa import cap, make_splits, read_local_source
 from medqa.errors import PipelineError
-from medqa.models import get_profile, tokenizer_before_download
+from medqa.modeling.models import get_profile, tokenizer_before_download
 from medqa.params import Params
-from medqa.prompts import fit_example, fit_prompt, format_record, prompt_format
+from medqa.prompting.prompts import fit_example, fit_prompt, format_record, prompt_format
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 
-from medqa.answers import PROTOCOLS
+from medqa.decisions.answers import PROTOCOLS
 from medqa.io import read_jsonl
-from medqa.metrics import paired_differences, table_from_rows
-from medqa.report import reported_rows
+from medqa.evaluation.metrics import paired_differences, table_from_rows
+from medqa.report.render import reported_rows
 
 
 def main() -> None:

@@ -21,7 +21,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from medqa import answers, metrics
+from medqa.decisions import answers
+from medqa.evaluation import metrics
 from research.sweep_decisions import pooled, print_pooled
 
 

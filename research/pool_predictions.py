@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 
-from medqa.answers import PROTOCOL_NAMES
+from medqa.decisions.answers import PROTOCOL_NAMES
 from medqa.io import read_jsonl
-from medqa.metrics import decision_table, majority_decisions
+from medqa.evaluation.metrics import decision_table, majority_decisions
 from research.sweep_decisions import pooled, print_pooled
 
 

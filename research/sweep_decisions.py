@@ -23,10 +23,11 @@ from typing import Callable
 
 import numpy as np
 
-from medqa import metrics, paths
-from medqa.evaluation import choice_loglik, validation_truth
+from medqa import paths
+from medqa.evaluation import metrics
+from medqa.evaluation.run import choice_loglik, validation_truth
 from medqa.io import read_jsonl
-from medqa.models import load_for_inference, resolve_hardware
+from medqa.modeling.models import load_for_inference, resolve_hardware
 from medqa.params import load_params
 
 

@@ -1,9 +1,9 @@
 """Stage baseline_eval: the base model on the test split."""
 from medqa import paths
 from medqa.errors import stage_main
-from medqa.evaluation import EVAL_SECTIONS, run_evaluation
+from medqa.evaluation.run import EVAL_SECTIONS, run_evaluation
 from medqa.params import load_params
-from medqa.progress import stage_progress
+from medqa.evaluation.progress import stage_progress
 
 
 @stage_main

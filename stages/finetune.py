@@ -2,11 +2,11 @@
 import os
 
 from medqa import paths
-from medqa.checkpoints import claim_checkpoints
+from medqa.training.checkpoints import claim_checkpoints
 from medqa.errors import stage_main
-from medqa.launch import accelerate_command, check_distributed, launched_by_accelerate, machines_from_env
+from medqa.training.launch import accelerate_command, check_distributed, launched_by_accelerate, machines_from_env
 from medqa.params import load_params
-from medqa.training import shaping_params, train_adapter
+from medqa.training.recipe import shaping_params, train_adapter
 
 
 @stage_main

@@ -2,9 +2,9 @@
 from medqa import paths
 from medqa.errors import stage_main
 from medqa.io import read_jsonl, write_jsonl
-from medqa.models import load_tokenizer
+from medqa.modeling.models import load_tokenizer
 from medqa.params import load_params
-from medqa.prompts import format_record, prompt_format
+from medqa.prompting.prompts import format_record, prompt_format
 
 
 @stage_main

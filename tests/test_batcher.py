@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from medqa.batcher import Batcher, Request
+from medqa.chat.batcher import Batcher, Request
 from medqa.errors import PipelineError
 
 

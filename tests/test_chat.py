@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medqa.assistant import Assistant, Row, recent_turns
-from medqa.chat import chat_reply, compare_answers
+from medqa.chat.assistant import Assistant, Row, recent_turns
+from medqa.chat.app import chat_reply, compare_answers
 from medqa.errors import PipelineError
-from medqa.generation import generate, generation_config
+from medqa.inference.generation import generate, generation_config
 from medqa.io import write_jsonl
-from medqa.models import PROFILES, load_model, resolve_hardware
+from medqa.modeling.models import PROFILES, load_model, resolve_hardware
 from medqa.params import load_params, params_from_dict
-from medqa.prompts import PromptFormat, format_record, prompt_format
+from medqa.prompting.prompts import PromptFormat, format_record, prompt_format
 from tests.conftest import free_port, make_original, save_tiny_base
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,14 +198,14 @@ def test_compare_fills_both_sides_and_chat_keeps_the_conversation(assistant):
 def _run_app(project: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), GRADIO_ANALYTICS_ENABLED="False", **(env or {}))
     return subprocess.Popen(
-        [sys.executable, "-m", "medqa.chat", "--params", str(project / "params.yaml"), "--base", str(project / "base"),
+        [sys.executable, "-m", "medqa.chat.app", "--params", str(project / "params.yaml"), "--base", str(project / "base"),
          "--test", str(project / "test.jsonl"), *args],
         cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
 
 def test_the_app_is_local_only_by_default():
-    from medqa.chat import parse_args
+    from medqa.chat.app import parse_args
 
     assert yaml.safe_load((ROOT / "params.yaml").read_text())["chat"]["host"] == "127.0.0.1"
     args = parse_args([])
@@ -220,8 +220,8 @@ def test_the_app_refuses_to_start_without_an_adapter(project, tmp_path):
 
 
 def test_an_answer_that_starts_with_its_decision_shows_one_reading_for_both():
-    from medqa.answers import read_where_choice_reads
-    from medqa.chat import decision_markdown
+    from medqa.decisions.answers import read_where_choice_reads
+    from medqa.chat.app import decision_markdown
 
     prefix = "The answer is:"
     assert read_where_choice_reads("The answer is: yes. It works.", prefix)
@@ -237,7 +237,7 @@ def test_an_answer_that_starts_with_its_decision_shows_one_reading_for_both():
 
 
 def test_an_app_others_can_reach_asks_for_a_password(tmp_path):
-    from medqa.chat import credentials
+    from medqa.chat.app import credentials
 
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -330,7 +330,7 @@ def test_logins_slow_down_per_client_after_repeated_failures_and_a_success_clear
     before that client's next attempt is checked; another client waits nothing; a success starts over."""
     import asyncio
 
-    from medqa.chat import LoginThrottle
+    from medqa.chat.app import LoginThrottle
 
     waits: list[tuple[str, float]] = []
     client_now: list[str] = []

@@ -7,7 +7,7 @@ from collections import Counter
 import pandas as pd
 import pytest
 
-from medqa.data import (balanced_cap, cap, load_records, load_source, load_test_labels, split_records, split_stats,
+from medqa.data.pubmedqa import (balanced_cap, cap, load_records, load_source, load_test_labels, split_records, split_stats,
                         validate_records)
 from medqa.errors import PipelineError
 from tests.conftest import make_original

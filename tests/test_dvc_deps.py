@@ -18,8 +18,8 @@ STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 def test_the_import_walk_finds_what_a_stage_reaches():
     reached = reached_modules(ROOT / "stages/finetune.py")
-    assert {"medqa/training.py", "medqa/models.py", "medqa/paths.py"} <= reached  # direct and transitive
-    assert "medqa/models.py" in reached_modules(ROOT / "stages/check_params.py", {"medqa/params.py"})
+    assert {"medqa/training/recipe.py", "medqa/modeling/models.py", "medqa/paths.py"} <= reached  # direct and transitive
+    assert "medqa/modeling/models.py" in reached_modules(ROOT / "stages/check_params.py", {"medqa/params.py"})
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
@@ -43,3 +43,16 @@ def test_the_product_imports_no_research_or_benchmark_code():
                      else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
             assert not any(n.split(".")[0] in ("research", "bench") for n in names), \
                 f"{path.relative_to(ROOT)} imports {names}"
+
+
+def test_every_subpackage_says_what_it_owns_and_runs_no_code_on_import():
+    """A subpackage's __init__.py is its one-paragraph docstring and nothing else: the import walk (and so
+    each stage's deps) can leave it out, and importing one module of a package runs none of its siblings."""
+    import ast
+
+    packages = sorted(p.parent for p in (ROOT / "medqa").glob("*/__init__.py"))
+    assert packages
+    for package in packages:
+        body = ast.parse((package / "__init__.py").read_text()).body
+        assert len(body) == 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and len(body[0].value.value) > 80, f"{package.relative_to(ROOT)}/__init__.py is not just a docstring"

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medqa.answers import continuation_ids
-from medqa.generation import generate, generate_and_score, generation_config, score_choices
+from medqa.decisions.answers import continuation_ids
+from medqa.inference.generation import generate, generate_and_score, generation_config, score_choices
 
 
 def _direct_loglik(model, prompt: list[int], option: list[int]) -> float:
@@ -98,7 +98,7 @@ def test_one_token_prompts(tokenizer, tiny_model, lengths):
 
 def test_the_eval_stages_and_the_chat_app_read_after_answer_decisions_alike(tokenizer, tiny_model):
     """The eval stages' after_answer (from the generation's cache) equals the chat app's (from scratch)."""
-    from medqa.evaluation import answer_and_score, score_after_answers
+    from medqa.evaluation.run import answer_and_score, score_after_answers
 
     prefix = "The answer to this question is:"
     prompts = _prompts(tokenizer)
@@ -122,7 +122,7 @@ def test_the_project_calls_no_deprecated_transformers_api(tokenizer, tiny_model,
 
     from peft import LoraConfig, get_peft_model
 
-    from medqa.generation import SharedPrefixScorer
+    from medqa.inference.generation import SharedPrefixScorer
 
     prompts = _prompts(tokenizer)
     options = [continuation_ids(tokenizer, "answer is:", w) for w in (" yes", " no", " maybe")]

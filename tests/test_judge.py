@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from medqa import judge as judging
-from medqa.judge import head_to_head, judge_all, judge_subset, summarize_judgements
-from medqa.rubric import CRITERIA as CRITERIA_ALL
-from medqa.rubric import Case
+from medqa.evaluation import judge as judging
+from medqa.evaluation.judge import head_to_head, judge_all, judge_subset, summarize_judgements
+from medqa.evaluation.rubric import CRITERIA as CRITERIA_ALL
+from medqa.evaluation.rubric import Case
 
 CRITERIA = ["helpfulness", "correctness"]
 
@@ -100,7 +100,7 @@ def test_judge_subset_is_seeded_sorted_and_capped():
 
 
 def test_shared_prefix_scorer_equals_scoring_each_prompt_from_scratch(tiny_model):
-    from medqa.generation import SharedPrefixScorer, score_choices
+    from medqa.inference.generation import SharedPrefixScorer, score_choices
 
     rng = np.random.default_rng(0)
     case = rng.integers(5, 1000, 40).tolist()
@@ -117,7 +117,7 @@ def test_shared_prefix_scorer_equals_scoring_each_prompt_from_scratch(tiny_model
 
 
 def test_model_judge_reads_ratings_and_preferences_off_a_real_tokenizer(tiny_model, tokenizer):
-    from medqa.prompts import PromptFormat
+    from medqa.prompting.prompts import PromptFormat
 
     judge = judging.ModelJudge(tiny_model, tokenizer, PromptFormat(tokenizer))
     case = Case("1", "Does treatment 1 work?", " ".join(f"Finding {i}: the outcome improved." for i in range(40)),
@@ -142,7 +142,7 @@ def _result(judge_params: float, consistency: float) -> dict:
 
 
 def test_the_report_calls_a_small_or_position_bound_judge_unreliable():
-    from medqa.report import STRONG_JUDGE_PARAMS, judge_section
+    from medqa.report.render import STRONG_JUDGE_PARAMS, judge_section
 
     rows = judge_all(PreferLonger(), _cases(3), ["short"] * 3, ["a much longer answer than that"] * 3, ["helpfulness"],
                      desc=None)
@@ -167,8 +167,8 @@ def test_an_unknown_judge_criterion_is_one_clear_error():
 
 
 def test_a_judge_other_than_the_base_model_is_prepared_once_then_reused(tmp_path, tokenizer, monkeypatch):
-    from medqa import models
-    from medqa.judge import judge_model_dir
+    from medqa.modeling import models
+    from medqa.evaluation.judge import judge_model_dir
     from tests.conftest import save_tiny_base
 
     base, scratch, other = tmp_path / "base", tmp_path / "judge", tmp_path / "other-model"

@@ -6,11 +6,11 @@ import re
 import numpy as np
 import pytest
 
-from medqa.answers import (
+from medqa.decisions.answers import (
     DECISIONS, DecisionEvidence, calibrate, choice_probabilities, content_free_prior, fit_offsets, read_decisions,
 )
 from medqa.errors import PipelineError
-from medqa.metrics import (
+from medqa.evaluation.metrics import (
     CODES, LABEL_IDS, bertscore_f1, choice_summary, class_f1, paired_differences, per_class_f1, resolve_bertscore_model, rouge_scores, summarize, table_from_rows, token_f1,
 )
 
@@ -160,7 +160,7 @@ def test_offsets_are_none_where_the_model_needs_none_and_the_protocol_needs_them
 
 def test_majority_baseline_from_the_test_labels_in_metrics_and_report():
     from medqa.params import LoraParams
-    from medqa.report import describe_run, render_report
+    from medqa.report.render import describe_run, render_report
 
     # 5 yes, 3 no, 2 maybe: always "yes" is right 5 times in 10; F1(yes) = 2*0.5/(1+0.5) = 2/3.
     truths = ["yes"] * 5 + ["no"] * 3 + ["maybe"] * 2
@@ -228,8 +228,8 @@ def test_the_decision_pictures_and_confusion_data_show_what_each_model_said(tmp_
 
     import pandas as pd
 
-    from medqa.plots import plot_confusions
-    from medqa.report import decisions_csv_text
+    from medqa.report.plots import plot_confusions
+    from medqa.report.render import decisions_csv_text
 
     truths = ["yes"] * 5 + ["no"] * 3 + ["maybe"] * 2
     rows = [dict(_row(t, "yes"), pmid=str(i), reference_decision=t) for i, t in enumerate(truths)]

@@ -378,7 +378,7 @@ def test_a_killed_finetune_resumes_and_gives_the_same_adapter(project):
     import torch
     from safetensors.torch import load_file
 
-    from medqa.checkpoints import last_complete_checkpoint
+    from medqa.training.checkpoints import last_complete_checkpoint
 
     repo, env = project
     params = yaml.safe_load((repo / "params.yaml").read_text())

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from medqa.answers import after_answer_at, after_answer_context, long_answer_part, parse_decision
+from medqa.decisions.answers import after_answer_at, after_answer_context, long_answer_part, parse_decision
 from medqa.errors import PipelineError
-from medqa.prompts import PromptFormat, fit_prompt, format_record, prompt_id
-from medqa.training import tokenize_example
+from medqa.prompting.prompts import PromptFormat, fit_prompt, format_record, prompt_id
+from medqa.training.recipe import tokenize_example
 
 RECORD = {
     "pmid": "42",

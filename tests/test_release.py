@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from medqa.metrics import paired_differences, summarize, table_from_rows
+from medqa.evaluation.metrics import paired_differences, summarize, table_from_rows
 from medqa.params import load_params
-from medqa.release import CARD, REPO_PLACEHOLDER, RunOutcome, card_results, card_text, write_release
+from medqa.release.card import CARD, REPO_PLACEHOLDER, RunOutcome, card_results, card_text, write_release
 from tests.test_metrics import _row
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def test_the_release_holds_the_adapter_the_card_and_the_hub_base(tmp_path):
 def test_the_commit_sends_every_file_once_and_the_card_with_the_repo_id(tmp_path, monkeypatch):
     from huggingface_hub import ModelCard
 
-    from medqa.publish import card_for, upload_operations
+    from medqa.release.publish import card_for, upload_operations
 
     release = _release(tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -113,7 +113,7 @@ def test_the_commit_sends_every_file_once_and_the_card_with_the_repo_id(tmp_path
 def _publish(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     _release(tmp_path)
     environment = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_HUB_OFFLINE")}
-    return subprocess.run([sys.executable, "-m", "medqa.publish", "--repo-id", "team/pubmedqa-lora", *args],
+    return subprocess.run([sys.executable, "-m", "medqa.release.publish", "--repo-id", "team/pubmedqa-lora", *args],
                           cwd=tmp_path, env={**environment, "PYTHONPATH": str(ROOT), **env},
                           capture_output=True, text=True, timeout=120)
 

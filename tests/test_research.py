@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medqa.answers import fit_offsets
-from medqa.metrics import CODES, decision_table
+from medqa.decisions.answers import fit_offsets
+from medqa.evaluation.metrics import CODES, decision_table
 from tests.test_metrics import _row
 
 

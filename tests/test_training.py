@@ -16,8 +16,8 @@ import yaml
 from safetensors.torch import load_file
 
 from medqa.params import params_from_dict
-from medqa.plots import live_metric_file
-from medqa.prompts import PromptFormat, format_record
+from medqa.report.plots import live_metric_file
+from medqa.prompting.prompts import PromptFormat, format_record
 from tests.conftest import free_port, train_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def train_in_this_process(workdir: Path, out: Path, raw: dict) -> None:
     """train_adapter on the workdir's splits, writing under `out`."""
     from dataclasses import replace
 
-    from medqa.training import train_adapter
+    from medqa.training.recipe import train_adapter
 
     # A zero learning rate (the early-stopping test's) is no valid param, but the trainer takes it.
     lr = raw["train"]["learning_rate"]
@@ -121,7 +121,7 @@ def test_resume_after_kill_gives_the_same_adapter(workdir, tmp_path, caplog):
 
 
 def test_an_interrupted_checkpoint_is_never_loaded(tmp_path):
-    from medqa.checkpoints import last_complete_checkpoint
+    from medqa.training.checkpoints import last_complete_checkpoint
 
     for step, state in ((2, '{"global_step": 2}'), (4, '{"global_step": 4}'), (6, '{"global_st')):
         (tmp_path / f"checkpoint-{step}").mkdir()
@@ -154,8 +154,8 @@ def test_export_merges_the_adapter(workdir, trained, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from medqa.export import merge_adapter
-    from medqa.models import load_model, resolve_hardware
+    from medqa.release.export import merge_adapter
+    from medqa.modeling.models import load_model, resolve_hardware
 
     merge_adapter(workdir / "base", trained / "adapter", tmp_path / "merged", "float32")
     assert (tmp_path / "merged" / "model.safetensors").exists()
@@ -178,8 +178,8 @@ def test_gguf_export_reads_back_as_the_merged_model(workdir, trained, tmp_path, 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from medqa.export import export_gguf, merge_adapter
-    from medqa.prompts import prompt_format, user_message
+    from medqa.release.export import export_gguf, merge_adapter
+    from medqa.prompting.prompts import prompt_format, user_message
 
     params = train_params(**EXPORTED)
     typed = params_from_dict(params)
@@ -222,9 +222,9 @@ def test_non_finite_loss_stops_with_a_clear_message(workdir, tmp_path):
 
 
 def test_resume_point_is_idempotent_and_multi_gpu_launch_command(workdir, tmp_path, monkeypatch):
-    from medqa.checkpoints import claim_checkpoints
-    from medqa.launch import accelerate_command
-    from medqa.training import shaping_params
+    from medqa.training.checkpoints import claim_checkpoints
+    from medqa.training.launch import accelerate_command
+    from medqa.training.recipe import shaping_params
 
     def sections(**train) -> dict:
         return shaping_params(params_from_dict(train_params(**train)))
@@ -250,7 +250,7 @@ def test_resume_point_is_idempotent_and_multi_gpu_launch_command(workdir, tmp_pa
     assert claim_checkpoints(sections(learning_rate=0.5), *args[1:]) == (other, written)
     code = tmp_path / "training.py"
     code.write_text("# changed\n")
-    monkeypatch.setattr("medqa.checkpoints.training_code", lambda: [code])
+    monkeypatch.setattr("medqa.training.checkpoints.training_code", lambda: [code])
     assert claim_checkpoints(sections(learning_rate=0.5), *args[1:])[1] is None and not written.exists()
     from accelerate.commands.config.config_args import load_config_from_file
 
@@ -266,7 +266,7 @@ def test_resume_point_is_idempotent_and_multi_gpu_launch_command(workdir, tmp_pa
 
 def test_machines_come_from_the_environment_a_scheduler_sets():
     from medqa.errors import PipelineError
-    from medqa.launch import Machines, accelerate_command, machines_from_env
+    from medqa.training.launch import Machines, accelerate_command, machines_from_env
 
     assert machines_from_env(1, {}) == Machines()
     ours = machines_from_env(2, {"MEDQA_MACHINE_RANK": "1", "MEDQA_MAIN_ADDRESS": "10.0.0.5", "MEDQA_MAIN_PORT": "6000"})
@@ -286,8 +286,8 @@ def test_machines_come_from_the_environment_a_scheduler_sets():
 
 def test_the_gpu_knobs_reach_the_trainer_and_liger_off_cuda_is_one_clear_line(tmp_path, monkeypatch):
     from medqa.errors import PipelineError
-    from medqa.models import resolve_hardware
-    from medqa.training import training_arguments
+    from medqa.modeling.models import resolve_hardware
+    from medqa.training.recipe import training_arguments
 
     cpu = resolve_hardware("none", "float32")
     train = params_from_dict(train_params()).train
@@ -307,9 +307,9 @@ def _lora_trainer(workdir: Path, out: Path, stage_way: bool):
     from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
     from medqa.io import read_jsonl
-    from medqa.models import load_tokenizer, resolve_hardware
-    from medqa.trainer import build_trainer
-    from medqa.training import _dataset, setup_model, training_arguments
+    from medqa.modeling.models import load_tokenizer, resolve_hardware
+    from medqa.training.trainer import build_trainer
+    from medqa.training.recipe import _dataset, setup_model, training_arguments
 
     params = train_params(max_steps=4, batch_size=3, grad_accum=2, learning_rate=0.01, warmup_ratio=0.0,
                      logging_steps=1, eval_steps=4, save_steps=4)
@@ -349,7 +349,7 @@ def test_answer_column_loss_trains_as_the_full_logits_loss(workdir, tmp_path):
 def test_answer_batch_keeps_only_the_answer_columns(tokenizer):
     import torch
 
-    from medqa.trainer import AnswerBatchCollator, answer_loss
+    from medqa.training.trainer import AnswerBatchCollator, answer_loss
 
     features = [
         {"input_ids": [5, 6, 7, 8, 9], "attention_mask": [1] * 5, "labels": [-100, -100, -100, -100, 9]},
@@ -386,7 +386,7 @@ def test_warmup_starts_above_rate_zero(tokenizer, tiny_model, tmp_path):
     import torch
     from transformers import TrainingArguments, get_scheduler
 
-    from medqa.trainer import build_trainer, warm_up_from_the_first_step
+    from medqa.training.trainer import build_trainer, warm_up_from_the_first_step
 
     def optimizer():
         return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -535,12 +535,12 @@ def test_a_local_model_is_known_by_its_content_not_its_path(tmp_path, tokenizer,
 
     from safetensors.torch import save_file
 
-    import medqa.models
-    from medqa.checkpoints import base_identity, claim_checkpoints
-    from medqa.models import get_profile, prepare_base_model
+    import medqa.modeling.models
+    from medqa.training.checkpoints import base_identity, claim_checkpoints
+    from medqa.modeling.models import get_profile, prepare_base_model
     from tests.conftest import save_tiny_base
 
-    monkeypatch.setattr(medqa.models, "WHOLE_FILE_BYTES", 10**12 if read == "whole" else 1000)
+    monkeypatch.setattr(medqa.modeling.models, "WHOLE_FILE_BYTES", 10**12 if read == "whole" else 1000)
     monkeypatch.setenv("MEDQA_CHECKPOINT_DIR", str(tmp_path / "bucket"))
     original = tmp_path / "a/model"
     save_tiny_base(original, tokenizer, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
@@ -588,7 +588,7 @@ def _weighted_train(**overrides):
 
 
 def test_decision_weights_are_the_param_or_inverse_frequency_with_mean_the_param():
-    from medqa.training import decision_weighting
+    from medqa.training.recipe import decision_weighting
 
     decisions = ["yes"] * 6 + ["no"] * 3 + ["maybe"]
     assert decision_weighting(_weighted_train(decision_loss_weight=1.0), decisions, "The answer is:") is None  # plain
@@ -603,7 +603,7 @@ def test_decision_weights_are_the_param_or_inverse_frequency_with_mean_the_param
 
 @pytest.mark.parametrize("decision_first", [True, False])
 def test_the_decision_word_alone_carries_the_decision_weight(tokenizer, decision_first):
-    from medqa.training import DecisionWeighting, tokenize_example
+    from medqa.training.recipe import DecisionWeighting, tokenize_example
 
     fmt = PromptFormat(tokenizer)
     record = {"pmid": "1", "question": "Does it work, or not?", "contexts": ["No effect was seen; maybe later."],
@@ -625,7 +625,7 @@ def test_the_decision_word_alone_carries_the_decision_weight(tokenizer, decision
 def test_the_weighted_loss_counts_the_decision_tokens_that_many_times(tokenizer):
     import torch
 
-    from medqa.trainer import AnswerBatchCollator, answer_loss
+    from medqa.training.trainer import AnswerBatchCollator, answer_loss
 
     features = [
         {"input_ids": [5, 6, 7, 8, 9], "attention_mask": [1] * 5, "labels": [-100, -100, 7, 8, 9],
@@ -667,9 +667,9 @@ def test_the_trained_model_is_scored_as_the_eval_stages_score_it(workdir, tmp_pa
     import torch
 
     from medqa.io import read_jsonl
-    from medqa.models import Hardware, load_model, load_tokenizer
-    from medqa.trainer import build_trainer, forward_as_loaded
-    from medqa.training import _dataset, setup_model, training_arguments
+    from medqa.modeling.models import Hardware, load_model, load_tokenizer
+    from medqa.training.trainer import build_trainer, forward_as_loaded
+    from medqa.training.recipe import _dataset, setup_model, training_arguments
 
     params = params_from_dict(train_params(max_steps=1, eval_steps=1, save_steps=1))
     hardware = Hardware("cpu", torch.float32, False, autocast=torch.bfloat16)

@@ -9,17 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medqa.answers import DECISIONS, PRIMARY
+from medqa.decisions.answers import DECISIONS, PRIMARY
 from medqa.io import atomic_dir
-from medqa.models import get_profile
+from medqa.modeling.models import get_profile
 from medqa.params import LoraParams, ModelParams, PromptParams, TrainParams
-from medqa.report import is_model_metric, label_distribution, metric_at, metrics_table, offsets_text, reported_rows
+from medqa.report.render import is_model_metric, label_distribution, metric_at, metrics_table, offsets_text, reported_rows
 
 DATASET = ("qiaojin/PubMedQA", "pqa_labeled")  # the hub's copy of the data the pipeline trains on
 CARD = "README.md"
 SPLIT_NOTES = {"official": " (the test questions are among the 500 of PubMedQA's official test set)",
                "random": " (stratified by decision)"}
-REPO_PLACEHOLDER = "<hub-repo-id>"  # the usage snippet's repository; `medqa.publish` fills in the real one
+REPO_PLACEHOLDER = "<hub-repo-id>"  # the usage snippet's repository; `medqa.release.publish` fills in the real one
 TAGS = ["lora", "peft", "pubmedqa", "medical", "biomedical", "question-answering"]
 # A reported statistic's metric type on the hub (https://hf.co/metrics) and its configuration.
 METRIC_TYPES = {

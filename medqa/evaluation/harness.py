@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from medqa.answers import DECISIONS
-from medqa.prompts import fit_prompt_text
-from medqa.tokens import token_ids
+from medqa.decisions.answers import DECISIONS
+from medqa.prompting.prompts import fit_prompt_text
+from medqa.prompting.tokens import token_ids
 
 log = logging.getLogger(__name__)
 

@@ -10,17 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from medqa.answers import decision_span
-from medqa.checkpoints import SHARED_DIR_ENV, claim_checkpoints
-from medqa.data import cap
+from medqa.decisions.answers import decision_span
+from medqa.training.checkpoints import SHARED_DIR_ENV, claim_checkpoints
+from medqa.data.pubmedqa import cap
 from medqa.errors import PipelineError, explain_out_of_memory
 from medqa.io import atomic_dir, read_jsonl, write_json
-from medqa.launch import launched_by_accelerate, save_fsdp_adapter
-from medqa.models import (TRAINED_ON, Hardware, fsdp_enabled, get_profile, load_model, load_tokenizer, lora_targets,
+from medqa.training.launch import launched_by_accelerate, save_fsdp_adapter
+from medqa.modeling.models import (TRAINED_ON, Hardware, fsdp_enabled, get_profile, load_model, load_tokenizer, lora_targets,
                           resolve_hardware)
 from medqa.params import LoraParams, ModelParams, Params, TrainParams, as_dict
-from medqa.prompts import fit_example
-from medqa.trainer import (LiveLossCallback, SameBatchesFreshOrResumed, StopOnNonFiniteLoss, build_trainer,
+from medqa.prompting.prompts import fit_example
+from medqa.training.trainer import (LiveLossCallback, SameBatchesFreshOrResumed, StopOnNonFiniteLoss, build_trainer,
                            forward_as_loaded)
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ def _validation_decisions(trainer: Any, tokenizer: Any, val: list[dict], answer_
                           train: TrainParams) -> dict:
     """The best checkpoint's choice-scored decisions on the validation split, computed as the eval
     stages compute (the adapter re-loaded would score the same)."""
-    from medqa.evaluation import validation_decisions
+    from medqa.evaluation.run import validation_decisions
 
     trainer.model.eval()
     with forward_as_loaded(trainer.model) as model:

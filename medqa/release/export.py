@@ -2,8 +2,8 @@
 safetensors (transformers, vLLM, TGI) or as one GGUF file with an Ollama Modelfile (llama.cpp,
 Ollama, LM Studio).
 
-    python -m medqa.export [--adapter models/release] [--out models/merged] [--dtype auto] [--merge-into original|dequantized]
-    python -m medqa.export --format gguf [--gguf-type f16|q8_0] [--out models/gguf]
+    python -m medqa.release.export [--adapter models/release] [--out models/merged] [--dtype auto] [--merge-into original|dequantized]
+    python -m medqa.release.export --format gguf [--gguf-type f16|q8_0] [--out models/gguf]
 
 An adapter trained on a 4-bit base (QLoRA; the finetune stage records it in the adapter's
 trained_on.json) learned corrections to the de-quantised nf4 weights, not to the original ones: it
@@ -24,7 +24,7 @@ from typing import Any
 from medqa import paths
 from medqa.errors import PipelineError, command_main
 from medqa.io import atomic_dir, read_json
-from medqa.models import TRAINED_ON, load_for_inference, load_tokenizer, require_adapter, resolve_hardware
+from medqa.modeling.models import TRAINED_ON, load_for_inference, load_tokenizer, require_adapter, resolve_hardware
 from medqa.params import PromptParams, load_params
 
 MERGE_TARGETS = ("original", "dequantized")
@@ -79,8 +79,8 @@ def export_gguf(base_dir: Path, adapter_dir: Path, out_dir: Path, prompt: Prompt
     prompts it as the pipeline does (params.yaml's prompt section). Returns the GGUF file."""
     import tempfile
 
-    from medqa.gguf_export import ollama_modelfile, write_gguf
-    from medqa.prompts import prompt_format
+    from medqa.release.gguf import ollama_modelfile, write_gguf
+    from medqa.prompting.prompts import prompt_format
 
     tokenizer = load_tokenizer(base_dir)
     fmt = prompt_format(tokenizer, prompt, model_name)

@@ -1,8 +1,8 @@
 """Upload the release to the Hugging Face hub as one commit: the adapter with its model card (the
-release stage's `models/release`), or the merged or GGUF export (`python -m medqa.export`) with the
+release stage's `models/release`), or the merged or GGUF export (`python -m medqa.release.export`) with the
 same card adapted to it.
 
-    python -m medqa.publish --repo-id org/name [--private] [--what adapter|merged|gguf] [--dry-run]
+    python -m medqa.release.publish --repo-id org/name [--private] [--what adapter|merged|gguf] [--dry-run]
 
 The token is read from the HF_TOKEN environment variable only (never a param or an argument, which
 shell history keeps). Every file goes in one `create_commit`, so a failed upload leaves the
@@ -17,18 +17,18 @@ from typing import Any
 
 from medqa import paths
 from medqa.errors import PipelineError, command_main
-from medqa.models import require_adapter
-from medqa.release import CARD, REPO_PLACEHOLDER
+from medqa.modeling.models import require_adapter
+from medqa.release.card import CARD, REPO_PLACEHOLDER
 
-EXPORTS = {"merged": paths.MERGED, "gguf": paths.GGUF}  # medqa.export's default outputs
+EXPORTS = {"merged": paths.MERGED, "gguf": paths.GGUF}  # medqa.release.export's default outputs
 # How each export changes the card: its library, its relation to the base, a tag, and a note.
 EXPORT_CARDS = {
     "merged": ("transformers", "merge", "merged",
-               "The adapter merged into its base model's weights (`python -m medqa.export`): load this "
+               "The adapter merged into its base model's weights (`python -m medqa.release.export`): load this "
                "repository with `AutoModelForCausalLM.from_pretrained` alone, no peft."),
     "gguf": ("gguf", "quantized", "gguf",
              "The adapter merged into its base model and saved as one GGUF file with an Ollama `Modelfile` "
-             "that prompts it as the pipeline does (`python -m medqa.export --format gguf`), for llama.cpp, "
+             "that prompts it as the pipeline does (`python -m medqa.release.export --format gguf`), for llama.cpp, "
              "Ollama and LM Studio."),
 }
 
@@ -41,7 +41,7 @@ def folder_for(what: str) -> Path:
     folder = EXPORTS[what]
     if not folder.is_dir():
         flag = " --format gguf" if what == "gguf" else ""
-        raise PipelineError(f"{folder} does not exist: run `python -m medqa.export{flag}` first")
+        raise PipelineError(f"{folder} does not exist: run `python -m medqa.release.export{flag}` first")
     return folder
 
 

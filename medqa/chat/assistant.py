@@ -1,7 +1,7 @@
 """Answering one question or one chat message with the base model and the fine-tuned one.
 
 One model in memory: the base weights with the LoRA adapter attached; the base model's answers
-come from the same weights with the adapter off. One worker thread runs the model (`medqa.batcher`):
+come from the same weights with the adapter off. One worker thread runs the model (`medqa.chat.batcher`):
 what several readers ask at about the same moment — both panes of a compare, other users' questions
 — is decoded as one batch, the rows with the adapter and those without it together (peft's
 `adapter_names`), each reader's rows streamed back token by token.
@@ -18,15 +18,15 @@ import numpy as np
 import torch
 from transformers import GenerationConfig
 
-from medqa.answers import DECISIONS, PROTOCOLS, DecisionEvidence, after_answer_ids, decision_options
-from medqa.batcher import Batcher, Request
+from medqa.decisions.answers import DECISIONS, PROTOCOLS, DecisionEvidence, after_answer_ids, decision_options
+from medqa.chat.batcher import Batcher, Request
 from medqa.errors import PipelineError
-from medqa.evaluation import content_free_prior, score_after_answers, score_decisions
-from medqa.generation import end_token_ids, left_pad, model_device, score_and_decode_batch
-from medqa.models import load_for_inference, resolve_hardware
+from medqa.evaluation.run import content_free_prior, score_after_answers, score_decisions
+from medqa.inference.generation import end_token_ids, left_pad, model_device, score_and_decode_batch
+from medqa.modeling.models import load_for_inference, resolve_hardware
 from medqa.params import Params
-from medqa.prompts import fit_prompt, join_contexts, prompt_format, user_message
-from medqa.tokens import token_ids
+from medqa.prompting.prompts import fit_prompt, join_contexts, prompt_format, user_message
+from medqa.prompting.tokens import token_ids
 
 
 Decision = tuple[str, "dict[str, float] | None"]  # a protocol's decision and the probabilities behind it

@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from medqa import answers
+from medqa.decisions import answers
 from medqa.params import JudgeParams, ModelParams
-from medqa.rubric import (COMPARISON_LEAD, OUTCOMES, RATING_LEAD, RATINGS, SYSTEM, Case, comparison_request,
+from medqa.evaluation.rubric import (COMPARISON_LEAD, OUTCOMES, RATING_LEAD, RATINGS, SYSTEM, Case, comparison_request,
                           rating_request)
-from medqa.tokens import token_ids
+from medqa.prompting.tokens import token_ids
 
 if TYPE_CHECKING:
-    from medqa.progress import Progress
+    from medqa.evaluation.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class ModelJudge:
     about one question share their prefix, so the question, context and reference are read once."""
 
     def __init__(self, model: Any, tokenizer: Any, fmt: Any):
-        from medqa.generation import SharedPrefixScorer
+        from medqa.inference.generation import SharedPrefixScorer
 
         self.tokenizer, self.fmt = tokenizer, fmt
         self.scorer = SharedPrefixScorer(model)
@@ -163,7 +163,7 @@ def judge_subset(n: int, max_samples: int | None, seed: int) -> list[int]:
 def summarize_judgements(rows: Sequence[dict], criteria: Sequence[str], n_resamples: int, seed: int) -> dict:
     """Mean rating per criterion per model and the paired change, the win/tie/loss rates and the
     position consistency, each with a 95% bootstrap interval over questions."""
-    from medqa.metrics import bootstrap_interval
+    from medqa.evaluation.metrics import bootstrap_interval
 
     n = len(rows)
 
@@ -198,7 +198,7 @@ def judge_model_dir(judge_name: str, model_name: str, base_dir: Path, scratch_di
     `scratch_dir`, prepared once per judge (an embedded GGUF converted, a hub model's revision pinned,
     a local directory referenced) and reused while `judge.model` stays the same."""
     from medqa.io import read_json, write_json
-    from medqa.models import get_profile, prepare_base_model
+    from medqa.modeling.models import get_profile, prepare_base_model
 
     if judge_name == model_name:
         return base_dir
@@ -213,8 +213,8 @@ def judge_model_dir(judge_name: str, model_name: str, base_dir: Path, scratch_di
 def _setup_judge(judge_name: str, model: ModelParams, judge_dir: Path) -> tuple[ModelJudge, int]:
     """The judge model (loaded as the pipeline loads models: 4-bit on CUDA), in its own prompt format,
     and its number of parameters."""
-    from medqa.models import get_profile, load_for_inference, resolve_hardware
-    from medqa.prompts import PromptFormat
+    from medqa.modeling.models import get_profile, load_for_inference, resolve_hardware
+    from medqa.prompting.prompts import PromptFormat
 
     # Unpadded prompts, one at a time: the padding side is the tokenizer's default.
     loaded = load_for_inference(judge_dir, resolve_hardware(model.quantization, model.dtype), padding_side="right")
@@ -224,7 +224,7 @@ def _setup_judge(judge_name: str, model: ModelParams, judge_dir: Path) -> tuple[
 
 def _cases(rows: Sequence[dict], examples: dict[str, dict], tokenizer: Any, max_context_tokens: int) -> list[Case]:
     """What the judge sees of each question: its test example's context, cut to fit, and the reference."""
-    from medqa.prompts import cut_to_tokens
+    from medqa.prompting.prompts import cut_to_tokens
 
     return [Case(r["pmid"], r["question"], cut_to_tokens(examples[r["pmid"]]["context"], tokenizer, max_context_tokens),
                  r["reference"], r["reference_decision"]) for r in rows]

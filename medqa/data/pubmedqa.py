@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from medqa.answers import DECISIONS
+from medqa.decisions.answers import DECISIONS
 from medqa.errors import PipelineError
 
 if TYPE_CHECKING:

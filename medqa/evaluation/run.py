@@ -8,18 +8,19 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 from transformers import GenerationConfig
 
-from medqa import answers, metrics
-from medqa.answers import DECISIONS
+from medqa.decisions import answers
+from medqa.evaluation import metrics
+from medqa.decisions.answers import DECISIONS
 from medqa.errors import PipelineError, explain_out_of_memory
-from medqa.generation import ScoredAnswers, generate_and_score, generation_config_from_params, score_choices
+from medqa.inference.generation import ScoredAnswers, generate_and_score, generation_config_from_params, score_choices
 from medqa.io import read_jsonl, write_json, write_jsonl
-from medqa.models import load_for_inference, resolve_hardware
+from medqa.modeling.models import load_for_inference, resolve_hardware
 from medqa.params import EvalParams, GenerationParams, ModelParams, PromptParams
-from medqa.prompts import content_free_prompts, fit_prompt, prompt_format
-from medqa.tokens import token_ids
+from medqa.prompting.prompts import content_free_prompts, fit_prompt, prompt_format
+from medqa.prompting.tokens import token_ids
 
 if TYPE_CHECKING:
-    from medqa.progress import Progress
+    from medqa.evaluation.progress import Progress
 
 log = logging.getLogger(__name__)
 

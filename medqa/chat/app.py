@@ -1,7 +1,7 @@
 """The browser app: the base and the fine-tuned model side by side, and a chat with the fine-tuned one.
 
-    python -m medqa.chat [--host 127.0.0.1] [--port 7860] [--share]      (or: make chat)
-    python -m medqa.chat --host 0.0.0.0 --ssl-certfile cert.pem --ssl-keyfile key.pem
+    python -m medqa.chat.app [--host 127.0.0.1] [--port 7860] [--share]      (or: make chat)
+    python -m medqa.chat.app --host 0.0.0.0 --ssl-certfile cert.pem --ssl-keyfile key.pem
 
 Loads the base model named in params.yaml (models/base) and the adapter in models/adapter (from
 `dvc repro` or `dvc pull finetune`) once, and serves a Gradio app on 127.0.0.1 by default; on any
@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from medqa import paths
-from medqa.answers import DECISIONS, PRIMARY, PROTOCOLS, read_where_choice_reads
-from medqa.assistant import Assistant, Decision, Row
+from medqa.decisions.answers import DECISIONS, PRIMARY, PROTOCOLS, read_where_choice_reads
+from medqa.chat.assistant import Assistant, Decision, Row
 from medqa.errors import PipelineError, command_main
-from medqa.generation import generation_config
+from medqa.inference.generation import generation_config
 from medqa.io import read_jsonl
 from medqa.params import GenerationParams, load_params
 
@@ -268,7 +268,7 @@ class LoginThrottle:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m medqa.chat", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m medqa.chat.app", description=__doc__.splitlines()[0])
     parser.add_argument("--host", help="address to bind (default: chat.host in params.yaml, 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: chat.port in params.yaml)")
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")

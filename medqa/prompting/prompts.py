@@ -4,10 +4,10 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING, Any
 
-from medqa.answers import target_text
+from medqa.decisions.answers import target_text
 from medqa.errors import PipelineError
-from medqa.models import get_profile
-from medqa.tokens import token_ids
+from medqa.modeling.models import get_profile
+from medqa.prompting.tokens import token_ids
 
 if TYPE_CHECKING:
     from medqa.params import PromptParams

@@ -5,7 +5,7 @@ from typing import Any
 
 import pandas as pd
 
-from medqa.answers import DECISIONS, PRIMARY, PROTOCOLS
+from medqa.decisions.answers import DECISIONS, PRIMARY, PROTOCOLS
 from medqa.params import LoraParams
 
 STATISTIC_LABELS = {"accuracy": "Decision accuracy", "macro_f1": "Decision macro-F1",

@@ -1,0 +1,2 @@
+"""The report stage's rendering: the metrics tables, decisions, judge section and examples in
+reports/report.md, and the plots."""
