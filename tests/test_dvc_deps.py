@@ -22,14 +22,28 @@ def test_the_import_walk_finds_what_a_stage_reaches():
     assert "medqa/modeling/models.py" in reached_modules(ROOT / "stages/check_params.py", {"medqa/params.py"})
 
 
+def _package_modules(folder: str) -> set[str]:
+    """The modules of a medqa subpackage (its __init__.py holds only a docstring)."""
+    return {str(p.relative_to(ROOT)) for p in (ROOT / folder).glob("*.py") if p.name != "__init__.py"}
+
+
 @pytest.mark.parametrize("name", sorted(STAGES))
 def test_every_module_a_stage_reaches_is_a_dependency(name):
+    """Exact both ways: every medqa module the stage's script reaches is a dep (itself, or its subpackage's
+    folder), and every medqa dep is reached (a folder only where the stage reaches all of its modules), so a
+    change re-runs the stages it can change and no other."""
     stage = STAGES[name]
     script = re.fullmatch(r"python -m (stages\.\w+)", stage["cmd"]).group(1).replace(".", "/") + ".py"
     deps = set(stage["deps"])
     assert script in deps, f"{name}: its script {script} is not in its deps"
-    missing = reached_modules(ROOT / script, deps) - EXEMPT - deps
+    folders = {d for d in deps if d.startswith("medqa/") and (ROOT / d).is_dir()}
+    covered = deps.union(*(_package_modules(f) for f in folders))
+    reached = reached_modules(ROOT / script, deps)
+    missing = reached - EXEMPT - covered
     assert not missing, f"dvc.yaml: stage {name} imports {sorted(missing)} but does not list them in deps"
+    unreached = sorted(d for d in deps if d.startswith("medqa/") and d not in reached and d not in folders)
+    unreached += sorted(f for f in folders if not _package_modules(f) <= reached)
+    assert not unreached, f"dvc.yaml: stage {name} lists {unreached} but does not reach (all of) them"
 
 
 def test_the_product_imports_no_research_or_benchmark_code():
@@ -56,3 +70,15 @@ def test_every_subpackage_says_what_it_owns_and_runs_no_code_on_import():
         body = ast.parse((package / "__init__.py").read_text()).body
         assert len(body) == 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
             and len(body[0].value.value) > 80, f"{package.relative_to(ROOT)}/__init__.py is not just a docstring"
+
+
+def test_python_bytecode_is_no_change_of_a_folder_dependency():
+    """A stage that depends on a medqa/ folder would re-run whenever Python wrote a .pyc into it (the folder's
+    hash would change): .dvcignore keeps __pycache__ out."""
+    import subprocess
+    import sys
+
+    dvc = Path(sys.executable).parent / "dvc"
+    ignored = subprocess.run([str(dvc), "check-ignore", "medqa/data/__pycache__/pubmedqa.cpython-311.pyc"],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert ignored.returncode == 0, ignored.stdout + ignored.stderr
