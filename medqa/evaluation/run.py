@@ -125,14 +125,10 @@ def content_free_prior(model: Any, tokenizer: Any, prompt: PromptParams, model_n
 
 def _text_scores(long_answers: list[str], references: list[str], evaluation: EvalParams,
                  label: str) -> dict[str, list[float]]:
-    """Per question: ROUGE-1/2/L, token F1 and BERTScore F1 of the generated long answer against the reference."""
-    scores = metrics.rouge_scores(long_answers, references)
-    scores["token_f1"] = metrics.token_f1(long_answers, references)
-    log.info("%s: BERTScore with %s", label, evaluation.bertscore_model)
-    scores["bertscore_f1"] = metrics.bertscore_f1(
-        long_answers, references, evaluation.bertscore_model, evaluation.bertscore_num_layers, evaluation.batch_size
-    )
-    return scores
+    """Per question, every per-question text metric (`metrics.TEXT_METRICS`) of the generated long answer
+    against the reference."""
+    log.info("%s: text metrics (BERTScore with %s)", label, evaluation.bertscore_model)
+    return metrics.text_scores(long_answers, references, evaluation)
 
 
 def _decision_columns(scored: ScoredAnswers, prior: np.ndarray, offsets: np.ndarray, answer_prefix: str) -> list[dict]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from medqa.decisions.answers import DECISIONS, PRIMARY
+from medqa.evaluation.metrics import TEXT_METRICS
 from medqa.io import atomic_dir
 from medqa.modeling.models import get_profile
 from medqa.params import LoraParams, ModelParams, PromptParams, TrainParams
@@ -24,9 +25,7 @@ TAGS = ["lora", "peft", "pubmedqa", "medical", "biomedical", "question-answering
 # A reported statistic's metric type on the hub (https://hf.co/metrics) and its configuration.
 METRIC_TYPES = {
     "accuracy": ("accuracy", None), "macro_f1": ("f1", "macro"), "weighted_f1": ("f1", "weighted"),
-    "none_rate": ("none_rate", None), "rouge1": ("rouge", "rouge1"), "rouge2": ("rouge", "rouge2"),
-    "rougeL": ("rouge", "rougeL"), "token_f1": ("f1", "squad tokens"), "bertscore_f1": ("bertscore", "f1"),
-    "bleu": ("bleu", None), "perplexity": ("perplexity", "reference answers"),
+    "none_rate": ("none_rate", None), **{metric.name: metric.card for metric in TEXT_METRICS},
 }
 
 

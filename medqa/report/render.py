@@ -6,19 +6,13 @@ from typing import Any
 import pandas as pd
 
 from medqa.decisions.answers import DECISIONS, PRIMARY, PROTOCOLS
+from medqa.evaluation.metrics import TEXT_METRICS
 from medqa.params import LoraParams
 
 STATISTIC_LABELS = {"accuracy": "Decision accuracy", "macro_f1": "Decision macro-F1",
                     "weighted_f1": "Decision weighted-F1", "none_rate": "No decision found"}
-TEXT_ROWS = [
-    ("ROUGE-1", "text.rouge1"),
-    ("ROUGE-2", "text.rouge2"),
-    ("ROUGE-L", "text.rougeL"),
-    ("Token F1 (SQuAD)", "text.token_f1"),
-    ("BERTScore F1", "text.bertscore_f1"),
-    ("BLEU", "text.bleu"),
-    ("Reference-answer perplexity", "text.perplexity"),
-]
+TEXT_ROWS = [(metric.label + ("" if metric.higher_is_better else " (lower is better)"), f"text.{metric.name}")
+             for metric in TEXT_METRICS]
 
 
 def reported_rows() -> list[tuple[str, str]]:
