@@ -34,7 +34,8 @@ from medqa.decisions.answers import after_answer_ids, decision_options, parse_de
 from medqa.evaluation.run import answer_and_score, content_free_prior
 from medqa.inference.generation import ScoredAnswers, generate, generate_and_score, generation_config
 from medqa.io import read_jsonl
-from medqa.modeling.models import load_for_inference, resolve_hardware
+from medqa.modeling.loading import load_for_inference
+from medqa.modeling.hardware import resolve_hardware
 from medqa.params import load_params
 from medqa.prompting.prompts import fit_prompt
 from medqa.prompting.tokens import token_ids

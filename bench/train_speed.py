@@ -46,7 +46,8 @@ import torch
 
 from medqa import paths
 from medqa.io import read_jsonl
-from medqa.modeling.models import cpu_has_native_bf16, load_tokenizer, resolve_hardware
+from medqa.modeling.hardware import cpu_has_native_bf16, resolve_hardware
+from medqa.modeling.loading import load_tokenizer
 from medqa.params import load_params
 from medqa.training.trainer import build_trainer
 from medqa.training.recipe import setup_model, tokenize_example, training_arguments

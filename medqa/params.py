@@ -245,7 +245,7 @@ def _flatten(params: dict, source: str) -> dict[str, Any]:
 
 def validate(params: dict[str, Any], source: str = "params.yaml") -> None:
     """Check every key against SCHEMA; raise one PipelineError naming the key, the value and what is allowed."""
-    from medqa.modeling.models import get_profile, lora_targets
+    from medqa.modeling.profiles import get_profile, lora_targets
 
     flat = _flatten(params, source)
     for key in flat:

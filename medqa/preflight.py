@@ -10,9 +10,11 @@ import logging
 from typing import Any, Iterator
 
 from medqa import paths
-from medqa.data.pubmedqa import cap, make_splits, read_local_source
+from medqa.data.sources import read_local_source
+from medqa.data.splits import cap, make_splits
 from medqa.errors import PipelineError
-from medqa.modeling.models import get_profile, tokenizer_before_download
+from medqa.modeling.profiles import get_profile
+from medqa.modeling.loading import tokenizer_before_download
 from medqa.params import Params
 from medqa.prompting.prompts import fit_example, fit_prompt, format_record, prompt_format
 

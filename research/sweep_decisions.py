@@ -27,7 +27,8 @@ from medqa import paths
 from medqa.evaluation import metrics
 from medqa.evaluation.run import choice_loglik, validation_truth
 from medqa.io import read_jsonl
-from medqa.modeling.models import load_for_inference, resolve_hardware
+from medqa.modeling.loading import load_for_inference
+from medqa.modeling.hardware import resolve_hardware
 from medqa.params import load_params
 
 

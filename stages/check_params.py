@@ -1,11 +1,11 @@
 """Stage check_params: every param checked before any other stage runs, so a typo in
 `dvc exp run -S ...` fails in a second and before DVC has deleted any other stage's outputs."""
 from medqa import paths
-from medqa.data.pubmedqa import check_source
+from medqa.data.sources import check_source
 from medqa.errors import stage_main
 from medqa.io import write_text
 from medqa.evaluation.metrics import check_bertscore_model
-from medqa.modeling.models import check_lora_targets, get_profile
+from medqa.modeling.profiles import check_lora_targets, get_profile
 from medqa.params import check_optimizer, load_params
 from medqa.preflight import check_against_data_and_model
 

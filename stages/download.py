@@ -1,9 +1,10 @@
 """Stage download: PubMedQA (hub or local copy) and the base model, from the outside world."""
 from medqa import paths
-from medqa.data.pubmedqa import load_source
+from medqa.data.sources import load_source
 from medqa.errors import stage_main
 from medqa.io import write_json, write_jsonl
-from medqa.modeling.models import get_profile, prepare_base_model
+from medqa.modeling.profiles import get_profile
+from medqa.modeling.loading import prepare_base_model
 from medqa.params import load_params
 
 

@@ -3,7 +3,7 @@ from medqa import paths
 from medqa.errors import stage_main
 from medqa.evaluation.harness import harness_rows
 from medqa.io import read_jsonl, write_jsonl
-from medqa.modeling.models import load_tokenizer
+from medqa.modeling.loading import load_tokenizer
 from medqa.params import load_params
 
 

@@ -3,7 +3,7 @@ from medqa import paths
 from medqa.errors import stage_main
 from medqa.io import read_json, read_jsonl
 from medqa.evaluation.metrics import paired_differences, table_from_rows
-from medqa.modeling.models import TRAINED_ON, read_source
+from medqa.modeling.loading import TRAINED_ON, read_source
 from medqa.params import load_params
 from medqa.release.card import RunOutcome, card_text, hub_base_model, write_release
 

@@ -1,6 +1,6 @@
 """Stage split: train/val/test by PubMedQA's official test PMIDs or a seeded stratified split."""
 from medqa import paths
-from medqa.data.pubmedqa import make_splits, split_stats
+from medqa.data.splits import make_splits, split_stats
 from medqa.errors import stage_main
 from medqa.io import read_json, read_jsonl, write_json, write_jsonl
 from medqa.params import load_params

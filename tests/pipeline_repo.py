@@ -87,7 +87,7 @@ def save_tiny_model(path: Path, tokenizer) -> Path:
 def assert_evaluated_in_the_weights_dtype(output: str) -> None:
     """Both evaluations in the weights' dtype: fp32 on a CPU, even where training computed in bf16
     autocast (docs/benchmarks.md, "bf16 on the CPU")."""
-    from medqa.modeling.models import resolve_hardware
+    from medqa.modeling.hardware import resolve_hardware
 
     hardware = resolve_hardware("auto", "auto")
     for label in ("baseline", "finetuned"):

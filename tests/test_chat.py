@@ -19,7 +19,9 @@ from medqa.chat.app import chat_reply, compare_answers
 from medqa.errors import PipelineError
 from medqa.inference.generation import generate, generation_config
 from medqa.io import write_jsonl
-from medqa.modeling.models import PROFILES, load_model, resolve_hardware
+from medqa.modeling.profiles import PROFILES
+from medqa.modeling.loading import load_model
+from medqa.modeling.hardware import resolve_hardware
 from medqa.params import load_params, params_from_dict
 from medqa.prompting.prompts import PromptFormat, format_record, prompt_format
 from tests.conftest import free_port, make_original, save_tiny_base

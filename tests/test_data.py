@@ -7,8 +7,8 @@ from collections import Counter
 import pandas as pd
 import pytest
 
-from medqa.data.pubmedqa import (balanced_cap, cap, load_records, load_source, load_test_labels, split_records, split_stats,
-                        validate_records)
+from medqa.data.sources import load_records, load_source, load_test_labels, validate_records
+from medqa.data.splits import balanced_cap, cap, split_records, split_stats
 from medqa.errors import PipelineError
 from tests.conftest import make_original
 

@@ -18,8 +18,8 @@ STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 def test_the_import_walk_finds_what_a_stage_reaches():
     reached = reached_modules(ROOT / "stages/finetune.py")
-    assert {"medqa/training/recipe.py", "medqa/modeling/models.py", "medqa/paths.py"} <= reached  # direct and transitive
-    assert "medqa/modeling/models.py" in reached_modules(ROOT / "stages/check_params.py", {"medqa/params.py"})
+    assert {"medqa/training/recipe.py", "medqa/modeling/loading.py", "medqa/paths.py"} <= reached  # direct and transitive
+    assert "medqa/modeling/profiles.py" in reached_modules(ROOT / "stages/check_params.py", {"medqa/params.py"})
 
 
 def _package_modules(folder: str) -> set[str]:
@@ -79,6 +79,6 @@ def test_python_bytecode_is_no_change_of_a_folder_dependency():
     import sys
 
     dvc = Path(sys.executable).parent / "dvc"
-    ignored = subprocess.run([str(dvc), "check-ignore", "medqa/data/__pycache__/pubmedqa.cpython-311.pyc"],
+    ignored = subprocess.run([str(dvc), "check-ignore", "medqa/data/__pycache__/sources.cpython-311.pyc"],
                              cwd=ROOT, capture_output=True, text=True)
     assert ignored.returncode == 0, ignored.stdout + ignored.stderr

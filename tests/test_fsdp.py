@@ -34,7 +34,7 @@ def _lora_gradients(workdir: Path, out: Path, monkeypatch) -> list[dict[str, flo
     accelerator: the Trainer runs unwrapped here, as one process; test_two_processes_... shards.)"""
     from transformers import TrainerCallback
 
-    from medqa.modeling.models import load_tokenizer
+    from medqa.modeling.loading import load_tokenizer
     from medqa.training.recipe import _dataset, setup_model, training_arguments
     from medqa.training.trainer import build_trainer
     from tests.fsdp_train import hardware_for

@@ -167,7 +167,7 @@ def test_an_unknown_judge_criterion_is_one_clear_error():
 
 
 def test_a_judge_other_than_the_base_model_is_prepared_once_then_reused(tmp_path, tokenizer, monkeypatch):
-    from medqa.modeling import models
+    from medqa.modeling import loading
     from medqa.evaluation.judge import judge_model_dir
     from tests.conftest import save_tiny_base
 
@@ -175,9 +175,9 @@ def test_a_judge_other_than_the_base_model_is_prepared_once_then_reused(tmp_path
     assert judge_model_dir("smollm2-135m-instruct", "smollm2-135m-instruct", base, scratch) == base
     save_tiny_base(other, tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
     prepared = []
-    real = models.prepare_base_model
-    monkeypatch.setattr(models, "prepare_base_model", lambda *a: prepared.append(a) or real(*a))
+    real = loading.prepare_base_model
+    monkeypatch.setattr(loading, "prepare_base_model", lambda *a: prepared.append(a) or real(*a))
     assert judge_model_dir(str(other), "smollm2-135m-instruct", base, scratch) == scratch
-    assert models.read_source(scratch)["path"] == str(other.resolve())  # referenced, not copied
+    assert loading.read_source(scratch)["path"] == str(other.resolve())  # referenced, not copied
     assert judge_model_dir(str(other), "smollm2-135m-instruct", base, scratch) == scratch
     assert len(prepared) == 1

@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from medqa.errors import PipelineError
-from medqa.modeling.models import PROFILES, get_profile, lora_targets, resolve_hardware
+from medqa.modeling.profiles import PROFILES, get_profile, lora_targets
+from medqa.modeling.hardware import resolve_hardware
 from medqa.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +74,7 @@ def test_what_the_hardware_lacks_is_said_in_one_line(monkeypatch, caplog):
         patch.setattr(torch.cuda, "is_available", lambda: False)
         patch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
         patch.setattr(platform, "machine", lambda: "x86_64")
-        with caplog.at_level("WARNING", logger="medqa.modeling.models"):
+        with caplog.at_level("WARNING", logger="medqa.modeling.hardware"):
             assert resolve_hardware("4bit", "auto").quantize_4bit
     [warning] = [r.getMessage() for r in caplog.records]
     assert warning.startswith("4-bit on a CPU without AVX2 (DEFAULT)") and "\n" not in warning

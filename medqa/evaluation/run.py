@@ -14,7 +14,8 @@ from medqa.decisions.answers import DECISIONS
 from medqa.errors import PipelineError, explain_out_of_memory
 from medqa.inference.generation import ScoredAnswers, generate_and_score, generation_config_from_params, score_choices
 from medqa.io import read_jsonl, write_json, write_jsonl
-from medqa.modeling.models import load_for_inference, resolve_hardware
+from medqa.modeling.loading import load_for_inference
+from medqa.modeling.hardware import resolve_hardware
 from medqa.params import EvalParams, GenerationParams, ModelParams, PromptParams
 from medqa.prompting.prompts import content_free_prompts, fit_prompt, prompt_format
 from medqa.prompting.tokens import token_ids

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from medqa.modeling.models import fsdp_enabled
+from medqa.modeling.hardware import fsdp_enabled
 
 if TYPE_CHECKING:
     from medqa.params import GenerationParams

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from medqa.decisions.answers import target_text
 from medqa.errors import PipelineError
-from medqa.modeling.models import get_profile
+from medqa.modeling.profiles import get_profile
 from medqa.prompting.tokens import token_ids
 
 if TYPE_CHECKING:

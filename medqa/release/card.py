@@ -12,7 +12,7 @@ from typing import Any
 from medqa.decisions.answers import DECISIONS, PRIMARY
 from medqa.evaluation.metrics import TEXT_METRICS
 from medqa.io import atomic_dir
-from medqa.modeling.models import get_profile
+from medqa.modeling.profiles import get_profile
 from medqa.params import LoraParams, ModelParams, PromptParams, TrainParams
 from medqa.report.render import is_model_metric, label_distribution, metric_at, metrics_table, offsets_text, reported_rows
 

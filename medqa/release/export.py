@@ -24,7 +24,8 @@ from typing import Any
 from medqa import paths
 from medqa.errors import PipelineError, command_main
 from medqa.io import atomic_dir, read_json
-from medqa.modeling.models import TRAINED_ON, load_for_inference, load_tokenizer, require_adapter, resolve_hardware
+from medqa.modeling.loading import TRAINED_ON, load_for_inference, load_tokenizer, require_adapter
+from medqa.modeling.hardware import resolve_hardware
 from medqa.params import PromptParams, load_params
 
 MERGE_TARGETS = ("original", "dequantized")

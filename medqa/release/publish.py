@@ -17,7 +17,7 @@ from typing import Any
 
 from medqa import paths
 from medqa.errors import PipelineError, command_main
-from medqa.modeling.models import require_adapter
+from medqa.modeling.loading import require_adapter
 from medqa.release.card import CARD, REPO_PLACEHOLDER
 
 EXPORTS = {"merged": paths.MERGED, "gguf": paths.GGUF}  # medqa.release.export's default outputs

@@ -12,12 +12,13 @@ from typing import Any, Sequence
 
 from medqa.decisions.answers import decision_span
 from medqa.training.checkpoints import SHARED_DIR_ENV, claim_checkpoints
-from medqa.data.pubmedqa import cap
+from medqa.data.splits import cap
 from medqa.errors import PipelineError, explain_out_of_memory
 from medqa.io import atomic_dir, read_jsonl, write_json
 from medqa.training.launch import launched_by_accelerate, save_fsdp_adapter
-from medqa.modeling.models import (TRAINED_ON, Hardware, fsdp_enabled, get_profile, load_model, load_tokenizer, lora_targets,
-                          resolve_hardware)
+from medqa.modeling.loading import TRAINED_ON, load_model, load_tokenizer
+from medqa.modeling.hardware import Hardware, fsdp_enabled, resolve_hardware
+from medqa.modeling.profiles import get_profile, lora_targets
 from medqa.params import LoraParams, ModelParams, Params, TrainParams, as_dict
 from medqa.prompting.prompts import fit_example
 from medqa.training.trainer import (LiveLossCallback, SameBatchesFreshOrResumed, StopOnNonFiniteLoss, build_trainer,

@@ -1,18 +1,18 @@
-"""PubMedQA loading (hub, original layout, HF layout), validation and splitting."""
+"""PubMedQA's records from wherever they come (the hub, the official data/ directory, an original-layout
+or HF-layout file), every file of a source read and compared with the others, and validated."""
 from __future__ import annotations
 
 import json
 import logging
 import urllib.request
-from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from medqa.decisions.answers import DECISIONS
 from medqa.errors import PipelineError
 
 if TYPE_CHECKING:
-    from medqa.params import DataParams, EvalParams, SplitParams, TrainParams
+    from medqa.params import DataParams
 
 log = logging.getLogger(__name__)
 
@@ -280,125 +280,6 @@ def validate_records(records: list[Record], source: str = "the data source") -> 
     return sorted(records, key=lambda r: (0, int(r["pmid"]), "") if r["pmid"].isdigit() else (1, 0, r["pmid"]))
 
 
-# --- splitting -----------------------------------------------------------------------------
-
-def _labels(rows: list[Record]) -> list[str]:
-    return [r["final_decision"] for r in rows]
-
-
-def _stratify_ok(labels: list[str], n_small: int) -> bool:
-    counts = Counter(labels)
-    return min(counts.values()) >= 2 and n_small >= len(counts)
-
-
-def split_off(rows: list[Record], size: float | int, seed: int) -> tuple[list[Record], list[Record]]:
-    """Split `rows` into (rest, part) with `part` of `size` (fraction or count), stratified by decision."""
-    from sklearn.model_selection import train_test_split
-
-    n_part = size if isinstance(size, int) else round(len(rows) * size)
-    if n_part <= 0:
-        return list(rows), []
-    if n_part >= len(rows):
-        return [], list(rows)
-    labels = _labels(rows)
-    stratify = labels if _stratify_ok(labels, min(n_part, len(rows) - n_part)) else None
-    rest, part = train_test_split(rows, test_size=n_part, random_state=seed, stratify=stratify)
-    return rest, part
-
-
-def _require_at_most(rows: list[Record], max_samples: int, name: str) -> None:
-    """Asking for more rows than the split has is an error, not a silent shortfall."""
-    if max_samples > len(rows):
-        raise PipelineError(
-            f"{name} asks for {max_samples} questions but the split has only {len(rows)}: lower it or set it to null"
-        )
-
-
-def cap(rows: list[Record], max_samples: int | None, seed: int, name: str = "split") -> list[Record]:
-    """A seeded, stratified subset of `max_samples` rows (never simply the first N).
-
-    Asking for more rows than the split has is an error, not a silent shortfall.
-    """
-    if not max_samples or max_samples == len(rows):
-        return rows
-    _require_at_most(rows, max_samples, name)
-    _, subset = split_off(rows, int(max_samples), seed)
-    return subset
-
-
-def balanced_cap(rows: list[Record], max_samples: int | None, seed: int, name: str = "split") -> list[Record]:
-    """A seeded subset of `max_samples` rows with as equal a number of each decision as `rows` has:
-    a decision with fewer rows than its share gives all it has, the others share the rest. The rows
-    keep their order in `rows`."""
-    import random
-
-    if not max_samples:
-        raise PipelineError(f"balanced sampling needs a number of questions: set {name} (it is null)")
-    _require_at_most(rows, max_samples, name)
-    by_decision: dict[str, list[int]] = {}
-    for i, label in enumerate(_labels(rows)):
-        by_decision.setdefault(label, []).append(i)
-    quota, left = {}, max_samples
-    # Water-filling, smallest decision first: each takes its fair share of what is left, or all it has.
-    for k, (label, idx) in enumerate(sorted(by_decision.items(), key=lambda item: (len(item[1]), item[0]))):
-        quota[label] = min(len(idx), left // (len(by_decision) - k))
-        left -= quota[label]
-    rng = random.Random(seed)
-    chosen = {i for label in sorted(by_decision) for i in rng.sample(by_decision[label], quota[label])}
-    return [r for i, r in enumerate(rows) if i in chosen]
-
-
-def split_records(
-    rows: list[Record],
-    strategy: str,
-    test_labels: dict[str, str] | None,
-    test_size: float,
-    val_size: float,
-    seed: int,
-) -> dict[str, list[Record]]:
-    """Split into train/val/test by the official test PMIDs or a seeded stratified random split."""
-    if strategy == "official":
-        if not test_labels:
-            raise PipelineError(
-                "split.strategy 'official' needs PubMedQA's test_ground_truth.json, which the download "
-                "stage could not get: point data.source at the official data/ directory, set "
-                "data.test_ids to a local copy, or use split.strategy=random"
-            )
-        by_id = {r["pmid"]: r for r in rows}
-        missing = [p for p in test_labels if p not in by_id]
-        if missing:
-            raise PipelineError(
-                f"{len(missing)} official test PMIDs are not in the data (e.g. {missing[0]}): "
-                "is data.source the pqa_labeled set?"
-            )
-        test = [r for r in rows if r["pmid"] in test_labels]
-        train_val = [r for r in rows if r["pmid"] not in test_labels]
-    elif strategy == "random":
-        train_val, test = split_off(rows, test_size, seed)
-    else:
-        raise PipelineError(f"split.strategy is {strategy!r}, expected 'official' or 'random'")
-    train, val = split_off(train_val, val_size, seed)
-    splits = {"train": train, "val": val, "test": test}
-    for name, part in splits.items():
-        if not part:
-            raise PipelineError(f"the {name} split is empty: check split.test_size / split.val_size")
-    assert_disjoint(splits)
-    return splits
-
-
-def make_splits(rows: list[Record], test_labels: dict[str, str] | None, split: SplitParams, train: TrainParams,
-                evaluation: EvalParams) -> dict[str, list[Record]]:
-    """The split stage's train/val/test: `split_records`, then the size caps for CPU runs (train.max_samples,
-    drawn as train.sampling says, and eval.max_samples). The validation split stays whole: the eval
-    stages fit their decision offsets on all of it (finetune caps its validation loss)."""
-    splits = split_records(rows, split.strategy, test_labels, split.test_size, split.val_size, split.seed)
-    pick = balanced_cap if train.sampling == "balanced" else cap
-    splits["train"] = pick(splits["train"], train.max_samples, split.seed, "train.max_samples")
-    splits["test"] = cap(splits["test"], evaluation.max_samples, split.seed, "eval.max_samples")
-    assert_disjoint(splits)
-    return splits
-
-
 def read_local_source(data: DataParams) -> tuple[list[Record], dict[str, str]] | None:
     """`load_source` where reading the source and its test labels needs no network (a local copy with its
     labels beside it or at a local data.test_ids); None for a hub reference or labels at an address."""
@@ -407,21 +288,3 @@ def read_local_source(data: DataParams) -> tuple[list[Record], dict[str, str]] |
     if is_hub_reference(path) or (labels_at is not None and not Path(labels_at).expanduser().exists()):
         return None
     return load_source(data.source, data.test_ids)
-
-
-def assert_disjoint(splits: dict[str, Iterable[Record]]) -> None:
-    """Fail if any pmid appears in two splits."""
-    owner: dict[str, str] = {}
-    for name, part in splits.items():
-        for r in part:
-            if r["pmid"] in owner:
-                raise PipelineError(f"pmid {r['pmid']} is in both the {owner[r['pmid']]} and {name} splits")
-            owner[r["pmid"]] = name
-
-
-def split_stats(splits: dict[str, list[Record]]) -> dict[str, dict[str, int]]:
-    """Per-split counts and decision distribution, for metrics/split.json."""
-    return {
-        name: {"n": len(rows), **{d: _labels(rows).count(d) for d in DECISIONS}}
-        for name, rows in splits.items()
-    }
