@@ -31,7 +31,8 @@ import torch
 
 from medqa import paths
 from medqa.decisions.answers import after_answer_ids, decision_options, parse_decision
-from medqa.evaluation.run import answer_and_score, content_free_prior
+from medqa.evaluation.run import content_free_prior
+from medqa.inference.decisions import DecisionScorer
 from medqa.inference.generation import ScoredAnswers, generate, generate_and_score, generation_config
 from medqa.io import read_jsonl
 from medqa.modeling.loading import load_for_inference
@@ -50,8 +51,7 @@ def _timed(run: Callable[[], T]) -> tuple[T, float]:
     return result, time.perf_counter() - start
 
 
-def _compiled_stage_way(model, tokenizer, prompts, targets, prefix, greedy, batch_size, eager_generations,
-                        eager_s) -> None:
+def _compiled_stage_way(scorer: DecisionScorer, prompts, targets, greedy, eager_generations, eager_s) -> None:
     """The stage way with the decode step compiled, twice: compile time counted, then not."""
     import copy
 
@@ -62,7 +62,7 @@ def _compiled_stage_way(model, tokenizer, prompts, targets, prefix, greedy, batc
     config.compile_config._compile_all_devices = True  # transformers' switch for compiling off CUDA
 
     def run() -> ScoredAnswers:
-        return answer_and_score(model, tokenizer, prompts, targets, prefix, config, 0, batch_size, desc="compiled")
+        return scorer.answer_and_score(prompts, targets, config, 0, desc="compiled")
 
     n = len(prompts)
     first, first_s = _timed(run)
@@ -105,9 +105,10 @@ def main() -> None:
     notebook_decisions = [parse_decision(g, prefix) for g in notebook]
 
     targets = [token_ids(tokenizer, ex["target"]) for ex in examples]
+    scorer = DecisionScorer(model, tokenizer, prefix, params.eval.max_prompt_length, batch_size)
 
     def with_protocols() -> ScoredAnswers:
-        return answer_and_score(model, tokenizer, prompts, targets, prefix, greedy, 0, batch_size, desc="stage")
+        return scorer.answer_and_score(prompts, targets, greedy, 0, desc="stage")
 
     def without_protocols() -> ScoredAnswers:
         return generate_and_score(
@@ -124,7 +125,7 @@ def main() -> None:
         runs.append(seconds)
         without_runs.append(_timed(without_protocols)[1])
     stage_s, without_s = min(runs), min(without_runs)
-    prior_s = _timed(lambda: content_free_prior(model, tokenizer, params.prompt, params.model.name))[1]
+    prior_s = _timed(lambda: content_free_prior(scorer, params.prompt, params.model.name))[1]
     batched = scored.generations
     followup_tokens = sum(len(after_answer_ids(tokenizer, g, prefix)) for g in batched)
 
@@ -143,7 +144,7 @@ def main() -> None:
     print(f"identical greedy generations: {same}/{n}; parsed decisions found by the notebook way: "
           f"{sum(d != 'none' for d in notebook_decisions)}/{n}")
     if args.compile:
-        _compiled_stage_way(model, tokenizer, prompts, targets, prefix, greedy, batch_size, batched, runs[0])
+        _compiled_stage_way(scorer, prompts, targets, greedy, batched, runs[0])
     # In fp32 the two ways must agree; in bf16 rounding differs with the batch shape, so it is reported.
     if hardware.dtype == notebook_hardware.dtype == torch.float32:
         assert same == n, "batched greedy generations differ from one-by-one generations"

@@ -7,7 +7,7 @@ over its seeds.
 Each adapter (the `models/adapter` of an experiment `dvc exp run finetune -n <name> ...`, taken out
 of DVC's cache with `dvc get . models/adapter --rev <name> -o adapters/<name>`) scores the
 validation split (`data/split/val.jsonl`) as the finetune stage does (choice protocol,
-`evaluation.choice_decisions`; `--save-loglik` keeps the options' log-likelihoods). Adapters named
+`DecisionScorer.choices`; `--save-loglik` keeps the options' log-likelihoods). Adapters named
 by the same RECIPE are seeds of one recipe: its pooled row is the mean over seeds, with a 95%
 interval that resamples questions (the same resampled questions for every seed), so it shows what
 the questions, not only the seeds, allow; `base=` (no adapter) scores the base model.
@@ -25,7 +25,8 @@ import numpy as np
 
 from medqa import paths
 from medqa.evaluation import metrics
-from medqa.evaluation.run import choice_loglik, validation_truth
+from medqa.evaluation.run import validation_truth
+from medqa.inference.decisions import DecisionScorer
 from medqa.io import read_jsonl
 from medqa.modeling.loading import load_for_inference
 from medqa.modeling.hardware import resolve_hardware
@@ -93,9 +94,10 @@ def main() -> None:
     for spec in args.adapters:
         recipe, _, adapter = spec.partition("=")
         model = load_for_inference(paths.BASE_MODEL, hardware, adapter or None)  # RECIPE= alone: the base model
-        loglik[spec] = choice_loglik(model.model, model.tokenizer, val, params.prompt.answer_prefix,
-                                     params.train.max_length, params.train.batch_size)
-        choice = loglik[spec].argmax(axis=1)  # as evaluation.choice_decisions reads them
+        scorer = DecisionScorer(model.model, model.tokenizer, params.prompt.answer_prefix, params.train.max_length,
+                                params.train.batch_size)
+        loglik[spec] = scorer.after_examples(val)
+        choice = loglik[spec].argmax(axis=1)  # as DecisionScorer.choices reads them
         by_recipe[recipe].append(choice)
         print(_row(f"{recipe} ({adapter})", metrics.choice_summary(truth, choice, args.bootstrap, args.seed)), flush=True)
     if args.save_loglik:

@@ -98,18 +98,18 @@ def test_one_token_prompts(tokenizer, tiny_model, lengths):
 
 def test_the_eval_stages_and_the_chat_app_read_after_answer_decisions_alike(tokenizer, tiny_model):
     """The eval stages' after_answer (from the generation's cache) equals the chat app's (from scratch)."""
-    from medqa.evaluation.run import answer_and_score, score_after_answers
+    from medqa.inference.decisions import DecisionScorer
 
     prefix = "The answer to this question is:"
     prompts = _prompts(tokenizer)
     targets = [tokenizer(f"Because. {prefix} yes.", add_special_tokens=False)["input_ids"] for _ in prompts]
-    scored = answer_and_score(tiny_model, tokenizer, prompts, targets, prefix, generation_config(6), 0, batch_size=2,
-                              desc=None)
-    from_scratch = score_after_answers(tiny_model, tokenizer, prompts, scored.generations, prefix, batch_size=3)
+    scorer = DecisionScorer(tiny_model, tokenizer, prefix, max_prompt_length=512, batch_size=2)
+    scored = scorer.answer_and_score(prompts, targets, generation_config(6), 0, desc=None)
+    from_scratch = scorer.with_batch_size(3).after_answers(prompts, scored.generations)
     assert torch.allclose(torch.tensor(scored.after_answer, dtype=torch.float64), torch.from_numpy(from_scratch), atol=1e-4)
     # and a generation that already states the decision is scored where its own prefix stands
-    stated = score_after_answers(tiny_model, tokenizer, prompts[:1], [f"It is. {prefix} no. More."], prefix, 1)
-    cut = score_after_answers(tiny_model, tokenizer, prompts[:1], ["It is."], prefix, 1)
+    stated = scorer.with_batch_size(1).after_answers(prompts[:1], [f"It is. {prefix} no. More."])
+    cut = scorer.with_batch_size(1).after_answers(prompts[:1], ["It is."])
     assert torch.allclose(torch.from_numpy(stated), torch.from_numpy(cut))
 
 

@@ -21,7 +21,8 @@ from transformers import GenerationConfig
 from medqa.decisions.answers import DECISIONS, PROTOCOLS, DecisionEvidence, after_answer_ids, decision_options
 from medqa.chat.batcher import Batcher, Request
 from medqa.errors import PipelineError
-from medqa.evaluation.run import content_free_prior, score_after_answers, score_decisions
+from medqa.evaluation.run import content_free_prior
+from medqa.inference.decisions import DecisionScorer
 from medqa.inference.generation import end_token_ids, left_pad, model_device, score_and_decode_batch
 from medqa.modeling.loading import load_for_inference
 from medqa.modeling.hardware import resolve_hardware
@@ -144,7 +145,8 @@ class Assistant:
         peft's disable_adapter does not nest)."""
         if adapter not in self._priors:
             with self._adapter(adapter):
-                self._priors[adapter] = content_free_prior(self.model, self.tokenizer, self.prompt, self.model_name)
+                scorer = DecisionScorer(self.model, self.tokenizer, self.answer_prefix, self.max_prompt_length, 1)
+                self._priors[adapter] = content_free_prior(scorer, self.prompt, self.model_name)
         return self._priors[adapter]
 
     def _read(self, prior: np.ndarray, choice: np.ndarray, after: np.ndarray | None = None,
@@ -171,9 +173,9 @@ class Assistant:
         with self.lock, torch.inference_mode():
             prior = self._prior(adapter)
             with self._adapter(adapter):
-                choice = score_decisions(self.model, self.tokenizer, [prompt], self.answer_prefix, 1, desc=None)
-                after = None if answer is None else score_after_answers(
-                    self.model, self.tokenizer, [prompt], [answer], self.answer_prefix, 1)
+                scorer = DecisionScorer(self.model, self.tokenizer, self.answer_prefix, self.max_prompt_length, 1)
+                choice = scorer.after_prompts([prompt])
+                after = None if answer is None else scorer.after_answers([prompt], [answer])
             return self._read(prior, choice, after, None if answer is None else [answer])[0]
 
     def decision_probabilities(self, prompt: list[int], adapter: bool, answer: str | None = None) -> dict[str, float]:

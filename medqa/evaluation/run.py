@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from transformers import GenerationConfig
 
 from medqa.decisions import answers
 from medqa.evaluation import metrics
 from medqa.decisions.answers import DECISIONS
 from medqa.errors import PipelineError, explain_out_of_memory
-from medqa.inference.generation import ScoredAnswers, generate_and_score, generation_config_from_params, score_choices
+from medqa.inference.decisions import DecisionScorer
+from medqa.inference.generation import ScoredAnswers, generation_config_from_params
 from medqa.io import read_jsonl, write_json, write_jsonl
 from medqa.modeling.loading import load_for_inference
 from medqa.modeling.hardware import resolve_hardware
@@ -29,99 +29,32 @@ log = logging.getLogger(__name__)
 EVAL_SECTIONS = ("model", "prompt", "generation", "eval")  # the params sections that decide an eval stage's outputs
 
 
-def score_decisions(
-    model: Any, tokenizer: Any, prompts: list[list[int]], answer_prefix: str, batch_size: int, desc: str | None
-) -> np.ndarray:
-    """Log-likelihood of " yes", " no", " maybe" after each prompt and the answer prefix, shape (n, 3)."""
-    prefix_ids = token_ids(tokenizer, answer_prefix)
-    return np.array(score_choices(
-        model, [p + prefix_ids for p in prompts], answers.decision_options(tokenizer, answer_prefix),
-        pad_id=tokenizer.pad_token_id, batch_size=batch_size, desc=desc,
-    ))
-
-
-def score_after_answers(
-    model: Any, tokenizer: Any, prompts: list[list[int]], generations: list[str], answer_prefix: str,
-    batch_size: int, desc: str | None = None,
-) -> np.ndarray:
-    """Log-likelihood of " yes", " no", " maybe" after each prompt, its generated answer and the answer
-    prefix (`answers.after_answer_context`), read from scratch, shape (n, 3). The eval stages get the
-    same numbers from the generation's cache (`generate_and_score`); the chat app uses this."""
-    return np.array(score_choices(
-        model, [p + answers.after_answer_ids(tokenizer, g, answer_prefix) for p, g in zip(prompts, generations)],
-        answers.decision_options(tokenizer, answer_prefix),
-        pad_id=tokenizer.pad_token_id, batch_size=batch_size, desc=desc,
-    ))
-
-
-def choice_loglik(
-    model: Any, tokenizer: Any, examples: list[dict], answer_prefix: str, max_prompt_length: int, batch_size: int
-) -> np.ndarray:
-    """Each held-out example's log-likelihoods of the three options after its prompt and the answer
-    prefix, shape (n, 3) (one forward pass per question)."""
-    prompts = [fit_prompt(ex, tokenizer, max_prompt_length) for ex in examples]
-    return score_decisions(model, tokenizer, prompts, answer_prefix, batch_size, desc="validation decisions")
-
-
-def choice_decisions(
-    model: Any, tokenizer: Any, examples: list[dict], answer_prefix: str, max_prompt_length: int, batch_size: int
-) -> np.ndarray:
-    """Each held-out example's choice-scored decision, coded as `metrics.CODES`."""
-    loglik = choice_loglik(model, tokenizer, examples, answer_prefix, max_prompt_length, batch_size)
-    return loglik.argmax(axis=1)  # option i is DECISIONS[i], coded i
-
-
 def validation_truth(examples: list[dict]) -> np.ndarray:
     """Each example's reference decision, coded as `metrics.CODES` (the option order)."""
     return np.array([metrics.CODES[ex["final_decision"]] for ex in examples])
 
 
-def fitted_offsets(
-    model: Any, tokenizer: Any, examples: list[dict], answer_prefix: str, max_prompt_length: int, batch_size: int
-) -> np.ndarray:
+def fitted_offsets(scorer: DecisionScorer, examples: list[dict]) -> np.ndarray:
     """The offsets (`answers.fit_offsets`) that give this model's choice-scored decisions their best
     accuracy on held-out (validation) examples: what the `offsets` protocol adds on the test questions."""
     if not examples:
         raise PipelineError("no validation questions to fit the decision offsets on: raise split.val_size")
-    loglik = choice_loglik(model, tokenizer, examples, answer_prefix, max_prompt_length, batch_size)
-    return answers.fit_offsets(loglik, validation_truth(examples))
+    return answers.fit_offsets(scorer.after_examples(examples), validation_truth(examples))
 
 
-def validation_decisions(
-    model: Any, tokenizer: Any, examples: list[dict], answer_prefix: str, max_prompt_length: int, batch_size: int,
-    n_resamples: int = 1000, seed: int = 0,
-) -> dict[str, Any]:
+def validation_decisions(scorer: DecisionScorer, examples: list[dict], n_resamples: int = 1000,
+                         seed: int = 0) -> dict[str, Any]:
     """Choice-scored decisions on held-out examples, summarised by `metrics.choice_summary` (the
     finetune stage's validation check)."""
-    truth = validation_truth(examples)
-    chosen = choice_decisions(model, tokenizer, examples, answer_prefix, max_prompt_length, batch_size)
-    return metrics.choice_summary(truth, chosen, n_resamples, seed)
+    return metrics.choice_summary(validation_truth(examples), scorer.choices(examples), n_resamples, seed)
 
 
-def answer_and_score(
-    model: Any, tokenizer: Any, prompts: list[list[int]], targets: list[list[int]], answer_prefix: str,
-    config: GenerationConfig, seed: int, batch_size: int, desc: str | None,
-    done: dict[int, dict] | None = None, on_batch: Callable[[dict[int, dict]], None] | None = None,
-) -> ScoredAnswers:
-    """The eval stages' pass over the test questions, one prefill per prompt: the generated answers,
-    the log-likelihoods of " yes", " no", " maybe" after the answer prefix, those after the model's
-    own answer and the prefix (`after_answer`), and the summed log-likelihood of each reference
-    target (token ids). `done` and `on_batch`: resuming (`generate_and_score`)."""
-    return generate_and_score(
-        model, tokenizer, prompts, config, choice_prefix=token_ids(tokenizer, answer_prefix),
-        options=answers.decision_options(tokenizer, answer_prefix), targets=targets, batch_size=batch_size, seed=seed,
-        followup=lambda text: answers.after_answer_ids(tokenizer, text, answer_prefix), desc=desc,
-        done=done, on_batch=on_batch,
-    )
-
-
-def content_free_prior(model: Any, tokenizer: Any, prompt: PromptParams, model_name: str) -> np.ndarray:
+def content_free_prior(scorer: DecisionScorer, prompt: PromptParams, model_name: str) -> np.ndarray:
     """This model's option probabilities for prompts with no content (`answers.CONTENT_FREE` as the
     question and the context), averaged: what `calibrated` divides out."""
-    fmt = prompt_format(tokenizer, prompt, model_name)
-    ids = [token_ids(tokenizer, p) for p in content_free_prompts(fmt, prompt.system, answers.CONTENT_FREE)]
-    loglik = score_decisions(model, tokenizer, ids, prompt.answer_prefix, len(ids), desc=None)
-    return answers.content_free_prior(loglik)
+    fmt = prompt_format(scorer.tokenizer, prompt, model_name)
+    ids = [token_ids(scorer.tokenizer, p) for p in content_free_prompts(fmt, prompt.system, answers.CONTENT_FREE)]
+    return answers.content_free_prior(scorer.with_batch_size(len(ids)).after_prompts(ids))
 
 
 def _text_scores(long_answers: list[str], references: list[str], evaluation: EvalParams,
@@ -198,15 +131,15 @@ def run_evaluation(
     targets = [token_ids(tokenizer, ex["target"]) for ex in examples]
     reused = progress.reused([ex["pmid"] for ex in examples], label) if progress else {}
     done = {i: reused[ex["pmid"]] for i, ex in enumerate(examples) if ex["pmid"] in reused}
-    scored = answer_and_score(
-        loaded.model, tokenizer, prompts, targets, prefix, generation_config_from_params(generation), generation.seed,
-        evaluation.batch_size, desc=f"{label}: generating and scoring", done=done,
+    scorer = DecisionScorer(loaded.model, tokenizer, prefix, evaluation.max_prompt_length, evaluation.batch_size)
+    scored = scorer.answer_and_score(
+        prompts, targets, generation_config_from_params(generation), generation.seed,
+        desc=f"{label}: generating and scoring", done=done,
         on_batch=(lambda rows: progress.add({examples[i]["pmid"]: row for i, row in rows.items()})) if progress else None,
     )
-    prior = content_free_prior(loaded.model, tokenizer, prompt, model.name)
+    prior = content_free_prior(scorer, prompt, model.name)
     validation = read_jsonl(val_path)
-    offsets = fitted_offsets(loaded.model, tokenizer, validation, prefix, evaluation.max_prompt_length,
-                             evaluation.batch_size)
+    offsets = fitted_offsets(scorer, validation)
     del loaded  # BERTScore loads its own model next
 
     long_answers = [answers.long_answer_part(g, prefix) for g in scored.generations]

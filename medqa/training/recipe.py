@@ -220,11 +220,12 @@ def _validation_decisions(trainer: Any, tokenizer: Any, val: list[dict], answer_
     """The best checkpoint's choice-scored decisions on the validation split, computed as the eval
     stages compute (the adapter re-loaded would score the same)."""
     from medqa.evaluation.run import validation_decisions
+    from medqa.inference.decisions import DecisionScorer
 
     trainer.model.eval()
     with forward_as_loaded(trainer.model) as model:
-        return validation_decisions(model, tokenizer, val, answer_prefix, train.max_length, train.batch_size,
-                                    seed=train.seed)
+        scorer = DecisionScorer(model, tokenizer, answer_prefix, train.max_length, train.batch_size)
+        return validation_decisions(scorer, val, seed=train.seed)
 
 
 def _summary(trainer: Any, result: Any, trainable: int, resumed: bool, val_decisions: dict) -> dict:
