@@ -1,7 +1,7 @@
 """Stage baseline_eval: the base model on the test split."""
 from medqa import paths
 from medqa.errors import stage_main
-from medqa.evaluation.run import EVAL_SECTIONS, run_evaluation
+from medqa.evaluation.run import EVAL_SECTIONS, EvalFiles, run_evaluation
 from medqa.params import load_params
 from medqa.evaluation.progress import stage_progress
 
@@ -11,8 +11,8 @@ def main() -> None:
     params = load_params()
     # A killed run goes on from its finished questions (data/progress/baseline_eval/, or MEDQA_CHECKPOINT_DIR).
     progress = stage_progress("baseline_eval", params, EVAL_SECTIONS, [paths.TEST], [paths.BASE_MODEL])
-    run_evaluation(params.model, params.prompt, params.generation, params.eval, paths.BASE_MODEL, paths.TEST,
-                   paths.VAL, None, label="baseline", progress=progress, **paths.eval_outputs("baseline"))
+    run_evaluation(params.model, params.prompt, params.generation, params.eval, EvalFiles.of_stage("baseline", None),
+                   label="baseline", progress=progress)
 
 
 if __name__ == "__main__":

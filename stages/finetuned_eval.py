@@ -1,7 +1,7 @@
 """Stage finetuned_eval: the base model with the trained adapter, on the same test questions."""
 from medqa import paths
 from medqa.errors import stage_main
-from medqa.evaluation.run import EVAL_SECTIONS, run_evaluation
+from medqa.evaluation.run import EVAL_SECTIONS, EvalFiles, run_evaluation
 from medqa.params import load_params
 from medqa.evaluation.progress import stage_progress
 
@@ -11,8 +11,8 @@ def main() -> None:
     params = load_params()
     # A killed run goes on from its finished questions (data/progress/finetuned_eval/, or MEDQA_CHECKPOINT_DIR).
     progress = stage_progress("finetuned_eval", params, EVAL_SECTIONS, [paths.TEST, paths.ADAPTER], [paths.BASE_MODEL])
-    run_evaluation(params.model, params.prompt, params.generation, params.eval, paths.BASE_MODEL, paths.TEST,
-                   paths.VAL, paths.ADAPTER, label="finetuned", progress=progress, **paths.eval_outputs("finetuned"))
+    run_evaluation(params.model, params.prompt, params.generation, params.eval,
+                   EvalFiles.of_stage("finetuned", paths.ADAPTER), label="finetuned", progress=progress)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medqa import paths
 from medqa.decisions import answers
 from medqa.evaluation import metrics
 from medqa.decisions.answers import DECISIONS
@@ -92,37 +94,44 @@ def _prediction_row(ex: dict, generation: str, long_answer: str, decisions: dict
     }
 
 
-def _write_outputs(rows: list[dict], result: dict, predictions_path: str | Path, official_path: str | Path,
-                   metrics_path: str | Path) -> None:
-    write_jsonl(predictions_path, rows)
+def _write_outputs(rows: list[dict], result: dict, files: EvalFiles) -> None:
+    write_jsonl(files.predictions, rows)
     # The official format holds the published protocol's decisions.
-    write_json(official_path, {r["pmid"]: r[f"decision_{answers.PRIMARY.name}"] for r in rows})
-    write_json(metrics_path, result)
+    write_json(files.official, {r["pmid"]: r[f"decision_{answers.PRIMARY.name}"] for r in rows})
+    write_json(files.metrics, result)
+
+
+@dataclass(frozen=True)
+class EvalFiles:
+    """What an eval stage reads (the base model, the adapter or None, the test and validation splits)
+    and the three outputs it writes."""
+
+    base_dir: Path
+    adapter_dir: Path | None
+    test: Path
+    val: Path
+    predictions: Path
+    official: Path
+    metrics: Path
+
+    @classmethod
+    def of_stage(cls, label: str, adapter_dir: Path | None) -> EvalFiles:
+        """The files of the eval stage `label` ("baseline" or "finetuned"), as `medqa.paths` places them."""
+        outputs = paths.eval_outputs(label)
+        return cls(paths.BASE_MODEL, adapter_dir, paths.TEST, paths.VAL, outputs["predictions_path"],
+                   outputs["official_path"], outputs["metrics_path"])
 
 
 @explain_out_of_memory("lower eval.batch_size or eval.max_prompt_length, or on CUDA keep model.quantization=auto")
-def run_evaluation(
-    model: ModelParams,
-    prompt: PromptParams,
-    generation: GenerationParams,
-    evaluation: EvalParams,
-    base_dir: str | Path,
-    test_path: str | Path,
-    val_path: str | Path,
-    adapter_dir: str | Path | None,
-    predictions_path: str | Path,
-    official_path: str | Path,
-    metrics_path: str | Path,
-    label: str,
-    progress: Progress | None = None,
-) -> dict:
+def run_evaluation(model: ModelParams, prompt: PromptParams, generation: GenerationParams, evaluation: EvalParams,
+                   files: EvalFiles, label: str, progress: Progress | None = None) -> dict:
     """Evaluate the base model (or base + adapter) on the test split and write all three outputs (the
-    `offsets` protocol's offsets fitted on the validation split, `val_path`); with `progress`, the
-    questions an interrupted run finished are taken from it, and each finished batch is kept there
-    until the outputs are written."""
+    `offsets` protocol's offsets fitted on the validation split); with `progress`, the questions an
+    interrupted run finished are taken from it, and each finished batch is kept there until the outputs
+    are written."""
     prefix = prompt.answer_prefix
-    examples = read_jsonl(test_path)
-    loaded = load_for_inference(base_dir, resolve_hardware(model.quantization, model.dtype), adapter_dir)
+    examples = read_jsonl(files.test)
+    loaded = load_for_inference(files.base_dir, resolve_hardware(model.quantization, model.dtype), files.adapter_dir)
     tokenizer, hardware = loaded.tokenizer, loaded.hardware
     log.info("%s: %d test questions on %s, %s%s", label, len(examples), hardware.device,
              str(hardware.dtype).removeprefix("torch."), " (4-bit nf4 base)" if hardware.quantize_4bit else "")
@@ -138,7 +147,7 @@ def run_evaluation(
         on_batch=(lambda rows: progress.add({examples[i]["pmid"]: row for i, row in rows.items()})) if progress else None,
     )
     prior = content_free_prior(scorer, prompt, model.name)
-    validation = read_jsonl(val_path)
+    validation = read_jsonl(files.val)
     offsets = fitted_offsets(scorer, validation)
     del loaded  # BERTScore loads its own model next
 
@@ -153,7 +162,7 @@ def run_evaluation(
     result["decision"]["calibrated"]["content_free_prior"] = answers.rounded_probabilities(prior)
     result["decision"]["offsets"]["fitted"] = {d: round(float(o), 6) for d, o in zip(DECISIONS, offsets)}
     result["decision"]["offsets"]["validation_questions"] = len(validation)
-    _write_outputs(rows, result, predictions_path, official_path, metrics_path)
+    _write_outputs(rows, result, files)
     if progress:
         progress.finish()
     log.info(
