@@ -191,6 +191,16 @@ def test_majority_baseline_from_the_test_labels_in_metrics_and_report():
     assert "![decisions](decisions.png)" in report
     assert report.splitlines()[2].startswith("Model `m`, LoRA r=1 alpha=2, split `official`, 10 test questions.")
     assert "Test labels: yes 5 (50%), no 3 (30%), maybe 2 (20%)" in report
+    # The verdict opens the report, before the full table: always "no" (0.3) against a perfect model (1.0)
+    # is better; the same text scores on both sides are no clear change.
+    lines = report.splitlines()
+    verdict = [[cell.strip() for cell in row.split("|")[1:-1]] for row in lines[4:lines.index("", 4)]]
+    assert verdict[0] == ["", "base", "fine-tuned", "change", "verdict"], verdict
+    assert verdict[2] == ["Decision accuracy (choice)", "0.3000", "1.0000", "+0.7000 [+0.7000, +0.7000]", "better"]
+    assert verdict[3] == ["... minus the majority class's", "-0.2000", "+0.5000", "", ""]
+    assert [row[0] for row in verdict[6:]] == ["ROUGE-L", "BERTScore F1", "Reference-answer perplexity"]
+    assert all(row[4] == "no clear change" for row in verdict[6:])
+    assert lines.index(next(x for x in lines if x.startswith("| Decision accuracy: majority class"))) > 4 + len(verdict)
     line = next(x for x in report.splitlines() if x.startswith("| Decision accuracy: majority class"))
     assert line.count("0.5000") == 2
     assert "0.2222" in next(x for x in report.splitlines() if x.startswith("| Decision macro-F1: majority class"))
@@ -264,3 +274,32 @@ def test_every_registered_text_metric_is_scored_summarised_reported_and_on_the_c
         assert f"text.{metric.name}" in STATISTICS and METRIC_TYPES[metric.name] == metric.card
         assert rows[f"text.{metric.name}"].startswith(metric.label)
         assert rows[f"text.{metric.name}"].endswith("(lower is better)") != metric.higher_is_better
+
+
+@pytest.mark.parametrize("change, low, high, higher_is_better, verdict", [
+    (0.1, 0.02, 0.2, True, "better"), (-0.1, -0.2, -0.02, True, "worse"), (0.1, -0.02, 0.2, True, "no clear change"),
+    (-8.0, -9.0, -7.0, False, "better"), (1.0, 0.5, 1.5, False, "worse"),
+])
+def test_the_verdict_reads_the_paired_interval_and_the_metrics_direction(change, low, high, higher_is_better, verdict):
+    from medqa.report.render import _direction
+
+    assert _direction(change, low, high, higher_is_better) == verdict
+
+
+def test_the_loss_plot_draws_a_moving_average_over_the_noisy_per_step_loss(tmp_path, monkeypatch):
+    from medqa.report import plots
+
+    rng = np.random.default_rng(0)
+    steps = np.arange(1, 101)
+    loss = 3 * np.exp(-steps / 40) + rng.normal(0, 0.3, size=100)
+    for name, frame in (("train/loss", zip(steps, loss)), ("eval/loss", [(0, 3.0), (50, 1.5), (100, 1.0)])):
+        path = plots.live_metric_file(tmp_path, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("step\tloss\n" + "".join(f"{s}\t{v}\n" for s, v in frame))
+    drawn = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, out: drawn.update(
+        {line.get_label(): line.get_ydata() for line in fig.axes[0].get_lines()}))
+    plots.plot_losses(tmp_path, tmp_path / "loss.png")
+    assert set(drawn) == {"train (per step)", "train (moving average)", "validation"}
+    raw, smooth = np.asarray(drawn["train (per step)"]), np.asarray(drawn["train (moving average)"])
+    assert len(smooth) == len(raw) and np.std(np.diff(smooth)) < np.std(np.diff(raw)) / 3

@@ -42,6 +42,13 @@ def plot_losses(live_dir: Path, out_png: Path) -> None:
         path = live_metric_file(live_dir, name)
         if path.exists():  # no validation curve when training ended before the first evaluation
             frame = pd.read_csv(path, sep="\t")
+            if label == "train":
+                # Per-step losses are noisy (a few questions a step): faint, with their moving average over it.
+                line, = ax.plot(frame["step"], frame["loss"], style, alpha=0.3, linewidth=1, label="train (per step)")
+                smooth = frame["loss"].ewm(span=max(5, len(frame) // 20)).mean()
+                ax.plot(frame["step"], smooth, "-", color=line.get_color(), linewidth=2,
+                        label="train (moving average)")
+                continue
             ax.plot(frame["step"], frame["loss"], style, label=label)
             if label == "validation" and frame["step"].iloc[0] == 0:
                 ax.annotate("base model", (0, frame["loss"].iloc[0]), textcoords="offset points", xytext=(6, 4),

@@ -67,6 +67,40 @@ def metrics_table(baseline: dict, finetuned: dict, differences: dict[str, tuple[
     return pd.DataFrame(rows)
 
 
+VERDICT_TEXT = ("rougeL", "bertscore_f1", "perplexity")  # the text metrics the verdict shows
+
+
+def _direction(change: float, low: float, high: float, higher_is_better: bool) -> str:
+    """"better" or "worse" where the paired interval excludes 0, else "no clear change"."""
+    if low <= 0 <= high:
+        return "no clear change"
+    return "better" if (change > 0) == higher_is_better else "worse"
+
+
+def verdict_table(baseline: dict, finetuned: dict, differences: dict[str, tuple[float, float, float]]) -> pd.DataFrame:
+    """What a reader takes in at once: the primary protocol's decision accuracy and macro-F1 (each with its
+    gain over always answering the majority decision, where the model stands against a constant), then
+    ROUGE-L, BERTScore F1 and perplexity: before, after, the paired change and which way it went."""
+    rows = []
+
+    def add(label: str, path: str, higher_is_better: bool) -> None:
+        change, low, high = differences[path]
+        rows.append({"": label, "base": f"{metric_at(baseline, path):.4f}", "fine-tuned": f"{metric_at(finetuned, path):.4f}",
+                     "change": f"{change:+.4f} [{low:+.4f}, {high:+.4f}]",
+                     "verdict": _direction(change, low, high, higher_is_better)})
+
+    for stat in ("accuracy", "macro_f1"):
+        path = f"decision.{PRIMARY.name}.{stat}"
+        add(f"{STATISTIC_LABELS[stat]} ({PRIMARY.label})", path, True)
+        gains = [metric_at(tree, f"decision.{PRIMARY.name}.over_majority.{stat}") for tree in (baseline, finetuned)]
+        rows.append({"": "... minus the majority class's", "base": f"{gains[0]:+.4f}", "fine-tuned": f"{gains[1]:+.4f}",
+                     "change": "", "verdict": ""})
+    for metric in TEXT_METRICS:
+        if metric.name in VERDICT_TEXT:
+            add(metric.label, f"text.{metric.name}", metric.higher_is_better)
+    return pd.DataFrame(rows)
+
+
 def label_distribution(counts: dict[str, int]) -> str:
     """"yes 27 (56%), no 16 (33%), maybe 5 (10%)"."""
     total = sum(counts.values()) or 1
@@ -132,10 +166,15 @@ def render_report(
 ) -> str:
     """The whole report as Markdown; `run` is `describe_run`'s line, `judge` the `judge_section`."""
     table = metrics_table(baseline, finetuned, differences).to_markdown(index=False, disable_numparse=True)
+    verdict = verdict_table(baseline, finetuned, differences).to_markdown(index=False, disable_numparse=True)
     decision = baseline["decision"]
     return (
         "# PubMedQA: base vs fine-tuned\n\n"
-        f"{run}, {baseline['n_questions']} test questions. "
+        f"{run}, {baseline['n_questions']} test questions.\n\n"
+        f"{verdict}\n\n"
+        "*Verdict*: better or worse where the paired 95% bootstrap interval of fine-tuned minus base on the "
+        "same questions excludes 0 (lower is better for perplexity). Every metric, each protocol:\n\n"
+        f"{table}\n\n"
         "Brackets: 95% bootstrap confidence intervals; for the change, the paired bootstrap interval of "
         "fine-tuned minus baseline on the same questions (an interval that excludes 0 is a real change "
         f"at that level). Decision protocols: {protocols_note()}. Content-free prior: base {_prior(baseline)}, "
@@ -145,7 +184,6 @@ def render_report(
         "it has learned nothing about the decisions. *Token F1*: SQuAD-style word overlap of the generated "
         "long answer with the reference.\n\n"
         f"Test labels: {label_distribution(decision['labels'])}.\n\n"
-        f"{table}\n\n"
         f"## Decisions\n\nWhat each model answered ({PRIMARY.label} protocol) against the reference, per test "
         "question: a model that gives one answer to everything fills one column.\n\n"
         f"![decisions]({decisions_png})\n\n"
