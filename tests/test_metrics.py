@@ -10,9 +10,8 @@ from medqa.decisions.answers import (
     DECISIONS, DecisionEvidence, calibrate, choice_probabilities, content_free_prior, fit_offsets, read_decisions,
 )
 from medqa.errors import PipelineError
-from medqa.evaluation.metrics import (
-    CODES, LABEL_IDS, bertscore_f1, choice_summary, class_f1, paired_differences, per_class_f1, resolve_bertscore_model, rouge_scores, summarize, table_from_rows, token_f1,
-)
+from medqa.evaluation.metrics import CODES, LABEL_IDS, choice_summary, class_f1, paired_differences, per_class_f1, summarize, table_from_rows
+from medqa.evaluation.text_metrics import bertscore_f1, resolve_bertscore_model, rouge_scores, token_f1
 
 PREFIX = "The direct answer to your question is:"
 
@@ -258,7 +257,8 @@ def test_every_registered_text_metric_is_scored_summarised_reported_and_on_the_c
     """The text metric registry is the one place a metric is named: each entry is scored per question by the
     eval stages (or over the questions), summarised with an interval, a row of the report and the model
     card, with its hub type."""
-    from medqa.evaluation.metrics import STATISTICS, TEXT_METRICS, text_scores
+    from medqa.evaluation.metrics import STATISTICS
+    from medqa.evaluation.text_metrics import TEXT_METRICS, text_scores
     from medqa.params import EvalParams
     from medqa.release.card import METRIC_TYPES
     from medqa.report.render import reported_rows

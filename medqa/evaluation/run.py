@@ -11,6 +11,7 @@ import numpy as np
 from medqa import paths
 from medqa.decisions import answers
 from medqa.evaluation import metrics
+from medqa.evaluation.text_metrics import text_scores
 from medqa.decisions.answers import DECISIONS
 from medqa.errors import PipelineError, explain_out_of_memory
 from medqa.inference.decisions import DecisionScorer
@@ -61,10 +62,10 @@ def content_free_prior(scorer: DecisionScorer, prompt: PromptParams, model_name:
 
 def _text_scores(long_answers: list[str], references: list[str], evaluation: EvalParams,
                  label: str) -> dict[str, list[float]]:
-    """Per question, every per-question text metric (`metrics.TEXT_METRICS`) of the generated long answer
+    """Per question, every per-question text metric (`text_metrics.TEXT_METRICS`) of the generated long answer
     against the reference."""
     log.info("%s: text metrics (BERTScore with %s)", label, evaluation.bertscore_model)
-    return metrics.text_scores(long_answers, references, evaluation)
+    return text_scores(long_answers, references, evaluation)
 
 
 def _decision_columns(scored: ScoredAnswers, prior: np.ndarray, offsets: np.ndarray, answer_prefix: str) -> list[dict]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from medqa.decisions.answers import DECISIONS, PRIMARY
-from medqa.evaluation.metrics import TEXT_METRICS
+from medqa.evaluation.text_metrics import TEXT_METRICS
 from medqa.io import atomic_dir
 from medqa.modeling.profiles import get_profile
 from medqa.params import LoraParams, ModelParams, PromptParams, TrainParams

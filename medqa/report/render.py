@@ -6,7 +6,7 @@ from typing import Any
 import pandas as pd
 
 from medqa.decisions.answers import DECISIONS, PRIMARY, PROTOCOLS
-from medqa.evaluation.metrics import TEXT_METRICS
+from medqa.evaluation.text_metrics import TEXT_METRICS
 from medqa.params import LoraParams
 
 STATISTIC_LABELS = {"accuracy": "Decision accuracy", "macro_f1": "Decision macro-F1",
