@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from medqa.decisions.answers import continuation_ids
-from medqa.inference.generation import generate, generate_and_score, generation_config, score_choices
+from medqa.inference.generation import generate, generate_and_score, generation_config
+from medqa.inference.scoring import score_choices
 
 
 def _direct_loglik(model, prompt: list[int], option: list[int]) -> float:
@@ -122,7 +123,7 @@ def test_the_project_calls_no_deprecated_transformers_api(tokenizer, tiny_model,
 
     from peft import LoraConfig, get_peft_model
 
-    from medqa.inference.generation import SharedPrefixScorer
+    from medqa.inference.scoring import SharedPrefixScorer
 
     prompts = _prompts(tokenizer)
     options = [continuation_ids(tokenizer, "answer is:", w) for w in (" yes", " no", " maybe")]

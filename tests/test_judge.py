@@ -100,7 +100,7 @@ def test_judge_subset_is_seeded_sorted_and_capped():
 
 
 def test_shared_prefix_scorer_equals_scoring_each_prompt_from_scratch(tiny_model):
-    from medqa.inference.generation import SharedPrefixScorer, score_choices
+    from medqa.inference.scoring import SharedPrefixScorer, score_choices
 
     rng = np.random.default_rng(0)
     case = rng.integers(5, 1000, 40).tolist()

@@ -23,7 +23,8 @@ from medqa.chat.batcher import Batcher, Request
 from medqa.errors import PipelineError
 from medqa.evaluation.run import content_free_prior
 from medqa.inference.decisions import DecisionScorer
-from medqa.inference.generation import end_token_ids, left_pad, model_device, score_and_decode_batch
+from medqa.inference.generation import end_token_ids, score_and_decode_batch
+from medqa.inference.core import left_pad, model_device
 from medqa.modeling.loading import load_for_inference
 from medqa.modeling.hardware import resolve_hardware
 from medqa.params import Params

@@ -64,7 +64,7 @@ class ModelJudge:
     about one question share their prefix, so the question, context and reference are read once."""
 
     def __init__(self, model: Any, tokenizer: Any, fmt: Any):
-        from medqa.inference.generation import SharedPrefixScorer
+        from medqa.inference.scoring import SharedPrefixScorer
 
         self.tokenizer, self.fmt = tokenizer, fmt
         self.scorer = SharedPrefixScorer(model)

@@ -10,7 +10,8 @@ import numpy as np
 from transformers import GenerationConfig
 
 from medqa.decisions import answers
-from medqa.inference.generation import ScoredAnswers, generate_and_score, score_choices
+from medqa.inference.generation import ScoredAnswers, generate_and_score
+from medqa.inference.scoring import score_choices
 from medqa.prompting.prompts import fit_prompt
 from medqa.prompting.tokens import token_ids
 
