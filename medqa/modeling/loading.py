@@ -12,32 +12,23 @@ from typing import Any
 from medqa.errors import PipelineError
 from medqa.io import atomic_dir, read_json, write_json
 from medqa.modeling.hardware import Hardware, fsdp_enabled
-from medqa.modeling.profiles import ModelProfile, package_dir
+from medqa.modeling.profiles import ModelProfile, from_model_files, package_dir
 
 log = logging.getLogger(__name__)
 
 SOURCE_FILE = "source.json"
 TRAINED_ON = "trained_on.json"  # beside an adapter: the base as it saw it (the export merges accordingly)
 
+
 def tokenizer_before_download(profile: ModelProfile, downloaded: str | Path) -> Any | None:
     """The model's tokenizer before the download stage has run for it: the download stage's copy when it
-    holds this model already, else from the local directory, the embedded GGUF or the hub (its cache
-    offline); None where none can be read (the later stages then check what needs it)."""
-    try:
-        if Path(downloaded, SOURCE_FILE).is_file() and read_source(downloaded).get("hub_id") == profile.hub_id:
-            return load_tokenizer(downloaded)
-        if profile.local_dir is not None:
-            return load_tokenizer(profile.local_dir)
-        from transformers import AutoTokenizer
+    holds this model already, else from the model's own files (`from_model_files`); None where none can be
+    read (the later stages then check what needs it)."""
+    if Path(downloaded, SOURCE_FILE).is_file() and read_source(downloaded).get("hub_id") == profile.hub_id:
+        return load_tokenizer(downloaded)
+    from transformers import AutoTokenizer
 
-        embedded = package_dir(profile.gguf[0]) if profile.gguf else None
-        if embedded is not None:
-            return AutoTokenizer.from_pretrained(embedded, gguf_file=profile.gguf[1])
-        return AutoTokenizer.from_pretrained(profile.hub_id)
-    except Exception as exc:  # offline, gated, or no such model: the download stage says which
-        log.info("token budgets not checked against %s's tokenizer: it is not readable here (%s)",
-                 profile.hub_id, type(exc).__name__)
-        return None
+    return from_model_files(profile, AutoTokenizer, "token budgets")
 
 
 def prepare_base_model(profile: ModelProfile, out_dir: str | Path) -> dict:

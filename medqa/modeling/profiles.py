@@ -96,21 +96,20 @@ def lora_targets(profile: ModelProfile, override: list[str] | None) -> list[str]
     return targets
 
 
-def _model_config(profile: ModelProfile) -> Any | None:
-    """The model's config, read without its weights: from a local directory, the embedded GGUF, or the
-    hub (its cache offline); None where none can be read (the finetune stage will load it)."""
-    from transformers import AutoConfig
-
+def from_model_files(profile: ModelProfile, auto_class: Any, unchecked: str) -> Any | None:
+    """`auto_class.from_pretrained` (a config or a tokenizer, no weights) on the model's own files: its
+    local directory, the embedded GGUF, or the hub (its cache offline); None where they cannot be read
+    here, logged with what is then `unchecked` (the later stages load the model and say why)."""
     try:
         if profile.local_dir is not None:
-            return AutoConfig.from_pretrained(profile.local_dir)
+            return auto_class.from_pretrained(profile.local_dir)
         embedded = package_dir(profile.gguf[0]) if profile.gguf else None
         if embedded is not None:
-            return AutoConfig.from_pretrained(embedded, gguf_file=profile.gguf[1])
-        return AutoConfig.from_pretrained(profile.hub_id)
+            return auto_class.from_pretrained(embedded, gguf_file=profile.gguf[1])
+        return auto_class.from_pretrained(profile.hub_id)
     except Exception as exc:  # offline, gated, or no such model: the download stage says which
-        log.info("lora.target_modules not checked against %s's modules: its config is not readable here (%s)",
-                 profile.hub_id, type(exc).__name__)
+        log.info("%s not checked against %s: its files are not readable here (%s)", unchecked, profile.hub_id,
+                 type(exc).__name__)
         return None
 
 
@@ -121,7 +120,9 @@ def check_lora_targets(profile: ModelProfile, override: list[str] | None) -> Non
     and what the model has."""
     if not override:
         return
-    config = _model_config(profile)
+    from transformers import AutoConfig
+
+    config = from_model_files(profile, AutoConfig, "lora.target_modules")
     if config is None:
         return
     import difflib
