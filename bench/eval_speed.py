@@ -39,7 +39,7 @@ from medqa.modeling.loading import load_for_inference
 from medqa.modeling.hardware import resolve_hardware
 from medqa.params import load_params
 from medqa.prompting.prompts import fit_prompt
-from medqa.prompting.tokens import token_ids
+from medqa.tokens import token_ids
 
 T = TypeVar("T")
 

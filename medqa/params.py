@@ -17,7 +17,7 @@ from typing import Any, Callable
 import yaml
 
 from medqa.errors import PipelineError
-from medqa.evaluation.rubric import CRITERIA
+from medqa.rubric import CRITERIA
 
 Check = tuple[Callable[[Any], bool], str]  # (is the value allowed?, what is allowed)
 

@@ -7,7 +7,7 @@ from medqa.evaluation.metrics import paired_differences, table_from_rows
 from medqa.params import load_params
 from medqa.report.plots import plot_confusions, plot_head_to_head, plot_losses
 from medqa.report.render import decisions_csv_text, describe_run, judge_section, render_report
-from medqa.evaluation.rubric import OUTCOMES
+from medqa.rubric import OUTCOMES
 
 
 @stage_main

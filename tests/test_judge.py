@@ -8,8 +8,8 @@ import pytest
 
 from medqa.evaluation import judge as judging
 from medqa.evaluation.judge import head_to_head, judge_all, judge_subset, summarize_judgements
-from medqa.evaluation.rubric import CRITERIA as CRITERIA_ALL
-from medqa.evaluation.rubric import Case
+from medqa.rubric import CRITERIA as CRITERIA_ALL
+from medqa.rubric import Case
 
 CRITERIA = ["helpfulness", "correctness"]
 

@@ -538,7 +538,8 @@ def test_a_local_model_is_known_by_its_content_not_its_path(tmp_path, tokenizer,
     from safetensors.torch import save_file
 
     import medqa.modeling.loading
-    from medqa.training.checkpoints import base_identity, claim_checkpoints
+    from medqa.resumable import base_identity
+    from medqa.training.checkpoints import claim_checkpoints
     from medqa.modeling.profiles import get_profile
     from medqa.modeling.loading import prepare_base_model
     from tests.conftest import save_tiny_base

@@ -29,7 +29,7 @@ from medqa.modeling.loading import load_for_inference
 from medqa.modeling.hardware import resolve_hardware
 from medqa.params import Params
 from medqa.prompting.prompts import fit_prompt, join_contexts, prompt_format, user_message
-from medqa.prompting.tokens import token_ids
+from medqa.tokens import token_ids
 
 
 Decision = tuple[str, "dict[str, float] | None"]  # a protocol's decision and the probabilities behind it

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from medqa.prompting.tokens import token_ids
+from medqa.tokens import token_ids
 
 DECISIONS = ("yes", "no", "maybe")  # PubMedQA's final_decision labels, in option order
 NO_DECISION = "none"  # a generated answer from which no decision could be parsed

@@ -1,2 +1,2 @@
 """Evaluation: running the eval stages (answers, decisions, metrics, resumable progress), the text and decision
-metrics with bootstrap intervals, the lm-eval task rows, and the LLM judge with its rubric."""
+metrics with bootstrap intervals, the lm-eval task rows, and the LLM judge (its rubric: medqa/rubric.py)."""

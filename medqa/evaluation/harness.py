@@ -8,7 +8,7 @@ from typing import Any
 
 from medqa.decisions.answers import DECISIONS
 from medqa.prompting.prompts import fit_prompt_text
-from medqa.prompting.tokens import token_ids
+from medqa.tokens import token_ids
 
 log = logging.getLogger(__name__)
 

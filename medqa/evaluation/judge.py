@@ -19,9 +19,9 @@ import numpy as np
 
 from medqa.decisions import answers
 from medqa.params import JudgeParams, ModelParams
-from medqa.evaluation.rubric import (COMPARISON_LEAD, OUTCOMES, RATING_LEAD, RATINGS, SYSTEM, Case, comparison_request,
+from medqa.rubric import (COMPARISON_LEAD, OUTCOMES, RATING_LEAD, RATINGS, SYSTEM, Case, comparison_request,
                           rating_request)
-from medqa.prompting.tokens import token_ids
+from medqa.tokens import token_ids
 
 if TYPE_CHECKING:
     from medqa.evaluation.progress import Progress

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from medqa.training.checkpoints import SHARED_DIR_ENV, base_identity, fingerprint
+from medqa.resumable import SHARED_DIR_ENV, base_identity, fingerprint
 from medqa.imports import stage_code
 from medqa.params import Params, as_dict
 from medqa.paths import PROGRESS

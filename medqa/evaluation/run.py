@@ -21,7 +21,7 @@ from medqa.modeling.loading import load_for_inference
 from medqa.modeling.hardware import resolve_hardware
 from medqa.params import EvalParams, GenerationParams, ModelParams, PromptParams
 from medqa.prompting.prompts import content_free_prompts, fit_prompt, prompt_format
-from medqa.prompting.tokens import token_ids
+from medqa.tokens import token_ids
 
 if TYPE_CHECKING:
     from medqa.evaluation.progress import Progress

@@ -13,7 +13,7 @@ from medqa.decisions import answers
 from medqa.inference.generation import ScoredAnswers, generate_and_score
 from medqa.inference.scoring import score_choices
 from medqa.prompting.prompts import fit_prompt
-from medqa.prompting.tokens import token_ids
+from medqa.tokens import token_ids
 
 
 @dataclass(frozen=True)

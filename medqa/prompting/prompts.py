@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from medqa.decisions.answers import target_text
 from medqa.errors import PipelineError
 from medqa.modeling.profiles import get_profile
-from medqa.prompting.tokens import token_ids
+from medqa.tokens import token_ids
 
 if TYPE_CHECKING:
     from medqa.params import PromptParams

@@ -4,11 +4,9 @@ Checkpoints live in one folder per fingerprint of the run (params, data, base mo
 models/checkpoints/ — scratch space, not a DVC output: DVC neither deletes it before a run nor
 caches it, so an interrupted run can go on where it stopped — or under `MEDQA_CHECKPOINT_DIR`, storage
 that outlives the machine (a mounted bucket, a shared filesystem): a run on a new machine resumes
-from what the old one wrote there.
-"""
+from what the old one wrote there."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,21 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from medqa.imports import stage_code
-from medqa.io import read_json
+from medqa.resumable import SHARED_DIR_ENV, base_identity, fingerprint
 
 log = logging.getLogger(__name__)
 
 FINETUNE_STAGE = "stages/finetune.py"
-SHARED_DIR_ENV = "MEDQA_CHECKPOINT_DIR"
-
-
-def fingerprint(sections: dict[str, Any], files: list[Path]) -> str:
-    """What a checkpoint was trained from: the params that shape training and the bytes of the data
-    and code files."""
-    digest = hashlib.sha256(json.dumps(sections, sort_keys=True).encode())
-    for f in files:
-        digest.update(f.read_bytes())
-    return digest.hexdigest()
 
 
 def training_code() -> list[Path]:
@@ -58,16 +46,6 @@ def last_complete_checkpoint(checkpoints: Path) -> Path | None:
         except (OSError, ValueError):
             log.warning("ignoring the incomplete checkpoint %s", folder)
     return None
-
-
-def base_identity(base_dir: Path) -> dict[str, Any]:
-    """The base model as a fingerprint sees it: its source record, without where a local model
-    directory lies (its record's content fingerprint stays), so another machine that mounts the
-    same model elsewhere computes the same fingerprint."""
-    source = read_json(base_dir / "source.json")
-    if source.get("weights") == "dir":
-        source = {k: v for k, v in source.items() if k not in ("path", "hub_id")}
-    return source
 
 
 def claim_checkpoints(sections: dict[str, Any], base_dir: Path, train_path: Path, val_path: Path,

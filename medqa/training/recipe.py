@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from medqa.decisions.answers import decision_span
-from medqa.training.checkpoints import SHARED_DIR_ENV, claim_checkpoints
+from medqa.resumable import SHARED_DIR_ENV
+from medqa.training.checkpoints import claim_checkpoints
 from medqa.data.splits import cap
 from medqa.errors import PipelineError, explain_out_of_memory
 from medqa.io import atomic_dir, read_jsonl, write_json
