@@ -82,3 +82,22 @@ def test_python_bytecode_is_no_change_of_a_folder_dependency():
     ignored = subprocess.run([str(dvc), "check-ignore", "medqa/data/__pycache__/sources.cpython-311.pyc"],
                              cwd=ROOT, capture_output=True, text=True)
     assert ignored.returncode == 0, ignored.stdout + ignored.stderr
+
+
+def test_no_two_parts_of_the_library_import_each_other():
+    """The subpackages and top-level modules of medqa form layers: where one imports another (at the top or
+    inside a function), the other does not import it back."""
+    import ast
+
+    def part(module: str) -> str:
+        name = module.split(".")[1]
+        return name if (ROOT / "medqa" / name).is_dir() else f"{name}.py"
+
+    edges = set()
+    for path in (ROOT / "medqa").rglob("*.py"):
+        here = path.relative_to(ROOT / "medqa").parts[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("medqa."):
+                if part(node.module) != here:
+                    edges.add((here, part(node.module)))
+    assert edges and not {(a, b) for a, b in edges if (b, a) in edges}
