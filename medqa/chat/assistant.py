@@ -90,6 +90,8 @@ class Assistant:
         self.system = params.prompt.system
         self.answer_prefix = params.prompt.answer_prefix
         self.max_prompt_length = params.eval.max_prompt_length
+        # One question at a time, as the eval stages score it (their prompt budget and answer prefix).
+        self.scorer = DecisionScorer(model, tokenizer, self.answer_prefix, self.max_prompt_length, batch_size=1)
         self.history_turns = params.chat.history_turns
         self.seed = params.generation.seed  # each answer is seeded alike: sampled answers can be reproduced
         self.prompt, self.model_name = params.prompt, params.model.name
@@ -146,8 +148,7 @@ class Assistant:
         peft's disable_adapter does not nest)."""
         if adapter not in self._priors:
             with self._adapter(adapter):
-                scorer = DecisionScorer(self.model, self.tokenizer, self.answer_prefix, self.max_prompt_length, 1)
-                self._priors[adapter] = content_free_prior(scorer, self.prompt, self.model_name)
+                self._priors[adapter] = content_free_prior(self.scorer, self.prompt, self.model_name)
         return self._priors[adapter]
 
     def _read(self, prior: np.ndarray, choice: np.ndarray, after: np.ndarray | None = None,
@@ -174,9 +175,8 @@ class Assistant:
         with self.lock, torch.inference_mode():
             prior = self._prior(adapter)
             with self._adapter(adapter):
-                scorer = DecisionScorer(self.model, self.tokenizer, self.answer_prefix, self.max_prompt_length, 1)
-                choice = scorer.after_prompts([prompt])
-                after = None if answer is None else scorer.after_answers([prompt], [answer])
+                choice = self.scorer.after_prompts([prompt])
+                after = None if answer is None else self.scorer.after_answers([prompt], [answer])
             return self._read(prior, choice, after, None if answer is None else [answer])[0]
 
     def decision_probabilities(self, prompt: list[int], adapter: bool, answer: str | None = None) -> dict[str, float]:
