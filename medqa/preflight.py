@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 from medqa import paths
 from medqa.data.sources import read_local_source
-from medqa.data.splits import cap, make_splits
+from medqa.data.splits import make_splits, validation_loss_examples
 from medqa.errors import PipelineError
 from medqa.modeling.profiles import get_profile
 from medqa.modeling.loading import tokenizer_before_download
@@ -47,7 +47,7 @@ def check_against_data_and_model(params: Params) -> None:
         records = [format_record(r, fmt, prompt.system, prompt.answer_prefix, prompt.decision_first) for r in records]
     splits = make_splits(records, labels, params.split, params.train, params.eval)
     train = params.train
-    val_loss = cap(splits["val"], train.max_val_samples, params.split.seed, "train.max_val_samples")
+    val_loss = validation_loss_examples(splits["val"], train, params.split.seed)
     if tokenizer is None:
         return
     with _for_key("train.max_length", train.max_length):

@@ -79,6 +79,12 @@ def balanced_cap(rows: list[Record], max_samples: int | None, seed: int, name: s
     return [r for i, r in enumerate(rows) if i in chosen]
 
 
+def validation_loss_examples(val: list[Record], train: TrainParams, seed: int) -> list[Record]:
+    """The validation questions the finetune stage takes its validation loss on: a seeded, stratified
+    `train.max_val_samples` of them (its passes cost as much as training steps), all of them when null."""
+    return cap(val, train.max_val_samples, seed, "train.max_val_samples")
+
+
 def split_records(
     rows: list[Record],
     strategy: str,

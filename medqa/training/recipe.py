@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from medqa.decisions.answers import decision_span
 from medqa.resumable import SHARED_DIR_ENV
 from medqa.training.checkpoints import claim_checkpoints
-from medqa.data.splits import cap
+from medqa.data.splits import validation_loss_examples
 from medqa.errors import PipelineError, explain_out_of_memory
 from medqa.io import atomic_dir, read_jsonl, write_json
 from medqa.training.launch import launched_by_accelerate, save_fsdp_adapter
@@ -291,7 +291,7 @@ def train_adapter(
     train_ds = _dataset(train_examples, tokenizer, train.max_length, weighting)
     # The validation loss stays the plain answer loss, comparable between recipes, on a seeded subset
     # of the validation split (its passes cost as much as training steps); the decisions use all of it.
-    val_loss_examples = cap(val, train.max_val_samples, params.split.seed, "train.max_val_samples")
+    val_loss_examples = validation_loss_examples(val, train, params.split.seed)
     val_ds = _dataset(val_loss_examples, tokenizer, train.max_length)
     log.info("training on %d examples, validation loss on %d of %d (%s%s%s)", len(train_ds), len(val_ds), len(val),
              hardware.device, ", 4-bit nf4 base" if hardware.quantize_4bit else "",
