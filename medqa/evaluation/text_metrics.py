@@ -2,6 +2,7 @@
 token F1, BERTScore per question, BLEU and perplexity over a set of questions."""
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from dataclasses import dataclass
@@ -141,8 +142,15 @@ class TextMetric:
     statistic: Statistic | None = None
 
 
+@functools.lru_cache(maxsize=1)
+def _rouge_of(predictions: tuple[str, ...], references: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """`rouge_scores` of the last answers asked about: ROUGE-1, -2 and -L are registered one by one, but
+    one pass of the scorer gives all three."""
+    return rouge_scores(predictions, references)
+
+
 def _rouge(key: str) -> PerQuestion:
-    return lambda predictions, references, _: rouge_scores(predictions, references)[key]
+    return lambda predictions, references, _: _rouge_of(tuple(predictions), tuple(references))[key]
 
 
 # The registry: the eval stages score, the statistics summarise, the report and the model card show
