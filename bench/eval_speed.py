@@ -30,8 +30,7 @@ from typing import Callable, TypeVar
 import torch
 
 from medqa import paths
-from medqa.decisions.answers import after_answer_ids, decision_options, parse_decision
-from medqa.evaluation.run import content_free_prior
+from medqa.decisions.answer_format import AnswerFormat
 from medqa.inference.decisions import DecisionScorer
 from medqa.inference.generation import ScoredAnswers, generate, generate_and_score, generation_config
 from medqa.io import read_jsonl
@@ -85,7 +84,7 @@ def main() -> None:
     params = load_params()
     batch_size = args.batch_size or params.eval.batch_size
     max_new = args.max_new_tokens or params.generation.max_new_tokens
-    prefix = params.prompt.answer_prefix
+    answer_format = AnswerFormat.of(params.prompt)
 
     hardware = resolve_hardware(params.model.quantization, args.dtype or params.model.dtype)
     loaded = load_for_inference(paths.BASE_MODEL, hardware)
@@ -102,18 +101,18 @@ def main() -> None:
     greedy = generation_config(max_new)
     notebook, notebook_s = _timed(lambda: [
         generate(notebook_model, tokenizer, [p], greedy, batch_size=1, desc="notebook")[0] for p in prompts])
-    notebook_decisions = [parse_decision(g, prefix) for g in notebook]
+    notebook_decisions = [answer_format.parse(g) for g in notebook]
 
     targets = [token_ids(tokenizer, ex["target"]) for ex in examples]
-    scorer = DecisionScorer(model, tokenizer, prefix, params.eval.max_prompt_length, batch_size)
+    scorer = DecisionScorer(model, tokenizer, answer_format, params.eval.max_prompt_length, batch_size)
 
     def with_protocols() -> ScoredAnswers:
         return scorer.answer_and_score(prompts, targets, greedy, 0, desc="stage")
 
     def without_protocols() -> ScoredAnswers:
         return generate_and_score(
-            model, tokenizer, prompts, greedy, choice_prefix=token_ids(tokenizer, prefix),
-            options=decision_options(tokenizer, prefix), targets=targets, batch_size=batch_size,
+            model, tokenizer, prompts, greedy, choice_prefix=answer_format.prefix_ids(tokenizer),
+            options=answer_format.options(tokenizer), targets=targets, batch_size=batch_size,
             desc="stage without after_answer",
         )
 
@@ -125,9 +124,9 @@ def main() -> None:
         runs.append(seconds)
         without_runs.append(_timed(without_protocols)[1])
     stage_s, without_s = min(runs), min(without_runs)
-    prior_s = _timed(lambda: content_free_prior(scorer, params.prompt, params.model.name))[1]
+    prior_s = _timed(lambda: scorer.content_free(params.prompt, params.model.name))[1]
     batched = scored.generations
-    followup_tokens = sum(len(after_answer_ids(tokenizer, g, prefix)) for g in batched)
+    followup_tokens = sum(len(answer_format.after_answer_ids(tokenizer, g)) for g in batched)
 
     same = sum(a == b for a, b in zip(notebook, batched))
     n = len(prompts)

@@ -42,9 +42,8 @@ def check_against_data_and_model(params: Params) -> None:
     records, labels = source
     tokenizer = tokenizer_before_download(get_profile(params.model.name), paths.BASE_MODEL)
     if tokenizer is not None:
-        prompt = params.prompt
-        fmt = prompt_format(tokenizer, prompt, params.model.name)
-        records = [format_record(r, fmt, prompt.system, prompt.answer_prefix, prompt.decision_first) for r in records]
+        fmt = prompt_format(tokenizer, params.prompt, params.model.name)
+        records = [format_record(r, fmt, params.prompt) for r in records]
     splits = make_splits(records, labels, params.split, params.train, params.eval)
     train = params.train
     val_loss = validation_loss_examples(splits["val"], train, params.split.seed)

@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 
 from medqa import paths
+from medqa.decisions.answer_format import AnswerFormat
 from medqa.evaluation import metrics
 from medqa.evaluation.run import validation_truth
 from medqa.inference.decisions import DecisionScorer
@@ -94,7 +95,7 @@ def main() -> None:
     for spec in args.adapters:
         recipe, _, adapter = spec.partition("=")
         model = load_for_inference(paths.BASE_MODEL, hardware, adapter or None)  # RECIPE= alone: the base model
-        scorer = DecisionScorer(model.model, model.tokenizer, params.prompt.answer_prefix, params.train.max_length,
+        scorer = DecisionScorer(model.model, model.tokenizer, AnswerFormat.of(params.prompt), params.train.max_length,
                                 params.train.batch_size)
         loglik[spec] = scorer.after_examples(val)
         choice = loglik[spec].argmax(axis=1)  # as DecisionScorer.choices reads them

@@ -10,12 +10,8 @@ from medqa.prompting.prompts import format_record, prompt_format
 @stage_main
 def main() -> None:
     params = load_params()
-    prompt = params.prompt
-    fmt = prompt_format(load_tokenizer(paths.BASE_MODEL), prompt, params.model.name)
-    examples = [
-        format_record(r, fmt, prompt.system, prompt.answer_prefix, prompt.decision_first)
-        for r in read_jsonl(paths.RAW_DATA)
-    ]
+    fmt = prompt_format(load_tokenizer(paths.BASE_MODEL), params.prompt, params.model.name)
+    examples = [format_record(r, fmt, params.prompt) for r in read_jsonl(paths.RAW_DATA)]
     write_jsonl(paths.FORMATTED, examples)
     print(f"format: {len(examples)} examples -> {paths.FORMATTED}")
 

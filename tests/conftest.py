@@ -125,6 +125,7 @@ def pubmedqa_data() -> Path | None:
 def workdir(tmp_path_factory, tokenizer) -> Path:
     """A base model directory (a small random Llama) and formatted train/val splits."""
     from medqa.io import write_jsonl
+    from medqa.params import PromptParams
     from medqa.prompting.prompts import PromptFormat, format_record
 
     work = tmp_path_factory.mktemp("train")
@@ -133,7 +134,7 @@ def workdir(tmp_path_factory, tokenizer) -> Path:
     fmt = PromptFormat(tokenizer)
     records = [{"pmid": k, "question": v["QUESTION"], "contexts": v["CONTEXTS"], "long_answer": v["LONG_ANSWER"],
                 "final_decision": v["final_decision"]} for k, v in make_original(24).items()]
-    examples = [format_record(r, fmt, "Answer from the context.", "The answer is:") for r in records]
+    examples = [format_record(r, fmt, PromptParams("Answer from the context.", None, "The answer is:", False)) for r in records]
     write_jsonl(work / "train.jsonl", examples[:20])
     write_jsonl(work / "val.jsonl", examples[20:])
     return work

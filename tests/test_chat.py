@@ -22,7 +22,7 @@ from medqa.io import write_jsonl
 from medqa.modeling.profiles import PROFILES
 from medqa.modeling.loading import load_model
 from medqa.modeling.hardware import resolve_hardware
-from medqa.params import load_params, params_from_dict
+from medqa.params import PromptParams, load_params, params_from_dict
 from medqa.prompting.prompts import PromptFormat, format_record, prompt_format
 from tests.conftest import free_port, make_original, save_tiny_base
 
@@ -51,7 +51,7 @@ def project(tmp_path_factory, tokenizer) -> Path:
     fmt = PromptFormat(tokenizer)
     records = [{"pmid": k, "question": v["QUESTION"], "contexts": v["CONTEXTS"], "long_answer": v["LONG_ANSWER"],
                 "final_decision": v["final_decision"]} for k, v in make_original(3).items()]
-    write_jsonl(work / "test.jsonl", [format_record(r, fmt, params["prompt"]["system"], "x") for r in records])
+    write_jsonl(work / "test.jsonl", [format_record(r, fmt, PromptParams(params["prompt"]["system"], None, "x", False)) for r in records])
     return work
 
 
@@ -104,7 +104,7 @@ def test_the_app_builds_the_prompt_the_format_stage_trained_on(assistant, tokeni
     record = {"pmid": "1", "question": "Does aspirin reduce fever?", "contexts": ["A trial of aspirin in adults."],
               "long_answer": "It did.", "final_decision": "yes"}
     fmt = prompt_format(tokenizer, params_from_dict(params).prompt, profile)
-    trained = format_record(record, fmt, params["prompt"]["system"], params["prompt"]["answer_prefix"])["prompt"]
+    trained = format_record(record, fmt, params_from_dict(params).prompt)["prompt"]
     assert app.question_prompt(record["question"], record["contexts"][0]) == tokenizer(
         trained, add_special_tokens=False)["input_ids"]
     if PROFILES[profile].template:
@@ -222,12 +222,12 @@ def test_the_app_refuses_to_start_without_an_adapter(project, tmp_path):
 
 
 def test_an_answer_that_starts_with_its_decision_shows_one_reading_for_both():
-    from medqa.decisions.answers import read_where_choice_reads
+    from medqa.decisions.answer_format import AnswerFormat
     from medqa.chat.app import decision_markdown
 
-    prefix = "The answer is:"
-    assert read_where_choice_reads("The answer is: yes. It works.", prefix)
-    assert not read_where_choice_reads("It works. The answer is: yes.", prefix)
+    answer_format = AnswerFormat("The answer is:")
+    assert answer_format.reads_where_choice_reads("The answer is: yes. It works.")
+    assert not answer_format.reads_where_choice_reads("It works. The answer is: yes.")
     readings = {"choice": ("yes", {"yes": 0.7, "no": 0.2, "maybe": 0.1}),
                 "after_answer": ("yes", {"yes": 0.7, "no": 0.2, "maybe": 0.1}),
                 "calibrated": ("no", {"yes": 0.3, "no": 0.6, "maybe": 0.1}), "generated": ("yes", None)}

@@ -51,7 +51,7 @@ def test_the_product_imports_no_research_or_benchmark_code():
     hung on an analysis script would re-run when the analysis changed, and ship it)."""
     import ast
 
-    for path in sorted((ROOT / "medqa").glob("*.py")) + sorted((ROOT / "stages").glob("*.py")):
+    for path in sorted((ROOT / "medqa").rglob("*.py")) + sorted((ROOT / "stages").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
                      else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
@@ -101,3 +101,16 @@ def test_no_two_parts_of_the_library_import_each_other():
                 if part(node.module) != here:
                     edges.add((here, part(node.module)))
     assert edges and not {(a, b) for a, b in edges if (b, a) in edges}
+
+
+def test_only_the_answer_format_reads_the_answer_prefix():
+    """How an answer states its decision is one object (`AnswerFormat`): no other module of the library or
+    the stages reads `prompt.answer_prefix`, so a change of how the decision is stated is one place."""
+    import ast
+
+    readers = set()
+    for path in sorted((ROOT / "medqa").rglob("*.py")) + sorted((ROOT / "stages").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == "answer_prefix":
+                readers.add(str(path.relative_to(ROOT)))
+    assert readers == {"medqa/decisions/answer_format.py"}, sorted(readers)

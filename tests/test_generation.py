@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medqa.decisions.answers import continuation_ids
+from medqa.tokens import continuation_ids
 from medqa.inference.generation import generate, generate_and_score, generation_config
 from medqa.inference.scoring import score_choices
 
@@ -99,12 +99,13 @@ def test_one_token_prompts(tokenizer, tiny_model, lengths):
 
 def test_the_eval_stages_and_the_chat_app_read_after_answer_decisions_alike(tokenizer, tiny_model):
     """The eval stages' after_answer (from the generation's cache) equals the chat app's (from scratch)."""
+    from medqa.decisions.answer_format import AnswerFormat
     from medqa.inference.decisions import DecisionScorer
 
     prefix = "The answer to this question is:"
     prompts = _prompts(tokenizer)
     targets = [tokenizer(f"Because. {prefix} yes.", add_special_tokens=False)["input_ids"] for _ in prompts]
-    scorer = DecisionScorer(tiny_model, tokenizer, prefix, max_prompt_length=512, batch_size=2)
+    scorer = DecisionScorer(tiny_model, tokenizer, AnswerFormat(prefix), max_prompt_length=512, batch_size=2)
     scored = scorer.answer_and_score(prompts, targets, generation_config(6), 0, desc=None)
     from_scratch = scorer.with_batch_size(3).after_answers(prompts, scored.generations)
     assert torch.allclose(torch.tensor(scored.after_answer, dtype=torch.float64), torch.from_numpy(from_scratch), atol=1e-4)

@@ -6,8 +6,9 @@ import re
 import numpy as np
 import pytest
 
+from medqa.decisions.answer_format import DECISIONS, AnswerFormat
 from medqa.decisions.answers import (
-    DECISIONS, DecisionEvidence, calibrate, choice_probabilities, content_free_prior, fit_offsets, read_decisions,
+    DecisionEvidence, Fitted, calibrate, choice_probabilities, content_free_prior, fit_offsets, protocol, read_decisions,
 )
 from medqa.errors import PipelineError
 from medqa.evaluation.metrics import CODES, LABEL_IDS, choice_summary, class_f1, paired_differences, per_class_f1, summarize, table_from_rows
@@ -150,11 +151,13 @@ def test_offsets_are_none_where_the_model_needs_none_and_the_protocol_needs_them
     truth = np.array([0, 1, 2, 0, 1])
     sure = np.log(np.where(np.eye(3)[truth] == 1, 0.9, 0.05))
     assert fit_offsets(sure, truth).tolist() == [0.0, 0.0, 0.0]
-    evidence = DecisionEvidence([""] * 5, sure, sure, np.full(3, 1 / 3), "Answer:", np.array([0.0, 4.0, 0.0]))
+    evidence = DecisionEvidence([""] * 5, sure, sure, AnswerFormat("Answer:"),
+                                {"calibrated": Fitted(np.full(3, 1 / 3), 3),
+                                 "offsets": Fitted(np.array([0.0, 4.0, 0.0]), 5)})
     assert [row["decision_offsets"] for row in read_decisions(evidence)] == ["no", "no", "no", "no", "no"]
     assert [row["decision_choice"] for row in read_decisions(evidence)] == [DECISIONS[t] for t in truth]
     with pytest.raises(ValueError, match="offsets"):
-        read_decisions(DecisionEvidence([""] * 5, sure, sure, np.full(3, 1 / 3), "Answer:"))
+        read_decisions(DecisionEvidence([""] * 5, sure, sure, AnswerFormat("Answer:")), [protocol("offsets")])
 
 
 def test_majority_baseline_from_the_test_labels_in_metrics_and_report():

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from medqa.decisions.answers import after_answer_at, after_answer_context, long_answer_part, parse_decision
+from medqa.decisions.answer_format import AnswerFormat
+from medqa.params import PromptParams
 from medqa.errors import PipelineError
 from medqa.prompting.prompts import PromptFormat, fit_prompt, format_record, prompt_id
 from medqa.training.recipe import tokenize_example
@@ -16,11 +17,12 @@ RECORD = {
     "final_decision": "yes",
 }
 PREFIX = "The direct answer to your question is:"
+ANSWER = AnswerFormat(PREFIX)
 
 
 def test_chat_template_prompt_and_target(tokenizer):
     fmt = PromptFormat(tokenizer)
-    ex = format_record(RECORD, fmt, "Be careful.", PREFIX)
+    ex = format_record(RECORD, fmt, PromptParams("Be careful.", None, PREFIX, False))
     assert ex["prompt"] == (
         "<|im_start|>system\nBe careful.<|im_end|>\n<|im_start|>user\nQuestion: Does aspirin prevent headaches?\n"
         "Context: Aspirin was given to 100 adults. Headaches fell by half.<|im_end|>\n<|im_start|>assistant\n"
@@ -31,7 +33,7 @@ def test_chat_template_prompt_and_target(tokenizer):
 
 def test_string_template_for_base_models_ends_with_eos(tokenizer):
     fmt = PromptFormat(tokenizer, "<s>[INST] {system}\n\n{user} [/INST] ")
-    ex = format_record(RECORD, fmt, "Be careful.", PREFIX)
+    ex = format_record(RECORD, fmt, PromptParams("Be careful.", None, PREFIX, False))
     assert ex["prompt"].startswith("<s>[INST] Be careful.\n\nQuestion: Does aspirin")
     assert ex["prompt"].endswith(" [/INST] ")
     assert ex["target"].endswith(f"yes.{tokenizer.eos_token}")
@@ -40,7 +42,7 @@ def test_string_template_for_base_models_ends_with_eos(tokenizer):
 
 
 def test_answer_only_loss_mask_decodes_to_the_target(tokenizer):
-    ex = format_record(RECORD, PromptFormat(tokenizer), "Be careful.", PREFIX)
+    ex = format_record(RECORD, PromptFormat(tokenizer), PromptParams("Be careful.", None, PREFIX, False))
     item = tokenize_example(ex, tokenizer, max_length=512)
     answer = [t for t, label in zip(item["input_ids"], item["labels"]) if label != -100]
     assert tokenizer.decode(answer) == ex["target"]
@@ -50,7 +52,7 @@ def test_answer_only_loss_mask_decodes_to_the_target(tokenizer):
 
 def test_truncation_cuts_the_context_and_keeps_question_and_target(tokenizer):
     long = dict(RECORD, contexts=["Aspirin trial details. " * 200])
-    ex = format_record(long, PromptFormat(tokenizer), "Be careful.", PREFIX)
+    ex = format_record(long, PromptFormat(tokenizer), PromptParams("Be careful.", None, PREFIX, False))
     item = tokenize_example(ex, tokenizer, max_length=160)
     assert len(item["input_ids"]) <= 160
     text = tokenizer.decode(item["input_ids"])
@@ -61,21 +63,21 @@ def test_truncation_cuts_the_context_and_keeps_question_and_target(tokenizer):
 
 
 def test_prompt_that_cannot_fit_is_a_clear_error(tokenizer):
-    ex = format_record(RECORD, PromptFormat(tokenizer), "Be careful. " * 100, PREFIX)
+    ex = format_record(RECORD, PromptFormat(tokenizer), PromptParams("Be careful. " * 100, None, PREFIX, False))
     with pytest.raises(PipelineError, match="pmid 42: the prompt needs"):
         fit_prompt(ex, tokenizer, 50)
 
 
 def test_decision_first_target_and_the_long_answer_either_way(tokenizer):
-    ex = format_record(RECORD, PromptFormat(tokenizer), "Be careful.", PREFIX, decision_first=True)
+    ex = format_record(RECORD, PromptFormat(tokenizer), PromptParams("Be careful.", None, PREFIX, True))
     assert ex["target"] == "The direct answer to your question is: yes. Aspirin halved headache frequency.<|im_end|>"
     for generation in ("The direct answer to your question is: yes. Aspirin halved it.",
                        "Aspirin halved it. The direct answer to your question is: Yes.",
                        "Aspirin halved it. The direct answer to your question is:"):
-        assert long_answer_part(generation, PREFIX) == "Aspirin halved it."
-        assert parse_decision(generation, PREFIX) in ("yes", "none")
-    assert long_answer_part("The direct answer to your question is: no.", PREFIX) == ""
-    assert parse_decision("The direct answer to your question is: no. It did not help.", PREFIX) == "no"
+        assert ANSWER.long_answer(generation) == "Aspirin halved it."
+        assert ANSWER.parse(generation) in ("yes", "none")
+    assert ANSWER.long_answer("The direct answer to your question is: no.") == ""
+    assert ANSWER.parse("The direct answer to your question is: no. It did not help.") == "no"
 
 
 @pytest.mark.parametrize(
@@ -91,7 +93,7 @@ def test_decision_first_target_and_the_long_answer_either_way(tokenizer):
     ],
 )
 def test_parse_decision(text, expected):
-    assert parse_decision(text, PREFIX) == expected
+    assert ANSWER.parse(text) == expected
 
 
 def test_after_answer_text_is_the_answer_up_to_its_first_prefix():
@@ -102,4 +104,4 @@ def test_after_answer_text_is_the_answer_up_to_its_first_prefix():
         "Aspirin halved it.": ("Aspirin halved it. The direct answer to your question is:", "its end"),
     }
     for generation, (context, at) in cases.items():
-        assert (after_answer_context(generation, PREFIX), after_answer_at(generation, PREFIX)) == (context, at)
+        assert (ANSWER.after_answer_context(generation), ANSWER.after_answer_at(generation)) == (context, at)

@@ -15,7 +15,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from medqa.params import params_from_dict
+from medqa.decisions.answer_format import AnswerFormat
+from medqa.params import PromptParams, params_from_dict
 from medqa.report.plots import live_metric_file
 from medqa.prompting.prompts import PromptFormat, format_record
 from tests.conftest import free_port, train_params
@@ -595,11 +596,11 @@ def test_decision_weights_are_the_param_or_inverse_frequency_with_mean_the_param
     from medqa.training.recipe import decision_weighting
 
     decisions = ["yes"] * 6 + ["no"] * 3 + ["maybe"]
-    assert decision_weighting(_weighted_train(decision_loss_weight=1.0), decisions, "The answer is:") is None  # plain
-    flat = decision_weighting(_weighted_train(decision_loss_weight=3.0), decisions, "The answer is:")
+    assert decision_weighting(_weighted_train(decision_loss_weight=1.0), decisions, AnswerFormat("The answer is:")) is None  # plain
+    flat = decision_weighting(_weighted_train(decision_loss_weight=3.0), decisions, AnswerFormat("The answer is:"))
     assert flat.weights == {"yes": 3.0, "no": 3.0, "maybe": 3.0}
     balanced = decision_weighting(_weighted_train(decision_loss_weight=2.0, decision_class_weights="balanced"),
-                                  decisions, "The answer is:").weights
+                                  decisions, AnswerFormat("The answer is:")).weights
     assert balanced["maybe"] == pytest.approx(6 * balanced["yes"])
     assert balanced["no"] == pytest.approx(2 * balanced["yes"])
     assert sum(balanced[d] for d in decisions) / len(decisions) == pytest.approx(2.0)
@@ -612,8 +613,8 @@ def test_the_decision_word_alone_carries_the_decision_weight(tokenizer, decision
     fmt = PromptFormat(tokenizer)
     record = {"pmid": "1", "question": "Does it work, or not?", "contexts": ["No effect was seen; maybe later."],
               "long_answer": "No, it does not work in these patients.", "final_decision": "no"}
-    example = format_record(record, fmt, "Answer.", "The answer is:", decision_first=decision_first)
-    weighting = DecisionWeighting({"no": 5.0}, "The answer is:")
+    example = format_record(record, fmt, PromptParams("Answer.", None, "The answer is:", decision_first))
+    weighting = DecisionWeighting({"no": 5.0}, AnswerFormat("The answer is:"))
     tokenized = tokenize_example(example, tokenizer, 256, weighting)
     plain = tokenize_example(example, tokenizer, 256)
     assert {k: tokenized[k] for k in plain} == plain

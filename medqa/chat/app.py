@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from medqa import paths
-from medqa.decisions.answers import DECISIONS, PRIMARY, PROTOCOLS, read_where_choice_reads
+from medqa.decisions.answer_format import DECISIONS
+from medqa.decisions.answers import PRIMARY, PROTOCOLS
 from medqa.chat.assistant import Assistant, Decision, Row
 from medqa.errors import PipelineError, command_main
 from medqa.inference.generation import generation_config
@@ -85,7 +86,7 @@ def compare_answers(
         base, tuned = update.texts
         base_decision, tuned_decision = (
             "" if readings is None else
-            decision_markdown(readings, update.done and read_where_choice_reads(text, assistant.answer_prefix))
+            decision_markdown(readings, update.done and assistant.answer_format.reads_where_choice_reads(text))
             for text, readings in zip(update.texts, update.readings))
         yield base, base_decision, tuned, tuned_decision
 

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from transformers import GenerationConfig
 
-from medqa.decisions.answers import DECISIONS, PROTOCOLS, DecisionEvidence, after_answer_ids, decision_options
+from medqa.decisions.answer_format import DECISIONS, AnswerFormat
+from medqa.decisions.answers import PROTOCOLS, DecisionEvidence, Fitted
 from medqa.chat.batcher import Batcher, Request
 from medqa.errors import PipelineError
-from medqa.evaluation.run import content_free_prior
 from medqa.inference.decisions import DecisionScorer
 from medqa.inference.generation import end_token_ids, score_and_decode_batch
 from medqa.inference.core import left_pad, model_device
@@ -30,6 +30,9 @@ from medqa.modeling.hardware import resolve_hardware
 from medqa.params import Params
 from medqa.prompting.prompts import fit_prompt, join_contexts, prompt_format, user_message
 from medqa.tokens import token_ids
+
+# The protocols the app reads: not those fitted on validation questions, which only the eval stages read.
+CHAT_PROTOCOLS = tuple(p for p in PROTOCOLS if p.fit is None or p.fit.on != "validation")
 
 
 Decision = tuple[str, "dict[str, float] | None"]  # a protocol's decision and the probabilities behind it
@@ -88,15 +91,15 @@ class Assistant:
         self.model = model
         self.tokenizer = tokenizer
         self.system = params.prompt.system
-        self.answer_prefix = params.prompt.answer_prefix
+        self.answer_format = AnswerFormat.of(params.prompt)
         self.max_prompt_length = params.eval.max_prompt_length
-        # One question at a time, as the eval stages score it (their prompt budget and answer prefix).
-        self.scorer = DecisionScorer(model, tokenizer, self.answer_prefix, self.max_prompt_length, batch_size=1)
+        # One question at a time, as the eval stages score it (their prompt budget and answer format).
+        self.scorer = DecisionScorer(model, tokenizer, self.answer_format, self.max_prompt_length, batch_size=1)
         self.history_turns = params.chat.history_turns
         self.seed = params.generation.seed  # each answer is seeded alike: sampled answers can be reproduced
         self.prompt, self.model_name = params.prompt, params.model.name
         self.format = prompt_format(tokenizer, params.prompt, params.model.name)
-        self._priors: dict[bool, np.ndarray] = {}  # the content-free prior, with the adapter on and off
+        self._fitted: dict[bool, dict[str, Fitted]] = {}  # what the protocols fit, with the adapter on and off
         self.lock = threading.Lock()  # the batcher's worker and direct `decisions` calls take turns
         self.batcher = Batcher(self._run_batch, params.chat.batch_rows, params.chat.batch_wait_s)
 
@@ -143,26 +146,25 @@ class Assistant:
         with nullcontext() if enabled else self.model.disable_adapter():
             yield
 
-    def _prior(self, adapter: bool) -> np.ndarray:
-        """The content-free prior with the adapter on or off (computed once; call it outside `_adapter`:
-        peft's disable_adapter does not nest)."""
-        if adapter not in self._priors:
+    def _fits(self, adapter: bool) -> dict[str, Fitted]:
+        """What the protocols fit (the content-free prior), with the adapter on or off (computed once; call
+        it outside `_adapter`: peft's disable_adapter does not nest)."""
+        if adapter not in self._fitted:
             with self._adapter(adapter):
-                self._priors[adapter] = content_free_prior(self.scorer, self.prompt, self.model_name)
-        return self._priors[adapter]
+                self._fitted[adapter] = self.scorer.fit(CHAT_PROTOCOLS, self.prompt, self.model_name)
+        return self._fitted[adapter]
 
-    def _read(self, prior: np.ndarray, choice: np.ndarray, after: np.ndarray | None = None,
+    def _read(self, fitted: dict[str, Fitted], choice: np.ndarray, after: np.ndarray | None = None,
               answers: list[str] | None = None) -> list[dict[str, Decision]]:
         """Each question's reading by every decision protocol from its `choice` log-likelihoods, and,
         given the model's `answers` and the log-likelihoods `after` them, the protocols that need the
         answer too."""
         evidence = DecisionEvidence(answers or [""] * len(choice), choice,
-                                    np.full_like(choice, np.nan) if after is None else after, prior, self.answer_prefix)
+                                    np.full_like(choice, np.nan) if after is None else after, self.answer_format, fitted)
         readings: list[dict[str, Decision]] = [{} for _ in choice]
-        # The offsets protocol needs offsets fitted on validation questions, which only the eval stages fit.
-        for protocol in PROTOCOLS:
-            if (answers is not None or not protocol.needs_generation) and not protocol.needs_offsets:
-                decisions, probs = protocol.read(evidence)
+        for protocol in CHAT_PROTOCOLS:
+            if answers is not None or not protocol.needs_generation:
+                decisions, probs = protocol.read(evidence, fitted.get(protocol.name))
                 for i, reading in enumerate(readings):
                     reading[protocol.name] = (decisions[i],
                                               None if probs is None else dict(zip(DECISIONS, probs[i].tolist())))
@@ -173,11 +175,11 @@ class Assistant:
         -> (decision, P(yes/no/maybe) or None). Without the model's `answer`, only the protocols that
         need no generation."""
         with self.lock, torch.inference_mode():
-            prior = self._prior(adapter)
+            fitted = self._fits(adapter)
             with self._adapter(adapter):
                 choice = self.scorer.after_prompts([prompt])
                 after = None if answer is None else self.scorer.after_answers([prompt], [answer])
-            return self._read(prior, choice, after, None if answer is None else [answer])[0]
+            return self._read(fitted, choice, after, None if answer is None else [answer])[0]
 
     def decision_probabilities(self, prompt: list[int], adapter: bool, answer: str | None = None) -> dict[str, float]:
         """P(yes/no/maybe) straight after the prompt and the answer prefix (`choice`), or, given the
@@ -205,14 +207,13 @@ class Assistant:
         rows = [row for request in requests for row in request.rows]
         prompts = [list(row.prompt) for row in rows]
         batch = _BatchRows(self.tokenizer, requests, end_token_ids(self.model, self.tokenizer))
-        prefix = self.answer_prefix
         with self.lock, torch.inference_mode():
-            priors = {row.adapter: self._prior(row.adapter) for row in rows if row.readings}
+            fits = {row.adapter: self._fits(row.adapter) for row in rows if row.readings}
 
             def readings(choices: list[list[float]], after: list[list[float]] | None = None,
                          answers: list[str] | None = None) -> None:
                 batch.set_readings([
-                    self._read(priors[row.adapter], np.array([choices[i]]),
+                    self._read(fits[row.adapter], np.array([choices[i]]),
                                None if after is None else np.array([after[i]]),
                                None if answers is None else [answers[i]])[0] if row.readings else None
                     for i, row in enumerate(rows)])
@@ -224,9 +225,9 @@ class Assistant:
             ids, mask = left_pad(prompts, self.tokenizer.pad_token_id, model_device(self.model))
             scored = score_and_decode_batch(
                 self.model, self.tokenizer, prompts, ids, mask, requests[0].settings,
-                choice_prefix=token_ids(self.tokenizer, prefix), options=decision_options(self.tokenizer, prefix),
+                choice_prefix=self.answer_format.prefix_ids(self.tokenizer), options=self.answer_format.options(self.tokenizer),
                 targets=[[] for _ in rows], seed=self.seed,  # per batch: an answer asked alone can be reproduced
-                followup=lambda text: after_answer_ids(self.tokenizer, text, prefix),
+                followup=lambda text: self.answer_format.after_answer_ids(self.tokenizer, text),
                 row_context=lambda i: self._adapter(rows[i].adapter), on_choices=show_choices,
                 streamer=batch, stopping_criteria=StoppingCriteriaList([batch.cancelled]),
                 adapter_names=[self.model.active_adapter if row.adapter else BASE for row in rows])

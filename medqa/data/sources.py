@@ -8,7 +8,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medqa.decisions.answers import DECISIONS
+from medqa.decisions.answer_format import DECISIONS
 from medqa.errors import PipelineError
 
 if TYPE_CHECKING:

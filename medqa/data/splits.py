@@ -6,7 +6,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Iterable
 
 from medqa.data.sources import Record
-from medqa.decisions.answers import DECISIONS
+from medqa.decisions.answer_format import DECISIONS
 from medqa.errors import PipelineError
 
 if TYPE_CHECKING:

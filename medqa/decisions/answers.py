@@ -1,124 +1,21 @@
-"""The answer protocol, in one place: the decisions, the answer the model learns, reading a decision
-back out of a generation, the option tokens that choice scoring reads, and turning their
-log-likelihoods into decisions (directly, after the model's own answer, calibrated, or with offsets
-fitted on validation questions), and the
-registry of those decision protocols (`PROTOCOLS`) that the eval stages, metrics, report and chat app
-loop over.
+"""The decision protocols: turning the options' log-likelihoods into decisions (directly, after the
+model's own answer, calibrated, or with offsets fitted on validation questions, or parsed from the
+generation), what each fits once per model, and their registry (`PROTOCOLS`) that the eval stages,
+metrics, report and chat app loop over. How the answer states its decision: `answer_format`.
 
-No model runs here (see `evaluation` and `generation`): this module is light enough for every stage.
+No model runs here (see `medqa.inference`): this module is light enough for every stage.
 """
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from medqa.tokens import token_ids
-
-DECISIONS = ("yes", "no", "maybe")  # PubMedQA's final_decision labels, in option order
-NO_DECISION = "none"  # a generated answer from which no decision could be parsed
+from medqa.decisions.answer_format import DECISIONS, AnswerFormat
 
 # Content-free stand-ins for the question and the context (Zhao et al., 2021, "Calibrate Before Use").
 CONTENT_FREE = ("N/A", "", "[MASK]")
-
-
-def decision_sentence(decision: str, answer_prefix: str) -> str:
-    """The fixed sentence that states the decision: "<prefix> <decision>."."""
-    return f"{answer_prefix} {decision}."
-
-
-def target_text(long_answer: str, decision: str, answer_prefix: str, decision_first: bool = False) -> str:
-    """The answer the model learns: the long answer and the decision sentence, in either order.
-
-    Decision last is the reference runs' order; decision first puts the decision where choice
-    scoring reads it (right after the prompt and the answer prefix), so it is trained there.
-    """
-    parts = [long_answer.strip(), decision_sentence(decision, answer_prefix)]
-    return " ".join(reversed(parts) if decision_first else parts)
-
-
-def decision_span(target: str, decision: str, answer_prefix: str) -> tuple[int, int]:
-    """Where the decision word stands in a target (`target_text`): its character span, in the
-    decision sentence wherever that sentence is."""
-    sentence = decision_sentence(decision, answer_prefix)
-    at = target.rfind(sentence)
-    if at < 0:
-        raise ValueError(f"the target does not state its decision as {sentence!r}")
-    start = at + len(answer_prefix) + 1
-    return start, start + len(decision)
-
-
-_ALTERNATIVES = "|".join(map(re.escape, DECISIONS))  # the decision words, as a regex alternation
-
-
-def _sentence_pattern(answer_prefix: str) -> re.Pattern:
-    """The answer prefix and the decision word and full stop after it, when they are there."""
-    return re.compile(re.escape(answer_prefix) + rf"(?:\s*(?:{_ALTERNATIVES})\b\.?)?", re.IGNORECASE)
-
-
-_WORD = re.compile(rf"\b({_ALTERNATIVES})\b", re.IGNORECASE)
-
-
-def parse_decision(text: str, answer_prefix: str) -> str:
-    """The decision stated in a generated answer: the first yes/no/maybe word after the last answer
-    prefix if present, else the first in the text; "none" when there is none (scored as wrong)."""
-    lowered = text.lower()
-    start = lowered.rfind(answer_prefix.lower())
-    found = _WORD.search(lowered, start + len(answer_prefix)) if start >= 0 else None
-    found = found or _WORD.search(lowered)
-    return found.group(1) if found else NO_DECISION
-
-
-def long_answer_part(generation: str, answer_prefix: str) -> str:
-    """The generated text without its decision sentence(s), wherever they stand: what is compared
-    with the reference long answer. May be empty (an answer that is only the decision)."""
-    return " ".join(_sentence_pattern(answer_prefix).sub(" ", generation).split())
-
-
-def _first_prefix(generation: str, answer_prefix: str) -> int:
-    """Where the generation's first answer prefix starts (any case), -1 where it has none."""
-    return generation.lower().find(answer_prefix.lower())
-
-
-def after_answer_context(generation: str, answer_prefix: str) -> str:
-    """The text between the prompt and the options for `after_answer` scoring: the generation up to
-    its first answer prefix (the model's own answer, in the order the target teaches) and the prefix.
-    Where the generation has no prefix, all of it; where it starts with one, the prefix alone."""
-    start = _first_prefix(generation, answer_prefix)
-    answer = (generation if start < 0 else generation[:start]).strip()
-    return f"{answer} {answer_prefix}" if answer else answer_prefix
-
-
-def read_where_choice_reads(generation: str, answer_prefix: str) -> bool:
-    """Whether `after_answer` reads its options where `choice` does (straight after the prompt and the
-    prefix): a generation that starts with its answer prefix."""
-    return after_answer_context(generation, answer_prefix) == answer_prefix
-
-
-def after_answer_at(generation: str, answer_prefix: str) -> str:
-    """Where `after_answer_context` cut the generation: at "its answer prefix", or at "its end"."""
-    return "its end" if _first_prefix(generation, answer_prefix) < 0 else "its answer prefix"
-
-
-def after_answer_ids(tokenizer: Any, generation: str, answer_prefix: str) -> list[int]:
-    """The tokens fed after the prompt before the options are read, for `after_answer` scoring."""
-    return token_ids(tokenizer, after_answer_context(generation, answer_prefix))
-
-
-def continuation_ids(tokenizer: Any, context: str, continuation: str) -> list[int]:
-    """Token ids that `continuation` adds after `context`, tokenised together (as lm-eval does)."""
-    ctx = token_ids(tokenizer, context)
-    full = token_ids(tokenizer, context + continuation)
-    if full[: len(ctx)] != ctx:  # the join merged tokens: fall back to separate tokenisation
-        return token_ids(tokenizer, continuation)
-    return full[len(ctx) :]
-
-
-def decision_options(tokenizer: Any, answer_prefix: str) -> list[list[int]]:
-    """The tokens of " yes", " no", " maybe" in context after the answer prefix, as the target spells them."""
-    return [continuation_ids(tokenizer, answer_prefix, f" {d}") for d in DECISIONS]
 
 
 def choice_probabilities(loglik: np.ndarray) -> np.ndarray:
@@ -162,19 +59,67 @@ def rounded_probabilities(probs: np.ndarray) -> dict[str, float]:
     return {d: round(float(p), 6) for d, p in zip(DECISIONS, probs)}
 
 
+def decision_codes(decisions: Sequence[str]) -> np.ndarray:
+    """Decisions as option indices (DECISIONS[i] is i): what `fit_offsets` takes as the truth."""
+    return np.array([DECISIONS.index(d) for d in decisions])
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """What a protocol fitted for one model (`Fit`): its values and how many prompts they were fitted on."""
+
+    values: np.ndarray
+    prompts: int
+
+
+@dataclass(frozen=True)
+class Fit:
+    """What a protocol fits once per model before it reads the test questions, on the options'
+    log-likelihoods after other prompts: the content-free prompts (`on="content_free"`, CONTENT_FREE
+    as question and context) or the validation questions (`on="validation"`, with their decisions as
+    option indices); and how the metrics (`entry`) and the report (`text`, from those entries) give it."""
+
+    on: str
+    fit: Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]  # (log-likelihoods (k, 3), truth) -> values
+    label: str  # how the report names it
+    entry: Callable[[Fitted], dict[str, Any]]  # what the protocol's metrics section holds of it
+    text: Callable[[dict[str, Any]], str]  # the report's line, from the protocol's metrics section
+
+
+def _prior_entry(fitted: Fitted) -> dict[str, Any]:
+    return {"content_free_prior": rounded_probabilities(fitted.values)}
+
+
+def _prior_text(section: dict[str, Any]) -> str:
+    prior = section.get("content_free_prior", {})
+    return " · ".join(f"{d} {prior[d]:.2f}" for d in DECISIONS if d in prior) or "n/a"
+
+
+def _offsets_entry(fitted: Fitted) -> dict[str, Any]:
+    return {"fitted": {d: round(float(o), 6) for d, o in zip(DECISIONS, fitted.values)},
+            "validation_questions": fitted.prompts}
+
+
+def _offsets_text(section: dict[str, Any]) -> str:
+    """"yes +0.0 · no +1.3 · maybe -0.4 (150 validation questions)", or "n/a" where none were fitted."""
+    if "fitted" not in section:
+        return "n/a"
+    fitted = " · ".join(f"{d} {section['fitted'][d]:+.1f}" for d in DECISIONS)
+    return f"{fitted} ({section['validation_questions']} validation questions)"
+
+
 @dataclass(frozen=True)
 class DecisionEvidence:
-    """What the decision protocols read, per question: the generated answers, the options'
+    """What the decision protocols read, per question: the generated answers and the options'
     log-likelihoods straight after the prompt and the answer prefix, and after the model's own answer
-    (shape (n, 3) each); and per model, its content-free prior (shape (3,)) and the offsets fitted on
-    validation questions (`fit_offsets`, shape (3,); None where none were fitted)."""
+    (shape (n, 3) each); the answer format the generations are parsed with; and per model, what the
+    protocols fitted (protocol name -> `Fitted`)."""
 
     generations: Sequence[str]
     choice: np.ndarray
     after_answer: np.ndarray
-    prior: np.ndarray
-    answer_prefix: str
-    offsets: np.ndarray | None = None
+    answer_format: AnswerFormat
+    fitted: Mapping[str, Fitted] = field(default_factory=dict)
 
 
 Reading = tuple[list[str], np.ndarray | None]  # per question, a decision and the probabilities behind it
@@ -184,24 +129,24 @@ def _argmax_decisions(probs: np.ndarray) -> Reading:
     return [DECISIONS[int(i)] for i in np.argmax(probs, axis=1)], probs
 
 
-def _read_choice(e: DecisionEvidence) -> Reading:
+def _read_choice(e: DecisionEvidence, fitted: None) -> Reading:
     return _argmax_decisions(choice_probabilities(e.choice))
 
 
-def _read_after_answer(e: DecisionEvidence) -> Reading:
+def _read_after_answer(e: DecisionEvidence, fitted: None) -> Reading:
     return _argmax_decisions(choice_probabilities(e.after_answer))
 
 
-def _read_calibrated(e: DecisionEvidence) -> Reading:
-    return _argmax_decisions(calibrate(choice_probabilities(e.choice), e.prior))
+def _read_calibrated(e: DecisionEvidence, prior: Fitted) -> Reading:
+    return _argmax_decisions(calibrate(choice_probabilities(e.choice), prior.values))
 
 
-def _read_offsets(e: DecisionEvidence) -> Reading:
-    return _argmax_decisions(choice_probabilities(np.asarray(e.choice) + e.offsets))
+def _read_offsets(e: DecisionEvidence, offsets: Fitted) -> Reading:
+    return _argmax_decisions(choice_probabilities(np.asarray(e.choice) + offsets.values))
 
 
-def _read_generated(e: DecisionEvidence) -> Reading:
-    return [parse_decision(g, e.answer_prefix) for g in e.generations], None
+def _read_generated(e: DecisionEvidence, fitted: None) -> Reading:
+    return [e.answer_format.parse(g) for g in e.generations], None
 
 
 @dataclass(frozen=True)
@@ -213,9 +158,9 @@ class Protocol:
     label: str  # how the report and the chat app call it
     needs_generation: bool  # read from the generated answer (or after it), not from the prompt alone
     scored: str  # how its options are scored, for the report's note
-    read: Callable[[DecisionEvidence], Reading]
+    read: Callable[[DecisionEvidence, Any], Reading]  # (evidence, what it fitted or None) -> its reading
     reported: tuple[str, ...] = ("accuracy", "macro_f1")  # its statistics in the report's table
-    needs_offsets: bool = False  # reads the offsets fitted on validation questions (`DecisionEvidence.offsets`)
+    fit: Fit | None = None  # what it fits once per model, if anything
     over_majority: bool = False  # its gain over the majority class, paired, in the metrics and the report
 
 
@@ -232,11 +177,14 @@ PROTOCOLS: tuple[Protocol, ...] = (
              "fine-tuning target teaches)", _read_after_answer),
     Protocol("calibrated", "calibrated", False,
              "choice, with each option's probability divided by the model's own probability for it on "
-             "content-free prompts (its content-free prior, given next)", _read_calibrated),
+             "content-free prompts (its content-free prior, given next)", _read_calibrated,
+             fit=Fit("content_free", lambda loglik, truth: content_free_prior(loglik), "Content-free prior",
+                     _prior_entry, _prior_text)),
     Protocol("offsets", "choice + offsets", False,
              "choice, with offsets added to the options' log-likelihoods that give the model's best accuracy "
              "on the validation questions, fitted for each model (given next): undoes a lean to one answer",
-             _read_offsets, needs_offsets=True, over_majority=True),
+             _read_offsets, over_majority=True,
+             fit=Fit("validation", fit_offsets, "Offsets", _offsets_entry, _offsets_text)),
     Protocol("generated", "parsed", True,
              "the decision word found in the generated text (none found counts as wrong)",
              _read_generated, reported=("accuracy", "macro_f1", "weighted_f1", "none_rate")),
@@ -245,14 +193,20 @@ PRIMARY = PROTOCOLS[0]
 PROTOCOL_NAMES = tuple(p.name for p in PROTOCOLS)
 
 
+def protocol(name: str) -> Protocol:
+    """The registered decision protocol called `name`."""
+    return PROTOCOLS[PROTOCOL_NAMES.index(name)]
+
+
 def read_decisions(evidence: DecisionEvidence, protocols: Sequence[Protocol] = PROTOCOLS) -> list[dict[str, Any]]:
     """Per question, each protocol's decision (`decision_<name>`) and, where it has them, the
     probabilities behind it (`<name>_probs`, rounded): the prediction rows' decision columns."""
     columns: list[dict[str, Any]] = [{} for _ in evidence.generations]
     for protocol in protocols:
-        if protocol.needs_offsets and evidence.offsets is None:
-            raise ValueError(f"protocol {protocol.name!r} needs offsets fitted on validation questions")
-        decisions, probs = protocol.read(evidence)
+        if protocol.fit is not None and protocol.name not in evidence.fitted:
+            raise ValueError(f"protocol {protocol.name!r} needs its {protocol.fit.label.lower()} fitted "
+                             f"on the {protocol.fit.on.replace('_', '-')} prompts")
+        decisions, probs = protocol.read(evidence, evidence.fitted.get(protocol.name))
         for i, row in enumerate(columns):
             row[f"decision_{protocol.name}"] = decisions[i]
             if probs is not None:

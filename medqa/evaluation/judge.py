@@ -21,7 +21,7 @@ from medqa.decisions import answers
 from medqa.params import JudgeParams, ModelParams
 from medqa.rubric import (COMPARISON_LEAD, OUTCOMES, RATING_LEAD, RATINGS, SYSTEM, Case, comparison_request,
                           rating_request)
-from medqa.tokens import token_ids
+from medqa.tokens import continuation_ids, token_ids
 
 if TYPE_CHECKING:
     from medqa.evaluation.progress import Progress
@@ -69,8 +69,8 @@ class ModelJudge:
         self.tokenizer, self.fmt = tokenizer, fmt
         self.scorer = SharedPrefixScorer(model)
         self.pmid: str | None = None  # the question whose requests the scorer's cache holds
-        self.rating_options = [answers.continuation_ids(tokenizer, RATING_LEAD, f" {r}") for r in RATINGS]
-        self.comparison_options = [answers.continuation_ids(tokenizer, COMPARISON_LEAD, f" {c}") for c in "AB"]
+        self.rating_options = [continuation_ids(tokenizer, RATING_LEAD, f" {r}") for r in RATINGS]
+        self.comparison_options = [continuation_ids(tokenizer, COMPARISON_LEAD, f" {c}") for c in "AB"]
 
     def _logliks(self, case: Case, user: str, lead: str, options: list[list[int]]) -> list[float]:
         if case.pmid != self.pmid:

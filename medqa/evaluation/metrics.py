@@ -11,7 +11,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from medqa.decisions.answers import DECISIONS, NO_DECISION, PRIMARY, PROTOCOL_NAMES, PROTOCOLS
+from medqa.decisions.answer_format import DECISIONS, NO_DECISION
+from medqa.decisions.answers import PRIMARY, PROTOCOL_NAMES, PROTOCOLS
 from medqa.evaluation.text_metrics import TEXT_METRICS, TEXT_SCORES, Statistic, Table, mean_of, bleu_sentence_stats
 
 log = logging.getLogger(__name__)

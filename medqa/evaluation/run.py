@@ -12,15 +12,16 @@ from medqa import paths
 from medqa.decisions import answers
 from medqa.evaluation import metrics
 from medqa.evaluation.text_metrics import text_scores
-from medqa.decisions.answers import DECISIONS
-from medqa.errors import PipelineError, explain_out_of_memory
+from medqa.decisions.answer_format import AnswerFormat
+from medqa.decisions.answers import Fitted
+from medqa.errors import explain_out_of_memory
 from medqa.inference.decisions import DecisionScorer
 from medqa.inference.generation import ScoredAnswers, generation_config_from_params
 from medqa.io import read_jsonl, write_json, write_jsonl
 from medqa.modeling.loading import load_for_inference
 from medqa.modeling.hardware import resolve_hardware
 from medqa.params import EvalParams, GenerationParams, ModelParams, PromptParams
-from medqa.prompting.prompts import content_free_prompts, fit_prompt, prompt_format
+from medqa.prompting.prompts import fit_prompt
 from medqa.tokens import token_ids
 
 if TYPE_CHECKING:
@@ -37,27 +38,11 @@ def validation_truth(examples: list[dict]) -> np.ndarray:
     return np.array([metrics.CODES[ex["final_decision"]] for ex in examples])
 
 
-def fitted_offsets(scorer: DecisionScorer, examples: list[dict]) -> np.ndarray:
-    """The offsets (`answers.fit_offsets`) that give this model's choice-scored decisions their best
-    accuracy on held-out (validation) examples: what the `offsets` protocol adds on the test questions."""
-    if not examples:
-        raise PipelineError("no validation questions to fit the decision offsets on: raise split.val_size")
-    return answers.fit_offsets(scorer.after_examples(examples), validation_truth(examples))
-
-
 def validation_decisions(scorer: DecisionScorer, examples: list[dict], n_resamples: int = 1000,
                          seed: int = 0) -> dict[str, Any]:
     """Choice-scored decisions on held-out examples, summarised by `metrics.choice_summary` (the
     finetune stage's validation check)."""
     return metrics.choice_summary(validation_truth(examples), scorer.choices(examples), n_resamples, seed)
-
-
-def content_free_prior(scorer: DecisionScorer, prompt: PromptParams, model_name: str) -> np.ndarray:
-    """This model's option probabilities for prompts with no content (`answers.CONTENT_FREE` as the
-    question and the context), averaged: what `calibrated` divides out."""
-    fmt = prompt_format(scorer.tokenizer, prompt, model_name)
-    ids = [token_ids(scorer.tokenizer, p) for p in content_free_prompts(fmt, prompt.system, answers.CONTENT_FREE)]
-    return answers.content_free_prior(scorer.with_batch_size(len(ids)).after_prompts(ids))
 
 
 def _text_scores(long_answers: list[str], references: list[str], evaluation: EvalParams,
@@ -68,12 +53,12 @@ def _text_scores(long_answers: list[str], references: list[str], evaluation: Eva
     return text_scores(long_answers, references, evaluation)
 
 
-def _decision_columns(scored: ScoredAnswers, prior: np.ndarray, offsets: np.ndarray, answer_prefix: str) -> list[dict]:
+def _decision_columns(scored: ScoredAnswers, answer_format: AnswerFormat, fitted: dict[str, Fitted]) -> list[dict]:
     """Per question, the decision of each protocol (`answers.PROTOCOLS`) and the probabilities behind
     it, and where the after-answer reading cut the generation."""
     evidence = answers.DecisionEvidence(scored.generations, np.array(scored.choices), np.array(scored.after_answer),
-                                        prior, answer_prefix, offsets)
-    return [dict(columns, after_answer_at=answers.after_answer_at(generation, answer_prefix))
+                                        answer_format, fitted)
+    return [dict(columns, after_answer_at=answer_format.after_answer_at(generation))
             for columns, generation in zip(answers.read_decisions(evidence), scored.generations)]
 
 
@@ -126,11 +111,11 @@ class EvalFiles:
 @explain_out_of_memory("lower eval.batch_size or eval.max_prompt_length, or on CUDA keep model.quantization=auto")
 def run_evaluation(model: ModelParams, prompt: PromptParams, generation: GenerationParams, evaluation: EvalParams,
                    files: EvalFiles, label: str, progress: Progress | None = None) -> dict:
-    """Evaluate the base model (or base + adapter) on the test split and write all three outputs (the
-    `offsets` protocol's offsets fitted on the validation split); with `progress`, the questions an
+    """Evaluate the base model (or base + adapter) on the test split and write all three outputs (what
+    the protocols fit, on the content-free prompts and the validation split); with `progress`, the questions an
     interrupted run finished are taken from it, and each finished batch is kept there until the outputs
     are written."""
-    prefix = prompt.answer_prefix
+    answer_format = AnswerFormat.of(prompt)
     examples = read_jsonl(files.test)
     loaded = load_for_inference(files.base_dir, resolve_hardware(model.quantization, model.dtype), files.adapter_dir)
     tokenizer, hardware = loaded.tokenizer, loaded.hardware
@@ -141,28 +126,26 @@ def run_evaluation(model: ModelParams, prompt: PromptParams, generation: Generat
     targets = [token_ids(tokenizer, ex["target"]) for ex in examples]
     reused = progress.reused([ex["pmid"] for ex in examples], label) if progress else {}
     done = {i: reused[ex["pmid"]] for i, ex in enumerate(examples) if ex["pmid"] in reused}
-    scorer = DecisionScorer(loaded.model, tokenizer, prefix, evaluation.max_prompt_length, evaluation.batch_size)
+    scorer = DecisionScorer(loaded.model, tokenizer, answer_format, evaluation.max_prompt_length, evaluation.batch_size)
     scored = scorer.answer_and_score(
         prompts, targets, generation_config_from_params(generation), generation.seed,
         desc=f"{label}: generating and scoring", done=done,
         on_batch=(lambda rows: progress.add({examples[i]["pmid"]: row for i, row in rows.items()})) if progress else None,
     )
-    prior = content_free_prior(scorer, prompt, model.name)
-    validation = read_jsonl(files.val)
-    offsets = fitted_offsets(scorer, validation)
+    fitted = scorer.fit(answers.PROTOCOLS, prompt, model.name, read_jsonl(files.val))
     del loaded  # BERTScore loads its own model next
 
-    long_answers = [answers.long_answer_part(g, prefix) for g in scored.generations]
+    long_answers = [answer_format.long_answer(g) for g in scored.generations]
     scores = _text_scores(long_answers, [ex["long_answer"] for ex in examples], evaluation, label)
     rows = [
         _prediction_row(ex, scored.generations[i], long_answers[i], decisions, scored.target_loglik[i],
                         len(targets[i]), {k: v[i] for k, v in scores.items()})
-        for i, (ex, decisions) in enumerate(zip(examples, _decision_columns(scored, prior, offsets, prefix)))
+        for i, (ex, decisions) in enumerate(zip(examples, _decision_columns(scored, answer_format, fitted)))
     ]
     result = metrics.summarize(metrics.table_from_rows(rows), evaluation.bootstrap, evaluation.seed)
-    result["decision"]["calibrated"]["content_free_prior"] = answers.rounded_probabilities(prior)
-    result["decision"]["offsets"]["fitted"] = {d: round(float(o), 6) for d, o in zip(DECISIONS, offsets)}
-    result["decision"]["offsets"]["validation_questions"] = len(validation)
+    for protocol in answers.PROTOCOLS:
+        if protocol.name in fitted:
+            result["decision"][protocol.name].update(protocol.fit.entry(fitted[protocol.name]))
     _write_outputs(rows, result, files)
     if progress:
         progress.finish()

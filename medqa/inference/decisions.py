@@ -1,29 +1,35 @@
 """A model's yes/no/maybe options scored under one prompt setting: what the eval stages, the finetune
-stage's validation check and the chat app read the decision protocols from."""
+stage's validation check and the chat app read the decision protocols from, and what those protocols
+fit once per model (`DecisionScorer.fit`)."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 from transformers import GenerationConfig
 
 from medqa.decisions import answers
+from medqa.decisions.answer_format import AnswerFormat
+from medqa.errors import PipelineError
 from medqa.inference.generation import ScoredAnswers, generate_and_score
 from medqa.inference.scoring import score_choices
-from medqa.prompting.prompts import fit_prompt
+from medqa.prompting.prompts import content_free_prompts, fit_prompt, prompt_format
 from medqa.tokens import token_ids
+
+if TYPE_CHECKING:
+    from medqa.params import PromptParams
 
 
 @dataclass(frozen=True)
 class DecisionScorer:
-    """The model and tokenizer, the answer prefix the options follow (prompt.answer_prefix), the prompt
-    budget a question's context is cut to, and how many questions a forward pass takes."""
+    """The model and tokenizer, the answer format whose prefix the options follow, the prompt budget a
+    question's context is cut to, and how many questions a forward pass takes."""
 
     model: Any
     tokenizer: Any
-    answer_prefix: str
+    answer_format: AnswerFormat
     max_prompt_length: int
     batch_size: int
 
@@ -31,21 +37,21 @@ class DecisionScorer:
         return dataclasses.replace(self, batch_size=batch_size)
 
     def _options(self) -> list[list[int]]:
-        return answers.decision_options(self.tokenizer, self.answer_prefix)
+        return self.answer_format.options(self.tokenizer)
 
     def after_prompts(self, prompts: list[list[int]], desc: str | None = None) -> np.ndarray:
         """Log-likelihood of " yes", " no", " maybe" after each prompt (token ids) and the answer prefix,
         shape (n, 3)."""
-        prefix_ids = token_ids(self.tokenizer, self.answer_prefix)
+        prefix_ids = self.answer_format.prefix_ids(self.tokenizer)
         return np.array(score_choices(self.model, [p + prefix_ids for p in prompts], self._options(),
                                       pad_id=self.tokenizer.pad_token_id, batch_size=self.batch_size, desc=desc))
 
     def after_answers(self, prompts: list[list[int]], generations: list[str], desc: str | None = None) -> np.ndarray:
         """Log-likelihood of the options after each prompt, its generated answer and the answer prefix
-        (`answers.after_answer_context`), read from scratch, shape (n, 3). The eval stages get the same
+        (`AnswerFormat.after_answer_context`), read from scratch, shape (n, 3). The eval stages get the same
         numbers from the generation's cache (`answer_and_score`); the chat app uses this."""
         return np.array(score_choices(
-            self.model, [p + answers.after_answer_ids(self.tokenizer, g, self.answer_prefix)
+            self.model, [p + self.answer_format.after_answer_ids(self.tokenizer, g)
                          for p, g in zip(prompts, generations)],
             self._options(), pad_id=self.tokenizer.pad_token_id, batch_size=self.batch_size, desc=desc,
         ))
@@ -69,8 +75,36 @@ class DecisionScorer:
         prefix (`after_answer`), and the summed log-likelihood of each reference target (token ids).
         `done` and `on_batch`: resuming (`generate_and_score`)."""
         return generate_and_score(
-            self.model, self.tokenizer, prompts, config, choice_prefix=token_ids(self.tokenizer, self.answer_prefix),
+            self.model, self.tokenizer, prompts, config, choice_prefix=self.answer_format.prefix_ids(self.tokenizer),
             options=self._options(), targets=targets, batch_size=self.batch_size, seed=seed,
-            followup=lambda text: answers.after_answer_ids(self.tokenizer, text, self.answer_prefix), desc=desc,
+            followup=lambda text: self.answer_format.after_answer_ids(self.tokenizer, text), desc=desc,
             done=done, on_batch=on_batch,
         )
+
+    def content_free(self, prompt: PromptParams, model_name: str) -> np.ndarray:
+        """The options' log-likelihoods after the prompt with each content-free filler
+        (`answers.CONTENT_FREE`) as both the question and the context, shape (k, 3), in one batch."""
+        fmt = prompt_format(self.tokenizer, prompt, model_name)
+        ids = [token_ids(self.tokenizer, p) for p in content_free_prompts(fmt, prompt.system, answers.CONTENT_FREE)]
+        return self.with_batch_size(len(ids)).after_prompts(ids)
+
+    def fit(self, protocols: Sequence[answers.Protocol], prompt: PromptParams, model_name: str,
+            validation: list[dict] | None = None) -> dict[str, answers.Fitted]:
+        """What each of `protocols` that fits anything (`answers.Fit`) fits for this model: on the
+        content-free prompts, or on the `validation` examples (formatted, with their decisions), each
+        read once whatever number of protocols fits on it. Protocol name -> `answers.Fitted`."""
+        scored: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        fitted = {}
+        for protocol in (p for p in protocols if p.fit is not None):
+            if protocol.fit.on not in scored:
+                if protocol.fit.on == "content_free":
+                    scored["content_free"] = self.content_free(prompt, model_name), None
+                elif not validation:
+                    raise PipelineError(f"no validation questions to fit the {protocol.label} protocol's "
+                                        f"{protocol.fit.label.lower()} on: raise split.val_size")
+                else:
+                    scored["validation"] = (self.after_examples(validation),
+                                            answers.decision_codes([ex["final_decision"] for ex in validation]))
+            loglik, truth = scored[protocol.fit.on]
+            fitted[protocol.name] = answers.Fitted(protocol.fit.fit(loglik, truth), len(loglik))
+        return fitted

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING, Any
 
-from medqa.decisions.answers import target_text
+from medqa.decisions.answer_format import AnswerFormat
 from medqa.errors import PipelineError
 from medqa.modeling.profiles import get_profile
 from medqa.tokens import token_ids
@@ -107,12 +107,11 @@ def prompt_format(tokenizer: Any, prompt: PromptParams, model_name: str) -> Prom
     return PromptFormat(tokenizer, prompt.template or get_profile(model_name).template)
 
 
-def format_record(
-    record: dict, fmt: PromptFormat, system: str, answer_prefix: str, decision_first: bool = False
-) -> dict:
-    """A formatted example: the record's ids and references plus the rendered prompt and target."""
+def format_record(record: dict, fmt: PromptFormat, prompt_params: PromptParams) -> dict:
+    """A formatted example: the record's ids and references plus the rendered prompt (the system prompt
+    of `prompt_params`) and target (in its answer format)."""
     context = join_contexts(record["contexts"])
-    prompt = fmt.prompt(system, user_message(record["question"], record["contexts"]))
+    prompt = fmt.prompt(prompt_params.system, user_message(record["question"], record["contexts"]))
     return {
         "pmid": record["pmid"],
         "prompt_id": prompt_id(prompt),
@@ -121,7 +120,7 @@ def format_record(
         "long_answer": record["long_answer"],
         "final_decision": record["final_decision"],
         "prompt": prompt,
-        "target": target_text(record["long_answer"], record["final_decision"], answer_prefix, decision_first)
+        "target": AnswerFormat.of(prompt_params).target(record["long_answer"], record["final_decision"])
         + fmt.end_of_turn,
     }
 

@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medqa.decisions.answers import DECISIONS, PRIMARY
+from medqa.decisions.answer_format import DECISIONS, AnswerFormat
+from medqa.decisions.answers import PRIMARY, protocol
 from medqa.evaluation.text_metrics import TEXT_METRICS
 from medqa.io import atomic_dir
 from medqa.modeling.profiles import get_profile
 from medqa.params import LoraParams, ModelParams, PromptParams, TrainParams
-from medqa.report.render import is_model_metric, label_distribution, metric_at, metrics_table, offsets_text, reported_rows
+from medqa.report.render import is_model_metric, label_distribution, fitted_text, metric_at, metrics_table, reported_rows
 
 DATASET = ("qiaojin/PubMedQA", "pqa_labeled")  # the hub's copy of the data the pipeline trains on
 CARD = "README.md"
@@ -116,13 +117,14 @@ def _usage(base: str | None, prompt: PromptParams) -> str:
 
 def _prompt_text(prompt: PromptParams) -> str:
     template = f"the template `{prompt.template}`" if prompt.template else "the tokenizer's chat template"
-    where = "first" if prompt.decision_first else "after the long answer"
+    answer_format = AnswerFormat.of(prompt)
+    where = "first" if answer_format.decision_first else "after the long answer"
     return (
         f"Rendered with {template}: the system prompt below, then the user turn `Question: <question>\\n"
         f"Context: <the abstract's passages, joined by spaces>`. The model answers with a long answer and "
-        f"states the decision {where} as \"{prompt.answer_prefix} <yes|no|maybe>.\"; the decision the "
+        f"states the decision {where} as \"{answer_format.sentence('<yes|no|maybe>')}\"; the decision the "
         f"results call *{PRIMARY.label}* is the most likely of yes/no/maybe straight after the prompt and "
-        f"\"{prompt.answer_prefix}\".\n\nSystem prompt:\n\n> {prompt.system}\n"
+        f"\"{answer_format.prefix}\".\n\nSystem prompt:\n\n> {prompt.system}\n"
     )
 
 
@@ -168,7 +170,7 @@ def card_text(outcome: RunOutcome, model: ModelParams, prompt: PromptParams, lor
         "fine-tuned minus base with its paired interval. *Majority class*: always answering the most frequent "
         "decision; a model that does not beat it has not learned the decisions. *choice + offsets*: the "
         "options' log-likelihoods plus offsets fitted on the validation questions, for this adapter "
-        f"{offsets_text(outcome.finetuned)}: add them to read its decisions as the table does.\n\n"
+        f"{fitted_text(protocol('offsets'), outcome.finetuned)}: add them to read its decisions as the table does.\n\n"
         f"{table}\n\n"
         "## Limitations\n\n"
         f"- {n} test questions: intervals are wide, and differences inside them are not evidence.\n"

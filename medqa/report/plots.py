@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medqa.decisions.answers import DECISIONS
+from medqa.decisions.answer_format import DECISIONS
 
 
 def live_metric_file(live_dir: Path, name: str) -> Path:

@@ -5,7 +5,8 @@ from typing import Any
 
 import pandas as pd
 
-from medqa.decisions.answers import DECISIONS, PRIMARY, PROTOCOLS
+from medqa.decisions.answer_format import DECISIONS
+from medqa.decisions.answers import PRIMARY, PROTOCOLS, Protocol
 from medqa.evaluation.text_metrics import TEXT_METRICS
 from medqa.params import LoraParams
 
@@ -134,19 +135,16 @@ def examples_table(baseline_rows: list[dict], finetuned_rows: list[dict], n: int
     return "\n".join(parts)
 
 
-def _prior(result: dict) -> str:
-    prior = result["decision"]["calibrated"].get("content_free_prior", {})
-    return " · ".join(f"{d} {prior[d]:.2f}" for d in DECISIONS if d in prior) or "n/a"
+def fitted_text(protocol: Protocol, result: dict) -> str:
+    """What `protocol` fitted for a model, from its metrics ("yes +0.0 · no +1.3 · maybe -0.4 (150
+    validation questions)" for the offsets), or "n/a"."""
+    return protocol.fit.text(result["decision"][protocol.name])
 
 
-def offsets_text(result: dict) -> str:
-    """A model's offsets for the offsets protocol ("yes +0.0 · no +1.3 · maybe -0.4 (150 validation
-    questions)"), or "n/a" where none were fitted."""
-    offsets = result["decision"]["offsets"]
-    if "fitted" not in offsets:
-        return "n/a"
-    fitted = " · ".join(f"{d} {offsets['fitted'][d]:+.1f}" for d in DECISIONS)
-    return f"{fitted} ({offsets['validation_questions']} validation questions)"
+def fits_note(baseline: dict, finetuned: dict) -> str:
+    """What each protocol fitted for the base and the fine-tuned model, for the report's note."""
+    return " ".join(f"{p.fit.label}: base {fitted_text(p, baseline)}, fine-tuned {fitted_text(p, finetuned)}."
+                    for p in PROTOCOLS if p.fit is not None)
 
 
 def protocols_note() -> str:
@@ -177,8 +175,7 @@ def render_report(
         f"{table}\n\n"
         "Brackets: 95% bootstrap confidence intervals; for the change, the paired bootstrap interval of "
         "fine-tuned minus baseline on the same questions (an interval that excludes 0 is a real change "
-        f"at that level). Decision protocols: {protocols_note()}. Content-free prior: base {_prior(baseline)}, "
-        f"fine-tuned {_prior(finetuned)}. Offsets: base {offsets_text(baseline)}, fine-tuned {offsets_text(finetuned)}. "
+        f"at that level). Decision protocols: {protocols_note()}. {fits_note(baseline, finetuned)} "
         "*Majority class*: always answering the test "
         f"questions' most frequent decision ({decision['majority']['decision']!r}); a model that does not beat "
         "it has learned nothing about the decisions. *Token F1*: SQuAD-style word overlap of the generated "

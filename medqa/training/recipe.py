@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from medqa.decisions.answers import decision_span
+from medqa.decisions.answer_format import AnswerFormat
 from medqa.resumable import SHARED_DIR_ENV
 from medqa.training.checkpoints import claim_checkpoints
 from medqa.data.splits import validation_loss_examples
@@ -30,13 +30,14 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DecisionWeighting:
     """How much the decision's tokens count in the training loss: `weights[decision]` times each,
-    every other answer token once. Stated where the target states it (`answers.decision_span`)."""
+    every other answer token once. Stated where the target states it (`AnswerFormat.decision_span`)."""
 
     weights: dict[str, float]
-    answer_prefix: str
+    answer_format: AnswerFormat
 
 
-def decision_weighting(train: TrainParams, decisions: Sequence[str], answer_prefix: str) -> DecisionWeighting | None:
+def decision_weighting(train: TrainParams, decisions: Sequence[str],
+                       answer_format: AnswerFormat) -> DecisionWeighting | None:
     """The decision tokens' loss weights from the `train` params: `decision_loss_weight` for every
     decision, or with `decision_class_weights: balanced` that times the decision's inverse frequency
     among the training questions (mean 1 over them, so the mean weight stays `decision_loss_weight`).
@@ -48,15 +49,15 @@ def decision_weighting(train: TrainParams, decisions: Sequence[str], answer_pref
         weights = {d: train.decision_loss_weight * len(decisions) / (len(counts) * n) for d, n in counts.items()}
     else:
         weights = {d: float(train.decision_loss_weight) for d in counts}
-    return DecisionWeighting(weights, answer_prefix)
+    return DecisionWeighting(weights, answer_format)
 
 
 def _target_weights(example: dict, tokenizer: Any, weighting: DecisionWeighting) -> list[float]:
     """Each target token's loss weight: the decision's for the tokens that spell the decision word."""
     try:
-        start, end = decision_span(example["target"], example["final_decision"], weighting.answer_prefix)
+        start, end = weighting.answer_format.decision_span(example["target"], example["final_decision"])
     except ValueError as e:
-        raise PipelineError(f"pmid {example['pmid']}: {e} (prompt.answer_prefix); re-run the format stage") from e
+        raise PipelineError(f"pmid {example['pmid']}: {e}; re-run the format stage") from e
     encoded = tokenizer(example["target"], add_special_tokens=False, return_offsets_mapping=True)
     weight = weighting.weights[example["final_decision"]]
     return [weight if s < end and e > start else 1.0 for s, e in encoded["offset_mapping"]]
@@ -216,7 +217,7 @@ def _save_adapter(trainer: Any, adapter_dir: Path, hardware: Hardware) -> None:
             write_json(tmp / TRAINED_ON, _trained_on(trainer, hardware))
 
 
-def _validation_decisions(trainer: Any, tokenizer: Any, val: list[dict], answer_prefix: str,
+def _validation_decisions(trainer: Any, tokenizer: Any, val: list[dict], answer_format: AnswerFormat,
                           train: TrainParams) -> dict:
     """The best checkpoint's choice-scored decisions on the validation split, computed as the eval
     stages compute (the adapter re-loaded would score the same)."""
@@ -225,7 +226,7 @@ def _validation_decisions(trainer: Any, tokenizer: Any, val: list[dict], answer_
 
     trainer.model.eval()
     with forward_as_loaded(trainer.model) as model:
-        scorer = DecisionScorer(model, tokenizer, answer_prefix, train.max_length, train.batch_size)
+        scorer = DecisionScorer(model, tokenizer, answer_format, train.max_length, train.batch_size)
         return validation_decisions(scorer, val, seed=train.seed)
 
 
@@ -284,7 +285,8 @@ def train_adapter(
     hardware = resolve_hardware(params.model.quantization, params.model.dtype)
     tokenizer = load_tokenizer(base_dir)
     val, train_examples = read_jsonl(val_path), read_jsonl(train_path)
-    weighting = decision_weighting(train, [ex["final_decision"] for ex in train_examples], params.prompt.answer_prefix)
+    answer_format = AnswerFormat.of(params.prompt)
+    weighting = decision_weighting(train, [ex["final_decision"] for ex in train_examples], answer_format)
     if weighting is not None:
         log.info("decision tokens weighted %s in the training loss",
                  ", ".join(f"{d} {w:.2f}" for d, w in sorted(weighting.weights.items())))
@@ -317,7 +319,7 @@ def train_adapter(
 
     _save_adapter(trainer, adapter_dir, hardware)
     # Every process takes part (FSDP shards the weights); rank 0 writes.
-    val_decisions = _validation_decisions(trainer, tokenizer, val, params.prompt.answer_prefix, train)
+    val_decisions = _validation_decisions(trainer, tokenizer, val, answer_format, train)
     if not trainer.is_world_process_zero():
         return {}
     summary = _summary(trainer, result, trainable, bool(resume), val_decisions)
