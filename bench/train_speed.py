@@ -50,7 +50,8 @@ from medqa.modeling.hardware import cpu_has_native_bf16, resolve_hardware
 from medqa.modeling.loading import load_tokenizer
 from medqa.params import load_params
 from medqa.training.trainer import build_trainer
-from medqa.training.recipe import setup_model, tokenize_example, training_arguments
+from medqa.training.examples import tokenize_example
+from medqa.training.recipe import setup_model, training_arguments
 
 WAYS = ("notebook", "stage", "stage-bf16")  # stage-bf16: the stage's way with bf16 autocast (native bf16 only)
 

@@ -272,21 +272,6 @@ def validate(params: dict[str, Any], source: str = "params.yaml") -> None:
     get_profile(flat["judge.model"])  # a known profile, a local model directory or a hub id
 
 
-def check_optimizer(optim: str) -> None:
-    """train.optim is auto or an optimizer transformers' Trainer knows ("did you mean" for a typo). Not in
-    SCHEMA: the list comes from transformers, seconds to import, so check_params checks it once (and only
-    when it is set) rather than every stage's load_params."""
-    if optim == "auto":
-        return
-    from transformers.training_args import OptimizerNames
-
-    known = [o.value for o in OptimizerNames]
-    if optim not in known:
-        close = difflib.get_close_matches(optim, known, n=1)
-        raise PipelineError(f"train.optim is {optim!r}; expected auto or an optimizer of transformers' Trainer"
-                            f"{' (did you mean ' + repr(close[0]) + '?)' if close else ''}: {', '.join(known)}")
-
-
 def _frozen(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 

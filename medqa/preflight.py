@@ -1,11 +1,13 @@
-"""What check_params can check only against the data and the model: the size caps fit their splits, and
-every example fits its token budget. The checks run the later stages' own functions (the format stage's
-prompt, the split stage's splits and caps, the finetune stage's token budget, the eval stages' prompt
-cut) on the data source's records, so a value that passes the params schema but not the data fails in
-check_params with the line the later stage would print minutes later, prefixed with the key and value."""
+"""What check_params can check only against the data, the model or a library: the size caps fit their
+splits, every example fits its token budget, and train.optim is an optimizer transformers knows. The
+checks run the later stages' own functions (the format stage's prompt, the split stage's splits and
+caps, the finetune stage's token budget, the eval stages' prompt cut) on the data source's records, so a
+value that passes the params schema but not the data fails in check_params with the line the later stage
+would print minutes later, prefixed with the key and value."""
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 from typing import Any, Iterator
 
@@ -55,3 +57,18 @@ def check_against_data_and_model(params: Params) -> None:
     with _for_key("eval.max_prompt_length", params.eval.max_prompt_length):
         for example in splits["test"] + splits["val"]:
             fit_prompt(example, tokenizer, params.eval.max_prompt_length)
+
+
+def check_optimizer(optim: str) -> None:
+    """train.optim is auto or an optimizer transformers' Trainer knows ("did you mean" for a typo). Not in
+    SCHEMA: the list comes from transformers, seconds to import, so check_params checks it once (and only
+    when it is set) rather than every stage's load_params."""
+    if optim == "auto":
+        return
+    from transformers.training_args import OptimizerNames
+
+    known = [o.value for o in OptimizerNames]
+    if optim not in known:
+        close = difflib.get_close_matches(optim, known, n=1)
+        raise PipelineError(f"train.optim is {optim!r}; expected auto or an optimizer of transformers' Trainer"
+                            f"{' (did you mean ' + repr(close[0]) + '?)' if close else ''}: {', '.join(known)}")

@@ -6,8 +6,8 @@ from medqa.errors import stage_main
 from medqa.io import write_text
 from medqa.evaluation.text_metrics import check_bertscore_model
 from medqa.modeling.profiles import check_lora_targets, get_profile
-from medqa.params import check_optimizer, load_params
-from medqa.preflight import check_against_data_and_model
+from medqa.params import load_params
+from medqa.preflight import check_against_data_and_model, check_optimizer
 
 
 @stage_main

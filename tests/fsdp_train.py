@@ -58,7 +58,8 @@ def train(workdir: Path, out: Path, steps: int, weights: str) -> None:
     from medqa.training.launch import save_fsdp_adapter
     from medqa.modeling.loading import load_tokenizer
     from medqa.training.trainer import AnswerBatchCollator, answer_loss
-    from medqa.training.recipe import setup_model, tokenize_example, training_arguments
+    from medqa.training.examples import tokenize_example
+    from medqa.training.recipe import setup_model, training_arguments
 
     sharded = "WORLD_SIZE" in os.environ
     if sharded:

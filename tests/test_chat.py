@@ -239,7 +239,7 @@ def test_an_answer_that_starts_with_its_decision_shows_one_reading_for_both():
 
 
 def test_an_app_others_can_reach_asks_for_a_password(tmp_path):
-    from medqa.chat.app import credentials
+    from medqa.chat.access import credentials
 
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -332,7 +332,7 @@ def test_logins_slow_down_per_client_after_repeated_failures_and_a_success_clear
     before that client's next attempt is checked; another client waits nothing; a success starts over."""
     import asyncio
 
-    from medqa.chat.app import LoginThrottle
+    from medqa.chat.access import LoginThrottle
 
     waits: list[tuple[str, float]] = []
     client_now: list[str] = []

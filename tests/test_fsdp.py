@@ -35,7 +35,8 @@ def _lora_gradients(workdir: Path, out: Path, monkeypatch) -> list[dict[str, flo
     from transformers import TrainerCallback
 
     from medqa.modeling.loading import load_tokenizer
-    from medqa.training.recipe import _dataset, setup_model, training_arguments
+    from medqa.training.examples import tokenized_dataset
+    from medqa.training.recipe import setup_model, training_arguments
     from medqa.training.trainer import build_trainer
     from tests.fsdp_train import hardware_for
 
@@ -59,7 +60,7 @@ def _lora_gradients(workdir: Path, out: Path, monkeypatch) -> list[dict[str, flo
                           for n, p in model.named_parameters() if "lora_" in n})
 
     tokenizer = load_tokenizer(workdir / "base")
-    train_ds = _dataset(read_jsonl(workdir / "train.jsonl")[:4], tokenizer, params.train.max_length)
+    train_ds = tokenized_dataset(read_jsonl(workdir / "train.jsonl")[:4], tokenizer, params.train.max_length)
     trainer = build_trainer(model, tokenizer, args, train_ds, train_ds, [RecordGradients()])
     trainer.train()
     return norms

@@ -7,7 +7,7 @@ from medqa.decisions.answer_format import AnswerFormat
 from medqa.params import PromptParams
 from medqa.errors import PipelineError
 from medqa.prompting.prompts import PromptFormat, fit_prompt, format_record, prompt_id
-from medqa.training.recipe import tokenize_example
+from medqa.training.examples import tokenize_example
 
 RECORD = {
     "pmid": "42",

@@ -312,7 +312,8 @@ def _lora_trainer(workdir: Path, out: Path, stage_way: bool):
     from medqa.modeling.loading import load_tokenizer
     from medqa.modeling.hardware import resolve_hardware
     from medqa.training.trainer import build_trainer
-    from medqa.training.recipe import _dataset, setup_model, training_arguments
+    from medqa.training.examples import tokenized_dataset
+    from medqa.training.recipe import setup_model, training_arguments
 
     params = train_params(max_steps=4, batch_size=3, grad_accum=2, learning_rate=0.01, warmup_ratio=0.0,
                      logging_steps=1, eval_steps=4, save_steps=4)
@@ -320,7 +321,7 @@ def _lora_trainer(workdir: Path, out: Path, stage_way: bool):
     set_seed(0)
     hardware = resolve_hardware("none", "float32")
     tokenizer = load_tokenizer(workdir / "base")
-    data = _dataset(read_jsonl(workdir / "train.jsonl"), tokenizer, 256)
+    data = tokenized_dataset(read_jsonl(workdir / "train.jsonl"), tokenizer, 256)
     typed = params_from_dict(params)
     model = setup_model(workdir / "base", typed.model, typed.lora, hardware)
     args = training_arguments(typed.train, hardware, out)
@@ -593,7 +594,7 @@ def _weighted_train(**overrides):
 
 
 def test_decision_weights_are_the_param_or_inverse_frequency_with_mean_the_param():
-    from medqa.training.recipe import decision_weighting
+    from medqa.training.examples import decision_weighting
 
     decisions = ["yes"] * 6 + ["no"] * 3 + ["maybe"]
     assert decision_weighting(_weighted_train(decision_loss_weight=1.0), decisions, AnswerFormat("The answer is:")) is None  # plain
@@ -608,7 +609,7 @@ def test_decision_weights_are_the_param_or_inverse_frequency_with_mean_the_param
 
 @pytest.mark.parametrize("decision_first", [True, False])
 def test_the_decision_word_alone_carries_the_decision_weight(tokenizer, decision_first):
-    from medqa.training.recipe import DecisionWeighting, tokenize_example
+    from medqa.training.examples import DecisionWeighting, tokenize_example
 
     fmt = PromptFormat(tokenizer)
     record = {"pmid": "1", "question": "Does it work, or not?", "contexts": ["No effect was seen; maybe later."],
@@ -675,13 +676,14 @@ def test_the_trained_model_is_scored_as_the_eval_stages_score_it(workdir, tmp_pa
     from medqa.modeling.hardware import Hardware
     from medqa.modeling.loading import load_model, load_tokenizer
     from medqa.training.trainer import build_trainer, forward_as_loaded
-    from medqa.training.recipe import _dataset, setup_model, training_arguments
+    from medqa.training.examples import tokenized_dataset
+    from medqa.training.recipe import setup_model, training_arguments
 
     params = params_from_dict(train_params(max_steps=1, eval_steps=1, save_steps=1))
     hardware = Hardware("cpu", torch.float32, False, autocast=torch.bfloat16)
     tokenizer = load_tokenizer(workdir / "base")
     model = setup_model(workdir / "base", params.model, params.lora, hardware, checkpoint_activations=False)
-    data = _dataset(read_jsonl(workdir / "train.jsonl")[:2], tokenizer, 256)
+    data = tokenized_dataset(read_jsonl(workdir / "train.jsonl")[:2], tokenizer, 256)
     args = training_arguments(params.train, hardware, tmp_path / "checkpoints", evaluate_first=False)
     trainer = build_trainer(model, tokenizer, args, data, data, [])
     trainer.train()

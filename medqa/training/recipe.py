@@ -1,18 +1,18 @@
 """LoRA / QLoRA fine-tuning with transformers' Trainer, in the order it runs: data, model, trainer,
-train, save. The Trainer's own parts are in `trainer`, resumable checkpoints in `checkpoints`,
+train, save. The examples are tokenised in `examples`, the Trainer's own parts are in `trainer`, resumable
+checkpoints in `checkpoints`,
 several processes in `launch`."""
 from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from medqa.decisions.answer_format import AnswerFormat
 from medqa.resumable import SHARED_DIR_ENV
 from medqa.training.checkpoints import claim_checkpoints
+from medqa.training.examples import decision_weighting, tokenized_dataset
 from medqa.data.splits import validation_loss_examples
 from medqa.errors import PipelineError, explain_out_of_memory
 from medqa.io import atomic_dir, read_jsonl, write_json
@@ -21,67 +21,10 @@ from medqa.modeling.loading import TRAINED_ON, load_model, load_tokenizer
 from medqa.modeling.hardware import Hardware, fsdp_enabled, resolve_hardware
 from medqa.modeling.profiles import get_profile, lora_targets
 from medqa.params import LoraParams, ModelParams, Params, TrainParams, as_dict
-from medqa.prompting.prompts import fit_example
 from medqa.training.trainer import (LiveLossCallback, SameBatchesFreshOrResumed, StopOnNonFiniteLoss, build_trainer,
                            forward_as_loaded)
 
 log = logging.getLogger(__name__)
-
-@dataclass(frozen=True)
-class DecisionWeighting:
-    """How much the decision's tokens count in the training loss: `weights[decision]` times each,
-    every other answer token once. Stated where the target states it (`AnswerFormat.decision_span`)."""
-
-    weights: dict[str, float]
-    answer_format: AnswerFormat
-
-
-def decision_weighting(train: TrainParams, decisions: Sequence[str],
-                       answer_format: AnswerFormat) -> DecisionWeighting | None:
-    """The decision tokens' loss weights from the `train` params: `decision_loss_weight` for every
-    decision, or with `decision_class_weights: balanced` that times the decision's inverse frequency
-    among the training questions (mean 1 over them, so the mean weight stays `decision_loss_weight`).
-    None when every token counts once: the plain answer loss."""
-    if train.decision_loss_weight == 1 and train.decision_class_weights == "none":
-        return None
-    counts = Counter(decisions)
-    if train.decision_class_weights == "balanced":
-        weights = {d: train.decision_loss_weight * len(decisions) / (len(counts) * n) for d, n in counts.items()}
-    else:
-        weights = {d: float(train.decision_loss_weight) for d in counts}
-    return DecisionWeighting(weights, answer_format)
-
-
-def _target_weights(example: dict, tokenizer: Any, weighting: DecisionWeighting) -> list[float]:
-    """Each target token's loss weight: the decision's for the tokens that spell the decision word."""
-    try:
-        start, end = weighting.answer_format.decision_span(example["target"], example["final_decision"])
-    except ValueError as e:
-        raise PipelineError(f"pmid {example['pmid']}: {e}; re-run the format stage") from e
-    encoded = tokenizer(example["target"], add_special_tokens=False, return_offsets_mapping=True)
-    weight = weighting.weights[example["final_decision"]]
-    return [weight if s < end and e > start else 1.0 for s, e in encoded["offset_mapping"]]
-
-
-def tokenize_example(example: dict, tokenizer: Any, max_length: int,
-                     weighting: DecisionWeighting | None = None) -> dict[str, list]:
-    """Prompt + target ids with the loss masked (-100) on the prompt; the context is cut, never the
-    target. With a `weighting`, also each token's loss weight (`loss_weights`, 0 on the prompt)."""
-    prompt, target = fit_example(example, tokenizer, max_length)
-    tokenized: dict[str, list] = {
-        "input_ids": prompt + target,
-        "attention_mask": [1] * (len(prompt) + len(target)),
-        "labels": [-100] * len(prompt) + target,
-    }
-    if weighting is not None:
-        tokenized["loss_weights"] = [0.0] * len(prompt) + _target_weights(example, tokenizer, weighting)
-    return tokenized
-
-
-def _dataset(examples: list[dict], tokenizer: Any, max_length: int, weighting: DecisionWeighting | None = None) -> Any:
-    from datasets import Dataset
-
-    return Dataset.from_list([tokenize_example(ex, tokenizer, max_length, weighting) for ex in examples])
 
 
 def setup_model(base_dir: Path, model: ModelParams, lora: LoraParams, hardware: Hardware,
@@ -290,11 +233,11 @@ def train_adapter(
     if weighting is not None:
         log.info("decision tokens weighted %s in the training loss",
                  ", ".join(f"{d} {w:.2f}" for d, w in sorted(weighting.weights.items())))
-    train_ds = _dataset(train_examples, tokenizer, train.max_length, weighting)
+    train_ds = tokenized_dataset(train_examples, tokenizer, train.max_length, weighting)
     # The validation loss stays the plain answer loss, comparable between recipes, on a seeded subset
     # of the validation split (its passes cost as much as training steps); the decisions use all of it.
     val_loss_examples = validation_loss_examples(val, train, params.split.seed)
-    val_ds = _dataset(val_loss_examples, tokenizer, train.max_length)
+    val_ds = tokenized_dataset(val_loss_examples, tokenizer, train.max_length)
     log.info("training on %d examples, validation loss on %d of %d (%s%s%s)", len(train_ds), len(val_ds), len(val),
              hardware.device, ", 4-bit nf4 base" if hardware.quantize_4bit else "",
              ", bf16 autocast" if hardware.autocast is not None else "")
