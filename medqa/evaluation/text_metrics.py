@@ -131,8 +131,9 @@ PerQuestion = Callable[[Sequence[str], Sequence[str], "EvalParams"], np.ndarray]
 class TextMetric:
     """A text metric of the answers against the references: its key under `text` in metrics/*.json (and
     its column in the predictions when scored per question), its row in the report, its type and
-    configuration on the hub's model card (https://hf.co/metrics), and which way is better. Scored either
-    per question (`per_question`, averaged by the statistics) or over a set of questions (`statistic`)."""
+    configuration on the hub's model card (https://hf.co/metrics), which way is better, and whether the
+    report's verdict shows it. Scored either per question (`per_question`, averaged by the statistics) or
+    over a set of questions (`statistic`)."""
 
     name: str
     label: str
@@ -140,6 +141,7 @@ class TextMetric:
     higher_is_better: bool = True
     per_question: PerQuestion | None = None
     statistic: Statistic | None = None
+    in_verdict: bool = False  # one of the few rows the report opens with
 
 
 @functools.lru_cache(maxsize=1)
@@ -158,17 +160,17 @@ def _rouge(key: str) -> PerQuestion:
 TEXT_METRICS: tuple[TextMetric, ...] = (
     TextMetric("rouge1", "ROUGE-1", ("rouge", "rouge1"), per_question=_rouge("rouge1")),
     TextMetric("rouge2", "ROUGE-2", ("rouge", "rouge2"), per_question=_rouge("rouge2")),
-    TextMetric("rougeL", "ROUGE-L", ("rouge", "rougeL"), per_question=_rouge("rougeL")),
+    TextMetric("rougeL", "ROUGE-L", ("rouge", "rougeL"), per_question=_rouge("rougeL"), in_verdict=True),
     TextMetric("token_f1", "Token F1 (SQuAD)", ("f1", "squad tokens"),
                per_question=lambda predictions, references, _: token_f1(predictions, references)),
     TextMetric("bertscore_f1", "BERTScore F1", ("bertscore", "f1"),
                per_question=lambda predictions, references, evaluation: bertscore_f1(
                    predictions, references, evaluation.bertscore_model, evaluation.bertscore_num_layers,
-                   evaluation.batch_size)),
+                   evaluation.batch_size), in_verdict=True),
     TextMetric("bleu", "BLEU", ("bleu", None), statistic=lambda t, i: _bleu_from_stats(t["bleu"][i].sum(axis=0))),
     # Perplexity of the reference answers: exp of the mean negative log-likelihood per answer token.
     TextMetric("perplexity", "Reference-answer perplexity", ("perplexity", "reference answers"),
-               higher_is_better=False,
+               higher_is_better=False, in_verdict=True,
                statistic=lambda t, i: float(np.exp(t["nll"][i].sum() / t["n_tokens"][i].sum()))),
 )
 TEXT_SCORES = tuple(m.name for m in TEXT_METRICS if m.per_question)  # per-question columns, averaged

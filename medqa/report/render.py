@@ -68,9 +68,6 @@ def metrics_table(baseline: dict, finetuned: dict, differences: dict[str, tuple[
     return pd.DataFrame(rows)
 
 
-VERDICT_TEXT = ("rougeL", "bertscore_f1", "perplexity")  # the text metrics the verdict shows
-
-
 def _direction(change: float, low: float, high: float, higher_is_better: bool) -> str:
     """"better" or "worse" where the paired interval excludes 0, else "no clear change"."""
     if low <= 0 <= high:
@@ -97,7 +94,7 @@ def verdict_table(baseline: dict, finetuned: dict, differences: dict[str, tuple[
         rows.append({"": "... minus the majority class's", "base": f"{gains[0]:+.4f}", "fine-tuned": f"{gains[1]:+.4f}",
                      "change": "", "verdict": ""})
     for metric in TEXT_METRICS:
-        if metric.name in VERDICT_TEXT:
+        if metric.in_verdict:
             add(metric.label, f"text.{metric.name}", metric.higher_is_better)
     return pd.DataFrame(rows)
 
