@@ -9,6 +9,7 @@ import pytest
 
 from medqa.data.sources import load_records, load_source, load_test_labels, validate_records
 from medqa.data.splits import balanced_cap, cap, split_records, split_stats
+from medqa.params import SplitParams
 from medqa.errors import PipelineError
 from tests.conftest import make_original
 
@@ -141,7 +142,7 @@ def _records(n=60):
 def test_official_split_uses_the_test_pmids_and_is_disjoint():
     rows = _records()
     test_labels = {r["pmid"]: r["final_decision"] for r in rows[::4]}
-    splits = split_records(rows, "official", test_labels, 0.1, 0.2, seed=1)
+    splits = split_records(rows, SplitParams("official", 0.1, 0.2, 1), test_labels)
     assert {r["pmid"] for r in splits["test"]} == set(test_labels)
     ids = [r["pmid"] for part in splits.values() for r in part]
     assert len(ids) == len(set(ids)) == len(rows)
@@ -151,18 +152,18 @@ def test_official_split_uses_the_test_pmids_and_is_disjoint():
 def test_official_split_without_test_ids_or_with_unknown_ids_fails_clearly():
     rows = _records()
     with pytest.raises(PipelineError, match="test_ground_truth.json"):
-        split_records(rows, "official", {}, 0.1, 0.1, seed=1)
+        split_records(rows, SplitParams("official", 0.1, 0.1, 1), {})
     with pytest.raises(PipelineError, match="1 official test PMIDs are not in the data"):
-        split_records(rows, "official", {"999999": "yes"}, 0.1, 0.1, seed=1)
+        split_records(rows, SplitParams("official", 0.1, 0.1, 1), {"999999": "yes"})
     with pytest.raises(PipelineError, match="split.strategy is 'alphabetical'"):
-        split_records(rows, "alphabetical", None, 0.1, 0.1, seed=1)
+        split_records(rows, SplitParams("alphabetical", 0.1, 0.1, 1), None)
 
 
 def test_random_split_is_seeded_and_stratified():
     rows = _records(100)
-    a = split_records(rows, "random", None, 0.2, 0.1, seed=7)
-    b = split_records(rows, "random", None, 0.2, 0.1, seed=7)
-    c = split_records(rows, "random", None, 0.2, 0.1, seed=8)
+    a = split_records(rows, SplitParams("random", 0.2, 0.1, 7), None)
+    b = split_records(rows, SplitParams("random", 0.2, 0.1, 7), None)
+    c = split_records(rows, SplitParams("random", 0.2, 0.1, 8), None)
     assert a == b and a["test"] != c["test"]
     stats = split_stats(a)
     assert stats["test"] == {"n": 20, "yes": 8, "no": 8, "maybe": 4}  # the 2:2:1 mix of the data

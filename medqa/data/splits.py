@@ -85,16 +85,11 @@ def validation_loss_examples(val: list[Record], train: TrainParams, seed: int) -
     return cap(val, train.max_val_samples, seed, "train.max_val_samples")
 
 
-def split_records(
-    rows: list[Record],
-    strategy: str,
-    test_labels: dict[str, str] | None,
-    test_size: float,
-    val_size: float,
-    seed: int,
-) -> dict[str, list[Record]]:
-    """Split into train/val/test by the official test PMIDs or a seeded stratified random split."""
-    if strategy == "official":
+def split_records(rows: list[Record], split: SplitParams,
+                  test_labels: dict[str, str] | None) -> dict[str, list[Record]]:
+    """Split into train/val/test by the official test PMIDs (`test_labels`) or a seeded stratified random
+    split, as the `split` params say."""
+    if split.strategy == "official":
         if not test_labels:
             raise PipelineError(
                 "split.strategy 'official' needs PubMedQA's test_ground_truth.json, which the download "
@@ -110,11 +105,11 @@ def split_records(
             )
         test = [r for r in rows if r["pmid"] in test_labels]
         train_val = [r for r in rows if r["pmid"] not in test_labels]
-    elif strategy == "random":
-        train_val, test = split_off(rows, test_size, seed)
+    elif split.strategy == "random":
+        train_val, test = split_off(rows, split.test_size, split.seed)
     else:
-        raise PipelineError(f"split.strategy is {strategy!r}, expected 'official' or 'random'")
-    train, val = split_off(train_val, val_size, seed)
+        raise PipelineError(f"split.strategy is {split.strategy!r}, expected 'official' or 'random'")
+    train, val = split_off(train_val, split.val_size, split.seed)
     splits = {"train": train, "val": val, "test": test}
     for name, part in splits.items():
         if not part:
@@ -128,7 +123,7 @@ def make_splits(rows: list[Record], test_labels: dict[str, str] | None, split: S
     """The split stage's train/val/test: `split_records`, then the size caps for CPU runs (train.max_samples,
     drawn as train.sampling says, and eval.max_samples). The validation split stays whole: the eval
     stages fit their decision offsets on all of it (finetune caps its validation loss)."""
-    splits = split_records(rows, split.strategy, test_labels, split.test_size, split.val_size, split.seed)
+    splits = split_records(rows, split, test_labels)
     pick = balanced_cap if train.sampling == "balanced" else cap
     splits["train"] = pick(splits["train"], train.max_samples, split.seed, "train.max_samples")
     splits["test"] = cap(splits["test"], evaluation.max_samples, split.seed, "eval.max_samples")
