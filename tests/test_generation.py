@@ -1,6 +1,7 @@
 """Batched generation and choice scoring against direct, unbatched computations."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -159,3 +160,34 @@ def test_scoring_leaves_inference_mode_off_under_fsdp(tokenizer, tiny_model, mon
         hook.remove()
     assert modes["false"] and set(modes["false"]) == {(True, False)}
     assert modes["true"] and set(modes["true"]) == {(False, False)}
+
+
+def test_the_protocols_fit_what_they_declare_each_kind_of_prompt_read_once(tokenizer, tiny_model):
+    """`DecisionScorer.fit`: the calibrated protocol's prior is its content-free prompts' mean probabilities,
+    the offsets protocol's offsets are those `fit_offsets` finds on the validation questions' options; each
+    kind of prompt is scored once; without validation questions the offsets cannot be fitted, said in one line."""
+    from unittest import mock
+
+    from medqa.decisions import answers
+    from medqa.decisions.answer_format import AnswerFormat
+    from medqa.errors import PipelineError
+    from medqa.inference.decisions import DecisionScorer
+    from medqa.params import PromptParams
+
+    prompt = PromptParams("Answer.", None, "The answer is:", True)
+    scorer = DecisionScorer(tiny_model, tokenizer, AnswerFormat.of(prompt), max_prompt_length=256, batch_size=2)
+    val = [{"pmid": str(i), "prompt": f"Question {i}: is it so?", "context": "", "final_decision": d}
+           for i, d in enumerate(["yes", "no", "maybe", "yes"])]
+    with mock.patch.object(DecisionScorer, "after_prompts", autospec=True,
+                           side_effect=DecisionScorer.after_prompts) as scored:
+        fitted = scorer.fit(answers.PROTOCOLS, prompt, "smollm2-135m-instruct", val)
+    assert scored.call_count == 2  # the content-free prompts, then the validation questions
+    assert set(fitted) == {p.name for p in answers.PROTOCOLS if p.fit is not None} == {"calibrated", "offsets"}
+    content_free = scorer.content_free(prompt, "smollm2-135m-instruct")
+    assert fitted["calibrated"].prompts == len(answers.CONTENT_FREE)
+    assert np.allclose(fitted["calibrated"].values, answers.content_free_prior(content_free))
+    assert fitted["offsets"].prompts == len(val)
+    assert np.array_equal(fitted["offsets"].values,
+                          answers.fit_offsets(scorer.after_examples(val, desc=None), np.array([0, 1, 2, 0])))
+    with pytest.raises(PipelineError, match="no validation questions .* raise split.val_size"):
+        scorer.fit(answers.PROTOCOLS, prompt, "smollm2-135m-instruct", [])
