@@ -16,7 +16,7 @@ def main() -> None:
     progress = stage_progress("judge", params, ("judge", "model", "eval"), [paths.TEST, *answers], [judge_dir])
     rows, result = run_judge(
         params.judge, params.model, read_jsonl(answers[0]), read_jsonl(answers[1]), read_jsonl(paths.TEST), judge_dir,
-        params.eval.bootstrap, params.eval.seed, progress,
+        params.eval, progress,
     )
     write_jsonl(paths.JUDGE_PREDICTIONS, rows)
     write_json(paths.JUDGE_METRICS, result)

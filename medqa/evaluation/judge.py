@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 import numpy as np
 
 from medqa.decisions import answers
-from medqa.params import JudgeParams, ModelParams
+from medqa.params import EvalParams, JudgeParams, ModelParams
 from medqa.rubric import (COMPARISON_LEAD, OUTCOMES, RATING_LEAD, RATINGS, SYSTEM, Case, comparison_request,
                           rating_request)
 from medqa.tokens import continuation_ids, token_ids
@@ -235,10 +235,11 @@ def _cases(rows: Sequence[dict], examples: dict[str, dict], tokenizer: Any, max_
 
 def run_judge(
     judge_params: JudgeParams, model: ModelParams, base_rows: list[dict], tuned_rows: list[dict],
-    examples: list[dict], judge_dir: Path, n_resamples: int, seed: int, progress: Progress | None = None,
+    examples: list[dict], judge_dir: Path, evaluation: EvalParams, progress: Progress | None = None,
 ) -> tuple[list[dict], dict]:
     """Judge both models' answers on a seeded subset of the test questions: the per-question rows
-    and the metrics (`summarize_judgements`, with the judge's name and size). With `progress`, the
+    and the metrics (`summarize_judgements`, bootstrapped as `evaluation` says, with the judge's name and
+    size). With `progress`, the
     questions an interrupted run judged are taken from it and each judged one is kept there (the
     stage clears it once its outputs are written)."""
     if [r["pmid"] for r in base_rows] != [r["pmid"] for r in tuned_rows]:
@@ -256,7 +257,7 @@ def run_judge(
                      on_row=(lambda row: progress.add({row["pmid"]: row})) if progress else None)
     log.info("judge: read %d of %d prompt tokens (the rest shared with the request before)",
              judge.scorer.tokens_read, judge.scorer.tokens_asked)
-    result = summarize_judgements(rows, criteria, n_resamples, seed)
+    result = summarize_judgements(rows, criteria, evaluation.bootstrap, evaluation.seed)
     result.update({"judge": judge_params.model, "judge_params": n_params,
                    "n_test_questions": len(base_rows)})
     return rows, result

@@ -1,14 +1,15 @@
 """LoRA / QLoRA fine-tuning with transformers' Trainer, in the order it runs: data, model, trainer,
-train, save. The examples are tokenised in `examples`, the Trainer's own parts are in `trainer`, resumable
-checkpoints in `checkpoints`,
-several processes in `launch`."""
+train, save. The examples are tokenised in `examples`, the Trainer's own parts are in `trainer`,
+resumable checkpoints in `checkpoints`, several processes in `launch`."""
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medqa import paths
 from medqa.decisions.answer_format import AnswerFormat
 from medqa.resumable import SHARED_DIR_ENV
 from medqa.training.checkpoints import claim_checkpoints
@@ -210,24 +211,35 @@ def shaping_params(params: Params) -> dict[str, Any]:
     return {name: as_dict(getattr(params, name)) for name in ("model", "prompt", "lora", "train")}
 
 
-def train_adapter(
-    params: Params,
-    base_dir: Path,
-    train_path: Path,
-    val_path: Path,
-    adapter_dir: Path,
-    checkpoints_dir: Path,
-    live_dir: Path,
-    metrics_path: Path,
-) -> dict:
+@dataclass(frozen=True)
+class TrainFiles:
+    """What the finetune stage reads (the base model, the train and validation splits) and writes (the
+    adapter, DVCLive's logs, the training metrics; its checkpoints, scratch space for resuming)."""
+
+    base_dir: Path
+    train: Path
+    val: Path
+    adapter: Path
+    checkpoints: Path
+    live: Path
+    metrics: Path
+
+    @classmethod
+    def of_stage(cls) -> TrainFiles:
+        """The finetune stage's files, as `medqa.paths` places them."""
+        return cls(paths.BASE_MODEL, paths.TRAIN, paths.VAL, paths.ADAPTER, paths.CHECKPOINTS, paths.LIVE_DIR,
+                   paths.TRAIN_METRICS)
+
+
+def train_adapter(params: Params, files: TrainFiles) -> dict:
     """Fine-tune a LoRA adapter on the train split, keep the best by validation loss, write outputs."""
     from transformers import set_seed
 
     train = params.train
     set_seed(train.seed)
     hardware = resolve_hardware(params.model.quantization, params.model.dtype)
-    tokenizer = load_tokenizer(base_dir)
-    val, train_examples = read_jsonl(val_path), read_jsonl(train_path)
+    tokenizer = load_tokenizer(files.base_dir)
+    val, train_examples = read_jsonl(files.val), read_jsonl(files.train)
     answer_format = AnswerFormat.of(params.prompt)
     weighting = decision_weighting(train, [ex["final_decision"] for ex in train_examples], answer_format)
     if weighting is not None:
@@ -241,8 +253,8 @@ def train_adapter(
     log.info("training on %d examples, validation loss on %d of %d (%s%s%s)", len(train_ds), len(val_ds), len(val),
              hardware.device, ", 4-bit nf4 base" if hardware.quantize_4bit else "",
              ", bf16 autocast" if hardware.autocast is not None else "")
-    checkpoints_dir, resume = claim_checkpoints(shaping_params(params), base_dir, train_path, val_path,
-                                                checkpoints_dir)
+    checkpoints_dir, resume = claim_checkpoints(shaping_params(params), files.base_dir, files.train, files.val,
+                                                files.checkpoints)
     if resume:
         log.info("resuming from %s", resume)
     else:
@@ -252,15 +264,15 @@ def train_adapter(
     # from_pretrained then reads the weights on rank 0 only (cpu_ram_efficient_loading), and each
     # rank's 4-bit weights land on its own GPU, not all on cuda:0.
     log.info("loading the base model (%s, device %s)", _process(), args.device)
-    model = setup_model(base_dir, params.model, params.lora, hardware, args.activation_checkpointing)
+    model = setup_model(files.base_dir, params.model, params.lora, hardware, args.activation_checkpointing)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
-    trainer = build_trainer(model, tokenizer, args, train_ds, val_ds, _callbacks(train, live_dir))
+    trainer = build_trainer(model, tokenizer, args, train_ds, val_ds, _callbacks(train, files.live))
     with explain_out_of_memory("lower train.batch_size (raising train.grad_accum keeps the effective batch) "
                                "or train.max_length, or on CUDA keep model.quantization=auto (4-bit)"):
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
-    _save_adapter(trainer, adapter_dir, hardware)
+    _save_adapter(trainer, files.adapter, hardware)
     # Every process takes part (FSDP shards the weights); rank 0 writes.
     val_decisions = _validation_decisions(trainer, tokenizer, val, answer_format, train)
     if not trainer.is_world_process_zero():
@@ -268,5 +280,5 @@ def train_adapter(
     summary = _summary(trainer, result, trainable, bool(resume), val_decisions)
     log.info("validation decisions (choice): accuracy %.3f, macro-F1 %.3f, chosen %s",
              val_decisions["accuracy"], val_decisions["macro_f1"], val_decisions["chosen"])
-    write_json(metrics_path, summary)
+    write_json(files.metrics, summary)
     return summary
