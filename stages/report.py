@@ -32,8 +32,8 @@ def main() -> None:
                           n_examples=2)
     text = render_report(
         base_metrics, tuned_metrics, differences, read_json(paths.TRAIN_METRICS), base_rows, tuned_rows,
-        describe_run(params.model.name, params.lora, params.split.strategy),
-        params.report.n_examples, paths.LOSS_PNG.name, paths.DECISIONS_PNG.name, judge,
+        run=describe_run(params.model.name, params.lora, params.split.strategy), n_examples=params.report.n_examples,
+        loss_png=paths.LOSS_PNG.name, decisions_png=paths.DECISIONS_PNG.name, judge=judge,
     )
     write_text(paths.REPORT, text)
     print(f"report: {paths.REPORT}")

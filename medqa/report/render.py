@@ -156,7 +156,7 @@ def describe_run(model_name: str, lora: LoraParams, split_strategy: str) -> str:
 
 def render_report(
     baseline: dict, finetuned: dict, differences: dict[str, tuple[float, float, float]], train: dict,
-    baseline_rows: list[dict], finetuned_rows: list[dict], run: str, n_examples: int, loss_png: str,
+    baseline_rows: list[dict], finetuned_rows: list[dict], *, run: str, n_examples: int, loss_png: str,
     decisions_png: str, judge: str = "",
 ) -> str:
     """The whole report as Markdown; `run` is `describe_run`'s line, `judge` the `judge_section`."""
