@@ -1,3 +1,4 @@
-"""The yes/no/maybe decision: the answer protocols (a registry: choice, generated, after_answer, calibrated,
-offsets), reading a decision from options' log-likelihoods or generated text, and fitting the offsets and
-calibration."""
+"""The yes/no/maybe decision: how an answer states it (`answer_format.AnswerFormat`: the decision sentence
+written into the targets and read back out of generations), and the decision protocols that read it from
+the options' log-likelihoods or the generated text (a registry: choice, after_answer, calibrated,
+offsets, generated), with what each fits once per model."""
