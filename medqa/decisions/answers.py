@@ -8,7 +8,7 @@ No model runs here (see `medqa.inference`): this module is light enough for ever
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -79,7 +79,7 @@ class Fit:
     as question and context) or the validation questions (`on="validation"`, with their decisions as
     option indices); and how the metrics (`entry`) and the report (`text`, from those entries) give it."""
 
-    on: str
+    on: Literal["content_free", "validation"]
     fit: Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]  # (log-likelihoods (k, 3), truth) -> values
     label: str  # how the report names it
     entry: Callable[[Fitted], dict[str, Any]]  # what the protocol's metrics section holds of it
