@@ -24,9 +24,9 @@ from typing import Callable
 import numpy as np
 
 from medqa import paths
+from medqa.decisions import answers
 from medqa.decisions.answer_format import AnswerFormat
 from medqa.evaluation import metrics
-from medqa.evaluation.run import validation_truth
 from medqa.inference.decisions import DecisionScorer
 from medqa.io import read_jsonl
 from medqa.modeling.loading import load_for_inference
@@ -85,7 +85,7 @@ def main() -> None:
         parser.error(f"--against {args.against}: no adapter of that recipe given")
     params = load_params()
     val = read_jsonl(paths.VAL)
-    truth = validation_truth(val)
+    truth = answers.reference_codes(val)
     hardware = resolve_hardware("none", "float32")  # the finetune stage scores its validation decisions in fp32
     by_recipe: dict[str, list[np.ndarray]] = defaultdict(list)
     loglik: dict[str, np.ndarray] = {}

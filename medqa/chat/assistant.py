@@ -225,9 +225,8 @@ class Assistant:
             ids, mask = left_pad(prompts, self.tokenizer.pad_token_id, model_device(self.model))
             scored = score_and_decode_batch(
                 self.model, self.tokenizer, prompts, ids, mask, requests[0].settings,
-                choice_prefix=self.answer_format.prefix_ids(self.tokenizer), options=self.answer_format.options(self.tokenizer),
                 targets=[[] for _ in rows], seed=self.seed,  # per batch: an answer asked alone can be reproduced
-                followup=lambda text: self.answer_format.after_answer_ids(self.tokenizer, text),
+                **self.scorer.reading(),  # the eval stages' way of reading the options
                 row_context=lambda i: self._adapter(rows[i].adapter), on_choices=show_choices,
                 streamer=batch, stopping_criteria=StoppingCriteriaList([batch.cancelled]),
                 adapter_names=[self.model.active_adapter if row.adapter else BASE for row in rows])

@@ -54,14 +54,16 @@ def fit_offsets(loglik: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return grid[best[np.argmin(np.linalg.norm(grid[best], axis=1))]]
 
 
-def rounded_probabilities(probs: np.ndarray) -> dict[str, float]:
-    """One question's option probabilities by decision, rounded as the prediction rows store them."""
-    return {d: round(float(p), 6) for d, p in zip(DECISIONS, probs)}
+def rounded_by_decision(values: np.ndarray) -> dict[str, float]:
+    """One value per option (a question's probabilities, a model's offsets) by decision, rounded as the
+    prediction rows and metrics store them."""
+    return {d: round(float(v), 6) for d, v in zip(DECISIONS, values)}
 
 
-def decision_codes(decisions: Sequence[str]) -> np.ndarray:
-    """Decisions as option indices (DECISIONS[i] is i): what `fit_offsets` takes as the truth."""
-    return np.array([DECISIONS.index(d) for d in decisions])
+def reference_codes(examples: Sequence[dict]) -> np.ndarray:
+    """Each example's reference decision as an option index (DECISIONS[i] is i): the truth
+    `fit_offsets` and the validation summaries take."""
+    return np.array([DECISIONS.index(ex["final_decision"]) for ex in examples])
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ class Fit:
 
 
 def _prior_entry(fitted: Fitted) -> dict[str, Any]:
-    return {"content_free_prior": rounded_probabilities(fitted.values)}
+    return {"content_free_prior": rounded_by_decision(fitted.values)}
 
 
 def _prior_text(section: dict[str, Any]) -> str:
@@ -96,8 +98,7 @@ def _prior_text(section: dict[str, Any]) -> str:
 
 
 def _offsets_entry(fitted: Fitted) -> dict[str, Any]:
-    return {"fitted": {d: round(float(o), 6) for d, o in zip(DECISIONS, fitted.values)},
-            "validation_questions": fitted.prompts}
+    return {"fitted": rounded_by_decision(fitted.values), "validation_questions": fitted.prompts}
 
 
 def _offsets_text(section: dict[str, Any]) -> str:
@@ -210,5 +211,5 @@ def read_decisions(evidence: DecisionEvidence, protocols: Sequence[Protocol] = P
         for i, row in enumerate(columns):
             row[f"decision_{protocol.name}"] = decisions[i]
             if probs is not None:
-                row[f"{protocol.name}_probs"] = rounded_probabilities(probs[i])
+                row[f"{protocol.name}_probs"] = rounded_by_decision(probs[i])
     return columns

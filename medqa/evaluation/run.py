@@ -33,16 +33,11 @@ log = logging.getLogger(__name__)
 EVAL_SECTIONS = ("model", "prompt", "generation", "eval")  # the params sections that decide an eval stage's outputs
 
 
-def validation_truth(examples: list[dict]) -> np.ndarray:
-    """Each example's reference decision, coded as `metrics.CODES` (the option order)."""
-    return np.array([metrics.CODES[ex["final_decision"]] for ex in examples])
-
-
 def validation_decisions(scorer: DecisionScorer, examples: list[dict], n_resamples: int = 1000,
                          seed: int = 0) -> dict[str, Any]:
     """Choice-scored decisions on held-out examples, summarised by `metrics.choice_summary` (the
     finetune stage's validation check)."""
-    return metrics.choice_summary(validation_truth(examples), scorer.choices(examples), n_resamples, seed)
+    return metrics.choice_summary(answers.reference_codes(examples), scorer.choices(examples), n_resamples, seed)
 
 
 def _text_scores(long_answers: list[str], references: list[str], evaluation: EvalParams,

@@ -39,6 +39,13 @@ class DecisionScorer:
     def _options(self) -> list[list[int]]:
         return self.answer_format.options(self.tokenizer)
 
+    def reading(self) -> dict[str, Any]:
+        """How the generation pass (`generation.score_and_decode_batch`, `generate_and_score`) reads the
+        options: after the prompt and the answer prefix (`choice_prefix`), and after the model's own
+        answer (`followup`)."""
+        return {"choice_prefix": self.answer_format.prefix_ids(self.tokenizer), "options": self._options(),
+                "followup": lambda text: self.answer_format.after_answer_ids(self.tokenizer, text)}
+
     def after_prompts(self, prompts: list[list[int]], desc: str | None = None) -> np.ndarray:
         """Log-likelihood of " yes", " no", " maybe" after each prompt (token ids) and the answer prefix,
         shape (n, 3)."""
@@ -75,10 +82,8 @@ class DecisionScorer:
         prefix (`after_answer`), and the summed log-likelihood of each reference target (token ids).
         `done` and `on_batch`: resuming (`generate_and_score`)."""
         return generate_and_score(
-            self.model, self.tokenizer, prompts, config, choice_prefix=self.answer_format.prefix_ids(self.tokenizer),
-            options=self._options(), targets=targets, batch_size=self.batch_size, seed=seed,
-            followup=lambda text: self.answer_format.after_answer_ids(self.tokenizer, text), desc=desc,
-            done=done, on_batch=on_batch,
+            self.model, self.tokenizer, prompts, config, targets=targets, batch_size=self.batch_size, seed=seed,
+            desc=desc, done=done, on_batch=on_batch, **self.reading(),
         )
 
     def content_free(self, prompt: PromptParams, model_name: str) -> np.ndarray:
@@ -103,8 +108,7 @@ class DecisionScorer:
                     raise PipelineError(f"no validation questions to fit the {protocol.label} protocol's "
                                         f"{protocol.fit.label.lower()} on: raise split.val_size")
                 else:
-                    scored["validation"] = (self.after_examples(validation),
-                                            answers.decision_codes([ex["final_decision"] for ex in validation]))
+                    scored["validation"] = self.after_examples(validation), answers.reference_codes(validation)
             loglik, truth = scored[protocol.fit.on]
             fitted[protocol.name] = answers.Fitted(protocol.fit.fit(loglik, truth), len(loglik))
         return fitted
