@@ -175,6 +175,7 @@ class GenerationParams:
 @dataclass(frozen=True)
 class EvalParams:
     max_samples: int | None = _key(integer(1, nullable=True))
+    long_answer_samples: int | None = _key(integer(1, nullable=True))
     batch_size: int = _key(integer(1))
     max_prompt_length: int = _key(integer(32))
     bertscore_model: str = _key(text())

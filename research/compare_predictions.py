@@ -13,7 +13,7 @@ import argparse
 
 from medqa.decisions.answers import PROTOCOLS
 from medqa.io import read_jsonl
-from medqa.evaluation.metrics import paired_differences, table_from_rows
+from medqa.evaluation.metrics import paired_differences, tables_from_rows
 from medqa.report.render import reported_rows
 
 
@@ -27,7 +27,7 @@ def main() -> None:
     a, b = read_jsonl(args.a), read_jsonl(args.b)
     if [r["pmid"] for r in a] != [r["pmid"] for r in b]:
         raise SystemExit("the two files do not hold the same questions in the same order")
-    differences = paired_differences(table_from_rows(a), table_from_rows(b), args.bootstrap, args.seed)
+    differences = paired_differences(tables_from_rows(a), tables_from_rows(b), args.bootstrap, args.seed)
     print(f"{len(a)} questions; B - A with the paired 95% interval")
     print("| metric | B - A | interval | contains 0 |")
     print("|---|---|---|---|")

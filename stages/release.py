@@ -2,7 +2,7 @@
 from medqa import paths
 from medqa.errors import stage_main
 from medqa.io import read_json, read_jsonl
-from medqa.evaluation.metrics import paired_differences, table_from_rows
+from medqa.evaluation.metrics import paired_differences, tables_from_rows
 from medqa.modeling.loading import TRAINED_ON, read_source
 from medqa.params import load_params
 from medqa.release.card import RunOutcome, card_text, hub_base_model, write_release
@@ -17,8 +17,8 @@ def main() -> None:
         trained_on=read_json(paths.ADAPTER / TRAINED_ON),
         baseline=read_json(base["metrics_path"]),
         finetuned=read_json(tuned["metrics_path"]),
-        differences=paired_differences(table_from_rows(read_jsonl(base["predictions_path"])),
-                                       table_from_rows(read_jsonl(tuned["predictions_path"])),
+        differences=paired_differences(tables_from_rows(read_jsonl(base["predictions_path"])),
+                                       tables_from_rows(read_jsonl(tuned["predictions_path"])),
                                        params.eval.bootstrap, params.eval.seed),
         train=read_json(paths.TRAIN_METRICS),
         split=read_json(paths.SPLIT_METRICS),

@@ -3,10 +3,10 @@ from medqa import paths
 from medqa.decisions.answers import PRIMARY
 from medqa.errors import stage_main
 from medqa.io import read_json, read_jsonl, write_text
-from medqa.evaluation.metrics import paired_differences, table_from_rows
+from medqa.evaluation.metrics import paired_differences, tables_from_rows
 from medqa.params import load_params
 from medqa.report.plots import plot_confusions, plot_head_to_head, plot_losses
-from medqa.report.render import decisions_csv_text, describe_run, judge_section, render_report
+from medqa.report.render import decisions_csv_text, describe_run, judge_section, render_report, standing_section
 from medqa.rubric import OUTCOMES
 
 
@@ -16,7 +16,7 @@ def main() -> None:
     base, tuned = paths.eval_outputs("baseline"), paths.eval_outputs("finetuned")
     base_rows, tuned_rows = read_jsonl(base["predictions_path"]), read_jsonl(tuned["predictions_path"])
     differences = paired_differences(
-        table_from_rows(base_rows), table_from_rows(tuned_rows), params.eval.bootstrap, params.eval.seed
+        tables_from_rows(base_rows), tables_from_rows(tuned_rows), params.eval.bootstrap, params.eval.seed
     )
     plot_losses(paths.LIVE_DIR, paths.LOSS_PNG)
     base_metrics, tuned_metrics = read_json(base["metrics_path"]), read_json(tuned["metrics_path"])
@@ -33,7 +33,8 @@ def main() -> None:
     text = render_report(
         base_metrics, tuned_metrics, differences, read_json(paths.TRAIN_METRICS), base_rows, tuned_rows,
         run=describe_run(params.model.name, params.lora, params.split.strategy), n_examples=params.report.n_examples,
-        loss_png=paths.LOSS_PNG.name, decisions_png=paths.DECISIONS_PNG.name, judge=judge,
+        loss_png=paths.LOSS_PNG.name, decisions_png=paths.DECISIONS_PNG.name,
+        standing=standing_section(base_metrics, tuned_metrics, params.split.strategy), judge=judge,
     )
     write_text(paths.REPORT, text)
     print(f"report: {paths.REPORT}")

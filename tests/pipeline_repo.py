@@ -27,7 +27,8 @@ TINY = {
     "train": {"max_samples": 4, "max_val_samples": 2, "max_steps": -1, "batch_size": 2, "grad_accum": 1,
               "eval_steps": 2, "save_steps": 2, "max_length": 384},
     "generation": {"max_new_tokens": 8},
-    "eval": {"max_samples": 4, "batch_size": 4, "bootstrap": 50},
+    # Decisions on 4 test questions, long answers on 3 of them: one question is read after its prompt only.
+    "eval": {"max_samples": 4, "long_answer_samples": 3, "batch_size": 4, "bootstrap": 50},
     "judge": {"max_samples": 2, "max_context_tokens": 64},
 }
 
@@ -91,7 +92,8 @@ def assert_evaluated_in_the_weights_dtype(output: str) -> None:
 
     hardware = resolve_hardware("auto", "auto")
     for label in ("baseline", "finetuned"):
-        assert f"{label}: 4 test questions on {hardware.device}, {str(hardware.dtype).removeprefix('torch.')}" in output
+        assert (f"{label}: decisions on 4 test questions, long answers on 3 of them, on {hardware.device}, "
+                f"{str(hardware.dtype).removeprefix('torch.')}") in output
 
 
 def check_release(repo: Path, finetuned: dict) -> None:

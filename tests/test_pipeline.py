@@ -65,14 +65,29 @@ def test_pipeline_runs_then_reruns_only_what_changed(project):
     assert 0 <= train["val_choice_accuracy"] <= 1 and sum(train["val_chosen"].values()) == n_val
     assert baseline["decision"]["offsets"]["validation_questions"] == n_val
     assert finetuned["decision"]["offsets"]["fitted"]["yes"] == 0
-    assert baseline["n_questions"] == 4
+    assert (baseline["n_questions"], baseline["n_answers"]) == (4, 3)
+    assert baseline["decision"]["choice"]["n_questions"] == 4 and baseline["decision"]["generated"]["n_questions"] == 3
+    # Every test question's decisions; the generations of the seeded sample only, the same for both models.
     predictions = read_jsonl(repo / "data/predictions/baseline.jsonl")
     assert len(predictions) == 4 and all(p["prompt_id"] and p["pmid"] for p in predictions)
+    assert all(p["decision_choice"] in ("yes", "no", "maybe") and p["decision_offsets"] for p in predictions)
+    sampled = [p["pmid"] for p in predictions if p["generation"] is not None]
+    assert len(sampled) == 3 and all(p["decision_generated"] is None and p["rougeL"] is None
+                                     for p in predictions if p["pmid"] not in sampled)
+    tuned_rows = read_jsonl(repo / "data/predictions/finetuned.jsonl")
+    assert [p["pmid"] for p in tuned_rows if p["generation"] is not None] == sampled
     official = json.loads((repo / "data/predictions/baseline_official.json").read_text())
-    assert set(official) == {p["pmid"] for p in predictions} and set(official.values()) <= {"yes", "no", "maybe"}
+    assert official == {p["pmid"]: p["decision_choice"] for p in predictions}
+    # Scored as PubMedQA's evaluation.py scores it, on these questions' ground truth: the choice accuracy.
+    from medqa.evaluation.official import score_official
+
+    (repo.parent / "truth.json").write_text(json.dumps({p["pmid"]: p["reference_decision"] for p in predictions}))
+    scored = score_official(repo / "data/predictions/baseline_official.json", repo.parent / "truth.json")
+    assert scored["accuracy"] == pytest.approx(baseline["decision"]["choice"]["accuracy"])
     assert (repo / "models/adapter/adapter_model.safetensors").exists()
     report = (repo / "reports/report.md").read_text()
     assert "| Decision accuracy: majority class" in report and "Test labels: " in report
+    assert "Not comparable with published PubMedQA results: this run scored 4 of the 500" in report
     assert "| Decision accuracy (choice)" in report and "![loss curves](loss.png)" in report
     assert "| Decision accuracy (choice + offsets) minus the majority class's" in report
     assert f"({n_val} validation questions)" in report
@@ -82,11 +97,11 @@ def test_pipeline_runs_then_reruns_only_what_changed(project):
     assert confusion[0] == "pmid,reference,decision" and len(confusion) == 5
     assert train["base_val_loss"] > 0 and "for the base model at step 0" in report
     judged = json.loads((repo / "metrics/judge.json").read_text())
-    assert judged["n_questions"] == 2 and judged["n_test_questions"] == 4
+    assert judged["n_questions"] == 2 and judged["n_test_questions"] == 3
     assert set(judged["criteria"]) == {"helpfulness", "relevance", "completeness", "correctness"}
     assert sum(judged["head_to_head"][o]["mean"] for o in ("win", "tie", "loss")) == pytest.approx(1.0)
     verdicts = read_jsonl(repo / "data/predictions/judge.jsonl")
-    assert len(verdicts) == 2 and {v["pmid"] for v in verdicts} <= {p["pmid"] for p in predictions}
+    assert len(verdicts) == 2 and {v["pmid"] for v in verdicts} <= set(sampled)
     assert all(1 <= v["ratings"][m]["correctness"]["score"] <= 4 for v in verdicts for m in ("baseline", "finetuned"))
     assert "## LLM judge" in report and "**A weak judge.**" in report and "![head to head](judge.png)" in report
     assert (repo / "reports/judge.png").stat().st_size > 1000

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from medqa.evaluation.metrics import paired_differences, summarize, table_from_rows
+from medqa.evaluation.metrics import paired_differences, summarize, tables_from_rows
 from medqa.params import load_params
 from medqa.release.card import CARD, REPO_PLACEHOLDER, RunOutcome, card_results, card_text, write_release
 from tests.test_metrics import _row
@@ -23,7 +23,7 @@ HUB_SOURCE = {"hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "weights": "local
 def _outcome(source: dict = HUB_SOURCE) -> RunOutcome:
     base_rows = [_row(t, "yes", score=0.2) for t in TRUTHS]
     tuned_rows = [_row(t, t if i % 2 else "yes", score=0.4) for i, t in enumerate(TRUTHS)]
-    base, tuned = table_from_rows(base_rows), table_from_rows(tuned_rows)
+    base, tuned = tables_from_rows(base_rows), tables_from_rows(tuned_rows)
     return RunOutcome(
         source=source, trained_on={"quantization": "none", "dtype": "float32", "optim": "adamw_torch"},
         baseline=summarize(base, 50, 0), finetuned=summarize(tuned, 50, 0),

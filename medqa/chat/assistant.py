@@ -159,8 +159,7 @@ class Assistant:
         """Each question's reading by every decision protocol from its `choice` log-likelihoods, and,
         given the model's `answers` and the log-likelihoods `after` them, the protocols that need the
         answer too."""
-        evidence = DecisionEvidence(answers or [""] * len(choice), choice,
-                                    np.full_like(choice, np.nan) if after is None else after, self.answer_format, fitted)
+        evidence = DecisionEvidence(choice, self.answer_format, answers, after, fitted)
         readings: list[dict[str, Decision]] = [{} for _ in choice]
         for protocol in CHAT_PROTOCOLS:
             if answers is not None or not protocol.needs_generation:

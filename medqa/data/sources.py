@@ -190,6 +190,12 @@ def _test_labels(raw: dict) -> dict[str, str]:
     return {str(k): _normal_decision(v) for k, v in raw.items()}
 
 
+def read_official_labels(path: Path) -> dict[str, str]:
+    """An official-format file, {pmid: decision} (PubMedQA's test_ground_truth.json, or the eval stages'
+    `<model>_official.json`), with string ids and normalised decisions."""
+    return _test_labels(_read_json_file(Path(path).expanduser()))
+
+
 def test_labels_location(source: str, url: str | None) -> str | None:
     """Where the official test split's labels come from: the source directory's test_ground_truth.json,
     else `url` (a local path or an address); None when there is neither."""
@@ -208,7 +214,7 @@ def load_test_labels(source: str, url: str | None) -> dict[str, str] | None:
     if where is None:
         return None
     if Path(where).expanduser().exists():
-        return _test_labels(_read_json_file(Path(where).expanduser()))
+        return read_official_labels(Path(where))
     try:
         with urllib.request.urlopen(where, timeout=30) as resp:
             return _test_labels(json.load(resp))

@@ -85,6 +85,17 @@ def validation_loss_examples(val: list[Record], train: TrainParams, seed: int) -
     return cap(val, train.max_val_samples, seed, "train.max_val_samples")
 
 
+def long_answer_sample(test: list[Record], evaluation: EvalParams) -> list[int]:
+    """The indices (in `test`'s order) of the test questions whose long answers the eval stages generate:
+    a seeded, stratified `eval.long_answer_samples` of them, or all of them when that is null or at least
+    their number. Both eval stages draw the same sample; every test question's decisions are scored."""
+    wanted = evaluation.long_answer_samples
+    if wanted is None or wanted >= len(test):
+        return list(range(len(test)))
+    chosen = {r["pmid"] for r in cap(test, wanted, evaluation.seed, "eval.long_answer_samples")}
+    return [i for i, r in enumerate(test) if r["pmid"] in chosen]
+
+
 def split_records(rows: list[Record], split: SplitParams,
                   test_labels: dict[str, str] | None) -> dict[str, list[Record]]:
     """Split into train/val/test by the official test PMIDs (`test_labels`) or a seeded stratified random

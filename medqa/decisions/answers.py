@@ -111,15 +111,16 @@ def _offsets_text(section: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class DecisionEvidence:
-    """What the decision protocols read, per question: the generated answers and the options'
-    log-likelihoods straight after the prompt and the answer prefix, and after the model's own answer
-    (shape (n, 3) each); the answer format the generations are parsed with; and per model, what the
-    protocols fitted (protocol name -> `Fitted`)."""
+    """What the decision protocols read, per question: the options' log-likelihoods straight after the
+    prompt and the answer prefix (shape (n, 3)), and where answers were generated, the answers and the
+    options' log-likelihoods after them (None for questions read after the prompt only, which only
+    the protocols that do not need a generation read); the answer format the generations are parsed
+    with; and per model, what the protocols fitted (protocol name -> `Fitted`)."""
 
-    generations: Sequence[str]
     choice: np.ndarray
-    after_answer: np.ndarray
     answer_format: AnswerFormat
+    generations: Sequence[str] | None = None
+    after_answer: np.ndarray | None = None
     fitted: Mapping[str, Fitted] = field(default_factory=dict)
 
 
@@ -202,8 +203,10 @@ def protocol(name: str) -> Protocol:
 def read_decisions(evidence: DecisionEvidence, protocols: Sequence[Protocol] = PROTOCOLS) -> list[dict[str, Any]]:
     """Per question, each protocol's decision (`decision_<name>`) and, where it has them, the
     probabilities behind it (`<name>_probs`, rounded): the prediction rows' decision columns."""
-    columns: list[dict[str, Any]] = [{} for _ in evidence.generations]
+    columns: list[dict[str, Any]] = [{} for _ in evidence.choice]
     for protocol in protocols:
+        if protocol.needs_generation and evidence.generations is None:
+            raise ValueError(f"protocol {protocol.name!r} reads the generated answers, and there are none")
         if protocol.fit is not None and protocol.name not in evidence.fitted:
             raise ValueError(f"protocol {protocol.name!r} needs its {protocol.fit.label.lower()} fitted "
                              f"on the {protocol.fit.on.replace('_', '-')} prompts")

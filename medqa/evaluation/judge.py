@@ -237,11 +237,15 @@ def run_judge(
     judge_params: JudgeParams, model: ModelParams, base_rows: list[dict], tuned_rows: list[dict],
     examples: list[dict], judge_dir: Path, evaluation: EvalParams, progress: Progress | None = None,
 ) -> tuple[list[dict], dict]:
-    """Judge both models' answers on a seeded subset of the test questions: the per-question rows
+    """Judge both models' answers on a seeded subset of the test questions whose answers the eval stages
+    generated: the per-question rows
     and the metrics (`summarize_judgements`, bootstrapped as `evaluation` says, with the judge's name and
     size). With `progress`, the
     questions an interrupted run judged are taken from it and each judged one is kept there (the
     stage clears it once its outputs are written)."""
+    from medqa.evaluation.metrics import answered
+
+    base_rows, tuned_rows = answered(base_rows), answered(tuned_rows)  # the eval stages' sample of long answers
     if [r["pmid"] for r in base_rows] != [r["pmid"] for r in tuned_rows]:
         raise ValueError("the judge needs both models' answers to the same test questions, in the same order")
     chosen = judge_subset(len(base_rows), judge_params.max_samples, judge_params.seed)

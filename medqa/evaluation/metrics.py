@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from medqa.decisions.answer_format import DECISIONS, NO_DECISION
-from medqa.decisions.answers import PRIMARY, PROTOCOL_NAMES, PROTOCOLS
+from medqa.decisions.answers import PRIMARY, PROTOCOL_NAMES, PROTOCOLS, Protocol, protocol
 from medqa.evaluation.text_metrics import TEXT_METRICS, TEXT_SCORES, Statistic, Table, mean_of, bleu_sentence_stats
 
 log = logging.getLogger(__name__)
@@ -21,27 +21,44 @@ log = logging.getLogger(__name__)
 CODES = {label: i for i, label in enumerate(list(DECISIONS) + [NO_DECISION])}
 LABEL_IDS = list(range(len(DECISIONS)))
 
+# The two sets of test questions a metric is taken over: every test question (the decisions read after
+# the prompt), and the seeded sample whose long answers were generated (the text metrics and the
+# protocols that read the generated answer), `eval.long_answer_samples` of them.
+QUESTIONS, ANSWERS = "questions", "answers"
+Tables = dict[str, Table]  # QUESTIONS and ANSWERS -> the per-question table of those questions
 
-def decision_table(rows: Sequence[dict]) -> Table:
-    """The reference decisions (`truth`) and each protocol's decisions of prediction rows, as CODES
-    (an answer without a decision: its own code)."""
+
+def answered(rows: Sequence[dict]) -> list[dict]:
+    """The prediction rows with a generated long answer (the eval stages' seeded sample)."""
+    return [r for r in rows if r.get("answer") is not None]
+
+
+def decision_table(rows: Sequence[dict], protocols: Sequence[str] = PROTOCOL_NAMES) -> Table:
+    """The reference decisions (`truth`) and each of `protocols`' decisions of prediction rows, as
+    CODES (an answer without a decision: its own code)."""
     return {
         "truth": np.array([CODES[r["reference_decision"]] for r in rows]),
         **{protocol: np.array([CODES.get(r[f"decision_{protocol}"], CODES[NO_DECISION]) for r in rows])
-           for protocol in PROTOCOL_NAMES},
+           for protocol in protocols},
     }
 
 
-def table_from_rows(rows: Sequence[dict]) -> Table:
-    """The per-question table from prediction rows (as written to data/predictions/*.jsonl)."""
-    answers = [r["answer"] for r in rows]
-    references = [r["reference"] for r in rows]
+def tables_from_rows(rows: Sequence[dict]) -> Tables:
+    """The per-question tables of prediction rows (as written to data/predictions/*.jsonl): every
+    question's decisions read after the prompt (QUESTIONS), and on the questions with a generated
+    answer, every protocol's decisions and the text scores (ANSWERS)."""
+    sample = answered(rows)
+    answers = [r["answer"] for r in sample]
+    references = [r["reference"] for r in sample]
     return {
-        **decision_table(rows),
-        **{k: np.array([r[k] for r in rows], dtype=float) for k in TEXT_SCORES},
-        "nll": np.array([r["answer_nll"] for r in rows], dtype=float),
-        "n_tokens": np.array([r["answer_tokens"] for r in rows], dtype=float),
-        "bleu": bleu_sentence_stats(answers, references),
+        QUESTIONS: decision_table(rows, [p.name for p in PROTOCOLS if not p.needs_generation]),
+        ANSWERS: {
+            **decision_table(sample),
+            **{k: np.array([r[k] for r in sample], dtype=float) for k in TEXT_SCORES},
+            "nll": np.array([r["answer_nll"] for r in sample], dtype=float),
+            "n_tokens": np.array([r["answer_tokens"] for r in sample], dtype=float),
+            "bleu": bleu_sentence_stats(answers, references),
+        },
     }
 
 
@@ -78,6 +95,19 @@ STATISTICS: dict[str, Statistic] = {
     **{f"decision.{col}.accuracy": _accuracy(col) for col in PROTOCOL_NAMES},
     **{f"decision.{col}.{avg}_f1": _f1(col, avg) for col in PROTOCOL_NAMES for avg in ("macro", "weighted")},
     **{f"text.{m.name}": m.statistic or mean_of(m.name) for m in TEXT_METRICS},
+}
+
+
+def protocol_population(protocol: Protocol) -> str:
+    """The questions a protocol's decisions are read on: all (QUESTIONS), or only those with a generated
+    answer (ANSWERS) where it reads the answer."""
+    return ANSWERS if protocol.needs_generation else QUESTIONS
+
+
+# Each statistic's set of questions: the text metrics' and the answer-reading protocols' are the sample's.
+POPULATION: dict[str, str] = {
+    name: protocol_population(protocol(name.split(".")[1])) if name.startswith("decision.") else ANSWERS
+    for name in STATISTICS
 }
 
 
@@ -124,21 +154,24 @@ def _decision_details(table: Table, col: str) -> dict:
     }
 
 
-def summarize(table: Table, n_resamples: int, seed: int) -> dict:
-    """All metrics with `_ci_low`/`_ci_high` siblings, nested as decision.<protocol>.* and text.*."""
-    n = len(table["truth"])
-    out: dict = {"n_questions": n}
+def summarize(tables: Tables, n_resamples: int, seed: int) -> dict:
+    """All metrics with `_ci_low`/`_ci_high` siblings, nested as decision.<protocol>.* and text.*, each
+    over its `POPULATION`'s table; how many questions each set holds (`n_questions`, `n_answers`, and
+    per protocol)."""
+    out: dict = {"n_questions": len(tables[QUESTIONS]["truth"]), "n_answers": len(tables[ANSWERS]["truth"])}
     for name, statistic in STATISTICS.items():
-        low, high = bootstrap_interval(lambda i, f=statistic: f(table, i), n, n_resamples, seed)
+        table = tables[POPULATION[name]]
+        n = len(table["truth"])
+        low, high = bootstrap_interval(lambda i, f=statistic, t=table: f(t, i), n, n_resamples, seed)
         _set(out, name, statistic(table, np.arange(n)))
         _set(out, f"{name}_ci_low", low)
         _set(out, f"{name}_ci_high", high)
-    for col in PROTOCOL_NAMES:
-        out["decision"][col].update(_decision_details(table, col))
-    out["decision"].update(trivial_baselines(table["truth"]))
-    for protocol in PROTOCOLS:
-        if protocol.over_majority:
-            out["decision"][protocol.name]["over_majority"] = gain_over_majority(table, n_resamples, seed, protocol.name)
+    for p in PROTOCOLS:
+        table = tables[protocol_population(p)]
+        out["decision"][p.name].update(n_questions=len(table["truth"]), **_decision_details(table, p.name))
+        if p.over_majority:
+            out["decision"][p.name]["over_majority"] = gain_over_majority(table, n_resamples, seed, p.name)
+    out["decision"].update(trivial_baselines(tables[QUESTIONS]["truth"]))
     return out
 
 
@@ -207,13 +240,16 @@ def _majority_table(truth: np.ndarray, protocol: str = PRIMARY.name) -> Table:
     return {"truth": truth, protocol: majority_decisions(truth)}
 
 
-def paired_differences(base: Table, tuned: Table, n_resamples: int, seed: int) -> dict[str, tuple[float, float, float]]:
+def paired_differences(base: Tables, tuned: Tables, n_resamples: int,
+                       seed: int) -> dict[str, tuple[float, float, float]]:
     """For each metric: fine-tuned minus baseline on the same questions, with its paired 95% interval."""
-    n = len(base["truth"])
-    if len(tuned["truth"]) != n or not np.array_equal(base["truth"], tuned["truth"]):
-        raise ValueError("paired differences need both models evaluated on the same questions")
+    for population in (QUESTIONS, ANSWERS):
+        if not np.array_equal(base[population]["truth"], tuned[population]["truth"]):
+            raise ValueError("paired differences need both models evaluated on the same questions")
     out = {}
     for name, statistic in STATISTICS.items():
-        diff = lambda i, f=statistic: f(tuned, i) - f(base, i)  # noqa: E731
+        b, t = base[POPULATION[name]], tuned[POPULATION[name]]
+        diff = lambda i, f=statistic, b=b, t=t: f(t, i) - f(b, i)  # noqa: E731
+        n = len(b["truth"])
         out[name] = (diff(np.arange(n)), *bootstrap_interval(diff, n, n_resamples, seed))
     return out

@@ -11,8 +11,9 @@ import numpy as np
 from medqa import paths
 from medqa.decisions import answers
 from medqa.evaluation import metrics
-from medqa.evaluation.text_metrics import text_scores
+from medqa.evaluation.text_metrics import TEXT_SCORES, text_scores
 from medqa.decisions.answer_format import AnswerFormat
+from medqa.data.splits import long_answer_sample
 from medqa.decisions.answers import Fitted
 from medqa.errors import explain_out_of_memory
 from medqa.inference.decisions import DecisionScorer
@@ -48,36 +49,59 @@ def _text_scores(long_answers: list[str], references: list[str], evaluation: Eva
     return text_scores(long_answers, references, evaluation)
 
 
-def _decision_columns(scored: ScoredAnswers, answer_format: AnswerFormat, fitted: dict[str, Fitted]) -> list[dict]:
-    """Per question, the decision of each protocol (`answers.PROTOCOLS`) and the probabilities behind
-    it, and where the after-answer reading cut the generation."""
-    evidence = answers.DecisionEvidence(scored.generations, np.array(scored.choices), np.array(scored.after_answer),
-                                        answer_format, fitted)
-    return [dict(columns, after_answer_at=answer_format.after_answer_at(generation))
-            for columns, generation in zip(answers.read_decisions(evidence), scored.generations)]
+def _decision_columns(choices: np.ndarray, scored: ScoredAnswers, sample: list[int], answer_format: AnswerFormat,
+                      fitted: dict[str, Fitted]) -> list[dict]:
+    """Per test question, the decision of each protocol (`answers.PROTOCOLS`) and the probabilities behind
+    it: every question's for the protocols that read the options after the prompt (`choices`), and on
+    the `sample` whose answers were generated (`scored`, in the sample's order), those that read the
+    answer (None elsewhere)."""
+    after_prompt = [p for p in answers.PROTOCOLS if not p.needs_generation]
+    after_answer = [p for p in answers.PROTOCOLS if p.needs_generation]
+    columns = answers.read_decisions(answers.DecisionEvidence(choices, answer_format, fitted=fitted), after_prompt)
+    for row in columns:
+        row.update({f"decision_{p.name}": None for p in after_answer})
+    evidence = answers.DecisionEvidence(choices[sample], answer_format, scored.generations,
+                                        np.array(scored.after_answer).reshape(len(sample), -1), fitted)
+    for i, read in zip(sample, answers.read_decisions(evidence, after_answer)):
+        columns[i].update(read)
+    return columns
 
 
-def _prediction_row(ex: dict, generation: str, long_answer: str, decisions: dict, target_loglik: float,
-                    target_tokens: int, scores: dict[str, float]) -> dict:
-    """One line of the predictions file: the question, what the model said and how it scored."""
+# What a prediction row holds of a generated answer: None where the question's answer was not generated.
+ANSWER_FIELDS = ("generation", "answer", "after_answer_at", "answer_nll", "answer_tokens", *TEXT_SCORES)
+
+
+def _answer_fields(generation: str, answer_format: AnswerFormat, target_loglik: float, target_tokens: int,
+                   scores: dict[str, float]) -> dict:
+    """A generated answer's fields of its prediction row: the text, its long answer, where the
+    after-answer reading cut it, the reference target's likelihood and the text scores."""
     return {
-        "pmid": ex["pmid"],
-        "prompt_id": ex["prompt_id"],
-        "question": ex["question"],
-        "reference": ex["long_answer"],
-        "reference_decision": ex["final_decision"],
         "generation": generation,
-        "answer": long_answer,
-        **decisions,
+        "answer": answer_format.long_answer(generation),
+        "after_answer_at": answer_format.after_answer_at(generation),
         "answer_nll": -float(target_loglik),
         "answer_tokens": target_tokens,
         **{k: round(float(v), 6) for k, v in scores.items()},
     }
 
 
+def _prediction_row(ex: dict, decisions: dict, answer: dict | None) -> dict:
+    """One line of the predictions file: the question, how each protocol decided and, where its answer
+    was generated, what the model said and how it scored."""
+    return {
+        "pmid": ex["pmid"],
+        "prompt_id": ex["prompt_id"],
+        "question": ex["question"],
+        "reference": ex["long_answer"],
+        "reference_decision": ex["final_decision"],
+        **decisions,
+        **(answer or dict.fromkeys(ANSWER_FIELDS)),
+    }
+
+
 def _write_outputs(rows: list[dict], result: dict, files: EvalFiles) -> None:
     write_jsonl(files.predictions, rows)
-    # The official format holds the published protocol's decisions.
+    # The official format holds the published protocol's decisions, for every test question.
     write_json(files.official, {r["pmid"]: r[f"decision_{answers.PRIMARY.name}"] for r in rows})
     write_json(files.metrics, result)
 
@@ -103,41 +127,71 @@ class EvalFiles:
                    outputs["official_path"], outputs["metrics_path"])
 
 
+def _score_after_prompts(scorer: DecisionScorer, prompts: list[list[int]], keys: list[str], label: str,
+                         progress: Progress | None) -> np.ndarray:
+    """The options' log-likelihoods after each prompt and the answer prefix (one prefill each, batched
+    by length), shape (n, 3); with `progress`, those an interrupted run finished are reused and each
+    finished batch is kept (by `keys`, the questions' pmids)."""
+    reused = progress.reused(keys, f"{label} decisions") if progress else {}
+    done = {i: reused[key]["choices"] for i, key in enumerate(keys) if key in reused}
+    keep = (lambda batch: progress.add({keys[i]: {"choices": v} for i, v in batch.items()})) if progress else None
+    return scorer.after_prompts(prompts, desc=f"{label}: decisions", done=done, on_batch=keep)
+
+
+def _answer_and_score(scorer: DecisionScorer, prompts: list[list[int]], targets: list[list[int]], keys: list[str],
+                      generation: GenerationParams, label: str, progress: Progress | None) -> ScoredAnswers:
+    """The generated answers to `prompts` and everything read from their prefill and decoding
+    (`DecisionScorer.answer_and_score`), resumable like `_score_after_prompts`."""
+    reused = progress.reused(keys, f"{label} answers") if progress else {}
+    done = {i: reused[key] for i, key in enumerate(keys) if key in reused}
+    keep = (lambda rows: progress.add({keys[i]: row for i, row in rows.items()})) if progress else None
+    return scorer.answer_and_score(prompts, targets, generation_config_from_params(generation), generation.seed,
+                                   desc=f"{label}: generating and scoring", done=done, on_batch=keep)
+
+
 @explain_out_of_memory("lower eval.batch_size or eval.max_prompt_length, or on CUDA keep model.quantization=auto")
 def run_evaluation(model: ModelParams, prompt: PromptParams, generation: GenerationParams, evaluation: EvalParams,
                    files: EvalFiles, label: str, progress: Progress | None = None) -> dict:
-    """Evaluate the base model (or base + adapter) on the test split and write all three outputs (what
-    the protocols fit, on the content-free prompts and the validation split); with `progress`, the questions an
-    interrupted run finished are taken from it, and each finished batch is kept there until the outputs
-    are written."""
+    """Evaluate the base model (or base + adapter) on the test split and write all three outputs: every
+    test question's decisions, read after its prompt, and on the seeded sample of `eval.long_answer_samples`
+    questions (`long_answer_sample`) the generated answers, the decisions read from them and their text
+    metrics (what the protocols fit, on the content-free prompts and the validation split). With
+    `progress`, the questions an interrupted run finished are taken from it, and each finished batch is
+    kept there until the outputs are written."""
     answer_format = AnswerFormat.of(prompt)
     examples = read_jsonl(files.test)
-    loaded = load_for_inference(files.base_dir, resolve_hardware(model.quantization, model.dtype), files.adapter_dir)
+    sample = long_answer_sample(examples, evaluation)
+    rest = sorted(set(range(len(examples))) - set(sample))
+    loaded = load_for_inference(files.base_dir, resolve_hardware(model.quantization, model.dtype), files.adapter_dir,
+                                merge=True)
     tokenizer, hardware = loaded.tokenizer, loaded.hardware
-    log.info("%s: %d test questions on %s, %s%s", label, len(examples), hardware.device,
-             str(hardware.dtype).removeprefix("torch."), " (4-bit nf4 base)" if hardware.quantize_4bit else "")
+    log.info("%s: decisions on %d test questions, long answers on %d of them, on %s, %s%s", label, len(examples),
+             len(sample), hardware.device, str(hardware.dtype).removeprefix("torch."),
+             " (4-bit nf4 base)" if hardware.quantize_4bit else "")
 
     prompts = [fit_prompt(ex, tokenizer, evaluation.max_prompt_length) for ex in examples]
-    targets = [token_ids(tokenizer, ex["target"]) for ex in examples]
-    reused = progress.reused([ex["pmid"] for ex in examples], label) if progress else {}
-    done = {i: reused[ex["pmid"]] for i, ex in enumerate(examples) if ex["pmid"] in reused}
+    pmids = [ex["pmid"] for ex in examples]
     scorer = DecisionScorer(loaded.model, tokenizer, answer_format, evaluation.max_prompt_length, evaluation.batch_size)
-    scored = scorer.answer_and_score(
-        prompts, targets, generation_config_from_params(generation), generation.seed,
-        desc=f"{label}: generating and scoring", done=done,
-        on_batch=(lambda rows: progress.add({examples[i]["pmid"]: row for i, row in rows.items()})) if progress else None,
-    )
+    choices = np.zeros((len(examples), len(answer_format.options(tokenizer))))
+    if rest:  # (none where every question's answer is generated)
+        choices[rest] = _score_after_prompts(scorer, [prompts[i] for i in rest], [pmids[i] for i in rest], label,
+                                             progress)
+    targets = [token_ids(tokenizer, examples[i]["target"]) for i in sample]
+    scored = _answer_and_score(scorer, [prompts[i] for i in sample], targets, [pmids[i] for i in sample], generation,
+                               label, progress)
+    choices[sample] = np.array(scored.choices).reshape(len(sample), -1)
     fitted = scorer.fit(answers.PROTOCOLS, prompt, model.name, read_jsonl(files.val))
-    del loaded  # BERTScore loads its own model next
+    del loaded, scorer  # BERTScore loads its own model next
 
     long_answers = [answer_format.long_answer(g) for g in scored.generations]
-    scores = _text_scores(long_answers, [ex["long_answer"] for ex in examples], evaluation, label)
-    rows = [
-        _prediction_row(ex, scored.generations[i], long_answers[i], decisions, scored.target_loglik[i],
-                        len(targets[i]), {k: v[i] for k, v in scores.items()})
-        for i, (ex, decisions) in enumerate(zip(examples, _decision_columns(scored, answer_format, fitted)))
-    ]
-    result = metrics.summarize(metrics.table_from_rows(rows), evaluation.bootstrap, evaluation.seed)
+    scores = _text_scores(long_answers, [examples[i]["long_answer"] for i in sample], evaluation, label)
+    generated = {i: _answer_fields(scored.generations[k], answer_format, scored.target_loglik[k], len(targets[k]),
+                                   {name: v[k] for name, v in scores.items()})
+                 for k, i in enumerate(sample)}
+    rows = [_prediction_row(ex, decisions, generated.get(i))
+            for i, (ex, decisions) in enumerate(zip(examples, _decision_columns(choices, scored, sample,
+                                                                                 answer_format, fitted)))]
+    result = metrics.summarize(metrics.tables_from_rows(rows), evaluation.bootstrap, evaluation.seed)
     for protocol in answers.PROTOCOLS:
         if protocol.name in fitted:
             result["decision"][protocol.name].update(protocol.fit.entry(fitted[protocol.name]))
@@ -145,8 +199,12 @@ def run_evaluation(model: ModelParams, prompt: PromptParams, generation: Generat
     if progress:
         progress.finish()
     log.info(
-        "%s: decision accuracy %s; ROUGE-L %.3f, token F1 %.3f, BERTScore F1 %.3f, perplexity %.2f", label,
-        ", ".join(f"{p.label} {result['decision'][p.name]['accuracy']:.3f}" for p in answers.PROTOCOLS),
+        "%s: decision accuracy on %d questions %s; on %d answers %s; ROUGE-L %.3f, token F1 %.3f, BERTScore F1 %.3f, "
+        "perplexity %.2f", label, len(examples),
+        ", ".join(f"{p.label} {result['decision'][p.name]['accuracy']:.3f}" for p in answers.PROTOCOLS
+                  if not p.needs_generation), len(sample),
+        ", ".join(f"{p.label} {result['decision'][p.name]['accuracy']:.3f}" for p in answers.PROTOCOLS
+                  if p.needs_generation),
         result["text"]["rougeL"], result["text"]["token_f1"], result["text"]["bertscore_f1"],
         result["text"]["perplexity"],
     )

@@ -14,7 +14,7 @@ from medqa.decisions import answers
 from medqa.decisions.answer_format import AnswerFormat
 from medqa.errors import PipelineError
 from medqa.inference.generation import ScoredAnswers, generate_and_score
-from medqa.inference.scoring import score_choices
+from medqa.inference.scoring import score_choices, score_choices_alone
 from medqa.prompting.prompts import content_free_prompts, fit_prompt, prompt_format
 from medqa.tokens import token_ids
 
@@ -46,12 +46,16 @@ class DecisionScorer:
         return {"choice_prefix": self.answer_format.prefix_ids(self.tokenizer), "options": self._options(),
                 "followup": lambda text: self.answer_format.after_answer_ids(self.tokenizer, text)}
 
-    def after_prompts(self, prompts: list[list[int]], desc: str | None = None) -> np.ndarray:
+    def after_prompts(self, prompts: list[list[int]], desc: str | None = None, done: dict[int, list[float]] | None = None,
+                      on_batch: Callable[[dict[int, list[float]]], None] | None = None) -> np.ndarray:
         """Log-likelihood of " yes", " no", " maybe" after each prompt (token ids) and the answer prefix,
-        shape (n, 3)."""
+        shape (n, 3): each prompt prefilled alone, as the generation pass prefills them, the prefix it
+        shares with the one before read once (`score_choices_alone`). `done` and `on_batch` (every
+        `batch_size` prompts): resuming."""
         prefix_ids = self.answer_format.prefix_ids(self.tokenizer)
-        return np.array(score_choices(self.model, [p + prefix_ids for p in prompts], self._options(),
-                                      pad_id=self.tokenizer.pad_token_id, batch_size=self.batch_size, desc=desc))
+        return np.array(score_choices_alone(self.model, [p + prefix_ids for p in prompts], self._options(), desc=desc,
+                                            done=done, on_batch=on_batch, batch_size=self.batch_size)).reshape(
+            len(prompts), -1)
 
     def after_answers(self, prompts: list[list[int]], generations: list[str], desc: str | None = None) -> np.ndarray:
         """Log-likelihood of the options after each prompt, its generated answer and the answer prefix

@@ -1,8 +1,9 @@
 """Scoring without generating: the log-likelihood of continuations and of a question's options after many
-prompts in a batch (`score_choices`), or in a row that shares long prefixes (`SharedPrefixScorer`, the judge)."""
+prompts in a batch (`score_choices`), or one prompt at a time, each read from where it parts from the one
+before (`SharedPrefixScorer`: the judge's prompts, and the eval stages' decisions by `score_choices_alone`)."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -131,3 +132,40 @@ def _shared_options_start(options: Sequence[Sequence[int]]) -> list[int]:
     for option in options[1:]:
         shared = shared[: shared_prefix_length(shared, option)]
     return shared
+
+
+@without_grad
+def score_choices_alone(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    options: Sequence[Sequence[int]],
+    *,
+    desc: str | None = "scoring choices",
+    done: dict[int, list[float]] | None = None,
+    on_batch: Callable[[dict[int, list[float]]], None] | None = None,
+    batch_size: int = 32,
+) -> list[list[float]]:
+    """`score_choices`, each prompt prefilled alone: no compute on padding, which on a CPU costs more than
+    batching saves (docs/benchmarks.md), and in the order of their tokens, so that each prompt is read
+    from where it parts from the one before (`SharedPrefixScorer`): a system prompt and template shared by
+    every prompt are read once.
+
+    Resuming: prompts in `done` (prompt index -> its scores) are taken from there, not read; `on_batch`
+    receives the scores of each `batch_size` prompts computed.
+    """
+    from tqdm.auto import tqdm
+
+    done = done or {}
+    scores: list[list[float]] = [done.get(i, []) for i in range(len(prompts))]
+    scorer = SharedPrefixScorer(model)
+    finished: dict[int, list[float]] = {}
+    for i in tqdm(sorted((i for i in range(len(prompts)) if i not in done), key=lambda i: list(prompts[i])),
+                  desc=desc, unit="q", disable=desc is None):
+        scores[i] = finished[i] = scorer.option_logliks(prompts[i], options)
+        if len(finished) == batch_size:
+            if on_batch is not None:
+                on_batch(finished)
+            finished = {}
+    if finished and on_batch is not None:
+        on_batch(finished)
+    return scores

@@ -205,12 +205,17 @@ class InferenceModel:
 
 
 def load_for_inference(base_dir: str | Path, hardware: Hardware, adapter_dir: str | Path | None = None,
-                       padding_side: str = "left") -> InferenceModel:
+                       padding_side: str = "left", merge: bool = False) -> InferenceModel:
     """The one way the eval stages, the judge, the chat app, the export and the benchmarks load a
     model: the base (4-bit nf4 when `hardware` says so), optionally with the trained LoRA adapter,
-    in eval mode, and its tokenizer (left padding for batched generation)."""
+    in eval mode, and its tokenizer (left padding for batched generation). With `merge`, the adapter is
+    folded into the base weights (peft's `merge_and_unload`): the same model without the adapter's
+    extra matrix products on every forward pass (tested equal within float rounding), where the weights
+    are not 4-bit (merging into nf4 weights would re-quantise them)."""
     read_source(base_dir)  # says to run the download stage when the base model is missing
     if adapter_dir is not None:
         require_adapter(adapter_dir)  # before the base model's weights are loaded
-    return InferenceModel(load_model(base_dir, hardware, adapter_dir), load_tokenizer(base_dir, padding_side),
-                          hardware)
+    model = load_model(base_dir, hardware, adapter_dir)
+    if merge and adapter_dir is not None and not hardware.quantize_4bit:
+        model = model.merge_and_unload()
+    return InferenceModel(model, load_tokenizer(base_dir, padding_side), hardware)

@@ -15,7 +15,8 @@ from medqa.evaluation.text_metrics import TEXT_METRICS
 from medqa.io import atomic_dir
 from medqa.modeling.profiles import get_profile
 from medqa.params import LoraParams, ModelParams, PromptParams, TrainParams
-from medqa.report.render import is_model_metric, label_distribution, fitted_text, metric_at, metrics_table, reported_rows
+from medqa.report.render import (fitted_text, is_model_metric, label_distribution, metric_at, metrics_table,
+                                 questions_behind, reported_rows, standing_section)
 
 DATASET = ("qiaojin/PubMedQA", "pqa_labeled")  # the hub's copy of the data the pipeline trains on
 CARD = "README.md"
@@ -63,7 +64,7 @@ def _eval_results(finetuned: dict, split_strategy: str) -> list[Any]:
         results.append(EvalResult(
             task_type="question-answering", task_name="PubMedQA yes/no/maybe with a long answer",
             dataset_type=DATASET[0], dataset_name="PubMedQA (pqa_labeled)", dataset_config=DATASET[1],
-            dataset_split=f"test ({split_strategy} split, {finetuned['n_questions']} questions)",
+            dataset_split=f"test ({split_strategy} split, {questions_behind(finetuned, path)} questions)",
             metric_type=metric_type, metric_config=config, metric_name=label, metric_value=round(value, 6),
         ))
     return results
@@ -153,7 +154,7 @@ def card_text(outcome: RunOutcome, model: ModelParams, prompt: PromptParams, lor
     base = hub_base_model(outcome.source)
     table = metrics_table(outcome.baseline, outcome.finetuned, outcome.differences).to_markdown(
         index=False, disable_numparse=True)
-    n = outcome.finetuned["n_questions"]
+    n, n_answers = outcome.finetuned["n_questions"], outcome.finetuned["n_answers"]
     return (
         f"---\n{meta.to_yaml()}\n---\n\n"
         f"# {meta.model_name}\n\n"
@@ -165,15 +166,18 @@ def card_text(outcome: RunOutcome, model: ModelParams, prompt: PromptParams, lor
         f"## Prompt\n\n{_prompt_text(prompt)}\n"
         f"## Training\n\n{_training_text(outcome, lora, train, split_strategy)}\n"
         "## Results\n\n"
-        f"{n} test questions (labels: {label_distribution(outcome.finetuned['decision']['labels'])}), the base "
+        f"Decisions on {n} test questions (labels: {label_distribution(outcome.finetuned['decision']['labels'])}), "
+        f"long answers on a seeded sample of {n_answers} of them (the *questions* column), the base "
         "model and this adapter on the same questions. Brackets: 95% bootstrap intervals; the change is "
         "fine-tuned minus base with its paired interval. *Majority class*: always answering the most frequent "
         "decision; a model that does not beat it has not learned the decisions. *choice + offsets*: the "
         "options' log-likelihoods plus offsets fitted on the validation questions, for this adapter "
         f"{fitted_text(protocol('offsets'), outcome.finetuned)}: add them to read its decisions as the table does.\n\n"
         f"{table}\n\n"
+        f"#{standing_section(outcome.baseline, outcome.finetuned, split_strategy)}\n"
         "## Limitations\n\n"
-        f"- {n} test questions: intervals are wide, and differences inside them are not evidence.\n"
+        f"- Intervals are wide on {n} questions and wider on the {n_answers} with generated answers: differences "
+        "inside them are not evidence.\n"
         "- Trained on a few hundred questions; a small model learns the answer's form more than the decision.\n"
         "- Answers follow the abstract it is given and can be wrong, or confidently wrong. Not medical advice; "
         "not for clinical use.\n"

@@ -7,8 +7,10 @@ import pandas as pd
 
 from medqa.decisions.answer_format import DECISIONS
 from medqa.decisions.answers import PRIMARY, PROTOCOLS, Protocol
+from medqa.evaluation.metrics import answered
 from medqa.evaluation.text_metrics import TEXT_METRICS
 from medqa.params import LoraParams
+from medqa.report import published
 
 STATISTIC_LABELS = {"accuracy": "Decision accuracy", "macro_f1": "Decision macro-F1",
                     "weighted_f1": "Decision weighted-F1", "none_rate": "No decision found"}
@@ -55,16 +57,27 @@ def _with_ci(tree: dict, dotted: str) -> str:
     return f"{value:.4f}"
 
 
+def questions_behind(tree: dict, path: str) -> int:
+    """How many test questions a reported row is taken over: every test question for the decisions read
+    after the prompt, the sample with generated answers for the text metrics and the protocols that
+    read the answer."""
+    kind, key = path.split(".")[:2]
+    if kind == "text":
+        return tree["n_answers"]
+    return tree["decision"][key].get("n_questions", tree["n_questions"])
+
+
 def metrics_table(baseline: dict, finetuned: dict, differences: dict[str, tuple[float, float, float]]) -> pd.DataFrame:
-    """One row per metric: baseline and fine-tuned (with 95% CIs) and the paired change (with its CI)."""
+    """One row per metric: the questions it is taken on, baseline and fine-tuned (with 95% CIs) and the
+    paired change (with its CI)."""
     rows = []
     for label, path in reported_rows():
         change = f"{metric_at(finetuned, path) - metric_at(baseline, path):+.4f}" if is_model_metric(path) else ""
         if path in differences:
             _, low, high = differences[path]
             change += f" [{low:+.4f}, {high:+.4f}]"
-        rows.append({"metric": label, "baseline": _with_ci(baseline, path),
-                     "fine-tuned": _with_ci(finetuned, path), "change": change})
+        rows.append({"metric": label, "questions": str(questions_behind(finetuned, path)),
+                     "baseline": _with_ci(baseline, path), "fine-tuned": _with_ci(finetuned, path), "change": change})
     return pd.DataFrame(rows)
 
 
@@ -75,28 +88,78 @@ def _direction(change: float, low: float, high: float, higher_is_better: bool) -
     return "better" if (change > 0) == higher_is_better else "worse"
 
 
+def _by_decision(values: dict[str, Any], fmt: str) -> str:
+    return " · ".join(fmt.format(values[d]) for d in DECISIONS)
+
+
+def _answered(section: dict) -> dict[str, int]:
+    """How often a protocol gave each decision: its confusion matrix's columns."""
+    return {d: sum(row[d] for row in section["confusion"].values()) for d in DECISIONS}
+
+
 def verdict_table(baseline: dict, finetuned: dict, differences: dict[str, tuple[float, float, float]]) -> pd.DataFrame:
-    """What a reader takes in at once: the primary protocol's decision accuracy and macro-F1 (each with its
-    gain over always answering the majority decision, where the model stands against a constant), then
-    ROUGE-L, BERTScore F1 and perplexity: before, after, the paired change and which way it went."""
+    """What a reader takes in at once, on every test question: the primary protocol's decision accuracy
+    and macro-F1 (each beside always answering the majority decision, and the gain over it, where the
+    model stands against a constant), its F1 for each decision and how often it gave each (a model that
+    never says "maybe" shows at once); then on the sample with generated answers, ROUGE-L, BERTScore
+    F1 and perplexity: before, after, the paired change and which way it went."""
     rows = []
+    primary = f"decision.{PRIMARY.name}"
+    majority = baseline["decision"]["majority"]
+
+    def row(label: str, n: int, base: str, tuned: str, change: str = "", verdict: str = "") -> None:
+        rows.append({"": label, "questions": str(n), "base": base, "fine-tuned": tuned, "change": change,
+                     "verdict": verdict})
 
     def add(label: str, path: str, higher_is_better: bool) -> None:
         change, low, high = differences[path]
-        rows.append({"": label, "base": f"{metric_at(baseline, path):.4f}", "fine-tuned": f"{metric_at(finetuned, path):.4f}",
-                     "change": f"{change:+.4f} [{low:+.4f}, {high:+.4f}]",
-                     "verdict": _direction(change, low, high, higher_is_better)})
+        row(label, questions_behind(finetuned, path), f"{metric_at(baseline, path):.4f}",
+            f"{metric_at(finetuned, path):.4f}", f"{change:+.4f} [{low:+.4f}, {high:+.4f}]",
+            _direction(change, low, high, higher_is_better))
 
+    n = finetuned["n_questions"]
     for stat in ("accuracy", "macro_f1"):
-        path = f"decision.{PRIMARY.name}.{stat}"
-        add(f"{STATISTIC_LABELS[stat]} ({PRIMARY.label})", path, True)
-        gains = [metric_at(tree, f"decision.{PRIMARY.name}.over_majority.{stat}") for tree in (baseline, finetuned)]
-        rows.append({"": "... minus the majority class's", "base": f"{gains[0]:+.4f}", "fine-tuned": f"{gains[1]:+.4f}",
-                     "change": "", "verdict": ""})
+        add(f"{STATISTIC_LABELS[stat]} ({PRIMARY.label})", f"{primary}.{stat}", True)
+        row(f"... always {majority['decision']!r} (the majority class)", n, f"{majority[stat]:.4f}",
+            f"{majority[stat]:.4f}")
+        gains = [metric_at(tree, f"{primary}.over_majority.{stat}") for tree in (baseline, finetuned)]
+        row("... minus the majority class's", n, f"{gains[0]:+.4f}", f"{gains[1]:+.4f}")
+    sections = [tree["decision"][PRIMARY.name] for tree in (baseline, finetuned)]
+    row(f"F1 of {' · '.join(DECISIONS)} ({PRIMARY.label})", n,
+        *(_by_decision({d: s[f"f1_{d}"] for d in DECISIONS}, "{:.2f}") for s in sections))
+    row(f"Answered {' · '.join(DECISIONS)} ({PRIMARY.label})", n, *(_by_decision(_answered(s), "{}") for s in sections))
     for metric in TEXT_METRICS:
         if metric.in_verdict:
             add(metric.label, f"text.{metric.name}", metric.higher_is_better)
     return pd.DataFrame(rows)
+
+
+def standing_section(baseline: dict, finetuned: dict, split_strategy: str) -> str:
+    """Where this run stands: both models' primary-protocol accuracy and macro-F1 among the published
+    results on the same 500 official test questions (`published.PUBLISHED`), best first; where the run
+    scored other questions, a line saying it is not comparable."""
+    n = finetuned["n_questions"]
+    if not published.comparable(split_strategy, n):
+        what = (f"{n} test questions of a random split" if split_strategy != "official"
+                else f"{n} of the {published.OFFICIAL_TEST_QUESTIONS} official test questions")
+        return (f"## Where this run stands\n\nNot comparable with published PubMedQA results: this run scored {what}, "
+                f"they report all {published.OFFICIAL_TEST_QUESTIONS} of the official test set "
+                "(split.strategy=official, eval.max_samples=null).\n")
+    entries = [(p.accuracy, p.system, p.params, p.how, f"{p.accuracy:.1f}",
+                "-" if p.macro_f1 is None else f"{p.macro_f1:.1f}", p.source) for p in published.PUBLISHED]
+    for label, tree in (("base", baseline), ("fine-tuned", finetuned)):
+        section = tree["decision"][PRIMARY.name]
+        entries.append((100 * section["accuracy"], f"**this run, {label}**", "", f"{PRIMARY.label} protocol",
+                        f"**{100 * section['accuracy']:.1f}**", f"**{100 * section['macro_f1']:.1f}**", "this report"))
+    table = pd.DataFrame([dict(zip(("system", "params", "how", "accuracy", "macro-F1", "source"), e[1:]))
+                          for e in sorted(entries, key=lambda e: -e[0])])
+    return (
+        "## Where this run stands\n\n"
+        f"Accuracy and macro-F1 (%) on PubMedQA's {published.OFFICIAL_TEST_QUESTIONS} official test questions, "
+        "reasoning-required (question and abstract, no long answer), beside published results on the same "
+        "questions (sources: docs/evaluation.md).\n\n"
+        f"{table.to_markdown(index=False, disable_numparse=True)}\n"
+    )
 
 
 def label_distribution(counts: dict[str, int]) -> str:
@@ -118,10 +181,11 @@ def _decisions(row: dict) -> str:
 
 
 def examples_table(baseline_rows: list[dict], finetuned_rows: list[dict], n: int) -> str:
-    """The first `n` test questions with the reference and both models' answers, as Markdown sections."""
+    """The first `n` test questions with generated answers, with the reference and both models' answers,
+    as Markdown sections."""
     tuned = {r["pmid"]: r for r in finetuned_rows}
     parts = []
-    for row in baseline_rows[:n]:
+    for row in answered(baseline_rows)[:n]:
         other = tuned.get(row["pmid"], {})
         parts.append(
             f"### PMID {row['pmid']}\n\n**Question:** {row['question']}\n\n"
@@ -157,18 +221,23 @@ def describe_run(model_name: str, lora: LoraParams, split_strategy: str) -> str:
 def render_report(
     baseline: dict, finetuned: dict, differences: dict[str, tuple[float, float, float]], train: dict,
     baseline_rows: list[dict], finetuned_rows: list[dict], *, run: str, n_examples: int, loss_png: str,
-    decisions_png: str, judge: str = "",
+    decisions_png: str, standing: str = "", judge: str = "",
 ) -> str:
-    """The whole report as Markdown; `run` is `describe_run`'s line, `judge` the `judge_section`."""
+    """The whole report as Markdown; `run` is `describe_run`'s line, `standing` the `standing_section`,
+    `judge` the `judge_section`."""
     table = metrics_table(baseline, finetuned, differences).to_markdown(index=False, disable_numparse=True)
     verdict = verdict_table(baseline, finetuned, differences).to_markdown(index=False, disable_numparse=True)
     decision = baseline["decision"]
     return (
         "# PubMedQA: base vs fine-tuned\n\n"
-        f"{run}, {baseline['n_questions']} test questions.\n\n"
+        f"{run}: decisions on {baseline['n_questions']} test questions, long answers generated for "
+        f"{baseline['n_answers']} of them (a seeded sample).\n\n"
         f"{verdict}\n\n"
         "*Verdict*: better or worse where the paired 95% bootstrap interval of fine-tuned minus base on the "
-        "same questions excludes 0 (lower is better for perplexity). Every metric, each protocol:\n\n"
+        "same questions excludes 0 (lower is better for perplexity). *questions*: how many test questions a "
+        "row is taken on.\n\n"
+        + (f"{standing}\n" if standing else "") +
+        "## Every metric, each protocol\n\n"
         f"{table}\n\n"
         "Brackets: 95% bootstrap confidence intervals; for the change, the paired bootstrap interval of "
         "fine-tuned minus baseline on the same questions (an interval that excludes 0 is a real change "
@@ -254,7 +323,7 @@ def judge_section(result: dict, rows: list[dict], png: str, n_examples: int,
     return (
         "## LLM judge\n\n"
         f"Judge `{result['judge']}`, {result['n_questions']} of the {result['n_test_questions']} test questions "
-        "(a seeded subset).\n\n" + (f"{caveats}\n\n" if caveats else "") +
+        "with generated answers (a seeded subset).\n\n" + (f"{caveats}\n\n" if caveats else "") +
         "Each answer is rated 1-4 on each criterion; the score is the judge's expected rating (its "
         "probabilities for the tokens 1..4 at the rating position, renormalised). Brackets: 95% bootstrap "
         "intervals; the change is paired (same questions).\n\n"
