@@ -317,19 +317,65 @@ def test_a_shared_app_refuses_to_start_without_credentials_or_https_and_serves_o
                 Client(url, auth=wrong, verbose=False, ssl_verify=False).predict("1001", api_name="/on_pick")
         picked = Client(url, auth=("ana", "s3cret"), verbose=False, ssl_verify=False).predict("1001", api_name="/on_pick")
         assert make_original(3)["1001"]["QUESTION"] in picked
-        for _ in range(4):
-            with pytest.raises(Exception):
-                Client(url, auth=("ana", "guess"), verbose=False, ssl_verify=False)
+        # Six wrong guesses at once (the right login above cleared the count): the first three are free, the
+        # others are checked one at a time, each after its wait (1, 2, 4 s), as they would be one after another.
+        answered = _logins_at_once(f"{url}login/", trusting, ("ana", "guess"), 6)
+        assert sum(t < 1.0 for t in answered) == 3 and max(answered) >= 1 + 2 + 4, answered
     finally:
         app.terminate()
         output = app.communicate(timeout=30)[0]
-    # the fourth failure in a row from this client makes its next attempt wait
-    assert "failed login 4 in a row from 127.0.0.1; its next attempt waits 2 s" in output, output[-3000:]
+    # the sixth failure in a row (from this address, for this user) makes the next attempt wait 8 s
+    assert "failed login (address 127.0.0.1, user ana): 6/6 failures in a row; the next attempt waits 8 s" in output, \
+        output[-3000:]
 
 
-def test_logins_slow_down_per_client_after_repeated_failures_and_a_success_clears_them(monkeypatch):
+def _logins_at_once(url: str, context, auth: tuple[str, str], n: int) -> list[float]:
+    """`n` POSTs of the login form sent at the same moment; the seconds until each was answered."""
+    from concurrent.futures import ThreadPoolExecutor
+    from urllib.parse import urlencode
+
+    data = urlencode({"username": auth[0], "password": auth[1]}).encode()
+    start = time.monotonic()
+
+    def post(_: int) -> float:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=60, context=context)
+        except urllib.error.HTTPError:
+            pass  # the refusal is the answer
+        return time.monotonic() - start
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(post, range(n)))
+
+
+def _login_attempt(throttle, client: str, password: str, user: str = "ana", path: str = "/login/"):
+    """One POST of Gradio's login form through `throttle`, as a coroutine."""
+    from urllib.parse import urlencode
+
+    body = urlencode({"username": user, "password": password}).encode()
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict) -> None:
+        pass
+
+    scope = {"type": "http", "method": "POST", "path": path, "client": (client, 5000)}
+    return throttle(scope, receive, send)
+
+
+async def _fake_login(scope, receive, send):
+    """Gradio's answer: 400 for a wrong password (read from the form, as the throttle passed it on)."""
+    from urllib.parse import parse_qs
+
+    form = parse_qs((await receive())["body"].decode())
+    await send({"type": "http.response.start", "status": 200 if form["password"] == ["right"] else 400})
+
+
+def test_logins_slow_down_per_client_and_per_user_after_repeated_failures_and_a_success_clears_them(monkeypatch):
     """The throttle in front of Gradio's login: three free failures, then 1, 2, 4 ... s (up to a minute)
-    before that client's next attempt is checked; another client waits nothing; a success starts over."""
+    before the next attempt from that address, or for that user name, is checked; another address
+    guessing another user waits nothing; a success starts over."""
     import asyncio
 
     from medqa.chat.access import LoginThrottle
@@ -341,35 +387,56 @@ def test_logins_slow_down_per_client_after_repeated_failures_and_a_success_clear
         waits.append((client_now[0], seconds))
 
     monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+    throttle = LoginThrottle(_fake_login)
 
-    async def login(scope, receive, send):  # Gradio's answer: 400 for a wrong password
-        await send({"type": "http.response.start", "status": 200 if scope["password"] == "right" else 400})
-
-    async def send(message: dict) -> None:
-        pass
-
-    throttle = LoginThrottle(login)
-
-    def attempt(client: str, password: str, path: str = "/login/") -> None:
+    def attempt(client: str, password: str, user: str = "ana", path: str = "/login/") -> None:
         client_now[:] = [client]
-        scope = {"type": "http", "method": "POST", "path": path, "client": (client, 5000), "password": password}
-        asyncio.run(throttle(scope, None, send))
+        asyncio.run(_login_attempt(throttle, client, password, user, path))
 
     for _ in range(7):
         attempt("10.0.0.9", "guess")
     assert [w for c, w in waits if c == "10.0.0.9"] == [1.0, 2.0, 4.0, 8.0]
-    attempt("10.0.0.5", "guess")
-    attempt("10.0.0.5", "right")
+    attempt("10.0.0.5", "guess", user="bob")
+    attempt("10.0.0.5", "right", user="bob")
     assert not [w for c, w in waits if c == "10.0.0.5"]
-    attempt("10.0.0.9", "right")  # waits 16 s, then succeeds
+    attempt("10.0.0.5", "guess")  # another address, but the user whose password was guessed 7 times
+    assert waits[-1] == ("10.0.0.5", 16.0)
+    attempt("10.0.0.9", "right")  # waits 32 s (8 failures for ana), then succeeds
     attempt("10.0.0.9", "guess")
-    assert waits[-1] == ("10.0.0.9", 16.0) and throttle.delay("10.0.0.9") == 0
+    assert waits[-1] == ("10.0.0.9", 32.0) and throttle.delay("address 10.0.0.9", "user ana") == 0
     for _ in range(12):
         attempt("10.0.0.9", "guess")
     assert waits[-1][1] == LoginThrottle.MAX_DELAY_S
     waits.clear()
     attempt("10.0.0.9", "guess", path="/gradio_api/queue/join")  # not a login: never held
     assert not waits
+
+
+def test_guesses_sent_at_once_are_checked_one_at_a_time_each_after_its_delay(monkeypatch):
+    """Eight wrong logins from one client at the same moment: the three free ones are answered at once,
+    each of the others only after the delay its predecessors' failures earned (0.05, 0.1 ... 0.8 s here),
+    so eight parallel guesses cost what eight in a row cost."""
+    import asyncio
+    import time
+
+    from medqa.chat.access import LoginThrottle
+
+    monkeypatch.setattr(LoginThrottle, "FIRST_DELAY_S", 0.05)
+    throttle = LoginThrottle(_fake_login)
+    answered: list[float] = []
+
+    async def guess(start: float) -> None:
+        await _login_attempt(throttle, "10.0.0.9", "guess")
+        answered.append(time.monotonic() - start)
+
+    async def at_once() -> None:
+        start = time.monotonic()
+        await asyncio.gather(*(guess(start) for _ in range(8)))
+
+    asyncio.run(at_once())
+    assert sum(t < 0.05 for t in answered) == LoginThrottle.FREE_FAILURES
+    assert max(answered) >= 0.05 * (1 + 2 + 4 + 8 + 16)
+    assert throttle.failures == {"address 10.0.0.9": 8, "user ana": 8}
 
 
 def _wait_for(url: str, proc: subprocess.Popen, timeout: float = 180, context=None) -> None:

@@ -46,6 +46,26 @@ def test_every_module_a_stage_reaches_is_a_dependency(name):
     assert not unreached, f"dvc.yaml: stage {name} lists {unreached} but does not reach (all of) them"
 
 
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_every_config_file_a_stage_opens_is_a_dependency(name):
+    """A file of configs/ named in the code a stage runs (its script and the modules it reaches) is one of
+    its deps: editing it re-runs the stage."""
+    import ast
+
+    stage = STAGES[name]
+    script = re.fullmatch(r"python -m (stages\.\w+)", stage["cmd"]).group(1).replace(".", "/") + ".py"
+    named = set()
+    for path in [script, *reached_modules(ROOT / script, set(stage["deps"]))]:
+        for node in ast.walk(ast.parse((ROOT / path).read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("configs/"):
+                named.add(node.value)
+    assert all((ROOT / f).is_file() for f in named), named
+    missing = sorted(named - set(stage["deps"]))
+    assert not missing, f"dvc.yaml: stage {name} reads {missing} but does not list them in deps"
+    if name == "finetune":
+        assert named == {"configs/accelerate/ddp.yaml", "configs/accelerate/fsdp.yaml"}
+
+
 def test_the_product_imports_no_research_or_benchmark_code():
     """research/ and bench/ read the product; nothing in medqa/ or stages/ reads them (a stage whose result
     hung on an analysis script would re-run when the analysis changed, and ship it)."""

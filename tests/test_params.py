@@ -144,6 +144,55 @@ def test_a_failing_stage_ends_with_how_to_restore_its_outputs(monkeypatch, capsy
     assert "dvc checkout" not in capsys.readouterr().err
 
 
+def test_a_failed_experiment_leaves_params_yaml_where_git_checkout_restores_it(tmp_path, monkeypatch, capsys):
+    """The condition that made `git checkout -- params.yaml` keep a failed experiment's value, forced: DVC
+    wrote a value of the same width in the second git's index recorded, and git compares size and whole-
+    second mtime only (core.checkStat minimal, here set so that ctime and inode cannot hide it). A stage
+    that fails under `dvc exp run` moves the file's mtime on, so git sees the change and restores the
+    committed bytes; without that, git would keep the failed value."""
+    import os
+    import subprocess
+
+    from medqa.errors import EXPERIMENT_ENV, stage_main
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("config", "core.checkStat", "minimal")
+    git("config", "core.trustctime", "false")
+    params = tmp_path / "params.yaml"
+    params.write_text("eval:\n  max_samples: 4   # a comment\n")
+    git("add", "params.yaml")
+    git("-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "params")
+    committed, then = params.read_bytes(), params.stat().st_mtime - 100
+
+    def index_records_then() -> None:
+        os.utime(params, (then, then))
+        git("update-index", "--refresh")  # the index records that mtime, written well after it: not racy
+
+    index_records_then()
+
+    def failed_experiment() -> None:
+        params.write_text("eval:\n  max_samples: 0   # a comment\n")  # DVC's -S, same width
+        os.utime(params, (then, then))  # in the second the index recorded
+        raise PipelineError("eval.max_samples is 0")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(EXPERIMENT_ENV, "abc123")
+    with pytest.raises(SystemExit):
+        stage_main(failed_experiment)()
+    assert "`git checkout -- params.yaml` restores the committed params" in capsys.readouterr().err
+    git("checkout", "--", "params.yaml")
+    assert params.read_bytes() == committed
+    # The same write without the stage's move of the mtime: git takes it for the committed file.
+    index_records_then()
+    with pytest.raises(PipelineError):
+        failed_experiment()
+    git("checkout", "--", "params.yaml")
+    assert params.read_bytes() != committed
+
+
 def _check_params_on_small_data(tmp_path, tokenizer, monkeypatch, official_dir) -> dict:
     """params.yaml for check_params on the small official-layout data (40 records: 21 train, 9 validation,
     10 test) with a tiny local model of SmolLM2's vocabulary; returns the params to vary."""

@@ -3,6 +3,7 @@ the command line), HTTPS (or plain HTTP only when asked for by name), and repeat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -60,44 +61,83 @@ def check_transport(host: str, certfile: str | None, keyfile: str | None, insecu
 
 
 class LoginThrottle:
-    """ASGI middleware in front of Gradio's login: a client (by address) whose logins failed more than
-    FREE_FAILURES times in a row waits before its next attempt is checked, FIRST_DELAY_S and twice as long
-    after each further failure, up to MAX_DELAY_S; a successful login clears its count. The wait is that
-    request's own (an asyncio sleep): other clients and the app's other requests go on meanwhile."""
+    """ASGI middleware in front of Gradio's login. Failed logins are counted per client address and per
+    user name tried; once either count passes FREE_FAILURES in a row, the next attempt waits before it
+    is checked, FIRST_DELAY_S and twice as long after each further failure, up to MAX_DELAY_S (the
+    longer of the two waits); a successful login clears both counts. The attempts of one address, and
+    those for one user name, are checked one at a time, each after the outcome of the one before is
+    counted: N guesses sent at once wait N delays, not one. A wait is that request's own (an asyncio
+    sleep): other clients and the app's other requests go on meanwhile."""
 
     FREE_FAILURES, FIRST_DELAY_S, MAX_DELAY_S = 3, 1.0, 60.0
 
     def __init__(self, app: Any):
         self.app = app
         self.failures: dict[str, int] = {}
+        self.locks: dict[str, asyncio.Lock] = {}
 
-    def delay(self, client: str) -> float:
-        """Seconds the next login attempt from `client` waits."""
-        extra = self.failures.get(client, 0) - self.FREE_FAILURES
+    def delay(self, *keys: str) -> float:
+        """Seconds the next login attempt counted under `keys` ("address 10.0.0.9", "user ana") waits."""
+        extra = max(self.failures.get(key, 0) for key in keys) - self.FREE_FAILURES
         return 0.0 if extra < 0 else min(self.FIRST_DELAY_S * 2 ** extra, self.MAX_DELAY_S)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].rstrip("/").endswith("/login"):
             return await self.app(scope, receive, send)
-        client = (scope.get("client") or ("unknown",))[0]
-        wait = self.delay(client)
-        if wait:
-            await asyncio.sleep(wait)
+        body, replay = await _read_body(receive)
+        keys = [f"address {(scope.get('client') or ('unknown',))[0]}", f"user {_form_field(body, 'username')}"]
+        async with contextlib.AsyncExitStack() as held:
+            for key in sorted(keys):  # one order for every request: two requests never hold each other's lock
+                await held.enter_async_context(self.locks.setdefault(key, asyncio.Lock()))
+            wait = self.delay(*keys)
+            if wait:
+                await asyncio.sleep(wait)
 
-        async def note_then_send(message: dict) -> None:
-            # Counted and logged before the response leaves: a client that saw its refusal can rely on
-            # the count (and the log line) being there already.
-            if message["type"] == "http.response.start":
-                self.note(client, message["status"])
-            await send(message)
+            async def note_then_send(message: dict) -> None:
+                # Counted and logged before the response leaves: a client that saw its refusal can rely on
+                # the count (and the log line) being there already.
+                if message["type"] == "http.response.start":
+                    self.note(keys, message["status"])
+                await send(message)
 
-        await self.app(scope, receive, note_then_send)
+            await self.app(scope, replay, note_then_send)
 
-    def note(self, client: str, status: int) -> None:
-        """Count a login's outcome: success clears the client's failures, a 4xx adds one."""
+    def note(self, keys: list[str], status: int) -> None:
+        """Count a login's outcome under each of its keys: success clears them, a 4xx adds one."""
         if status == 200:
-            self.failures.pop(client, None)
+            for key in keys:
+                self.failures.pop(key, None)
         elif 400 <= status < 500:
-            self.failures[client] = self.failures.get(client, 0) + 1
-            log.warning("failed login %d in a row from %s; its next attempt waits %.0f s",
-                        self.failures[client], client, self.delay(client))
+            for key in keys:
+                self.failures[key] = self.failures.get(key, 0) + 1
+            log.warning("failed login (%s): %s failures in a row; the next attempt waits %.0f s", ", ".join(keys),
+                        "/".join(str(self.failures[key]) for key in keys), self.delay(*keys))
+
+
+async def _read_body(receive: Any) -> tuple[bytes, Any]:
+    """The request's whole body, and a `receive` that hands it to the app as if it were read for the
+    first time."""
+    chunks, more = [], True
+    while more:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    body = b"".join(chunks)
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # then what the server says next (a disconnect)
+
+    return body, replay
+
+
+def _form_field(body: bytes, name: str) -> str:
+    """A field of a url-encoded form ("" where it is not one)."""
+    from urllib.parse import parse_qs
+
+    values = parse_qs(body.decode("utf-8", "replace")).get(name)
+    return values[0] if values else ""
