@@ -15,7 +15,7 @@ from medqa import paths
 from medqa.data.sources import read_local_source
 from medqa.data.splits import make_splits, validation_loss_examples
 from medqa.errors import PipelineError
-from medqa.modeling.profiles import get_profile
+from medqa.modeling.profiles import context_window, get_profile, require_model_config
 from medqa.modeling.loading import tokenizer_before_download
 from medqa.params import Params
 from medqa.prompting.prompts import fit_example, fit_prompt, format_record, prompt_format
@@ -47,10 +47,17 @@ def check_against_data_and_model(params: Params) -> None:
         fmt = prompt_format(tokenizer, params.prompt, params.model.name)
         records = [format_record(r, fmt, params.prompt) for r in records]
     splits = make_splits(records, labels, params.split, params.train, params.eval)
+    if tokenizer is not None:
+        check_token_budgets(splits, tokenizer, params)
+
+
+def check_token_budgets(splits: dict[str, list[dict]], tokenizer: Any, params: Params) -> None:
+    """Every train example (and those the validation loss is taken on) within train.max_length, every
+    test and validation prompt cut to eval.max_prompt_length: the finetune and eval stages' own cuts,
+    run on the formatted `splits` (check_params for a local source; the split stage, on the downloaded
+    data, for every source), each failure one line led by the key and its value."""
     train = params.train
     val_loss = validation_loss_examples(splits["val"], train, params.split.seed)
-    if tokenizer is None:
-        return
     with _for_key("train.max_length", train.max_length):
         for example in splits["train"] + val_loss:
             fit_example(example, tokenizer, train.max_length)
@@ -72,3 +79,28 @@ def check_optimizer(optim: str) -> None:
         close = difflib.get_close_matches(optim, known, n=1)
         raise PipelineError(f"train.optim is {optim!r}; expected auto or an optimizer of transformers' Trainer"
                             f"{' (did you mean ' + repr(close[0]) + '?)' if close else ''}: {', '.join(known)}")
+
+
+def check_models_and_windows(params: Params) -> None:
+    """model.name and judge.model are readable here (their configs, no weights: a mistyped hub id, or a
+    model offline and not cached, fails now, not after fine-tuning), and every token budget fits its
+    model's context window: a prompt and its generated answer (eval.max_prompt_length +
+    generation.max_new_tokens) and a training example (train.max_length) the model's, the judge's
+    abstract and both answers (judge.max_context_tokens + 2 x generation.max_new_tokens) the judge's."""
+    configs = {"model.name": require_model_config(params.model.name, "model.name")}
+    configs["judge.model"] = (configs["model.name"] if params.judge.model == params.model.name
+                              else require_model_config(params.judge.model, "judge.model"))
+    new = params.generation.max_new_tokens
+    budgets = [
+        ("model.name", params.model.name, params.eval.max_prompt_length + new,
+         f"eval.max_prompt_length ({params.eval.max_prompt_length}) + generation.max_new_tokens ({new})", ""),
+        ("model.name", params.model.name, params.train.max_length, f"train.max_length ({params.train.max_length})", ""),
+        ("judge.model", params.judge.model, params.judge.max_context_tokens + 2 * new,
+         f"judge.max_context_tokens ({params.judge.max_context_tokens}) + 2 x generation.max_new_tokens ({new})",
+         " (it reads the abstract and both answers at once)"),
+    ]
+    for key, name, tokens, what, why in budgets:
+        window = context_window(configs[key])
+        if window is not None and tokens > window:
+            raise PipelineError(f"{what} is {tokens} tokens, more than the {window} positions {key} {name!r} can "
+                                f"hold{why}: lower it")

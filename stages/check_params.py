@@ -7,7 +7,7 @@ from medqa.io import write_text
 from medqa.evaluation.text_metrics import check_bertscore_model
 from medqa.modeling.profiles import check_lora_targets, get_profile
 from medqa.params import load_params
-from medqa.preflight import check_against_data_and_model, check_optimizer
+from medqa.preflight import check_against_data_and_model, check_models_and_windows, check_optimizer
 
 
 @stage_main
@@ -16,6 +16,8 @@ def main() -> None:
     check_source(params.data.source)
     # What the params name in the model, against the model's own config (no weights read).
     check_lora_targets(get_profile(params.model.name), params.lora.target_modules)
+    # Both models readable here, and every token budget within their context windows (configs only).
+    check_models_and_windows(params)
     # Sizes and token budgets, against the data and the model's tokenizer (a local source; seconds).
     check_against_data_and_model(params)
     check_bertscore_model(params.eval.bertscore_model, params.eval.bertscore_num_layers)

@@ -230,3 +230,32 @@ def test_a_format_that_is_not_read_says_which_are(tmp_path, name):
         load_records(str(tmp_path / name))
     assert "is not read; data.source can be a directory with ori_pqal.json" in str(error.value)
     assert ".jsonl, .parquet, or a hub reference .yaml" in str(error.value) and "not valid JSON" not in str(error.value)
+
+
+def test_a_file_whose_content_is_not_its_named_format_says_what_it_looks_like(tmp_path):
+    """A data file named for one format and holding another: one line naming the file, the format its
+    name asks for and what its bytes look like, never the reading library's traceback."""
+    import json
+
+    import pandas as pd
+
+    from medqa.data.sources import load_records
+
+    records = [{"pubid": 1, "question": "q?", "context": {"contexts": ["c"]}, "long_answer": "a",
+                "final_decision": "yes"}] * 2
+    jsonl = "\n".join(json.dumps(r) for r in records) + "\n"
+    (tmp_path / "lines.parquet").write_text(jsonl)
+    (tmp_path / "lines.json").write_text(jsonl)
+    pd.DataFrame(records).to_parquet(tmp_path / "table.jsonl")
+    (tmp_path / "document.jsonl").write_text(json.dumps(records, indent=2))
+    for name, says in (("lines.parquet", "lines.parquet is not a Parquet file (ArrowInvalid); it looks like JSON "
+                                         "lines, one record a line (.jsonl): name it for its format"),
+                       ("lines.json", "lines.json is not valid JSON (line 2): Extra data; it looks like JSON lines"),
+                       ("table.jsonl", "table.jsonl is not UTF-8 text: byte offset"),
+                       ("document.jsonl", "document.jsonl line 1 is not valid JSON: Expecting value; the file looks "
+                                          "like one JSON document (.json)")):
+        with pytest.raises(PipelineError) as error:
+            load_records(str(tmp_path / name))
+        assert says in str(error.value), str(error.value)
+    with pytest.raises(PipelineError, match="it looks like a Parquet file"):
+        load_records(str(tmp_path / "table.jsonl"))

@@ -252,6 +252,18 @@ def test_check_params_names_a_lora_target_the_model_lacks_before_any_stage_runs(
     ("eval.bertscore_model", "no-such-bert", "eval.bertscore_model is 'no-such-bert': no installed package ships it"),
     ("train.optim", "adamw_torhc", "train.optim is 'adamw_torhc'; expected auto or an optimizer of transformers' "
      "Trainer (did you mean 'adamw_torch'?): adamw_torch, "),
+    # A model named but not readable here (offline: not in the hub cache), found in check_params, not after
+    # fine-tuning and both evaluations; and token budgets beyond a model's positions (the tiny model: 2048,
+    # the embedded judge: 8192), which generation would overrun or run out of memory on.
+    ("judge.model", "mistral-7b-v0.1", "judge.model is 'mistral-7b-v0.1' (mistralai/Mistral-7B-v0.1), whose config "
+     "cannot be read here"),
+    ("judge.model", "no-such-org/no-such-judge", "judge.model is 'no-such-org/no-such-judge'"),
+    ("judge.model", "smollm2-135m-instruc", "unknown model.name 'smollm2-135m-instruc'"),
+    ("generation.max_new_tokens", 1000, "eval.max_prompt_length (1536) + generation.max_new_tokens (1000) is 2536 "
+     "tokens, more than the 2048 positions model.name"),
+    ("train.max_length", 4096, "train.max_length (4096) is 4096 tokens, more than the 2048 positions model.name"),
+    ("judge.max_context_tokens", 8100, "judge.max_context_tokens (8100) + 2 x generation.max_new_tokens (96) is 8292 "
+     "tokens, more than the 8192 positions judge.model 'smollm2-135m-instruct'"),
 ])
 def test_check_params_refuses_what_the_schema_allows_but_the_data_or_the_models_do_not(
         key, value, says, tmp_path, tokenizer, monkeypatch, capsys, official_dir):
@@ -323,3 +335,38 @@ def test_each_stage_stops_on_a_bad_value_of_each_param_it_reads_with_one_line_an
     monkeypatch.setenv("DEBUG", "1")
     with pytest.raises(PipelineError, match=f"{key} is"):
         importlib.import_module(f"stages.{stage}").main()
+
+
+def test_with_a_hub_source_the_split_stage_checks_the_token_budgets_on_the_downloaded_data(
+        tmp_path, tokenizer, monkeypatch, capsys, official_dir):
+    """check_params cannot read a hub source; the split stage, on the downloaded data and before the
+    first long stage, refuses a token budget the prompts cannot be cut to with the line check_params
+    gives for a local source."""
+    import stages.split
+    from medqa.data.sources import load_source
+    from medqa.io import write_json, write_jsonl
+    from medqa.params import params_from_dict
+    from medqa.prompting.prompts import format_record, prompt_format
+    from tests.conftest import save_tiny_base
+
+    params = _check_params_on_small_data(tmp_path, tokenizer, monkeypatch, official_dir)
+    params["data"]["source"] = str(ROOT / "data/pubmedqa-hub.yaml")  # what check_params leaves unread
+    save_tiny_base(tmp_path / "models/base", tokenizer, hidden_size=64, intermediate_size=128, num_hidden_layers=1)
+    records, labels = load_source(str(official_dir), None)  # what the download stage writes
+    typed = params_from_dict(params)
+    fmt = prompt_format(tokenizer, typed.prompt, typed.model.name)
+    write_jsonl(tmp_path / "data/formatted/examples.jsonl", [format_record(r, fmt, typed.prompt) for r in records])
+    write_json(tmp_path / "data/raw/test_ground_truth.json", labels)
+    monkeypatch.setattr(sys, "argv", ["stages/split.py"])
+    for value, says in ((1536, None), (40, "error: eval.max_prompt_length is 40, which the data does not fit: pmid ")):
+        params["eval"]["max_prompt_length"] = value
+        Path("params.yaml").write_text(yaml.safe_dump(params))
+        capsys.readouterr()
+        if says is None:
+            stages.split.main()
+            assert (tmp_path / "data/split/test.jsonl").exists()
+            continue
+        with pytest.raises(SystemExit):
+            stages.split.main()
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines[0].startswith(says) and "Traceback" not in "".join(lines), lines

@@ -60,13 +60,35 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return obj
 
 
+def looks_like(path: Path) -> str:
+    """What a data file's first bytes say it is, whatever its name says: for the line that tells a user
+    the file's name and content disagree."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return "unreadable"
+    if head.startswith(b"PAR1"):
+        return "a Parquet file (.parquet)"
+    text = head.decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and all(line.startswith("{") for line in lines[:-1]) and lines[0].endswith("}"):
+        return "JSON lines, one record a line (.jsonl)"
+    if text.startswith(("{", "[")):
+        return "one JSON document (.json)"
+    if b"\0" in head:
+        return "binary data"
+    return f"text beginning {text[:40]!r}"
+
+
 def _read_text(path: Path) -> str:
     """The file's text; one line naming the byte offset where it is not UTF-8."""
     try:
         return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
         raise PipelineError(f"{path} is not UTF-8 text: byte offset {exc.start} ({exc.object[exc.start:exc.start + 1]!r}"
-                            f") is {exc.reason}; re-save the file as UTF-8") from exc
+                            f") is {exc.reason}; it looks like {looks_like(path)}: re-save it as UTF-8, or name it "
+                            "for its format") from exc
     except OSError as exc:
         raise PipelineError(f"cannot read {path}: {exc.strerror}") from exc
 
@@ -88,7 +110,8 @@ def _read_json_file(path: Path) -> object:
     except PipelineError as exc:  # a duplicated pmid in ori_pqal.json, or a duplicated field
         raise PipelineError(f"{path}: {exc}") from exc
     except json.JSONDecodeError as exc:
-        raise PipelineError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}") from exc
+        raise PipelineError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}; it looks like "
+                            f"{looks_like(path)}") from exc
 
 
 READ_FORMATS = ("a directory with ori_pqal.json (and test_ground_truth.json), a .json file (the original "
@@ -100,7 +123,12 @@ def _load_file(path: Path) -> list[Record]:
     if suffix == ".parquet":
         import pandas as pd
 
-        return [_from_hf(r) for r in pd.read_parquet(path).to_dict("records")]
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as exc:  # pyarrow's ArrowInvalid and kin: the bytes are not Parquet
+            raise PipelineError(f"{path} is not a Parquet file ({type(exc).__name__}); it looks like "
+                                f"{looks_like(path)}: name it for its format") from None
+        return [_from_hf(r) for r in frame.to_dict("records")]
     if suffix == ".jsonl":
         rows = []
         for n, line in enumerate(_read_text(path).split("\n"), 1):  # not splitlines: U+2028 is not a JSONL line end
@@ -108,7 +136,8 @@ def _load_file(path: Path) -> list[Record]:
                 try:
                     rows.append(_from_hf(json.loads(line)))
                 except json.JSONDecodeError as exc:
-                    raise PipelineError(f"{path} line {n} is not valid JSON: {exc.msg}") from exc
+                    raise PipelineError(f"{path} line {n} is not valid JSON: {exc.msg}; the file looks like "
+                                        f"{looks_like(path)}") from exc
         return rows
     data = _read_json_file(path)
     if _is_original_layout(data):

@@ -96,21 +96,56 @@ def lora_targets(profile: ModelProfile, override: list[str] | None) -> list[str]
     return targets
 
 
+def _read_model_files(profile: ModelProfile, auto_class: Any) -> Any:
+    if profile.local_dir is not None:
+        return auto_class.from_pretrained(profile.local_dir)
+    embedded = package_dir(profile.gguf[0]) if profile.gguf else None
+    if embedded is not None:
+        return auto_class.from_pretrained(embedded, gguf_file=profile.gguf[1])
+    return auto_class.from_pretrained(profile.hub_id)
+
+
 def from_model_files(profile: ModelProfile, auto_class: Any, unchecked: str) -> Any | None:
     """`auto_class.from_pretrained` (a config or a tokenizer, no weights) on the model's own files: its
     local directory, the embedded GGUF, or the hub (its cache offline); None where they cannot be read
     here, logged with what is then `unchecked` (the later stages load the model and say why)."""
     try:
-        if profile.local_dir is not None:
-            return auto_class.from_pretrained(profile.local_dir)
-        embedded = package_dir(profile.gguf[0]) if profile.gguf else None
-        if embedded is not None:
-            return auto_class.from_pretrained(embedded, gguf_file=profile.gguf[1])
-        return auto_class.from_pretrained(profile.hub_id)
+        return _read_model_files(profile, auto_class)
     except Exception as exc:  # offline, gated, or no such model: the download stage says which
         log.info("%s not checked against %s: its files are not readable here (%s)", unchecked, profile.hub_id,
                  type(exc).__name__)
         return None
+
+
+def require_model_config(name: str, key: str) -> Any:
+    """The config of the model `key` (model.name, judge.model) names, read from its own files as
+    `from_model_files` reads them; one line naming the key and the way out where they cannot be read here
+    (offline and not in the hub cache, no such hub model, a gated one without a token)."""
+    import os
+
+    from transformers import AutoConfig
+
+    profile = get_profile(name)
+    try:
+        return _read_model_files(profile, AutoConfig)
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        offline = any(os.environ.get(v, "").lower() in ("1", "true") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+        way_out = ("the hub is offline here (HF_HUB_OFFLINE) and its cache does not hold it: use a local model "
+                   "directory or the embedded smollm2-135m-instruct, or run once where the hub answers" if offline
+                   else "check the hub id (a gated model needs `huggingface-cli login` and its licence accepted), "
+                   "or use a local model directory")
+        raise PipelineError(f"{key} is {name!r} ({profile.hub_id}), whose config cannot be read here "
+                            f"({type(exc).__name__}: {reason}): {way_out}") from None
+
+
+def context_window(config: Any) -> int | None:
+    """The most token positions the model can attend over (None where its config does not say)."""
+    for field in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, field, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def check_lora_targets(profile: ModelProfile, override: list[str] | None) -> None:
