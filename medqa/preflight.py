@@ -87,9 +87,10 @@ def check_models_and_windows(params: Params) -> None:
     model's context window: a prompt and its generated answer (eval.max_prompt_length +
     generation.max_new_tokens) and a training example (train.max_length) the model's, the judge's
     abstract and both answers (judge.max_context_tokens + 2 x generation.max_new_tokens) the judge's."""
-    configs = {"model.name": require_model_config(params.model.name, "model.name")}
+    downloaded = (paths.BASE_MODEL, paths.JUDGE_MODEL)
+    configs = {"model.name": require_model_config(params.model.name, "model.name", downloaded)}
     configs["judge.model"] = (configs["model.name"] if params.judge.model == params.model.name
-                              else require_model_config(params.judge.model, "judge.model"))
+                              else require_model_config(params.judge.model, "judge.model", downloaded))
     new = params.generation.max_new_tokens
     budgets = [
         ("model.name", params.model.name, params.eval.max_prompt_length + new,

@@ -200,6 +200,7 @@ def _check_params_on_small_data(tmp_path, tokenizer, monkeypatch, official_dir) 
 
     save_tiny_base(tmp_path / "model", tokenizer, hidden_size=64, intermediate_size=128, num_hidden_layers=1)
     params = _with("model.name", str(tmp_path / "model"))
+    params["judge"]["model"] = params["model"]["name"]  # one config to read (the embedded GGUF's takes seconds)
     params["data"]["source"] = str(official_dir)
     params["train"]["max_samples"] = params["eval"]["max_samples"] = 8  # what the small data has
     params["train"]["max_val_samples"] = 4
@@ -253,8 +254,8 @@ def test_check_params_names_a_lora_target_the_model_lacks_before_any_stage_runs(
     ("train.optim", "adamw_torhc", "train.optim is 'adamw_torhc'; expected auto or an optimizer of transformers' "
      "Trainer (did you mean 'adamw_torch'?): adamw_torch, "),
     # A model named but not readable here (offline: not in the hub cache), found in check_params, not after
-    # fine-tuning and both evaluations; and token budgets beyond a model's positions (the tiny model: 2048,
-    # the embedded judge: 8192), which generation would overrun or run out of memory on.
+    # fine-tuning and both evaluations; and token budgets beyond a model's positions (the tiny model and
+    # judge: 2048), which generation would overrun or run out of memory on.
     ("judge.model", "mistral-7b-v0.1", "judge.model is 'mistral-7b-v0.1' (mistralai/Mistral-7B-v0.1), whose config "
      "cannot be read here"),
     ("judge.model", "no-such-org/no-such-judge", "judge.model is 'no-such-org/no-such-judge'"),
@@ -262,8 +263,8 @@ def test_check_params_names_a_lora_target_the_model_lacks_before_any_stage_runs(
     ("generation.max_new_tokens", 1000, "eval.max_prompt_length (1536) + generation.max_new_tokens (1000) is 2536 "
      "tokens, more than the 2048 positions model.name"),
     ("train.max_length", 4096, "train.max_length (4096) is 4096 tokens, more than the 2048 positions model.name"),
-    ("judge.max_context_tokens", 8100, "judge.max_context_tokens (8100) + 2 x generation.max_new_tokens (96) is 8292 "
-     "tokens, more than the 8192 positions judge.model 'smollm2-135m-instruct'"),
+    ("judge.max_context_tokens", 2000, "judge.max_context_tokens (2000) + 2 x generation.max_new_tokens (96) is 2192 "
+     "tokens, more than the 2048 positions judge.model"),
 ])
 def test_check_params_refuses_what_the_schema_allows_but_the_data_or_the_models_do_not(
         key, value, says, tmp_path, tokenizer, monkeypatch, capsys, official_dir):
