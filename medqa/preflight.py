@@ -15,8 +15,8 @@ from medqa import paths
 from medqa.data.sources import read_local_source
 from medqa.data.splits import make_splits, validation_loss_examples
 from medqa.errors import PipelineError
-from medqa.modeling.profiles import context_window, get_profile, require_model_config
-from medqa.modeling.loading import tokenizer_before_download
+from medqa.modeling.profiles import context_window, get_profile
+from medqa.modeling.loading import config_before_download, tokenizer_before_download
 from medqa.params import Params
 from medqa.prompting.prompts import fit_example, fit_prompt, format_record, prompt_format
 
@@ -88,9 +88,9 @@ def check_models_and_windows(params: Params) -> None:
     generation.max_new_tokens) and a training example (train.max_length) the model's, the judge's
     abstract and both answers (judge.max_context_tokens + 2 x generation.max_new_tokens) the judge's."""
     downloaded = (paths.BASE_MODEL, paths.JUDGE_MODEL)
-    configs = {"model.name": require_model_config(params.model.name, "model.name", downloaded)}
+    configs = {"model.name": config_before_download(params.model.name, "model.name", downloaded)}
     configs["judge.model"] = (configs["model.name"] if params.judge.model == params.model.name
-                              else require_model_config(params.judge.model, "judge.model", downloaded))
+                              else config_before_download(params.judge.model, "judge.model", downloaded))
     new = params.generation.max_new_tokens
     budgets = [
         ("model.name", params.model.name, params.eval.max_prompt_length + new,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -71,13 +71,13 @@ def _decision_columns(choices: np.ndarray, scored: ScoredAnswers, sample: list[i
 ANSWER_FIELDS = ("generation", "answer", "after_answer_at", "answer_nll", "answer_tokens", *TEXT_SCORES)
 
 
-def _answer_fields(generation: str, answer_format: AnswerFormat, target_loglik: float, target_tokens: int,
-                   scores: dict[str, float]) -> dict:
+def _answer_fields(generation: str, long_answer: str, answer_format: AnswerFormat, target_loglik: float,
+                   target_tokens: int, scores: dict[str, float]) -> dict:
     """A generated answer's fields of its prediction row: the text, its long answer, where the
     after-answer reading cut it, the reference target's likelihood and the text scores."""
     return {
         "generation": generation,
-        "answer": answer_format.long_answer(generation),
+        "answer": long_answer,
         "after_answer_at": answer_format.after_answer_at(generation),
         "answer_nll": -float(target_loglik),
         "answer_tokens": target_tokens,
@@ -127,26 +127,37 @@ class EvalFiles:
                    outputs["official_path"], outputs["metrics_path"])
 
 
+def _resumed(progress: Progress | None, keys: list[str], what: str) -> dict[int, Any]:
+    """The records an interrupted run kept of the questions `keys` (their pmids), by index in `keys`."""
+    reused = progress.reused(keys, what) if progress else {}
+    return {i: reused[key] for i, key in enumerate(keys) if key in reused}
+
+
+def _keeper(progress: Progress | None, keys: list[str],
+            record: Callable[[Any], Any] = lambda value: value) -> Callable[[dict[int, Any]], None] | None:
+    """What keeps each finished batch (index in `keys` -> value) in `progress`, as `record(value)`."""
+    if progress is None:
+        return None
+    return lambda batch: progress.add({keys[i]: record(value) for i, value in batch.items()})
+
+
 def _score_after_prompts(scorer: DecisionScorer, prompts: list[list[int]], keys: list[str], label: str,
                          progress: Progress | None) -> np.ndarray:
-    """The options' log-likelihoods after each prompt and the answer prefix (one prefill each, batched
-    by length), shape (n, 3); with `progress`, those an interrupted run finished are reused and each
+    """The options' log-likelihoods after each prompt and the answer prefix (`DecisionScorer.after_prompts`:
+    one prefill each), shape (n, 3); with `progress`, those an interrupted run finished are reused and each
     finished batch is kept (by `keys`, the questions' pmids)."""
-    reused = progress.reused(keys, f"{label} decisions") if progress else {}
-    done = {i: reused[key]["choices"] for i, key in enumerate(keys) if key in reused}
-    keep = (lambda batch: progress.add({keys[i]: {"choices": v} for i, v in batch.items()})) if progress else None
-    return scorer.after_prompts(prompts, desc=f"{label}: decisions", done=done, on_batch=keep)
+    done = {i: record["choices"] for i, record in _resumed(progress, keys, f"{label} decisions").items()}
+    return scorer.after_prompts(prompts, desc=f"{label}: decisions", done=done,
+                                on_batch=_keeper(progress, keys, lambda choices: {"choices": choices}))
 
 
 def _answer_and_score(scorer: DecisionScorer, prompts: list[list[int]], targets: list[list[int]], keys: list[str],
                       generation: GenerationParams, label: str, progress: Progress | None) -> ScoredAnswers:
     """The generated answers to `prompts` and everything read from their prefill and decoding
     (`DecisionScorer.answer_and_score`), resumable like `_score_after_prompts`."""
-    reused = progress.reused(keys, f"{label} answers") if progress else {}
-    done = {i: reused[key] for i, key in enumerate(keys) if key in reused}
-    keep = (lambda rows: progress.add({keys[i]: row for i, row in rows.items()})) if progress else None
     return scorer.answer_and_score(prompts, targets, generation_config_from_params(generation), generation.seed,
-                                   desc=f"{label}: generating and scoring", done=done, on_batch=keep)
+                                   desc=f"{label}: generating and scoring",
+                                   done=_resumed(progress, keys, f"{label} answers"), on_batch=_keeper(progress, keys))
 
 
 @explain_out_of_memory("lower eval.batch_size or eval.max_prompt_length, or on CUDA keep model.quantization=auto")
@@ -173,9 +184,7 @@ def run_evaluation(model: ModelParams, prompt: PromptParams, generation: Generat
     pmids = [ex["pmid"] for ex in examples]
     scorer = DecisionScorer(loaded.model, tokenizer, answer_format, evaluation.max_prompt_length, evaluation.batch_size)
     choices = np.zeros((len(examples), len(answer_format.options(tokenizer))))
-    if rest:  # (none where every question's answer is generated)
-        choices[rest] = _score_after_prompts(scorer, [prompts[i] for i in rest], [pmids[i] for i in rest], label,
-                                             progress)
+    choices[rest] = _score_after_prompts(scorer, [prompts[i] for i in rest], [pmids[i] for i in rest], label, progress)
     targets = [token_ids(tokenizer, examples[i]["target"]) for i in sample]
     scored = _answer_and_score(scorer, [prompts[i] for i in sample], targets, [pmids[i] for i in sample], generation,
                                label, progress)
@@ -185,8 +194,8 @@ def run_evaluation(model: ModelParams, prompt: PromptParams, generation: Generat
 
     long_answers = [answer_format.long_answer(g) for g in scored.generations]
     scores = _text_scores(long_answers, [examples[i]["long_answer"] for i in sample], evaluation, label)
-    generated = {i: _answer_fields(scored.generations[k], answer_format, scored.target_loglik[k], len(targets[k]),
-                                   {name: v[k] for name, v in scores.items()})
+    generated = {i: _answer_fields(scored.generations[k], long_answers[k], answer_format, scored.target_loglik[k],
+                                   len(targets[k]), {name: v[k] for name, v in scores.items()})
                  for k, i in enumerate(sample)}
     rows = [_prediction_row(ex, decisions, generated.get(i))
             for i, (ex, decisions) in enumerate(zip(examples, _decision_columns(choices, scored, sample,

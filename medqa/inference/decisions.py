@@ -53,9 +53,10 @@ class DecisionScorer:
         shares with the one before read once (`score_choices_alone`). `done` and `on_batch` (every
         `batch_size` prompts): resuming."""
         prefix_ids = self.answer_format.prefix_ids(self.tokenizer)
-        return np.array(score_choices_alone(self.model, [p + prefix_ids for p in prompts], self._options(), desc=desc,
+        options = self._options()
+        return np.array(score_choices_alone(self.model, [p + prefix_ids for p in prompts], options, desc=desc,
                                             done=done, on_batch=on_batch, batch_size=self.batch_size)).reshape(
-            len(prompts), -1)
+            len(prompts), len(options))  # (0, 3) for no prompts
 
     def after_answers(self, prompts: list[list[int]], generations: list[str], desc: str | None = None) -> np.ndarray:
         """Log-likelihood of the options after each prompt, its generated answer and the answer prefix

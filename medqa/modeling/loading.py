@@ -7,12 +7,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from medqa.errors import PipelineError
 from medqa.io import atomic_dir, read_json, write_json
 from medqa.modeling.hardware import Hardware, fsdp_enabled
-from medqa.modeling.profiles import ModelProfile, from_model_files, package_dir
+from medqa.modeling.profiles import ModelProfile, from_model_files, get_profile, package_dir, require_model_config
 
 log = logging.getLogger(__name__)
 
@@ -20,15 +20,30 @@ SOURCE_FILE = "source.json"
 TRAINED_ON = "trained_on.json"  # beside an adapter: the base as it saw it (the export merges accordingly)
 
 
+def holds_model(folder: str | Path, profile: ModelProfile) -> bool:
+    """Whether a folder the download stage (or the judge's preparation) wrote holds this model already."""
+    return Path(folder, SOURCE_FILE).is_file() and read_source(folder).get("hub_id") == profile.hub_id
+
+
 def tokenizer_before_download(profile: ModelProfile, downloaded: str | Path) -> Any | None:
     """The model's tokenizer before the download stage has run for it: the download stage's copy when it
     holds this model already, else from the model's own files (`from_model_files`); None where none can be
     read (the later stages then check what needs it)."""
-    if Path(downloaded, SOURCE_FILE).is_file() and read_source(downloaded).get("hub_id") == profile.hub_id:
+    if holds_model(downloaded, profile):
         return load_tokenizer(downloaded)
     from transformers import AutoTokenizer
 
     return from_model_files(profile, AutoTokenizer, "token budgets")
+
+
+def config_before_download(name: str, key: str, downloaded: Sequence[str | Path]) -> Any:
+    """The config of the model `key` names: from a folder of `downloaded` that holds it already (no
+    GGUF parsed again on every experiment), else `require_model_config` (one line where it cannot be read)."""
+    from transformers import AutoConfig
+
+    folder = next((f for f in downloaded if holds_model(f, get_profile(name)) and Path(f, "config.json").is_file()),
+                  None)
+    return AutoConfig.from_pretrained(folder) if folder is not None else require_model_config(name, key)
 
 
 def prepare_base_model(profile: ModelProfile, out_dir: str | Path) -> dict:

@@ -7,7 +7,7 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from medqa.errors import PipelineError
 from medqa.io import read_json
@@ -117,20 +117,15 @@ def from_model_files(profile: ModelProfile, auto_class: Any, unchecked: str) -> 
         return None
 
 
-def require_model_config(name: str, key: str, downloaded: Sequence[Path] = ()) -> Any:
-    """The config of the model `key` (model.name, judge.model) names: from a directory of `downloaded`
-    that holds it already (the download stage's copy: no GGUF to parse again), else read from its own
-    files as `from_model_files` reads them; one line naming the key and the way out where they cannot be
-    read here (offline and not in the hub cache, no such hub model, a gated one without a token)."""
+def require_model_config(name: str, key: str) -> Any:
+    """The config of the model `key` (model.name, judge.model) names, read from its own files as
+    `from_model_files` reads them; one line naming the key and the way out where they cannot be read here
+    (offline and not in the hub cache, no such hub model, a gated one without a token)."""
     import os
 
     from transformers import AutoConfig
 
     profile = get_profile(name)
-    for folder in downloaded:
-        source, config = Path(folder) / "source.json", Path(folder) / "config.json"
-        if source.is_file() and config.is_file() and read_json(source).get("hub_id") == profile.hub_id:
-            return AutoConfig.from_pretrained(folder)
     try:
         return _read_model_files(profile, AutoConfig)
     except Exception as exc:
