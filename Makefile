@@ -2,6 +2,7 @@
 # make run DATA=dir   the same from a local PubMedQA copy (official data/ layout) instead of the hub
 # make test           set up .venv with the test tools, then run every test (docs/testing.md)
 # make test-fast      the fast tier: every test not marked slow, what to run before each commit
+# make lint           ruff check (pyproject.toml's rules, imports sorted); the fast tier runs it too
 # make chat           serve the base vs fine-tuned app on 127.0.0.1:7860 (CHAT_ARGS="--port 8000")
 # make remote         use a local directory as the default DVC remote (REMOTE=dir, not committed)
 # make lock           re-resolve requirements*.in into the lock files (exact versions and hashes)
@@ -31,7 +32,7 @@ TORCH_SOURCE = $(if $(strip $(FIND_LINKS)),$(foreach dir,$(FIND_LINKS),--find-li
 LOCK = $(UV_PIP) compile --quiet --generate-hashes --custom-compile-command "make lock" --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	$(TORCH_SOURCE)
 
-.PHONY: setup run test test-fast chat remote lock gpu-check clean
+.PHONY: setup run test test-fast lint chat remote lock gpu-check clean
 
 $(UV):
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +74,9 @@ test: $(VENV)/.tests-installed
 
 test-fast: $(VENV)/.tests-installed
 	$(VENV)/bin/python -m pytest -q -m "not slow" --durations=10 $(PYTEST_WORKERS) tests
+
+lint: $(VENV)/.tests-installed
+	$(VENV)/bin/ruff check .
 
 chat: setup
 	$(VENV)/bin/python -m medqa.chat.app $(CHAT_ARGS)

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -34,8 +35,8 @@ from medqa.decisions.answer_format import AnswerFormat
 from medqa.inference.decisions import DecisionScorer
 from medqa.inference.generation import ScoredAnswers, generate, generate_and_score, generation_config
 from medqa.io import read_jsonl
-from medqa.modeling.loading import load_for_inference
 from medqa.modeling.hardware import resolve_hardware
+from medqa.modeling.loading import load_for_inference
 from medqa.params import load_params
 from medqa.prompting.prompts import fit_prompt
 from medqa.tokens import token_ids

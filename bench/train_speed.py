@@ -49,9 +49,9 @@ from medqa.io import read_jsonl
 from medqa.modeling.hardware import cpu_has_native_bf16, resolve_hardware
 from medqa.modeling.loading import load_tokenizer
 from medqa.params import load_params
-from medqa.training.trainer import build_trainer
 from medqa.training.examples import tokenize_example
 from medqa.training.recipe import setup_model, training_arguments
+from medqa.training.trainer import build_trainer
 
 WAYS = ("notebook", "stage", "stage-bf16")  # stage-bf16: the stage's way with bf16 autocast (native bf16 only)
 

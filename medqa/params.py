@@ -10,9 +10,10 @@ import dataclasses
 import difflib
 import string
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from medqa import paths
 from medqa.data.sources import read_local_source
 from medqa.data.splits import make_splits, validation_loss_examples
 from medqa.errors import PipelineError
-from medqa.modeling.profiles import context_window, get_profile
 from medqa.modeling.loading import config_before_download, tokenizer_before_download
+from medqa.modeling.profiles import context_window, get_profile
 from medqa.params import Params
 from medqa.prompting.prompts import fit_example, fit_prompt, format_record, prompt_format
 

@@ -10,7 +10,6 @@ from typing import Any
 
 from medqa.io import read_json
 
-
 SHARED_DIR_ENV = "MEDQA_CHECKPOINT_DIR"
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 
 from medqa.decisions.answers import PROTOCOLS
-from medqa.io import read_jsonl
 from medqa.evaluation.metrics import paired_differences, tables_from_rows
+from medqa.io import read_jsonl
 from medqa.report.render import reported_rows
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 
 from medqa.decisions.answers import PROTOCOL_NAMES
-from medqa.io import read_jsonl
 from medqa.evaluation.metrics import decision_table, majority_decisions
+from medqa.io import read_jsonl
 from research.sweep_decisions import pooled, print_pooled
 
 

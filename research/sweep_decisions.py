@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -29,8 +29,8 @@ from medqa.decisions.answer_format import AnswerFormat
 from medqa.evaluation import metrics
 from medqa.inference.decisions import DecisionScorer
 from medqa.io import read_jsonl
-from medqa.modeling.loading import load_for_inference
 from medqa.modeling.hardware import resolve_hardware
+from medqa.modeling.loading import load_for_inference
 from medqa.params import load_params
 
 
@@ -48,6 +48,11 @@ def _seed_mean(truth: np.ndarray, choices: list[np.ndarray], stat: str) -> Calla
     return lambda i: float(np.mean([statistic({"truth": truth, metrics.PRIMARY.name: c}, i) for c in choices]))
 
 
+def _difference(mean: Callable[[np.ndarray], float], baseline: Callable[[np.ndarray], float]
+                ) -> Callable[[np.ndarray], float]:
+    return lambda i: mean(i) - baseline(i)
+
+
 def pooled(truth: np.ndarray, choices: list[np.ndarray], n_resamples: int, seed: int,
            against: list[np.ndarray] | None = None) -> dict[str, tuple[float, float, float]]:
     """Accuracy and macro-F1 averaged over seeds' choices on the same questions, with 95% intervals
@@ -57,7 +62,7 @@ def pooled(truth: np.ndarray, choices: list[np.ndarray], n_resamples: int, seed:
     for stat in ("accuracy", "macro_f1"):
         mean = _seed_mean(truth, choices, stat)
         if against is not None:
-            mean = lambda i, m=mean, b=_seed_mean(truth, against, stat): m(i) - b(i)  # noqa: E731
+            mean = _difference(mean, _seed_mean(truth, against, stat))
         out[stat] = (mean(np.arange(len(truth))), *metrics.bootstrap_interval(mean, len(truth), n_resamples, seed))
     return out
 

@@ -3,8 +3,8 @@
 from medqa import paths
 from medqa.data.sources import check_source
 from medqa.errors import stage_main
-from medqa.io import write_text
 from medqa.evaluation.text_metrics import check_bertscore_model
+from medqa.io import write_text
 from medqa.modeling.profiles import check_lora_targets, get_profile
 from medqa.params import load_params
 from medqa.preflight import check_against_data_and_model, check_models_and_windows, check_optimizer

@@ -3,8 +3,8 @@ from medqa import paths
 from medqa.data.sources import load_source
 from medqa.errors import stage_main
 from medqa.io import write_json, write_jsonl
-from medqa.modeling.profiles import get_profile
 from medqa.modeling.loading import prepare_base_model
+from medqa.modeling.profiles import get_profile
 from medqa.params import load_params
 
 

@@ -1,10 +1,10 @@
 """Stage finetune: a LoRA adapter (QLoRA on CUDA) trained on the train split."""
 import os
 
-from medqa.training.checkpoints import claim_checkpoints
 from medqa.errors import stage_main
-from medqa.training.launch import accelerate_command, check_distributed, launched_by_accelerate, machines_from_env
 from medqa.params import load_params
+from medqa.training.checkpoints import claim_checkpoints
+from medqa.training.launch import accelerate_command, check_distributed, launched_by_accelerate, machines_from_env
 from medqa.training.recipe import TrainFiles, shaping_params, train_adapter
 
 

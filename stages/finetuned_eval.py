@@ -1,9 +1,9 @@
 """Stage finetuned_eval: the base model with the trained adapter, on the same test questions."""
 from medqa import paths
 from medqa.errors import stage_main
+from medqa.evaluation.progress import stage_progress
 from medqa.evaluation.run import EVAL_SECTIONS, EvalFiles, run_evaluation
 from medqa.params import load_params
-from medqa.evaluation.progress import stage_progress
 
 
 @stage_main

@@ -1,10 +1,10 @@
 """Stage harness_task: the test questions as lm-evaluation-harness reads them (lm_eval_tasks/)."""
 from medqa import paths
+from medqa.decisions.answer_format import AnswerFormat
 from medqa.errors import stage_main
 from medqa.evaluation.harness import harness_rows
 from medqa.io import read_jsonl, write_jsonl
 from medqa.modeling.loading import load_tokenizer
-from medqa.decisions.answer_format import AnswerFormat
 from medqa.params import load_params
 
 

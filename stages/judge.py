@@ -1,10 +1,10 @@
 """Stage judge: an LLM rates the base and fine-tuned answers per criterion and compares them head to head."""
 from medqa import paths
 from medqa.errors import stage_main
-from medqa.io import read_jsonl, write_json, write_jsonl
 from medqa.evaluation.judge import judge_model_dir, run_judge
-from medqa.params import load_params
 from medqa.evaluation.progress import stage_progress
+from medqa.io import read_jsonl, write_json, write_jsonl
+from medqa.params import load_params
 
 
 @stage_main

@@ -1,8 +1,8 @@
 """Stage release: the trained adapter with a model card written from this run's params and metrics."""
 from medqa import paths
 from medqa.errors import stage_main
-from medqa.io import read_json, read_jsonl
 from medqa.evaluation.metrics import paired_differences, tables_from_rows
+from medqa.io import read_json, read_jsonl
 from medqa.modeling.loading import TRAINED_ON, read_source
 from medqa.params import load_params
 from medqa.release.card import RunOutcome, card_text, hub_base_model, write_release

@@ -2,8 +2,8 @@
 from medqa import paths
 from medqa.decisions.answers import PRIMARY
 from medqa.errors import stage_main
-from medqa.io import read_json, read_jsonl, write_text
 from medqa.evaluation.metrics import paired_differences, tables_from_rows
+from medqa.io import read_json, read_jsonl, write_text
 from medqa.params import load_params
 from medqa.report.plots import plot_confusions, plot_head_to_head, plot_losses
 from medqa.report.render import decisions_csv_text, describe_run, judge_section, render_report, standing_section

@@ -55,11 +55,11 @@ def train(workdir: Path, out: Path, steps: int, weights: str) -> None:
     import torch.distributed as dist
     from transformers import set_seed
 
-    from medqa.training.launch import save_fsdp_adapter
     from medqa.modeling.loading import load_tokenizer
-    from medqa.training.trainer import AnswerBatchCollator, answer_loss
     from medqa.training.examples import tokenize_example
+    from medqa.training.launch import save_fsdp_adapter
     from medqa.training.recipe import setup_model, training_arguments
+    from medqa.training.trainer import AnswerBatchCollator, answer_loss
 
     sharded = "WORLD_SIZE" in os.environ
     if sharded:

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medqa.chat.assistant import Assistant, Row, recent_turns
 from medqa.chat.app import chat_reply, compare_answers
+from medqa.chat.assistant import Assistant, Row, recent_turns
 from medqa.errors import PipelineError
 from medqa.inference.generation import generate, generation_config
 from medqa.io import write_jsonl
-from medqa.modeling.profiles import PROFILES
-from medqa.modeling.loading import load_model
 from medqa.modeling.hardware import resolve_hardware
+from medqa.modeling.loading import load_model
+from medqa.modeling.profiles import PROFILES
 from medqa.params import PromptParams, load_params, params_from_dict
 from medqa.prompting.prompts import PromptFormat, format_record, prompt_format
 from tests.conftest import free_port, make_original, save_tiny_base
@@ -222,8 +222,8 @@ def test_the_app_refuses_to_start_without_an_adapter(project, tmp_path):
 
 
 def test_an_answer_that_starts_with_its_decision_shows_one_reading_for_both():
-    from medqa.decisions.answer_format import AnswerFormat
     from medqa.chat.app import decision_markdown
+    from medqa.decisions.answer_format import AnswerFormat
 
     answer_format = AnswerFormat("The answer is:")
     assert answer_format.reads_where_choice_reads("The answer is: yes. It works.")
@@ -274,7 +274,7 @@ def _self_signed_certificate(folder: Path) -> tuple[Path, Path]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=1))
@@ -313,7 +313,8 @@ def test_a_shared_app_refuses_to_start_without_credentials_or_https_and_serves_o
         with pytest.raises(OSError):  # no plain HTTP on that port
             urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
         for wrong in (None, ("ana", "wrong")):
-            with pytest.raises(Exception):
+            # gradio_client raises a different error class for a missing and a wrong login.
+            with pytest.raises(Exception):  # noqa: B017
                 Client(url, auth=wrong, verbose=False, ssl_verify=False).predict("1001", api_name="/on_pick")
         picked = Client(url, auth=("ana", "s3cret"), verbose=False, ssl_verify=False).predict("1001", api_name="/on_pick")
         assert make_original(3)["1001"]["QUESTION"] in picked

@@ -9,8 +9,8 @@ import pytest
 
 from medqa.data.sources import load_records, load_source, load_test_labels, validate_records
 from medqa.data.splits import balanced_cap, cap, split_records, split_stats
-from medqa.params import SplitParams
 from medqa.errors import PipelineError
+from medqa.params import SplitParams
 from tests.conftest import make_original
 
 

@@ -104,23 +104,71 @@ def test_python_bytecode_is_no_change_of_a_folder_dependency():
     assert ignored.returncode == 0, ignored.stdout + ignored.stderr
 
 
-def test_no_two_parts_of_the_library_import_each_other():
-    """The subpackages and top-level modules of medqa form layers: where one imports another (at the top or
-    inside a function), the other does not import it back."""
+def _library_parts(root: Path) -> dict[str, set[str]]:
+    """Which part of the library (a subpackage, or a top-level module as `name.py`) imports which other
+    part, anywhere in its files: `from medqa.x... import`, `from medqa import x` and `import medqa.x`."""
     import ast
 
-    def part(module: str) -> str:
-        name = module.split(".")[1]
-        return name if (ROOT / "medqa" / name).is_dir() else f"{name}.py"
+    def part(dotted: str) -> str | None:
+        names = dotted.split(".")
+        if names[0] != "medqa" or len(names) < 2:
+            return None
+        return names[1] if (root / names[1]).is_dir() else f"{names[1]}.py"
 
-    edges = set()
-    for path in (ROOT / "medqa").rglob("*.py"):
-        here = path.relative_to(ROOT / "medqa").parts[0]
+    graph: dict[str, set[str]] = {}
+    for path in root.rglob("*.py"):
+        here = path.relative_to(root).parts[0]
+        imported: set[str | None] = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("medqa."):
-                if part(node.module) != here:
-                    edges.add((here, part(node.module)))
-    assert edges and not {(a, b) for a, b in edges if (b, a) in edges}
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "medqa":
+                imported |= {part(f"medqa.{alias.name}") for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(part(node.module))
+            elif isinstance(node, ast.Import):
+                imported |= {part(alias.name) for alias in node.names}
+        graph.setdefault(here, set()).update(p for p in imported if p and p != here)
+    return graph
+
+
+def _a_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the import graph (its parts in order, the first repeated at the end), or None."""
+    state: dict[str, str] = {}  # part -> "open" while on the path being walked, "done" after
+
+    def walk(node: str, path: list[str]) -> list[str] | None:
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [node, nxt] if nxt in path else [node, nxt]
+            if nxt not in state and (found := walk(nxt, path + [node])):
+                return found
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := walk(start, [])):
+            return found
+    return None
+
+
+def test_the_parts_of_the_library_form_layers():
+    """The subpackages and top-level modules of medqa form layers: no chain of imports (at the top or inside a
+    function, of any length) leads from a part back to itself."""
+    graph = _library_parts(ROOT / "medqa")
+    assert sum(map(len, graph.values())) > 20
+    assert _a_cycle(graph) is None, " -> ".join(_a_cycle(graph))
+
+
+def test_the_layer_check_finds_a_long_cycle_and_every_import_form(tmp_path):
+    root = tmp_path / "medqa"
+    for name, text in {"a/m.py": "from medqa.b.n import x\n", "b/n.py": "from medqa import c\n",
+                       "c.py": "def f():\n    import medqa.a.m\n", "d.py": "from medqa.c import f\n"}.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    graph = _library_parts(root)
+    assert graph == {"a": {"b"}, "b": {"c.py"}, "c.py": {"a"}, "d.py": {"c.py"}}
+    assert _a_cycle(graph) == ["a", "b", "c.py", "a"]
+    (root / "c.py").write_text("")
+    assert _a_cycle(_library_parts(root)) is None
 
 
 def test_only_the_answer_format_reads_the_answer_prefix():

@@ -17,8 +17,18 @@ import pytest
 
 from medqa.io import read_jsonl
 from tests.conftest import pubmedqa_data, write_official_dir
-from tests.pipeline_repo import (ALL_STAGES, ROOT, TINY, assert_evaluated_in_the_weights_dtype, check_release,
-                                 commit, make_repo, run, stages_run, succeeded)
+from tests.pipeline_repo import (
+    ALL_STAGES,
+    ROOT,
+    TINY,
+    assert_evaluated_in_the_weights_dtype,
+    check_release,
+    commit,
+    make_repo,
+    run,
+    stages_run,
+    succeeded,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from medqa.tokens import continuation_ids
 from medqa.inference.generation import generate, generate_and_score, generation_config
 from medqa.inference.scoring import score_choices, score_choices_alone
+from medqa.tokens import continuation_ids
 
 
 def _direct_loglik(model, prompt: list[int], option: list[int]) -> float:

@@ -167,8 +167,8 @@ def test_an_unknown_judge_criterion_is_one_clear_error():
 
 
 def test_a_judge_other_than_the_base_model_is_prepared_once_then_reused(tmp_path, tokenizer, monkeypatch):
-    from medqa.modeling import loading
     from medqa.evaluation.judge import judge_model_dir
+    from medqa.modeling import loading
     from tests.conftest import save_tiny_base
 
     base, scratch, other = tmp_path / "base", tmp_path / "judge", tmp_path / "other-model"

@@ -8,10 +8,26 @@ import pytest
 
 from medqa.decisions.answer_format import DECISIONS, AnswerFormat
 from medqa.decisions.answers import (
-    DecisionEvidence, Fitted, calibrate, choice_probabilities, content_free_prior, fit_offsets, protocol, read_decisions,
+    DecisionEvidence,
+    Fitted,
+    calibrate,
+    choice_probabilities,
+    content_free_prior,
+    fit_offsets,
+    protocol,
+    read_decisions,
 )
 from medqa.errors import PipelineError
-from medqa.evaluation.metrics import CODES, LABEL_IDS, choice_summary, class_f1, paired_differences, per_class_f1, summarize, tables_from_rows
+from medqa.evaluation.metrics import (
+    CODES,
+    LABEL_IDS,
+    choice_summary,
+    class_f1,
+    paired_differences,
+    per_class_f1,
+    summarize,
+    tables_from_rows,
+)
 from medqa.evaluation.text_metrics import bertscore_f1, resolve_bertscore_model, rouge_scores, token_f1
 
 PREFIX = "The direct answer to your question is:"

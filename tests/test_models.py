@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from medqa.errors import PipelineError
-from medqa.modeling.profiles import PROFILES, get_profile, lora_targets
 from medqa.modeling.hardware import resolve_hardware
+from medqa.modeling.profiles import PROFILES, get_profile, lora_targets
 from medqa.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,8 +19,17 @@ import yaml
 
 from medqa.io import read_jsonl
 from tests.conftest import free_port, write_official_dir
-from tests.pipeline_repo import (ALL_STAGES, FAKE_TOKEN, assert_evaluated_in_the_weights_dtype, check_release,
-                                 commit, make_repo, run, save_tiny_model, stages_run)
+from tests.pipeline_repo import (
+    ALL_STAGES,
+    FAKE_TOKEN,
+    assert_evaluated_in_the_weights_dtype,
+    check_release,
+    commit,
+    make_repo,
+    run,
+    save_tiny_model,
+    stages_run,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from medqa.decisions.answer_format import AnswerFormat
-from medqa.params import PromptParams
 from medqa.errors import PipelineError
+from medqa.params import PromptParams
 from medqa.prompting.prompts import PromptFormat, fit_prompt, format_record, prompt_id
 from medqa.training.examples import tokenize_example
 

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from medqa.io import read_jsonl
-from medqa.modeling.profiles import LLAMA_MODULES, PROFILES, get_profile
 from medqa.modeling.hardware import resolve_hardware
+from medqa.modeling.profiles import LLAMA_MODULES, PROFILES, get_profile
 from tests.conftest import write_official_dir
 from tests.pipeline_repo import ALL_STAGES, ROOT, make_repo, run, stages_run
 
@@ -61,8 +61,8 @@ def test_4bit_loads_nf4_on_any_device_and_auto_is_4bit_on_cuda_only(tmp_path, to
     import torch
 
     from medqa.io import write_json
-    from medqa.modeling.loading import load_model
     from medqa.modeling.hardware import resolve_hardware
+    from medqa.modeling.loading import load_model
 
     stand_in = save_stand_in(tmp_path / "llama", "llama", tokenizer)
     write_json(stand_in / "source.json", {"hub_id": "stand-in", "weights": "local"})
@@ -131,10 +131,10 @@ def _chat_and_export_use_the_4bit_trained_adapter(repo: Path, params: dict, merg
     from transformers import AutoModelForCausalLM
 
     from medqa.chat.assistant import Assistant
-    from medqa.release.export import merge_adapter, merged_model, trained_merge_target
     from medqa.inference.generation import generation_config
     from medqa.modeling.loading import load_model
     from medqa.params import params_from_dict
+    from medqa.release.export import merge_adapter, merged_model, trained_merge_target
 
     base, adapter = repo / "models/base", repo / "models/adapter"
     assistant = Assistant.load(params_from_dict(params), base, adapter)

@@ -34,8 +34,8 @@ def test_seeds_predictions_pool_to_their_mean_and_its_gain_over_the_majority(tmp
     """research.pool_predictions: two runs' prediction files on the same questions, per protocol the
     mean over the runs and its paired gain over always answering the most frequent decision; runs on
     other questions are refused."""
-    from research import pool_predictions
     from medqa.io import write_jsonl
+    from research import pool_predictions
 
     truth = ["yes"] * 6 + ["no"] * 3 + ["maybe"]
     always_yes = [dict(_row(t, "yes", offsets="no" if t == "no" else "yes"), pmid=str(i)) for i, t in enumerate(truth)]

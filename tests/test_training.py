@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from medqa.decisions.answer_format import AnswerFormat
 from medqa.params import PromptParams, params_from_dict
-from medqa.report.plots import live_metric_file
 from medqa.prompting.prompts import PromptFormat, format_record
+from medqa.report.plots import live_metric_file
 from tests.conftest import free_port, train_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,9 +155,9 @@ def test_export_merges_the_adapter(workdir, trained, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from medqa.release.export import merge_adapter
-    from medqa.modeling.loading import load_model
     from medqa.modeling.hardware import resolve_hardware
+    from medqa.modeling.loading import load_model
+    from medqa.release.export import merge_adapter
 
     merge_adapter(workdir / "base", trained / "adapter", tmp_path / "merged", "float32")
     assert (tmp_path / "merged" / "model.safetensors").exists()
@@ -180,8 +180,8 @@ def test_gguf_export_reads_back_as_the_merged_model(workdir, trained, tmp_path, 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from medqa.release.export import export_gguf, merge_adapter
     from medqa.prompting.prompts import prompt_format, user_message
+    from medqa.release.export import export_gguf, merge_adapter
 
     params = train_params(**EXPORTED)
     typed = params_from_dict(params)
@@ -309,11 +309,11 @@ def _lora_trainer(workdir: Path, out: Path, stage_way: bool):
     from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
     from medqa.io import read_jsonl
-    from medqa.modeling.loading import load_tokenizer
     from medqa.modeling.hardware import resolve_hardware
-    from medqa.training.trainer import build_trainer
+    from medqa.modeling.loading import load_tokenizer
     from medqa.training.examples import tokenized_dataset
     from medqa.training.recipe import setup_model, training_arguments
+    from medqa.training.trainer import build_trainer
 
     params = train_params(max_steps=4, batch_size=3, grad_accum=2, learning_rate=0.01, warmup_ratio=0.0,
                      logging_steps=1, eval_steps=4, save_steps=4)
@@ -540,10 +540,10 @@ def test_a_local_model_is_known_by_its_content_not_its_path(tmp_path, tokenizer,
     from safetensors.torch import save_file
 
     import medqa.modeling.loading
+    from medqa.modeling.loading import prepare_base_model
+    from medqa.modeling.profiles import get_profile
     from medqa.resumable import base_identity
     from medqa.training.checkpoints import claim_checkpoints
-    from medqa.modeling.profiles import get_profile
-    from medqa.modeling.loading import prepare_base_model
     from tests.conftest import save_tiny_base
 
     monkeypatch.setattr(medqa.modeling.loading, "WHOLE_FILE_BYTES", 10**12 if read == "whole" else 1000)
@@ -675,9 +675,9 @@ def test_the_trained_model_is_scored_as_the_eval_stages_score_it(workdir, tmp_pa
     from medqa.io import read_jsonl
     from medqa.modeling.hardware import Hardware
     from medqa.modeling.loading import load_model, load_tokenizer
-    from medqa.training.trainer import build_trainer, forward_as_loaded
     from medqa.training.examples import tokenized_dataset
     from medqa.training.recipe import setup_model, training_arguments
+    from medqa.training.trainer import build_trainer, forward_as_loaded
 
     params = params_from_dict(train_params(max_steps=1, eval_steps=1, save_steps=1))
     hardware = Hardware("cpu", torch.float32, False, autocast=torch.bfloat16)

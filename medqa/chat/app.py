@@ -14,14 +14,15 @@ import argparse
 import importlib.util
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from medqa import paths
-from medqa.decisions.answer_format import DECISIONS
-from medqa.decisions.answers import PRIMARY, PROTOCOLS
 from medqa.chat.access import LoginThrottle, check_transport, credentials
 from medqa.chat.assistant import Assistant, Decision, Row
+from medqa.decisions.answer_format import DECISIONS
+from medqa.decisions.answers import PRIMARY, PROTOCOLS
 from medqa.errors import PipelineError, command_main
 from medqa.inference.generation import generation_config
 from medqa.io import read_jsonl

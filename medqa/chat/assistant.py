@@ -9,24 +9,25 @@ what several readers ask at about the same moment — both panes of a compare, o
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from transformers import GenerationConfig
 
+from medqa.chat.batcher import Batcher, Request
 from medqa.decisions.answer_format import DECISIONS, AnswerFormat
 from medqa.decisions.answers import PROTOCOLS, DecisionEvidence, Fitted
-from medqa.chat.batcher import Batcher, Request
 from medqa.errors import PipelineError
+from medqa.inference.core import left_pad, model_device
 from medqa.inference.decisions import DecisionScorer
 from medqa.inference.generation import end_token_ids, score_and_decode_batch
-from medqa.inference.core import left_pad, model_device
-from medqa.modeling.loading import load_for_inference
 from medqa.modeling.hardware import resolve_hardware
+from medqa.modeling.loading import load_for_inference
 from medqa.params import Params
 from medqa.prompting.prompts import fit_prompt, join_contexts, prompt_format, user_message
 from medqa.tokens import token_ids
@@ -80,7 +81,7 @@ class Update:
     the last update."""
 
     texts: list[str]
-    readings: list["dict[str, Decision] | None"]
+    readings: list[dict[str, Decision] | None]
     done: bool = False
 
 
@@ -104,7 +105,7 @@ class Assistant:
         self.batcher = Batcher(self._run_batch, params.chat.batch_rows, params.chat.batch_wait_s)
 
     @classmethod
-    def load(cls, params: Params, base_dir: str | Path, adapter_dir: str | Path) -> "Assistant":
+    def load(cls, params: Params, base_dir: str | Path, adapter_dir: str | Path) -> Assistant:
         """Load the base model once and attach the adapter; clear errors when either is missing."""
         loaded = load_for_inference(base_dir, resolve_hardware(params.model.quantization, params.model.dtype),
                                     adapter_dir)

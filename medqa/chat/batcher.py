@@ -11,8 +11,9 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
+from typing import Any, Generic, TypeVar
 
 from medqa.errors import PipelineError
 
@@ -25,7 +26,7 @@ class Request(Generic[Row]):
 
     rows: Sequence[Row]
     settings: Any  # requests share a batch only when their settings are equal
-    updates: "queue.Queue[Any]" = field(default_factory=queue.Queue)
+    updates: queue.Queue[Any] = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def send(self, update: Any) -> None:

@@ -7,8 +7,9 @@ No model runs here (see `medqa.inference`): this module is light enough for ever
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -82,7 +83,7 @@ class Fit:
     option indices); and how the metrics (`entry`) and the report (`text`, from those entries) give it."""
 
     on: Literal["content_free", "validation"]
-    fit: Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]  # (log-likelihoods (k, 3), truth) -> values
+    fit: Callable[[np.ndarray, np.ndarray | None], np.ndarray]  # (log-likelihoods (k, 3), truth) -> values
     label: str  # how the report names it
     entry: Callable[[Fitted], dict[str, Any]]  # what the protocol's metrics section holds of it
     text: Callable[[dict[str, Any]], str]  # the report's line, from the protocol's metrics section

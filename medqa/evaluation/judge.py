@@ -12,15 +12,24 @@ picks the judge model, the criteria and how many questions are judged.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from medqa.decisions import answers
 from medqa.params import EvalParams, JudgeParams, ModelParams
-from medqa.rubric import (COMPARISON_LEAD, OUTCOMES, RATING_LEAD, RATINGS, SYSTEM, Case, comparison_request,
-                          rating_request)
+from medqa.rubric import (
+    COMPARISON_LEAD,
+    OUTCOMES,
+    RATING_LEAD,
+    RATINGS,
+    SYSTEM,
+    Case,
+    comparison_request,
+    rating_request,
+)
 from medqa.tokens import continuation_ids, token_ids
 
 if TYPE_CHECKING:
@@ -198,8 +207,8 @@ def judge_model_dir(judge_name: str, model_name: str, base_dir: Path, scratch_di
     `scratch_dir`, prepared once per judge (an embedded GGUF converted, a hub model's revision pinned,
     a local directory referenced) and reused while `judge.model` stays the same."""
     from medqa.io import read_json, write_json
-    from medqa.modeling.profiles import get_profile
     from medqa.modeling.loading import prepare_base_model
+    from medqa.modeling.profiles import get_profile
 
     if judge_name == model_name:
         return base_dir
@@ -214,9 +223,9 @@ def judge_model_dir(judge_name: str, model_name: str, base_dir: Path, scratch_di
 def _setup_judge(judge_name: str, model: ModelParams, judge_dir: Path) -> tuple[ModelJudge, int]:
     """The judge model (loaded as the pipeline loads models: 4-bit on CUDA), in its own prompt format,
     and its number of parameters."""
-    from medqa.modeling.profiles import get_profile
-    from medqa.modeling.loading import load_for_inference
     from medqa.modeling.hardware import resolve_hardware
+    from medqa.modeling.loading import load_for_inference
+    from medqa.modeling.profiles import get_profile
     from medqa.prompting.prompts import PromptFormat
 
     # Unpadded prompts, one at a time: the padding side is the tokenizer's default.

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from medqa.decisions.answer_format import DECISIONS, NO_DECISION
 from medqa.decisions.answers import PRIMARY, PROTOCOL_NAMES, PROTOCOLS, Protocol, protocol
-from medqa.evaluation.text_metrics import TEXT_METRICS, TEXT_SCORES, Statistic, Table, mean_of, bleu_sentence_stats
+from medqa.evaluation.text_metrics import TEXT_METRICS, TEXT_SCORES, Statistic, Table, bleu_sentence_stats, mean_of
 
 log = logging.getLogger(__name__)
 

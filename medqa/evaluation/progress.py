@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from medqa.resumable import SHARED_DIR_ENV, base_identity, fingerprint
 from medqa.imports import stage_code
 from medqa.params import Params, as_dict
 from medqa.paths import PROGRESS
+from medqa.resumable import SHARED_DIR_ENV, base_identity, fingerprint
 
 log = logging.getLogger(__name__)
 

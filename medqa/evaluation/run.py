@@ -2,25 +2,26 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from medqa import paths
-from medqa.decisions import answers
-from medqa.evaluation import metrics
-from medqa.evaluation.text_metrics import TEXT_SCORES, text_scores
-from medqa.decisions.answer_format import AnswerFormat
 from medqa.data.splits import long_answer_sample
+from medqa.decisions import answers
+from medqa.decisions.answer_format import AnswerFormat
 from medqa.decisions.answers import Fitted
 from medqa.errors import explain_out_of_memory
+from medqa.evaluation import metrics
+from medqa.evaluation.text_metrics import TEXT_SCORES, text_scores
 from medqa.inference.decisions import DecisionScorer
 from medqa.inference.generation import ScoredAnswers, generation_config_from_params
 from medqa.io import read_jsonl, write_json, write_jsonl
-from medqa.modeling.loading import load_for_inference
 from medqa.modeling.hardware import resolve_hardware
+from medqa.modeling.loading import load_for_inference
 from medqa.params import EvalParams, GenerationParams, ModelParams, PromptParams
 from medqa.prompting.prompts import fit_prompt
 from medqa.tokens import token_ids

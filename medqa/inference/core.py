@@ -4,7 +4,8 @@ eval stages' pass, the chat app's decoding and the judge's scorer read decisions
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm

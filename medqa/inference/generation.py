@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import GenerationConfig
 
-from medqa.inference.core import (extension_logprobs, logprob_sum, model_device, option_logliks, padded_batches,
-                                  shared_prefix_length, without_grad)
+from medqa.inference.core import (
+    extension_logprobs,
+    logprob_sum,
+    model_device,
+    option_logliks,
+    padded_batches,
+    shared_prefix_length,
+    without_grad,
+)
 
 if TYPE_CHECKING:
     from medqa.params import GenerationParams

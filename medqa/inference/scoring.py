@@ -3,12 +3,20 @@ prompts in a batch (`score_choices`), or one prompt at a time, each read from wh
 before (`SharedPrefixScorer`: the judge's prompts, and the eval stages' decisions by `score_choices_alone`)."""
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
-from medqa.inference.core import (logprob_sum, model_device, option_logliks, padded_batches, shared_prefix_length,
-                                  tail_logprobs, without_grad)
+from medqa.inference.core import (
+    logprob_sum,
+    model_device,
+    option_logliks,
+    padded_batches,
+    shared_prefix_length,
+    tail_logprobs,
+    without_grad,
+)
 
 
 @without_grad

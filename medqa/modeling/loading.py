@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from medqa.errors import PipelineError
 from medqa.io import atomic_dir, read_json, write_json

@@ -15,8 +15,16 @@ from medqa.evaluation.text_metrics import TEXT_METRICS
 from medqa.io import atomic_dir
 from medqa.modeling.profiles import get_profile
 from medqa.params import LoraParams, ModelParams, PromptParams, TrainParams
-from medqa.report.render import (fitted_text, is_model_metric, label_distribution, metric_at, metrics_table,
-                                 questions_behind, reported_rows, standing_section)
+from medqa.report.render import (
+    fitted_text,
+    is_model_metric,
+    label_distribution,
+    metric_at,
+    metrics_table,
+    questions_behind,
+    reported_rows,
+    standing_section,
+)
 
 DATASET = ("qiaojin/PubMedQA", "pqa_labeled")  # the hub's copy of the data the pipeline trains on
 CARD = "README.md"

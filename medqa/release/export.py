@@ -24,8 +24,8 @@ from typing import Any
 from medqa import paths
 from medqa.errors import PipelineError, command_main
 from medqa.io import atomic_dir, read_json
-from medqa.modeling.loading import TRAINED_ON, load_for_inference, load_tokenizer, require_adapter
 from medqa.modeling.hardware import resolve_hardware
+from medqa.modeling.loading import TRAINED_ON, load_for_inference, load_tokenizer, require_adapter
 from medqa.params import PromptParams, load_params
 
 MERGE_TARGETS = ("original", "dequantized")
@@ -80,8 +80,8 @@ def export_gguf(base_dir: Path, adapter_dir: Path, out_dir: Path, prompt: Prompt
     prompts it as the pipeline does (params.yaml's prompt section). Returns the GGUF file."""
     import tempfile
 
-    from medqa.release.gguf import ollama_modelfile, write_gguf
     from medqa.prompting.prompts import prompt_format
+    from medqa.release.gguf import ollama_modelfile, write_gguf
 
     tokenizer = load_tokenizer(base_dir)
     fmt = prompt_format(tokenizer, prompt, model_name)

@@ -4,8 +4,9 @@ more (`DecisionWeighting`)."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from medqa.decisions.answer_format import AnswerFormat
 from medqa.errors import PipelineError

@@ -3,9 +3,10 @@ saving an adapter that FSDP has sharded across them."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from medqa.errors import PipelineError
 from medqa.io import atomic_dir, write_json

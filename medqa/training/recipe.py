@@ -10,20 +10,25 @@ from pathlib import Path
 from typing import Any
 
 from medqa import paths
+from medqa.data.splits import validation_loss_examples
 from medqa.decisions.answer_format import AnswerFormat
+from medqa.errors import PipelineError, explain_out_of_memory
+from medqa.io import atomic_dir, read_jsonl, write_json
+from medqa.modeling.hardware import Hardware, fsdp_enabled, resolve_hardware
+from medqa.modeling.loading import TRAINED_ON, load_model, load_tokenizer
+from medqa.modeling.profiles import get_profile, lora_targets
+from medqa.params import LoraParams, ModelParams, Params, TrainParams, as_dict
 from medqa.resumable import SHARED_DIR_ENV
 from medqa.training.checkpoints import claim_checkpoints
 from medqa.training.examples import decision_weighting, tokenized_dataset
-from medqa.data.splits import validation_loss_examples
-from medqa.errors import PipelineError, explain_out_of_memory
-from medqa.io import atomic_dir, read_jsonl, write_json
 from medqa.training.launch import launched_by_accelerate, save_fsdp_adapter
-from medqa.modeling.loading import TRAINED_ON, load_model, load_tokenizer
-from medqa.modeling.hardware import Hardware, fsdp_enabled, resolve_hardware
-from medqa.modeling.profiles import get_profile, lora_targets
-from medqa.params import LoraParams, ModelParams, Params, TrainParams, as_dict
-from medqa.training.trainer import (LiveLossCallback, SameBatchesFreshOrResumed, StopOnNonFiniteLoss, build_trainer,
-                           forward_as_loaded)
+from medqa.training.trainer import (
+    LiveLossCallback,
+    SameBatchesFreshOrResumed,
+    StopOnNonFiniteLoss,
+    build_trainer,
+    forward_as_loaded,
+)
 
 log = logging.getLogger(__name__)
 
