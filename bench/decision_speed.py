@@ -30,9 +30,9 @@ import torch
 
 from medqa import paths
 from medqa.decisions.answer_format import DECISIONS, AnswerFormat
-from medqa.decisions.answers import reference_codes
+from medqa.decisions.protocols import reference_codes
 from medqa.evaluation.metrics import class_f1
-from medqa.inference.decisions import DecisionScorer
+from medqa.inference.decision_scorer import DecisionScorer
 from medqa.inference.scoring import score_choices
 from medqa.io import read_jsonl
 from medqa.modeling.hardware import cpu_has_native_bf16, resolve_hardware

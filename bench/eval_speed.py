@@ -32,7 +32,7 @@ import torch
 
 from medqa import paths
 from medqa.decisions.answer_format import AnswerFormat
-from medqa.inference.decisions import DecisionScorer
+from medqa.inference.decision_scorer import DecisionScorer
 from medqa.inference.generation import ScoredAnswers, generate, generate_and_score, generation_config
 from medqa.io import read_jsonl
 from medqa.modeling.hardware import resolve_hardware

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from medqa.decisions.answers import PROTOCOLS
+from medqa.decisions.protocols import PROTOCOLS
 from medqa.evaluation.metrics import paired_differences, tables_from_rows
 from medqa.io import read_jsonl
 from medqa.report.render import reported_rows

@@ -7,7 +7,7 @@ LOGLIK.npz is what `python -m research.sweep_decisions ... --save-loglik LOGLIK.
 adapter's log-likelihoods of " yes", " no", " maybe" on the validation questions, and their labels.
 For each adapter: the choice protocol's accuracy and macro-F1 (the most likely option), how well its
 options rank the questions (`ranking_aucs`: yes against no, "maybe" against the rest), and the
-accuracy and macro-F1 of the eval stages' `offsets` protocol with its offsets (`answers.fit_offsets`)
+accuracy and macro-F1 of the eval stages' `offsets` protocol with its offsets (`protocols.fit_offsets`)
 fitted on k-1 folds and applied to the held-out fold: cross-validated, the offsets never see the
 questions they are scored on; the figures average `--repeats` shuffles of the folds. `--against
 RECIPE` pools each recipe's seeds (the adapters saved as RECIPE=...) and compares the recipes'
@@ -21,7 +21,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from medqa.decisions import answers
+from medqa.decisions import protocols
 from medqa.evaluation import metrics
 from research.sweep_decisions import pooled, print_pooled
 
@@ -56,7 +56,7 @@ def held_out_decisions(loglik: np.ndarray, truth: np.ndarray, folds: int, shuffl
 
     predicted = np.empty_like(truth)
     for fit, held_out in StratifiedKFold(folds, shuffle=True, random_state=shuffle).split(loglik, truth):
-        predicted[held_out] = (loglik[held_out] + answers.fit_offsets(loglik[fit], truth[fit])).argmax(axis=1)
+        predicted[held_out] = (loglik[held_out] + protocols.fit_offsets(loglik[fit], truth[fit])).argmax(axis=1)
     return predicted
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from medqa.decisions.answers import PROTOCOL_NAMES
+from medqa.decisions.protocols import PROTOCOL_NAMES
 from medqa.evaluation.metrics import decision_table, majority_decisions
 from medqa.io import read_jsonl
 from research.sweep_decisions import pooled, print_pooled

@@ -24,10 +24,10 @@ from collections.abc import Callable
 import numpy as np
 
 from medqa import paths
-from medqa.decisions import answers
+from medqa.decisions import protocols
 from medqa.decisions.answer_format import AnswerFormat
 from medqa.evaluation import metrics
-from medqa.inference.decisions import DecisionScorer
+from medqa.inference.decision_scorer import DecisionScorer
 from medqa.io import read_jsonl
 from medqa.modeling.hardware import resolve_hardware
 from medqa.modeling.loading import load_for_inference
@@ -90,7 +90,7 @@ def main() -> None:
         parser.error(f"--against {args.against}: no adapter of that recipe given")
     params = load_params()
     val = read_jsonl(paths.VAL)
-    truth = answers.reference_codes(val)
+    truth = protocols.reference_codes(val)
     hardware = resolve_hardware("none", "float32")  # the finetune stage scores its validation decisions in fp32
     by_recipe: dict[str, list[np.ndarray]] = defaultdict(list)
     loglik: dict[str, np.ndarray] = {}

@@ -1,8 +1,8 @@
 """Stage baseline_eval: the base model on the test split."""
 from medqa import paths
 from medqa.errors import stage_main
+from medqa.evaluation.evaluate import EVAL_SECTIONS, EvalFiles, run_evaluation
 from medqa.evaluation.progress import stage_progress
-from medqa.evaluation.run import EVAL_SECTIONS, EvalFiles, run_evaluation
 from medqa.params import load_params
 
 

@@ -1,6 +1,6 @@
 """Stage report: metrics table (base vs fine-tuned, with the change), decisions and loss plots, example answers."""
 from medqa import paths
-from medqa.decisions.answers import PRIMARY
+from medqa.decisions.protocols import PRIMARY
 from medqa.errors import stage_main
 from medqa.evaluation.metrics import paired_differences, tables_from_rows
 from medqa.io import read_json, read_jsonl, write_text

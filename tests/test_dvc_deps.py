@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medqa.imports import PLUMBING, reached_modules
+from medqa.code_deps import PLUMBING, reached_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 EXEMPT = PLUMBING

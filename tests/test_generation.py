@@ -121,7 +121,7 @@ def test_one_token_prompts(tokenizer, tiny_model, lengths):
 def test_the_eval_stages_and_the_chat_app_read_after_answer_decisions_alike(tokenizer, tiny_model):
     """The eval stages' after_answer (from the generation's cache) equals the chat app's (from scratch)."""
     from medqa.decisions.answer_format import AnswerFormat
-    from medqa.inference.decisions import DecisionScorer
+    from medqa.inference.decision_scorer import DecisionScorer
 
     prefix = "The answer to this question is:"
     prompts = _prompts(tokenizer)
@@ -188,10 +188,10 @@ def test_the_protocols_fit_what_they_declare_each_kind_of_prompt_read_once(token
     kind of prompt is scored once; without validation questions the offsets cannot be fitted, said in one line."""
     from unittest import mock
 
-    from medqa.decisions import answers
+    from medqa.decisions import protocols
     from medqa.decisions.answer_format import AnswerFormat
     from medqa.errors import PipelineError
-    from medqa.inference.decisions import DecisionScorer
+    from medqa.inference.decision_scorer import DecisionScorer
     from medqa.params import PromptParams
 
     prompt = PromptParams("Answer.", None, "The answer is:", True)
@@ -200,14 +200,14 @@ def test_the_protocols_fit_what_they_declare_each_kind_of_prompt_read_once(token
            for i, d in enumerate(["yes", "no", "maybe", "yes"])]
     with mock.patch.object(DecisionScorer, "after_prompts", autospec=True,
                            side_effect=DecisionScorer.after_prompts) as scored:
-        fitted = scorer.fit(answers.PROTOCOLS, prompt, "smollm2-135m-instruct", val)
+        fitted = scorer.fit(protocols.PROTOCOLS, prompt, "smollm2-135m-instruct", val)
     assert scored.call_count == 2  # the content-free prompts, then the validation questions
-    assert set(fitted) == {p.name for p in answers.PROTOCOLS if p.fit is not None} == {"calibrated", "offsets"}
+    assert set(fitted) == {p.name for p in protocols.PROTOCOLS if p.fit is not None} == {"calibrated", "offsets"}
     content_free = scorer.content_free(prompt, "smollm2-135m-instruct")
-    assert fitted["calibrated"].prompts == len(answers.CONTENT_FREE)
-    assert np.allclose(fitted["calibrated"].values, answers.content_free_prior(content_free))
+    assert fitted["calibrated"].prompts == len(protocols.CONTENT_FREE)
+    assert np.allclose(fitted["calibrated"].values, protocols.content_free_prior(content_free))
     assert fitted["offsets"].prompts == len(val)
     assert np.array_equal(fitted["offsets"].values,
-                          answers.fit_offsets(scorer.after_examples(val, desc=None), np.array([0, 1, 2, 0])))
+                          protocols.fit_offsets(scorer.after_examples(val, desc=None), np.array([0, 1, 2, 0])))
     with pytest.raises(PipelineError, match="no validation questions .* raise split.val_size"):
-        scorer.fit(answers.PROTOCOLS, prompt, "smollm2-135m-instruct", [])
+        scorer.fit(protocols.PROTOCOLS, prompt, "smollm2-135m-instruct", [])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from medqa.decisions.answer_format import DECISIONS, AnswerFormat
-from medqa.decisions.answers import (
+from medqa.decisions.protocols import (
     DecisionEvidence,
     Fitted,
     calibrate,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medqa.decisions.answers import fit_offsets
+from medqa.decisions.protocols import fit_offsets
 from medqa.evaluation.metrics import CODES, decision_table
 from tests.test_metrics import _row
 

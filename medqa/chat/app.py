@@ -22,7 +22,7 @@ from medqa import paths
 from medqa.chat.access import LoginThrottle, check_transport, credentials
 from medqa.chat.assistant import Assistant, Decision, Row
 from medqa.decisions.answer_format import DECISIONS
-from medqa.decisions.answers import PRIMARY, PROTOCOLS
+from medqa.decisions.protocols import PRIMARY, PROTOCOLS
 from medqa.errors import PipelineError, command_main
 from medqa.inference.generation import generation_config
 from medqa.io import read_jsonl

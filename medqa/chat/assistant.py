@@ -21,10 +21,10 @@ from transformers import GenerationConfig
 
 from medqa.chat.batcher import Batcher, Request
 from medqa.decisions.answer_format import DECISIONS, AnswerFormat
-from medqa.decisions.answers import PROTOCOLS, DecisionEvidence, Fitted
+from medqa.decisions.protocols import PROTOCOLS, DecisionEvidence, Fitted
 from medqa.errors import PipelineError
 from medqa.inference.core import left_pad, model_device
-from medqa.inference.decisions import DecisionScorer
+from medqa.inference.decision_scorer import DecisionScorer
 from medqa.inference.generation import end_token_ids, score_and_decode_batch
 from medqa.modeling.hardware import resolve_hardware
 from medqa.modeling.loading import load_for_inference

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from medqa.decisions import answers
+from medqa.decisions import protocols
 from medqa.params import EvalParams, JudgeParams, ModelParams
 from medqa.rubric import (
     COMPARISON_LEAD,
@@ -42,7 +42,7 @@ MODELS = ("baseline", "finetuned")  # the order of the answers in every row
 
 def _renormalised(logliks: Sequence[float]) -> np.ndarray:
     """One request's option log-likelihoods as probabilities over just those options."""
-    return answers.choice_probabilities(np.asarray(logliks, dtype=float)[None, :])[0]
+    return protocols.choice_probabilities(np.asarray(logliks, dtype=float)[None, :])[0]
 
 
 def expected_rating(logliks: Sequence[float]) -> tuple[float, np.ndarray]:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from medqa.decisions.answer_format import DECISIONS, NO_DECISION
-from medqa.decisions.answers import PRIMARY, PROTOCOL_NAMES, PROTOCOLS, Protocol, protocol
+from medqa.decisions.protocols import PRIMARY, PROTOCOL_NAMES, PROTOCOLS, Protocol, protocol
 from medqa.evaluation.text_metrics import TEXT_METRICS, TEXT_SCORES, Statistic, Table, bleu_sentence_stats, mean_of
 
 log = logging.getLogger(__name__)

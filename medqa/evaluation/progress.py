@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medqa.imports import stage_code
+from medqa.code_deps import stage_code
 from medqa.params import Params, as_dict
 from medqa.paths import PROGRESS
 from medqa.resumable import SHARED_DIR_ENV, base_identity, fingerprint

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from medqa.decisions.answer_format import DECISIONS, AnswerFormat
-from medqa.decisions.answers import PRIMARY, protocol
+from medqa.decisions.protocols import PRIMARY, protocol
 from medqa.evaluation.text_metrics import TEXT_METRICS
 from medqa.io import atomic_dir
 from medqa.modeling.profiles import get_profile

@@ -6,7 +6,7 @@ from typing import Any
 import pandas as pd
 
 from medqa.decisions.answer_format import DECISIONS
-from medqa.decisions.answers import PRIMARY, PROTOCOLS, Protocol
+from medqa.decisions.protocols import PRIMARY, PROTOCOLS, Protocol
 from medqa.evaluation.metrics import answered
 from medqa.evaluation.text_metrics import TEXT_METRICS
 from medqa.params import LoraParams

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from medqa.imports import stage_code
+from medqa.code_deps import stage_code
 from medqa.resumable import SHARED_DIR_ENV, base_identity, fingerprint
 
 log = logging.getLogger(__name__)

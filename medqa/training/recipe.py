@@ -170,8 +170,8 @@ def _validation_decisions(trainer: Any, tokenizer: Any, val: list[dict], answer_
                           train: TrainParams) -> dict:
     """The best checkpoint's choice-scored decisions on the validation split, computed as the eval
     stages compute (the adapter re-loaded would score the same)."""
-    from medqa.evaluation.run import validation_decisions
-    from medqa.inference.decisions import DecisionScorer
+    from medqa.evaluation.evaluate import validation_decisions
+    from medqa.inference.decision_scorer import DecisionScorer
 
     trainer.model.eval()
     with forward_as_loaded(trainer.model) as model:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from transformers import GenerationConfig
 
-from medqa.decisions import answers
+from medqa.decisions import protocols
 from medqa.decisions.answer_format import AnswerFormat
 from medqa.errors import PipelineError
 from medqa.inference.generation import ScoredAnswers, generate_and_score
@@ -94,19 +94,19 @@ class DecisionScorer:
 
     def content_free(self, prompt: PromptParams, model_name: str) -> np.ndarray:
         """The options' log-likelihoods after the prompt with each content-free filler
-        (`answers.CONTENT_FREE`) as both the question and the context, shape (k, 3), in one batch."""
+        (`protocols.CONTENT_FREE`) as both the question and the context, shape (k, 3), in one batch."""
         fmt = prompt_format(self.tokenizer, prompt, model_name)
-        ids = [token_ids(self.tokenizer, p) for p in content_free_prompts(fmt, prompt.system, answers.CONTENT_FREE)]
+        ids = [token_ids(self.tokenizer, p) for p in content_free_prompts(fmt, prompt.system, protocols.CONTENT_FREE)]
         return self.with_batch_size(len(ids)).after_prompts(ids)
 
-    def fit(self, protocols: Sequence[answers.Protocol], prompt: PromptParams, model_name: str,
-            validation: list[dict] | None = None) -> dict[str, answers.Fitted]:
-        """What each of `protocols` that fits anything (`answers.Fit`) fits for this model: on the
+    def fit(self, candidates: Sequence[protocols.Protocol], prompt: PromptParams, model_name: str,
+            validation: list[dict] | None = None) -> dict[str, protocols.Fitted]:
+        """What each of the `candidates` protocols that fits anything (`protocols.Fit`) fits for this model: on the
         content-free prompts, or on the `validation` examples (formatted, with their decisions), each
-        read once whatever number of protocols fits on it. Protocol name -> `answers.Fitted`."""
+        read once whatever number of protocols fits on it. Protocol name -> `protocols.Fitted`."""
         scored: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
         fitted = {}
-        for protocol in (p for p in protocols if p.fit is not None):
+        for protocol in (p for p in candidates if p.fit is not None):
             if protocol.fit.on not in scored:
                 if protocol.fit.on == "content_free":
                     scored["content_free"] = self.content_free(prompt, model_name), None
@@ -114,7 +114,7 @@ class DecisionScorer:
                     raise PipelineError(f"no validation questions to fit the {protocol.label} protocol's "
                                         f"{protocol.fit.label.lower()} on: raise split.val_size")
                 else:
-                    scored["validation"] = self.after_examples(validation), answers.reference_codes(validation)
+                    scored["validation"] = self.after_examples(validation), protocols.reference_codes(validation)
             loglik, truth = scored[protocol.fit.on]
-            fitted[protocol.name] = answers.Fitted(protocol.fit.fit(loglik, truth), len(loglik))
+            fitted[protocol.name] = protocols.Fitted(protocol.fit.fit(loglik, truth), len(loglik))
         return fitted

@@ -11,13 +11,13 @@ import numpy as np
 
 from medqa import paths
 from medqa.data.splits import long_answer_sample
-from medqa.decisions import answers
+from medqa.decisions import protocols
 from medqa.decisions.answer_format import AnswerFormat
-from medqa.decisions.answers import Fitted
+from medqa.decisions.protocols import Fitted
 from medqa.errors import explain_out_of_memory
 from medqa.evaluation import metrics
 from medqa.evaluation.text_metrics import TEXT_SCORES, text_scores
-from medqa.inference.decisions import DecisionScorer
+from medqa.inference.decision_scorer import DecisionScorer
 from medqa.inference.generation import ScoredAnswers, generation_config_from_params
 from medqa.io import read_jsonl, write_json, write_jsonl
 from medqa.modeling.hardware import resolve_hardware
@@ -39,7 +39,7 @@ def validation_decisions(scorer: DecisionScorer, examples: list[dict], n_resampl
                          seed: int = 0) -> dict[str, Any]:
     """Choice-scored decisions on held-out examples, summarised by `metrics.choice_summary` (the
     finetune stage's validation check)."""
-    return metrics.choice_summary(answers.reference_codes(examples), scorer.choices(examples), n_resamples, seed)
+    return metrics.choice_summary(protocols.reference_codes(examples), scorer.choices(examples), n_resamples, seed)
 
 
 def _text_scores(long_answers: list[str], references: list[str], evaluation: EvalParams,
@@ -52,18 +52,18 @@ def _text_scores(long_answers: list[str], references: list[str], evaluation: Eva
 
 def _decision_columns(choices: np.ndarray, scored: ScoredAnswers, sample: list[int], answer_format: AnswerFormat,
                       fitted: dict[str, Fitted]) -> list[dict]:
-    """Per test question, the decision of each protocol (`answers.PROTOCOLS`) and the probabilities behind
+    """Per test question, the decision of each protocol (`protocols.PROTOCOLS`) and the probabilities behind
     it: every question's for the protocols that read the options after the prompt (`choices`), and on
     the `sample` whose answers were generated (`scored`, in the sample's order), those that read the
     answer (None elsewhere)."""
-    after_prompt = [p for p in answers.PROTOCOLS if not p.needs_generation]
-    after_answer = [p for p in answers.PROTOCOLS if p.needs_generation]
-    columns = answers.read_decisions(answers.DecisionEvidence(choices, answer_format, fitted=fitted), after_prompt)
+    after_prompt = [p for p in protocols.PROTOCOLS if not p.needs_generation]
+    after_answer = [p for p in protocols.PROTOCOLS if p.needs_generation]
+    columns = protocols.read_decisions(protocols.DecisionEvidence(choices, answer_format, fitted=fitted), after_prompt)
     for row in columns:
         row.update({f"decision_{p.name}": None for p in after_answer})
-    evidence = answers.DecisionEvidence(choices[sample], answer_format, scored.generations,
+    evidence = protocols.DecisionEvidence(choices[sample], answer_format, scored.generations,
                                         np.array(scored.after_answer).reshape(len(sample), -1), fitted)
-    for i, read in zip(sample, answers.read_decisions(evidence, after_answer)):
+    for i, read in zip(sample, protocols.read_decisions(evidence, after_answer)):
         columns[i].update(read)
     return columns
 
@@ -103,7 +103,7 @@ def _prediction_row(ex: dict, decisions: dict, answer: dict | None) -> dict:
 def _write_outputs(rows: list[dict], result: dict, files: EvalFiles) -> None:
     write_jsonl(files.predictions, rows)
     # The official format holds the published protocol's decisions, for every test question.
-    write_json(files.official, {r["pmid"]: r[f"decision_{answers.PRIMARY.name}"] for r in rows})
+    write_json(files.official, {r["pmid"]: r[f"decision_{protocols.PRIMARY.name}"] for r in rows})
     write_json(files.metrics, result)
 
 
@@ -190,7 +190,7 @@ def run_evaluation(model: ModelParams, prompt: PromptParams, generation: Generat
     scored = _answer_and_score(scorer, [prompts[i] for i in sample], targets, [pmids[i] for i in sample], generation,
                                label, progress)
     choices[sample] = np.array(scored.choices).reshape(len(sample), -1)
-    fitted = scorer.fit(answers.PROTOCOLS, prompt, model.name, read_jsonl(files.val))
+    fitted = scorer.fit(protocols.PROTOCOLS, prompt, model.name, read_jsonl(files.val))
     del loaded, scorer  # BERTScore loads its own model next
 
     long_answers = [answer_format.long_answer(g) for g in scored.generations]
@@ -202,7 +202,7 @@ def run_evaluation(model: ModelParams, prompt: PromptParams, generation: Generat
             for i, (ex, decisions) in enumerate(zip(examples, _decision_columns(choices, scored, sample,
                                                                                  answer_format, fitted)))]
     result = metrics.summarize(metrics.tables_from_rows(rows), evaluation.bootstrap, evaluation.seed)
-    for protocol in answers.PROTOCOLS:
+    for protocol in protocols.PROTOCOLS:
         if protocol.name in fitted:
             result["decision"][protocol.name].update(protocol.fit.entry(fitted[protocol.name]))
     _write_outputs(rows, result, files)
@@ -211,9 +211,9 @@ def run_evaluation(model: ModelParams, prompt: PromptParams, generation: Generat
     log.info(
         "%s: decision accuracy on %d questions %s; on %d answers %s; ROUGE-L %.3f, token F1 %.3f, BERTScore F1 %.3f, "
         "perplexity %.2f", label, len(examples),
-        ", ".join(f"{p.label} {result['decision'][p.name]['accuracy']:.3f}" for p in answers.PROTOCOLS
+        ", ".join(f"{p.label} {result['decision'][p.name]['accuracy']:.3f}" for p in protocols.PROTOCOLS
                   if not p.needs_generation), len(sample),
-        ", ".join(f"{p.label} {result['decision'][p.name]['accuracy']:.3f}" for p in answers.PROTOCOLS
+        ", ".join(f"{p.label} {result['decision'][p.name]['accuracy']:.3f}" for p in protocols.PROTOCOLS
                   if p.needs_generation),
         result["text"]["rougeL"], result["text"]["token_f1"], result["text"]["bertscore_f1"],
         result["text"]["perplexity"],
