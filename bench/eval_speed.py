@@ -62,7 +62,7 @@ def _compiled_stage_way(scorer: DecisionScorer, prompts, targets, greedy, eager_
     config.compile_config._compile_all_devices = True  # transformers' switch for compiling off CUDA
 
     def run() -> ScoredAnswers:
-        return scorer.answer_and_score(prompts, targets, config, 0, desc="compiled")
+        return scorer.answer_and_score(prompts, targets, config, seed=0, desc="compiled")
 
     n = len(prompts)
     first, first_s = _timed(run)
@@ -108,7 +108,7 @@ def main() -> None:
     scorer = DecisionScorer(model, tokenizer, answer_format, params.eval.max_prompt_length, batch_size)
 
     def with_protocols() -> ScoredAnswers:
-        return scorer.answer_and_score(prompts, targets, greedy, 0, desc="stage")
+        return scorer.answer_and_score(prompts, targets, greedy, seed=0, desc="stage")
 
     def without_protocols() -> ScoredAnswers:
         return generate_and_score(

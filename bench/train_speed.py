@@ -119,7 +119,7 @@ def run_way(way: str, steps: int, args: argparse.Namespace) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     if way.startswith("stage"):
-        trainer = build_trainer(model, tokenizer, training, dataset, None, [])
+        trainer = build_trainer(model, tokenizer, training, dataset, None)
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=tp.max_length,
                                           label_pad_token_id=-100)

@@ -15,8 +15,8 @@ def main() -> None:
     # A killed run goes on from its judged questions (data/progress/judge/, or MEDQA_CHECKPOINT_DIR).
     progress = stage_progress("judge", params, ("judge", "model", "eval"), [paths.TEST, *answers], [judge_dir])
     rows, result = run_judge(
-        params.judge, params.model, read_jsonl(answers[0]), read_jsonl(answers[1]), read_jsonl(paths.TEST), judge_dir,
-        params.eval, progress,
+        params.judge, params.model, params.eval, base_rows=read_jsonl(answers[0]), tuned_rows=read_jsonl(answers[1]),
+        examples=read_jsonl(paths.TEST), judge_dir=judge_dir, progress=progress,
     )
     write_jsonl(paths.JUDGE_PREDICTIONS, rows)
     write_json(paths.JUDGE_METRICS, result)

@@ -23,7 +23,8 @@ def main() -> None:
         train=read_json(paths.TRAIN_METRICS),
         split=read_json(paths.SPLIT_METRICS),
     )
-    card = card_text(outcome, params.model, params.prompt, params.lora, params.train, params.split.strategy)
+    card = card_text(outcome, params.model, params.prompt, params.lora, params.train,
+                     split_strategy=params.split.strategy)
     write_release(paths.ADAPTER, paths.RELEASE, card, hub_base_model(outcome.source))
     print(f"release: {paths.RELEASE} (adapter and model card)")
 

@@ -31,8 +31,8 @@ def main() -> None:
     judge = judge_section(judged, read_jsonl(paths.JUDGE_PREDICTIONS), paths.JUDGE_PNG.name,
                           n_examples=2)
     text = render_report(
-        base_metrics, tuned_metrics, differences, read_json(paths.TRAIN_METRICS), base_rows, tuned_rows,
-        run=describe_run(params.model.name, params.lora, params.split.strategy), n_examples=params.report.n_examples,
+        base_metrics, tuned_metrics, differences, read_json(paths.TRAIN_METRICS), baseline_rows=base_rows,
+        finetuned_rows=tuned_rows, run=describe_run(params.model.name, params.lora, params.split.strategy), n_examples=params.report.n_examples,
         loss_png=paths.LOSS_PNG.name, decisions_png=paths.DECISIONS_PNG.name,
         standing=standing_section(base_metrics, tuned_metrics, params.split.strategy), judge=judge,
     )

@@ -61,7 +61,7 @@ def _lora_gradients(workdir: Path, out: Path, monkeypatch) -> list[dict[str, flo
 
     tokenizer = load_tokenizer(workdir / "base")
     train_ds = tokenized_dataset(read_jsonl(workdir / "train.jsonl")[:4], tokenizer, params.train.max_length)
-    trainer = build_trainer(model, tokenizer, args, train_ds, train_ds, [RecordGradients()])
+    trainer = build_trainer(model, tokenizer, args, train_ds, train_ds, callbacks=[RecordGradients()])
     trainer.train()
     return norms
 

@@ -127,7 +127,7 @@ def test_the_eval_stages_and_the_chat_app_read_after_answer_decisions_alike(toke
     prompts = _prompts(tokenizer)
     targets = [tokenizer(f"Because. {prefix} yes.", add_special_tokens=False)["input_ids"] for _ in prompts]
     scorer = DecisionScorer(tiny_model, tokenizer, AnswerFormat(prefix), max_prompt_length=512, batch_size=2)
-    scored = scorer.answer_and_score(prompts, targets, generation_config(6), 0, desc=None)
+    scored = scorer.answer_and_score(prompts, targets, generation_config(6), seed=0, desc=None)
     from_scratch = scorer.with_batch_size(3).after_answers(prompts, scored.generations)
     assert torch.allclose(torch.tensor(scored.after_answer, dtype=torch.float64), torch.from_numpy(from_scratch), atol=1e-4)
     # and a generation that already states the decision is scored where its own prefix stands

@@ -194,7 +194,7 @@ def test_majority_baseline_from_the_test_labels_in_metrics_and_report():
     train = {"best_step": 2, "steps": 4, "best_val_loss": 1.0, "base_val_loss": 2.5, "trainable_params": 10,
              "train_runtime_s": 1.0}
     run = describe_run("m", LoraParams(r=1, alpha=2, dropout=0.0, target_modules=None), "official")
-    report = render_report(result, tuned, differences, train, [], [], run=run, n_examples=0, loss_png="loss.png",
+    report = render_report(result, tuned, differences, train, baseline_rows=[], finetuned_rows=[], run=run, n_examples=0, loss_png="loss.png",
                            decisions_png="decisions.png")
     # Always "no" is right 3 times in 10 (0.2 below the majority's 0.5); the perfect model 0.5 above.
     assert result["decision"]["choice"]["over_majority"]["accuracy"] == pytest.approx(-0.2)

@@ -36,7 +36,7 @@ def _outcome(source: dict = HUB_SOURCE) -> RunOutcome:
 def _card(outcome: RunOutcome | None = None) -> str:
     params = load_params(ROOT / "params.yaml")
     return card_text(outcome or _outcome(), params.model, params.prompt, params.lora, params.train,
-                     params.split.strategy)
+                     split_strategy=params.split.strategy)
 
 
 def test_the_card_parses_and_its_model_index_holds_the_metrics():

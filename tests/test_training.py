@@ -186,7 +186,7 @@ def test_gguf_export_reads_back_as_the_merged_model(workdir, trained, tmp_path, 
     params = train_params(**EXPORTED)
     typed = params_from_dict(params)
     gguf_file = export_gguf(workdir / "base", trained / "adapter", tmp_path / "gguf", typed.prompt, typed.model.name,
-                            gguf_type)
+                            gguf_type=gguf_type)
     merge_adapter(workdir / "base", trained / "adapter", tmp_path / "merged", "float32")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     read_back = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
@@ -326,7 +326,7 @@ def _lora_trainer(workdir: Path, out: Path, stage_way: bool):
     model = setup_model(workdir / "base", typed.model, typed.lora, hardware)
     args = training_arguments(typed.train, hardware, out)
     if stage_way:
-        return build_trainer(model, tokenizer, args, data, data, [])
+        return build_trainer(model, tokenizer, args, data, data)
     return Trainer(model=model, args=args, train_dataset=data, eval_dataset=data,
                    data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
 
@@ -404,7 +404,7 @@ def test_warmup_starts_above_rate_zero(tokenizer, tiny_model, tmp_path):
     # and the fine-tuning Trainer schedules this way
     args = TrainingArguments(output_dir=str(tmp_path), warmup_steps=0.25, learning_rate=1.0, lr_scheduler_type="cosine",
                              use_cpu=True, report_to="none")
-    trainer = build_trainer(tiny_model, tokenizer, args, None, None, [])
+    trainer = build_trainer(tiny_model, tokenizer, args, None, None)
     trainer.create_optimizer()
     assert _rates(trainer.create_scheduler(8), 3) == pytest.approx([1 / 3, 2 / 3, 1.0])
 
@@ -685,7 +685,7 @@ def test_the_trained_model_is_scored_as_the_eval_stages_score_it(workdir, tmp_pa
     model = setup_model(workdir / "base", params.model, params.lora, hardware, checkpoint_activations=False)
     data = tokenized_dataset(read_jsonl(workdir / "train.jsonl")[:2], tokenizer, 256)
     args = training_arguments(params.train, hardware, tmp_path / "checkpoints", evaluate_first=False)
-    trainer = build_trainer(model, tokenizer, args, data, data, [])
+    trainer = build_trainer(model, tokenizer, args, data, data)
     trainer.train()
     trainer.model.save_pretrained(tmp_path / "adapter")
     reloaded = load_model(workdir / "base", Hardware("cpu", torch.float32, False), tmp_path / "adapter").eval()
@@ -701,3 +701,39 @@ def test_the_trained_model_is_scored_as_the_eval_stages_score_it(workdir, tmp_pa
     assert torch.allclose(as_loaded, expected, atol=1e-5)
     assert not torch.allclose(as_trained, expected, atol=1e-3)  # bf16 autocast was on
     assert torch.equal(after, as_trained)  # and the training wrapper is back after the block
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_answer_trainer_loss_is_transformers_loss_plus_the_weights(tokenizer, tiny_model, tmp_path, monkeypatch,
+                                                                     processes):
+    """`AnswerTrainer.compute_loss` is transformers' own `Trainer.compute_loss` with `answer_loss` as its
+    loss function (its scaling by the number of processes included, where `num_items_in_batch` counts every
+    process's tokens), and the batch's `loss_weights` on top: an unweighted batch scores the same both ways;
+    a weighted one scores as `answer_loss` with the weights."""
+    import accelerate
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from medqa.training.trainer import AnswerBatchCollator, answer_loss, build_trainer
+
+    monkeypatch.setattr(accelerate.Accelerator, "num_processes", property(lambda self: processes))
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    ours = build_trainer(tiny_model, tokenizer, args, None, None)
+    theirs = Trainer(model=tiny_model, args=args, compute_loss_func=answer_loss)
+    features = [{"input_ids": [5, 6, 7, 8, 9], "attention_mask": [1] * 5, "labels": [-100, -100, -100, 8, 9],
+                 "loss_weights": [0.0, 0.0, 0.0, 5.0, 1.0]},
+                {"input_ids": [5, 6, 7], "attention_mask": [1] * 3, "labels": [-100, 6, 7],
+                 "loss_weights": [0.0, 1.0, 1.0]}]
+    batch = AnswerBatchCollator(tokenizer)([dict(f) for f in features])
+    weights = batch.pop("loss_weights")
+    with torch.no_grad():
+        for items in (None, torch.tensor(8)):
+            expected = theirs.compute_loss(tiny_model, dict(batch), num_items_in_batch=items)
+            assert ours.compute_loss(tiny_model, dict(batch), num_items_in_batch=items).item() == \
+                pytest.approx(expected.item(), rel=1e-6)
+            weighted = ours.compute_loss(tiny_model, {**batch, "loss_weights": weights}, num_items_in_batch=items)
+            scale = processes if items is not None else 1
+            plain = answer_loss(tiny_model(**{k: v for k, v in batch.items() if k != "labels"}), batch["labels"],
+                                items, weights)
+            assert weighted.item() == pytest.approx(scale * plain.item(), rel=1e-6)
+            assert weighted.item() > expected.item()

@@ -224,7 +224,7 @@ class Assistant:
 
             ids, mask = left_pad(prompts, self.tokenizer.pad_token_id, model_device(self.model))
             scored = score_and_decode_batch(
-                self.model, self.tokenizer, prompts, ids, mask, requests[0].settings,
+                self.model, self.tokenizer, prompts, ids, mask, config=requests[0].settings,
                 targets=[[] for _ in rows], seed=self.seed,  # per batch: an answer asked alone can be reproduced
                 **self.scorer.reading(),  # the eval stages' way of reading the options
                 row_context=lambda i: self._adapter(rows[i].adapter), on_choices=show_choices,

@@ -75,7 +75,7 @@ class Fitted:
     prompts: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Fit:
     """What a protocol fits once per model before it reads the test questions, on the options'
     log-likelihoods after other prompts: the content-free prompts (`on="content_free"`, CONTENT_FREE
@@ -152,7 +152,7 @@ def _read_generated(e: DecisionEvidence, fitted: None) -> Reading:
     return [e.answer_format.parse(g) for g in e.generations], None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Protocol:
     """A way of reading a model's yes/no/maybe decision. Its `name` keys the prediction rows
     (`decision_<name>`, `<name>_probs`) and the metrics (`decision.<name>.*`)."""
@@ -171,26 +171,29 @@ class Protocol:
 # protocol: the official-format predictions file holds its decisions. A new protocol is one entry
 # and its reader.
 PROTOCOLS: tuple[Protocol, ...] = (
-    Protocol("choice", "choice", False,
-             "the most likely of yes/no/maybe straight after the prompt and the answer prefix (the published "
-             "zero-shot protocol; the official-format predictions file holds these)",
-             _read_choice, reported=("accuracy", "macro_f1", "weighted_f1"), over_majority=True),
-    Protocol("after_answer", "after answer", True,
-             "the same options after the model's own generated answer and the prefix (the order the "
-             "fine-tuning target teaches)", _read_after_answer),
-    Protocol("calibrated", "calibrated", False,
-             "choice, with each option's probability divided by the model's own probability for it on "
-             "content-free prompts (its content-free prior, given next)", _read_calibrated,
-             fit=Fit("content_free", lambda loglik, truth: content_free_prior(loglik), "Content-free prior",
-                     _prior_entry, _prior_text)),
-    Protocol("offsets", "choice + offsets", False,
-             "choice, with offsets added to the options' log-likelihoods that give the model's best accuracy "
-             "on the validation questions, fitted for each model (given next): undoes a lean to one answer",
-             _read_offsets, over_majority=True,
-             fit=Fit("validation", fit_offsets, "Offsets", _offsets_entry, _offsets_text)),
-    Protocol("generated", "parsed", True,
-             "the decision word found in the generated text (none found counts as wrong)",
-             _read_generated, reported=("accuracy", "macro_f1", "weighted_f1", "none_rate")),
+    Protocol(name="choice", label="choice", needs_generation=False,
+             scored="the most likely of yes/no/maybe straight after the prompt and the answer prefix (the "
+                    "published zero-shot protocol; the official-format predictions file holds these)",
+             read=_read_choice, reported=("accuracy", "macro_f1", "weighted_f1"), over_majority=True),
+    Protocol(name="after_answer", label="after answer", needs_generation=True,
+             scored="the same options after the model's own generated answer and the prefix (the order the "
+                    "fine-tuning target teaches)",
+             read=_read_after_answer),
+    Protocol(name="calibrated", label="calibrated", needs_generation=False,
+             scored="choice, with each option's probability divided by the model's own probability for it on "
+                    "content-free prompts (its content-free prior, given next)",
+             read=_read_calibrated,
+             fit=Fit(on="content_free", fit=lambda loglik, truth: content_free_prior(loglik),
+                     label="Content-free prior", entry=_prior_entry, text=_prior_text)),
+    Protocol(name="offsets", label="choice + offsets", needs_generation=False,
+             scored="choice, with offsets added to the options' log-likelihoods that give the model's best "
+                    "accuracy on the validation questions, fitted for each model (given next): undoes a lean "
+                    "to one answer",
+             read=_read_offsets, over_majority=True,
+             fit=Fit(on="validation", fit=fit_offsets, label="Offsets", entry=_offsets_entry, text=_offsets_text)),
+    Protocol(name="generated", label="parsed", needs_generation=True,
+             scored="the decision word found in the generated text (none found counts as wrong)",
+             read=_read_generated, reported=("accuracy", "macro_f1", "weighted_f1", "none_rate")),
 )
 PRIMARY = PROTOCOLS[0]
 PROTOCOL_NAMES = tuple(p.name for p in PROTOCOLS)

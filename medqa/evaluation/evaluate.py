@@ -16,7 +16,7 @@ from medqa.decisions.answer_format import AnswerFormat
 from medqa.decisions.protocols import Fitted
 from medqa.errors import explain_out_of_memory
 from medqa.evaluation import metrics
-from medqa.evaluation.text_metrics import TEXT_SCORES, text_scores
+from medqa.evaluation.text_metrics import TEXT_METRICS, TEXT_SCORES, text_scores
 from medqa.inference.decision_scorer import DecisionScorer
 from medqa.inference.generation import ScoredAnswers, generation_config_from_params
 from medqa.io import read_jsonl, write_json, write_jsonl
@@ -72,7 +72,7 @@ def _decision_columns(choices: np.ndarray, scored: ScoredAnswers, sample: list[i
 ANSWER_FIELDS = ("generation", "answer", "after_answer_at", "answer_nll", "answer_tokens", *TEXT_SCORES)
 
 
-def _answer_fields(generation: str, long_answer: str, answer_format: AnswerFormat, target_loglik: float,
+def _answer_fields(generation: str, long_answer: str, answer_format: AnswerFormat, *, target_loglik: float,
                    target_tokens: int, scores: dict[str, float]) -> dict:
     """A generated answer's fields of its prediction row: the text, its long answer, where the
     after-answer reading cut it, the reference target's likelihood and the text scores."""
@@ -98,6 +98,13 @@ def _prediction_row(ex: dict, decisions: dict, answer: dict | None) -> dict:
         **decisions,
         **(answer or dict.fromkeys(ANSWER_FIELDS)),
     }
+
+
+def _accuracies(result: dict, needs_generation: bool) -> str:
+    """"choice 0.552, calibrated 0.410, ...": the decision accuracy of each protocol that does (or does
+    not) read the generated answer, for the log."""
+    return ", ".join(f"{p.label} {result['decision'][p.name]['accuracy']:.3f}" for p in protocols.PROTOCOLS
+                     if p.needs_generation == needs_generation)
 
 
 def _write_outputs(rows: list[dict], result: dict, files: EvalFiles) -> None:
@@ -152,18 +159,18 @@ def _score_after_prompts(scorer: DecisionScorer, prompts: list[list[int]], keys:
                                 on_batch=_keeper(progress, keys, lambda choices: {"choices": choices}))
 
 
-def _answer_and_score(scorer: DecisionScorer, prompts: list[list[int]], targets: list[list[int]], keys: list[str],
+def _answer_and_score(scorer: DecisionScorer, prompts: list[list[int]], targets: list[list[int]], keys: list[str], *,
                       generation: GenerationParams, label: str, progress: Progress | None) -> ScoredAnswers:
     """The generated answers to `prompts` and everything read from their prefill and decoding
     (`DecisionScorer.answer_and_score`), resumable like `_score_after_prompts`."""
-    return scorer.answer_and_score(prompts, targets, generation_config_from_params(generation), generation.seed,
+    return scorer.answer_and_score(prompts, targets, generation_config_from_params(generation), seed=generation.seed,
                                    desc=f"{label}: generating and scoring",
                                    done=_resumed(progress, keys, f"{label} answers"), on_batch=_keeper(progress, keys))
 
 
 @explain_out_of_memory("lower eval.batch_size or eval.max_prompt_length, or on CUDA keep model.quantization=auto")
 def run_evaluation(model: ModelParams, prompt: PromptParams, generation: GenerationParams, evaluation: EvalParams,
-                   files: EvalFiles, label: str, progress: Progress | None = None) -> dict:
+                   files: EvalFiles, *, label: str, progress: Progress | None = None) -> dict:
     """Evaluate the base model (or base + adapter) on the test split and write all three outputs: every
     test question's decisions, read after its prompt, and on the seeded sample of `eval.long_answer_samples`
     questions (`long_answer_sample`) the generated answers, the decisions read from them and their text
@@ -187,16 +194,17 @@ def run_evaluation(model: ModelParams, prompt: PromptParams, generation: Generat
     choices = np.zeros((len(examples), len(answer_format.options(tokenizer))))
     choices[rest] = _score_after_prompts(scorer, [prompts[i] for i in rest], [pmids[i] for i in rest], label, progress)
     targets = [token_ids(tokenizer, examples[i]["target"]) for i in sample]
-    scored = _answer_and_score(scorer, [prompts[i] for i in sample], targets, [pmids[i] for i in sample], generation,
-                               label, progress)
+    scored = _answer_and_score(scorer, [prompts[i] for i in sample], targets, [pmids[i] for i in sample],
+                               generation=generation, label=label, progress=progress)
     choices[sample] = np.array(scored.choices).reshape(len(sample), -1)
     fitted = scorer.fit(protocols.PROTOCOLS, prompt, model.name, read_jsonl(files.val))
     del loaded, scorer  # BERTScore loads its own model next
 
     long_answers = [answer_format.long_answer(g) for g in scored.generations]
     scores = _text_scores(long_answers, [examples[i]["long_answer"] for i in sample], evaluation, label)
-    generated = {i: _answer_fields(scored.generations[k], long_answers[k], answer_format, scored.target_loglik[k],
-                                   len(targets[k]), {name: v[k] for name, v in scores.items()})
+    generated = {i: _answer_fields(scored.generations[k], long_answers[k], answer_format,
+                                   target_loglik=scored.target_loglik[k], target_tokens=len(targets[k]),
+                                   scores={name: v[k] for name, v in scores.items()})
                  for k, i in enumerate(sample)}
     rows = [_prediction_row(ex, decisions, generated.get(i))
             for i, (ex, decisions) in enumerate(zip(examples, _decision_columns(choices, scored, sample,
@@ -208,14 +216,7 @@ def run_evaluation(model: ModelParams, prompt: PromptParams, generation: Generat
     _write_outputs(rows, result, files)
     if progress:
         progress.finish()
-    log.info(
-        "%s: decision accuracy on %d questions %s; on %d answers %s; ROUGE-L %.3f, token F1 %.3f, BERTScore F1 %.3f, "
-        "perplexity %.2f", label, len(examples),
-        ", ".join(f"{p.label} {result['decision'][p.name]['accuracy']:.3f}" for p in protocols.PROTOCOLS
-                  if not p.needs_generation), len(sample),
-        ", ".join(f"{p.label} {result['decision'][p.name]['accuracy']:.3f}" for p in protocols.PROTOCOLS
-                  if p.needs_generation),
-        result["text"]["rougeL"], result["text"]["token_f1"], result["text"]["bertscore_f1"],
-        result["text"]["perplexity"],
-    )
+    log.info("%s: decision accuracy on %d questions %s; on %d answers %s; %s", label, len(examples),
+             _accuracies(result, needs_generation=False), len(sample), _accuracies(result, needs_generation=True),
+             ", ".join(f"{m.label} {result['text'][m.name]:.3f}" for m in TEXT_METRICS))
     return result

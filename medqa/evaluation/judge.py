@@ -143,7 +143,7 @@ def judge_question(judge: Judge, case: Case, answers_by_model: dict[str, str], c
 
 def judge_all(
     judge: Judge, cases: Sequence[Case], base_answers: Sequence[str], tuned_answers: Sequence[str],
-    criteria: Sequence[str], desc: str | None = "judging", done: dict[str, dict] | None = None,
+    criteria: Sequence[str], *, desc: str | None = "judging", done: dict[str, dict] | None = None,
     on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Every question's row (`judge_question`), with a progress bar. Resuming: a question whose
@@ -243,8 +243,8 @@ def _cases(rows: Sequence[dict], examples: dict[str, dict], tokenizer: Any, max_
 
 
 def run_judge(
-    judge_params: JudgeParams, model: ModelParams, base_rows: list[dict], tuned_rows: list[dict],
-    examples: list[dict], judge_dir: Path, evaluation: EvalParams, progress: Progress | None = None,
+    judge_params: JudgeParams, model: ModelParams, evaluation: EvalParams, *, base_rows: list[dict],
+    tuned_rows: list[dict], examples: list[dict], judge_dir: Path, progress: Progress | None = None,
 ) -> tuple[list[dict], dict]:
     """Judge both models' answers on a seeded subset of the test questions whose answers the eval stages
     generated: the per-question rows

@@ -62,6 +62,27 @@ def tables_from_rows(rows: Sequence[dict]) -> Tables:
     }
 
 
+def decision_key(protocol: str, *leaf: str) -> str:
+    """A protocol's entry in the metrics tree, dotted as `dvc metrics diff` shows it:
+    decision.<protocol>[.<leaf>...] ("decision.choice.accuracy"; protocol "majority": the majority class).
+    The one place a metric's key is spelled; `text_key` is the other half."""
+    return ".".join(("decision", protocol, *leaf))
+
+
+def text_key(metric: str) -> str:
+    """A text metric's entry in the metrics tree: text.<name> ("text.rougeL")."""
+    return f"text.{metric}"
+
+
+def is_decision_key(key: str) -> bool:
+    return key.startswith("decision.")
+
+
+def key_protocol(key: str) -> str:
+    """The protocol (or "majority") a `decision_key` names."""
+    return key.split(".")[1]
+
+
 def _accuracy(col: str) -> Statistic:
     return lambda t, i: float(np.mean(t["truth"][i] == t[col][i]))
 
@@ -92,9 +113,9 @@ def _f1(col: str, average: str) -> Statistic:
 
 
 STATISTICS: dict[str, Statistic] = {
-    **{f"decision.{col}.accuracy": _accuracy(col) for col in PROTOCOL_NAMES},
-    **{f"decision.{col}.{avg}_f1": _f1(col, avg) for col in PROTOCOL_NAMES for avg in ("macro", "weighted")},
-    **{f"text.{m.name}": m.statistic or mean_of(m.name) for m in TEXT_METRICS},
+    **{decision_key(col, "accuracy"): _accuracy(col) for col in PROTOCOL_NAMES},
+    **{decision_key(col, f"{avg}_f1"): _f1(col, avg) for col in PROTOCOL_NAMES for avg in ("macro", "weighted")},
+    **{text_key(m.name): m.statistic or mean_of(m.name) for m in TEXT_METRICS},
 }
 
 
@@ -106,14 +127,14 @@ def protocol_population(protocol: Protocol) -> str:
 
 # Each statistic's set of questions: the text metrics' and the answer-reading protocols' are the sample's.
 POPULATION: dict[str, str] = {
-    name: protocol_population(protocol(name.split(".")[1])) if name.startswith("decision.") else ANSWERS
+    name: protocol_population(protocol(key_protocol(name))) if is_decision_key(name) else ANSWERS
     for name in STATISTICS
 }
 
 
 def primary_statistic(stat: str) -> Statistic:
     """The primary (choice) protocol's `stat` (accuracy, macro_f1, weighted_f1) over a table."""
-    return STATISTICS[f"decision.{PRIMARY.name}.{stat}"]
+    return STATISTICS[decision_key(PRIMARY.name, stat)]
 
 
 def bootstrap_interval(statistic: Callable[[np.ndarray], float], n: int, n_resamples: int, seed: int) -> tuple[float, float]:
@@ -187,7 +208,7 @@ def gain_over_majority(table: Table, n_resamples: int, seed: int, protocol: str 
     constant = _majority_table(table["truth"], protocol)
     n, out = len(table["truth"]), {}
     for stat in ("accuracy", "macro_f1"):
-        statistic = STATISTICS[f"decision.{protocol}.{stat}"]
+        statistic = STATISTICS[decision_key(protocol, stat)]
         out.update(_with_interval(stat, lambda i, f=statistic: f(table, i) - f(constant, i), n, n_resamples, seed))
     return out
 

@@ -128,7 +128,7 @@ def mean_of(col: str) -> Statistic:
 PerQuestion = Callable[[Sequence[str], Sequence[str], "EvalParams"], np.ndarray]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TextMetric:
     """A text metric of the answers against the references: its key under `text` in metrics/*.json (and
     its column in the predictions when scored per question), its row in the report, its type and
@@ -159,18 +159,20 @@ def _rouge(key: str) -> PerQuestion:
 # The registry: the eval stages score, the statistics summarise, the report and the model card show
 # these, in this order. A new text metric is one entry here.
 TEXT_METRICS: tuple[TextMetric, ...] = (
-    TextMetric("rouge1", "ROUGE-1", ("rouge", "rouge1"), per_question=_rouge("rouge1")),
-    TextMetric("rouge2", "ROUGE-2", ("rouge", "rouge2"), per_question=_rouge("rouge2")),
-    TextMetric("rougeL", "ROUGE-L", ("rouge", "rougeL"), per_question=_rouge("rougeL"), in_verdict=True),
-    TextMetric("token_f1", "Token F1 (SQuAD)", ("f1", "squad tokens"),
+    TextMetric(name="rouge1", label="ROUGE-1", card=("rouge", "rouge1"), per_question=_rouge("rouge1")),
+    TextMetric(name="rouge2", label="ROUGE-2", card=("rouge", "rouge2"), per_question=_rouge("rouge2")),
+    TextMetric(name="rougeL", label="ROUGE-L", card=("rouge", "rougeL"), per_question=_rouge("rougeL"),
+               in_verdict=True),
+    TextMetric(name="token_f1", label="Token F1 (SQuAD)", card=("f1", "squad tokens"),
                per_question=lambda predictions, references, _: token_f1(predictions, references)),
-    TextMetric("bertscore_f1", "BERTScore F1", ("bertscore", "f1"),
+    TextMetric(name="bertscore_f1", label="BERTScore F1", card=("bertscore", "f1"),
                per_question=lambda predictions, references, evaluation: bertscore_f1(
                    predictions, references, evaluation.bertscore_model, evaluation.bertscore_num_layers,
                    evaluation.batch_size), in_verdict=True),
-    TextMetric("bleu", "BLEU", ("bleu", None), statistic=lambda t, i: _bleu_from_stats(t["bleu"][i].sum(axis=0))),
+    TextMetric(name="bleu", label="BLEU", card=("bleu", None),
+               statistic=lambda t, i: _bleu_from_stats(t["bleu"][i].sum(axis=0))),
     # Perplexity of the reference answers: exp of the mean negative log-likelihood per answer token.
-    TextMetric("perplexity", "Reference-answer perplexity", ("perplexity", "reference answers"),
+    TextMetric(name="perplexity", label="Reference-answer perplexity", card=("perplexity", "reference answers"),
                higher_is_better=False, in_verdict=True,
                statistic=lambda t, i: float(np.exp(t["nll"][i].sum() / t["n_tokens"][i].sum()))),
 )

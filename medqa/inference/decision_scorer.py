@@ -79,7 +79,7 @@ class DecisionScorer:
         return self.after_examples(examples).argmax(axis=1)
 
     def answer_and_score(
-        self, prompts: list[list[int]], targets: list[list[int]], config: GenerationConfig, seed: int,
+        self, prompts: list[list[int]], targets: list[list[int]], config: GenerationConfig, *, seed: int,
         desc: str | None, done: dict[int, dict] | None = None,
         on_batch: Callable[[dict[int, dict]], None] | None = None,
     ) -> ScoredAnswers:

@@ -61,7 +61,7 @@ def model_generate(model: Any, tokenizer: Any, config: GenerationConfig, **input
 
 
 def _generate_batch(
-    model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, config: GenerationConfig, seed: int,
+    model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, config: GenerationConfig, *, seed: int,
     cache: Any = None, **generate_kwargs: Any,
 ) -> tuple[list[str], torch.Tensor]:
     """The decoded new text of each row of a left-padded batch, continuing from `cache` if given,
@@ -86,7 +86,7 @@ def generate(
     """Generate an answer for each tokenised prompt, in left-padded batches with the KV cache."""
     outputs: list[str] = [""] * len(prompts)
     for batch, ids, mask in padded_batches(prompts, batch_size, tokenizer.pad_token_id, model_device(model), desc):
-        for i, text in zip(batch, _generate_batch(model, tokenizer, ids, mask, config, seed)[0]):
+        for i, text in zip(batch, _generate_batch(model, tokenizer, ids, mask, config, seed=seed)[0]):
             outputs[i] = text
     return outputs
 
@@ -126,7 +126,7 @@ def _row_cache(model: Any, batched: Any, row: int, start: int, end: int) -> Any:
 
 
 def _after_answer_logliks(
-    model: Any, batched: Any, row: int, width: int, prompt: Sequence[int], generated: Sequence[int],
+    model: Any, batched: Any, row: int, width: int, *, prompt: Sequence[int], generated: Sequence[int],
     followup: Sequence[int], options: Sequence[Sequence[int]],
 ) -> tuple[list[float], int]:
     """Each option's log-likelihood after the prompt and `followup`, for row `row` of a decoded batch.
@@ -223,7 +223,7 @@ def generate_and_score(
             for i in batch:
                 out.set_row(i, done[i])
             continue
-        scored = score_and_decode_batch(model, tokenizer, [prompts[i] for i in batch], ids, mask, config,
+        scored = score_and_decode_batch(model, tokenizer, [prompts[i] for i in batch], ids, mask, config=config,
                                         choice_prefix=choice_prefix, options=options,
                                         targets=[targets[i] for i in batch], seed=seed, followup=followup)
         for row, i in enumerate(batch):
@@ -240,8 +240,8 @@ def score_and_decode_batch(
     prompts: Sequence[Sequence[int]],
     ids: torch.Tensor,
     mask: torch.Tensor,
-    config: GenerationConfig,
     *,
+    config: GenerationConfig,
     choice_prefix: Sequence[int],
     options: Sequence[Sequence[int]],
     targets: Sequence[Sequence[int]],
@@ -271,13 +271,14 @@ def score_and_decode_batch(
     width = ids.shape[1] - 1
     cache = _batch_cache(model, caches, width, config.max_new_tokens) if width else None
     del caches
-    texts, new = _generate_batch(model, tokenizer, ids, mask, config, seed, cache, **generate_kwargs)
+    texts, new = _generate_batch(model, tokenizer, ids, mask, config, seed=seed, cache=cache, **generate_kwargs)
     for row, prompt in enumerate(prompts):
         out.generations[row] = texts[row]
         if followup is not None:
             with context(row):
                 out.after_answer[row], out.after_answer_cached[row] = _after_answer_logliks(
-                    model, cache, row, width, prompt, new[row].tolist(), followup(texts[row]), options)
+                    model, cache, row, width, prompt=prompt, generated=new[row].tolist(), followup=followup(texts[row]),
+                    options=options)
     return out
 
 

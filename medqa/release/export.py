@@ -74,7 +74,7 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str =
         load_tokenizer(base_dir).save_pretrained(tmp)
 
 
-def export_gguf(base_dir: Path, adapter_dir: Path, out_dir: Path, prompt: PromptParams, model_name: str,
+def export_gguf(base_dir: Path, adapter_dir: Path, out_dir: Path, prompt: PromptParams, model_name: str, *,
                 gguf_type: str = "f16", merge_into: str | None = None) -> Path:
     """The merged model as `model-<gguf_type>.gguf` in `out_dir`, with an Ollama `Modelfile` that
     prompts it as the pipeline does (params.yaml's prompt section). Returns the GGUF file."""
@@ -111,7 +111,7 @@ def main() -> None:
     if args.format == "gguf":
         params = load_params()
         out = export_gguf(paths.BASE_MODEL, args.adapter, args.out or paths.GGUF, params.prompt,
-                          params.model.name, args.gguf_type, target)
+                          params.model.name, gguf_type=args.gguf_type, merge_into=target)
         print(f"export: {paths.BASE_MODEL} + {args.adapter} merged into the {target} weights -> {out} "
               f"(`ollama create pubmedqa -f {out.parent / 'Modelfile'}`)")
         return

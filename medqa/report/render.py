@@ -7,14 +7,14 @@ import pandas as pd
 
 from medqa.decisions.answer_format import DECISIONS
 from medqa.decisions.protocols import PRIMARY, PROTOCOLS, Protocol
-from medqa.evaluation.metrics import answered
+from medqa.evaluation.metrics import answered, decision_key, is_decision_key, key_protocol, text_key
 from medqa.evaluation.text_metrics import TEXT_METRICS
 from medqa.params import LoraParams
 from medqa.report import published
 
 STATISTIC_LABELS = {"accuracy": "Decision accuracy", "macro_f1": "Decision macro-F1",
                     "weighted_f1": "Decision weighted-F1", "none_rate": "No decision found"}
-TEXT_ROWS = [(metric.label + ("" if metric.higher_is_better else " (lower is better)"), f"text.{metric.name}")
+TEXT_ROWS = [(metric.label + ("" if metric.higher_is_better else " (lower is better)"), text_key(metric.name))
              for metric in TEXT_METRICS]
 
 
@@ -24,21 +24,21 @@ def reported_rows() -> list[tuple[str, str]]:
     the protocol reports one, then the text metrics."""
     rows = []
     for protocol in PROTOCOLS:
-        rows += [(f"{STATISTIC_LABELS[stat]} ({protocol.label})", f"decision.{protocol.name}.{stat}")
+        rows += [(f"{STATISTIC_LABELS[stat]} ({protocol.label})", decision_key(protocol.name, stat))
                  for stat in protocol.reported]
         if protocol is PRIMARY:
-            rows += [(f"{STATISTIC_LABELS[stat]}: majority class, same questions", f"decision.majority.{stat}")
+            rows += [(f"{STATISTIC_LABELS[stat]}: majority class, same questions", decision_key("majority", stat))
                      for stat in ("accuracy", "macro_f1", "weighted_f1")]
         if protocol.over_majority:
             rows += [(f"{STATISTIC_LABELS[stat]} ({protocol.label}) minus the majority class's",
-                      f"decision.{protocol.name}.over_majority.{stat}") for stat in ("accuracy", "macro_f1")]
+                      decision_key(protocol.name, "over_majority", stat)) for stat in ("accuracy", "macro_f1")]
     return rows + TEXT_ROWS
 
 
 def is_model_metric(path: str) -> bool:
     """Whether a reported row is a model's own result: not the majority predictor's, nor a model's
     gain over it (those have no paired change and are no hub results)."""
-    return not path.startswith("decision.majority.") and ".over_majority." not in path
+    return not path.startswith(decision_key("majority") + ".") and ".over_majority." not in path
 
 
 def metric_at(tree: dict, dotted: str) -> Any:
@@ -61,10 +61,9 @@ def questions_behind(tree: dict, path: str) -> int:
     """How many test questions a reported row is taken over: every test question for the decisions read
     after the prompt, the sample with generated answers for the text metrics and the protocols that
     read the answer."""
-    kind, key = path.split(".")[:2]
-    if kind == "text":
+    if not is_decision_key(path):
         return tree["n_answers"]
-    return tree["decision"][key].get("n_questions", tree["n_questions"])
+    return tree["decision"][key_protocol(path)].get("n_questions", tree["n_questions"])
 
 
 def metrics_table(baseline: dict, finetuned: dict, differences: dict[str, tuple[float, float, float]]) -> pd.DataFrame:
@@ -104,25 +103,24 @@ def verdict_table(baseline: dict, finetuned: dict, differences: dict[str, tuple[
     never says "maybe" shows at once); then on the sample with generated answers, ROUGE-L, BERTScore
     F1 and perplexity: before, after, the paired change and which way it went."""
     rows = []
-    primary = f"decision.{PRIMARY.name}"
     majority = baseline["decision"]["majority"]
 
-    def row(label: str, n: int, base: str, tuned: str, change: str = "", verdict: str = "") -> None:
+    def row(label: str, n: int, base: str, tuned: str, *, change: str = "", verdict: str = "") -> None:
         rows.append({"": label, "questions": str(n), "base": base, "fine-tuned": tuned, "change": change,
                      "verdict": verdict})
 
     def add(label: str, path: str, higher_is_better: bool) -> None:
         change, low, high = differences[path]
         row(label, questions_behind(finetuned, path), f"{metric_at(baseline, path):.4f}",
-            f"{metric_at(finetuned, path):.4f}", f"{change:+.4f} [{low:+.4f}, {high:+.4f}]",
-            _direction(change, low, high, higher_is_better))
+            f"{metric_at(finetuned, path):.4f}", change=f"{change:+.4f} [{low:+.4f}, {high:+.4f}]",
+            verdict=_direction(change, low, high, higher_is_better))
 
     n = finetuned["n_questions"]
     for stat in ("accuracy", "macro_f1"):
-        add(f"{STATISTIC_LABELS[stat]} ({PRIMARY.label})", f"{primary}.{stat}", True)
+        add(f"{STATISTIC_LABELS[stat]} ({PRIMARY.label})", decision_key(PRIMARY.name, stat), True)
         row(f"... always {majority['decision']!r} (the majority class)", n, f"{majority[stat]:.4f}",
             f"{majority[stat]:.4f}")
-        gains = [metric_at(tree, f"{primary}.over_majority.{stat}") for tree in (baseline, finetuned)]
+        gains = [metric_at(tree, decision_key(PRIMARY.name, "over_majority", stat)) for tree in (baseline, finetuned)]
         row("... minus the majority class's", n, f"{gains[0]:+.4f}", f"{gains[1]:+.4f}")
     sections = [tree["decision"][PRIMARY.name] for tree in (baseline, finetuned)]
     row(f"F1 of {' · '.join(DECISIONS)} ({PRIMARY.label})", n,
@@ -130,7 +128,7 @@ def verdict_table(baseline: dict, finetuned: dict, differences: dict[str, tuple[
     row(f"Answered {' · '.join(DECISIONS)} ({PRIMARY.label})", n, *(_by_decision(_answered(s), "{}") for s in sections))
     for metric in TEXT_METRICS:
         if metric.in_verdict:
-            add(metric.label, f"text.{metric.name}", metric.higher_is_better)
+            add(metric.label, text_key(metric.name), metric.higher_is_better)
     return pd.DataFrame(rows)
 
 
@@ -219,8 +217,8 @@ def describe_run(model_name: str, lora: LoraParams, split_strategy: str) -> str:
 
 
 def render_report(
-    baseline: dict, finetuned: dict, differences: dict[str, tuple[float, float, float]], train: dict,
-    baseline_rows: list[dict], finetuned_rows: list[dict], *, run: str, n_examples: int, loss_png: str,
+    baseline: dict, finetuned: dict, differences: dict[str, tuple[float, float, float]], train: dict, *,
+    baseline_rows: list[dict], finetuned_rows: list[dict], run: str, n_examples: int, loss_png: str,
     decisions_png: str, standing: str = "", judge: str = "",
 ) -> str:
     """The whole report as Markdown; `run` is `describe_run`'s line, `standing` the `standing_section`,

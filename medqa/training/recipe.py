@@ -272,7 +272,7 @@ def train_adapter(params: Params, files: TrainFiles) -> dict:
     model = setup_model(files.base_dir, params.model, params.lora, hardware, args.activation_checkpointing)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
-    trainer = build_trainer(model, tokenizer, args, train_ds, val_ds, _callbacks(train, files.live))
+    trainer = build_trainer(model, tokenizer, args, train_ds, val_ds, callbacks=_callbacks(train, files.live))
     with explain_out_of_memory("lower train.batch_size (raising train.grad_accum keeps the effective batch) "
                                "or train.max_length, or on CUDA keep model.quantization=auto (4-bit)"):
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)

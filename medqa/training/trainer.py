@@ -1,17 +1,17 @@
-"""The Trainer the finetune stage runs: answer-only loss from the answer columns' logits alone, a
-warmup that starts above rate 0, and callbacks that log the curves with DVCLive and stop on a
-non-finite loss."""
+"""The Trainer the finetune stage runs (`AnswerTrainer`): answer-only loss from the answer columns'
+logits alone, weighted by the batch's `loss_weights`, a warmup that starts above rate 0; and callbacks
+that log the curves with DVCLive, stop on a non-finite loss and draw the same batches fresh or resumed.
+Each override of a transformers default is pinned by a test that fails without it."""
 from __future__ import annotations
 
 import copy
-import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from medqa.errors import PipelineError
 
@@ -40,7 +40,9 @@ class SameBatchesFreshOrResumed(TrainerCallback):
 
     transformers' length-grouped sampler shuffles with the global RNG when the epoch starts, and
     the step-0 evaluation of a fresh run (`eval_on_start`) draws from that RNG first (every
-    DataLoader iterator takes a seed from it); a resumed run has no such evaluation.
+    DataLoader iterator takes a seed from it); a resumed run has no such evaluation. Without this
+    callback the resumed run trains on other batches (tests/test_training.py,
+    test_resume_after_kill_gives_the_same_adapter, fails).
     """
 
     def __init__(self, seed: int):
@@ -176,34 +178,49 @@ def warm_up_from_the_first_step(scheduler: Any, warmup_steps: int) -> Any:
     return LambdaLR(scheduler.optimizer, [shifted(f) for f in scheduler.lr_lambdas])
 
 
-def build_trainer(model: Any, tokenizer: Any, args: Any, train_ds: Any, val_ds: Any, callbacks: list) -> Any:
-    """A Trainer with answer-only loss computed from the answer columns' logits alone, whose warmup
-    starts above rate 0 (`warm_up_from_the_first_step`)."""
-    from transformers import Trainer
+class AnswerTrainer(Trainer):
+    """transformers' Trainer with the loss on the answer tokens alone, computed from the answer columns'
+    logits (`answer_loss`) with each token's cross-entropy counted as the batch's `loss_weights` say, and
+    a warmup that starts above rate 0 (`warm_up_from_the_first_step`)."""
 
-    class AnswerTrainer(Trainer):
-        def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False,
-                         num_items_in_batch: Any = None) -> Any:
-            # The weights are not a model input: the loss function takes them (the validation
-            # batches have none, so the validation loss stays the plain answer loss).
-            self.compute_loss_func = functools.partial(answer_loss, weights=inputs.pop("loss_weights", None))
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+    def __init__(self, *args: Any, **kwargs: Any):
+        # A loss function of its own: the Trainer then counts the labelled tokens of the whole accumulated
+        # batch, over every process (`num_items_in_batch`), and takes the loss as scaled for accumulation.
+        super().__init__(*args, compute_loss_func=answer_loss, **kwargs)
 
-        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
-            if self.lr_scheduler is None:
-                scheduler = super().create_scheduler(num_training_steps, optimizer)
-                self.lr_scheduler = warm_up_from_the_first_step(scheduler, self.args.get_warmup_steps(num_training_steps))
-            return self.lr_scheduler
+    def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """The batch's answer loss. Its `loss_weights` (the decision's weight) are no model input; the
+        validation batches have none, so the validation loss stays the plain answer loss."""
+        inputs = dict(inputs)
+        labels, weights = inputs.pop("labels"), inputs.pop("loss_weights", None)
+        outputs = model(**inputs)
+        loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch, weights=weights)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # `num_items_in_batch` counts every process's tokens while data parallelism averages the
+            # gradients over processes: scaled back, as transformers' own compute_loss does.
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
 
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        if self.lr_scheduler is None:
+            scheduler = super().create_scheduler(num_training_steps, optimizer)
+            self.lr_scheduler = warm_up_from_the_first_step(scheduler, self.args.get_warmup_steps(num_training_steps))
+        return self.lr_scheduler
+
+
+def build_trainer(model: Any, tokenizer: Any, args: Any, train_ds: Any, val_ds: Any, *,
+                  callbacks: Sequence[TrainerCallback] = ()) -> AnswerTrainer:
+    """The finetune stage's Trainer over these datasets, its batches left-padded with logits kept only
+    where answers are predicted (`AnswerBatchCollator`)."""
     return AnswerTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=val_ds,
         data_collator=AnswerBatchCollator(tokenizer, window_logits=supports_logits_to_keep(model)),
-        compute_loss_func=answer_loss,
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=list(callbacks),
     )
 
 
