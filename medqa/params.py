@@ -1,162 +1,143 @@
-"""params.yaml, the single place every knob of the pipeline lives: one typed, frozen object per
-section, built and validated once by `load_params`.
+"""params.yaml, the single place every knob of the pipeline lives: one typed, frozen section per
+top-level key, built and validated once by `load_params`.
 
-Each field carries the check its value must pass; `validate` reports the first failure in one line
-(the key, the value, what is allowed, and "did you mean" for a typo).
+The sections are pydantic dataclasses: choices are `Literal`s, bounds are `Field`s, the rules across
+keys are validators, and YAML's types are taken as written (strict: no 1 for true, no "2" for 2).
+`validate` reports the first failure in one line: the key, the value, what is allowed (`SCHEMA`,
+written from the field's type and bounds) and "did you mean" for a typo.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import string
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+from pydantic.fields import FieldInfo
 
 from medqa.errors import PipelineError
 from medqa.rubric import CRITERIA
 
 Check = tuple[Callable[[Any], bool], str]  # (is the value allowed?, what is allowed)
 
+# YAML's types as written; a key params.yaml does not know is an error, not ignored.
+STRICT = ConfigDict(strict=True, extra="forbid")
+section = pydantic_dataclass(frozen=True, config=STRICT)
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def integer(low: int, nullable: bool = False) -> Check:
-    return (lambda v: (nullable and v is None) or (_is_int(v) and v >= low),
-            f"an integer >= {low}" + (" or null" if nullable else ""))
+# An int or a float as YAML wrote it: 32 stays 32 (not 32.0) in the records and fingerprints made of it.
+Number = int | float
+NON_BLANK = r"\S"  # a string with something in it
 
 
-def number(low: float, high: float | None = None, low_open: bool = False, high_open: bool = False) -> Check:
-    def ok(v: Any) -> bool:
-        if not _is_number(v):
-            return False
-        above = v > low if low_open else v >= low
-        below = high is None or (v < high if high_open else v <= high)
-        return above and below
-
-    left = f"> {low}" if low_open else f">= {low}"
-    right = "" if high is None else f" and {'<' if high_open else '<='} {high}"
-    return ok, f"a number {left}{right}"
-
-
-def text(nullable: bool = False) -> Check:
-    return (lambda v: (nullable and v is None) or (isinstance(v, str) and v.strip() != ""),
-            "a non-empty string" + (" or null" if nullable else ""))
+def _template_fields(template: str) -> str:
+    """A prompt template whose fields are {user} and optionally {system}, braces well-formed: what
+    `prompts.PromptFormat` fills in, checked before the format stage meets it."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:  # a lone { or }
+        raise ValueError("unbalanced braces") from exc
+    if "user" not in fields or not fields <= {"user", "system"}:
+        raise ValueError(f"fields {sorted(fields)}")
+    return template
 
 
-def boolean() -> Check:
-    return (lambda v: isinstance(v, bool)), "true or false"
+def _distinct(values: tuple[str, ...]) -> tuple[str, ...]:
+    if len(set(values)) != len(values):
+        raise ValueError("a criterion is repeated")
+    return values
 
 
-def one_of(*options: str) -> Check:
-    return (lambda v: v in options), "one of " + ", ".join(options)
-
-
-def prompt_template() -> Check:
-    """null, or a format string whose fields are {user} and optionally {system}, braces well-formed:
-    what `prompts.PromptFormat` fills in, checked before the format stage meets it."""
-    def ok(v: Any) -> bool:
-        if v is None:
-            return True
-        if not isinstance(v, str):
-            return False
-        try:
-            fields = {name for _, name, _, _ in string.Formatter().parse(v) if name is not None}
-        except ValueError:  # a lone { or }
-            return False
-        return "user" in fields and fields <= {"user", "system"}
-
-    return ok, "null or a string with {user} and optionally {system}, no other fields (a literal brace doubled)"
-
-
-def string_list(nullable: bool = True) -> Check:
-    return (lambda v: (nullable and v is None) or (isinstance(v, list) and v and all(isinstance(x, str) for x in v)),
-            "a list of module names" + (" or null" if nullable else ""))
-
-
-def _key(check: Check) -> Any:
-    """A params field: required (params.yaml spells out every key) and checked by `check`."""
-    return dataclasses.field(metadata={"check": check})
-
-
-@dataclass(frozen=True)
-class DataParams:
-    source: str = _key(text())
-    test_ids: str | None = _key(text(nullable=True))
-
-
-@dataclass(frozen=True)
-class ModelParams:
-    name: str = _key(text())
-    quantization: str = _key(one_of("auto", "4bit", "none"))
-    dtype: str = _key(one_of("auto", "float32", "bfloat16", "float16"))
-
-
-@dataclass(frozen=True)
-class PromptParams:
-    system: str = _key(text())
-    template: str | None = _key(prompt_template())
-    answer_prefix: str = _key(text())
-    decision_first: bool = _key(boolean())
-
-
-@dataclass(frozen=True)
-class SplitParams:
-    strategy: str = _key(one_of("official", "random"))
-    test_size: float = _key(number(0, 1, low_open=True, high_open=True))
-    val_size: float = _key(number(0, 1, low_open=True, high_open=True))
-    seed: int = _key(integer(0))
-
-
-@dataclass(frozen=True)
-class LoraParams:
-    r: int = _key(integer(1))
-    alpha: float = _key(number(0, low_open=True))
-    dropout: float = _key(number(0, 1, high_open=True))
-    target_modules: tuple[str, ...] | None = _key(string_list())
-
+Criterion = Literal[tuple(CRITERIA)]  # type: ignore[valid-type]
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt")
 
 
-@dataclass(frozen=True)
+@section
+class DataParams:
+    source: str = Field(pattern=NON_BLANK)
+    test_ids: str | None = Field(pattern=NON_BLANK)
+
+
+@section
+class ModelParams:
+    name: str = Field(pattern=NON_BLANK)
+    quantization: Literal["auto", "4bit", "none"] = Field()
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field()
+
+
+@section
+class PromptParams:
+    system: str = Field(pattern=NON_BLANK)
+    template: Annotated[str, AfterValidator(_template_fields)] | None = Field(
+        description="null or a string with {user} and optionally {system}, no other fields (a literal brace doubled)")
+    answer_prefix: str = Field(pattern=NON_BLANK)
+    decision_first: bool = Field()
+
+
+@section
+class SplitParams:
+    strategy: Literal["official", "random"] = Field()
+    test_size: Number = Field(gt=0, lt=1)
+    val_size: Number = Field(gt=0, lt=1)
+    seed: int = Field(ge=0)
+
+
+@section
+class LoraParams:
+    r: int = Field(ge=1)
+    alpha: Number = Field(gt=0)
+    dropout: Number = Field(ge=0, lt=1)
+    target_modules: tuple[str, ...] | None = Field(min_length=1, description="a list of module names or null")
+
+
+@section
 class TrainParams:
-    seed: int = _key(integer(0))
-    max_samples: int | None = _key(integer(1, nullable=True))
-    max_val_samples: int | None = _key(integer(1, nullable=True))
-    sampling: str = _key(one_of("stratified", "balanced"))
-    epochs: int = _key(integer(1))
-    max_steps: int = _key((lambda v: _is_int(v) and (v == -1 or v >= 1), "-1 (use epochs) or an integer >= 1"))
-    batch_size: int = _key(integer(1))
-    grad_accum: int = _key(integer(1))
-    learning_rate: float = _key(number(0, low_open=True))
-    weight_decay: float = _key(number(0))
-    warmup_ratio: float = _key(number(0, 1, high_open=True))
-    scheduler: str = _key(one_of(*SCHEDULERS))
-    optim: str = _key(text())
-    max_length: int = _key(integer(32))
-    decision_loss_weight: float = _key(number(0, low_open=True))
-    decision_class_weights: str = _key(one_of("none", "balanced"))
-    logging_steps: int = _key(integer(1))
-    eval_steps: int = _key(integer(1))
-    save_steps: int = _key(integer(1))
-    early_stopping_patience: int = _key(integer(0))
-    gradient_checkpointing: bool | str = _key((lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"))
-    liger_kernel: bool = _key(boolean())
-    num_processes: int = _key(integer(1))
-    num_machines: int = _key(integer(1))
-    distributed: str = _key(one_of("ddp", "fsdp"))
+    seed: int = Field(ge=0)
+    max_samples: int | None = Field(ge=1)
+    max_val_samples: int | None = Field(ge=1)
+    sampling: Literal["stratified", "balanced"] = Field()
+    epochs: int = Field(ge=1)
+    max_steps: Literal[-1] | Annotated[int, Field(ge=1)] = Field(description="-1 (use epochs) or an integer >= 1")
+    batch_size: int = Field(ge=1)
+    grad_accum: int = Field(ge=1)
+    learning_rate: Number = Field(gt=0)
+    weight_decay: Number = Field(ge=0)
+    warmup_ratio: Number = Field(ge=0, lt=1)
+    scheduler: Literal[SCHEDULERS] = Field()  # type: ignore[valid-type]
+    optim: str = Field(pattern=NON_BLANK)
+    max_length: int = Field(ge=32)
+    decision_loss_weight: Number = Field(gt=0)
+    decision_class_weights: Literal["none", "balanced"] = Field()
+    logging_steps: int = Field(ge=1)
+    eval_steps: int = Field(ge=1)
+    save_steps: int = Field(ge=1)
+    early_stopping_patience: int = Field(ge=0)
+    gradient_checkpointing: Literal["auto"] | bool = Field(description="auto, true or false")
+    liger_kernel: bool = Field()
+    num_processes: int = Field(ge=1)
+    num_machines: int = Field(ge=1)
+    distributed: Literal["ddp", "fsdp"] = Field()
+
+    @model_validator(mode="after")
+    def _rules_across_keys(self) -> TrainParams:
+        if self.save_steps % self.eval_steps:
+            raise ValueError(
+                f"train.save_steps ({self.save_steps}) must be a multiple of train.eval_steps ({self.eval_steps}) "
+                "so the best checkpoint by validation loss can be kept")
+        if self.sampling == "balanced" and self.max_samples is None:
+            raise ValueError(
+                "train.sampling=balanced picks train.max_samples questions, which is null: set it (e.g. 200) or "
+                "use train.sampling=stratified to train on all of them")
+        return self
 
     def checkpoints_activations(self, hardware_cuda: bool) -> bool:
         """Whether activations are recomputed in the backward pass: `auto` on CUDA (where memory is
@@ -164,50 +145,49 @@ class TrainParams:
         return hardware_cuda if self.gradient_checkpointing == "auto" else bool(self.gradient_checkpointing)
 
 
-@dataclass(frozen=True)
+@section
 class GenerationParams:
-    max_new_tokens: int = _key(integer(1))
-    temperature: float = _key(number(0))
-    top_p: float = _key(number(0, 1, low_open=True))
-    repetition_penalty: float = _key(number(0, low_open=True))
-    seed: int = _key(integer(0))
+    max_new_tokens: int = Field(ge=1)
+    temperature: Number = Field(ge=0)
+    top_p: Number = Field(gt=0, le=1)
+    repetition_penalty: Number = Field(gt=0)
+    seed: int = Field(ge=0)
 
 
-@dataclass(frozen=True)
+@section
 class EvalParams:
-    max_samples: int | None = _key(integer(1, nullable=True))
-    long_answer_samples: int | None = _key(integer(1, nullable=True))
-    batch_size: int = _key(integer(1))
-    max_prompt_length: int = _key(integer(32))
-    bertscore_model: str = _key(text())
-    bertscore_num_layers: int | None = _key(integer(1, nullable=True))
-    bootstrap: int = _key(integer(0))
-    seed: int = _key(integer(0))
+    max_samples: int | None = Field(ge=1)
+    long_answer_samples: int | None = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    max_prompt_length: int = Field(ge=32)
+    bertscore_model: str = Field(pattern=NON_BLANK)
+    bertscore_num_layers: int | None = Field(ge=1)
+    bootstrap: int = Field(ge=0)
+    seed: int = Field(ge=0)
 
 
-@dataclass(frozen=True)
+@section
 class JudgeParams:
-    model: str = _key(text())
-    max_samples: int | None = _key(integer(1, nullable=True))
-    criteria: tuple[str, ...] = _key((
-        lambda v: isinstance(v, list) and v and all(c in CRITERIA for c in v) and len(set(v)) == len(v),
-        "a list of distinct criteria from " + ", ".join(CRITERIA)))
-    max_context_tokens: int = _key(integer(16))
-    seed: int = _key(integer(0))
+    model: str = Field(pattern=NON_BLANK)
+    max_samples: int | None = Field(ge=1)
+    criteria: Annotated[tuple[Criterion, ...], AfterValidator(_distinct)] = Field(
+        min_length=1, description="a list of distinct criteria from " + ", ".join(CRITERIA))
+    max_context_tokens: int = Field(ge=16)
+    seed: int = Field(ge=0)
 
 
-@dataclass(frozen=True)
+@section
 class ReportParams:
-    n_examples: int = _key(integer(0))
+    n_examples: int = Field(ge=0)
 
 
-@dataclass(frozen=True)
+@section
 class ChatParams:
-    history_turns: int = _key(integer(0))
-    host: str = _key(text())
-    port: int = _key((lambda v: _is_int(v) and 1 <= v <= 65535, "a port number 1..65535"))
-    batch_rows: int = _key(integer(2))
-    batch_wait_s: float = _key(number(0))
+    history_turns: int = Field(ge=0)
+    host: str = Field(pattern=NON_BLANK)
+    port: int = Field(ge=1, le=65535, description="a port number 1..65535")
+    batch_rows: int = Field(ge=2)
+    batch_wait_s: Number = Field(ge=0)
 
 
 @dataclass(frozen=True)
@@ -229,24 +209,82 @@ class Params:
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Params)  # section name -> its dataclass
 
-# Every key as section.leaf, with its check.
+
+def _bounds(field: FieldInfo) -> str:
+    """" > 0 and < 1": a number field's bounds as the messages give them."""
+    ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    found = [f"{ops[name]} {getattr(m, name)}" for m in field.metadata for name in ops
+             if getattr(m, name, None) is not None]
+    return (" " + " and ".join(found)) if found else ""
+
+
+def allowed(field: FieldInfo) -> str:
+    """What a field allows, in words: its description where it has one, else from its type and bounds
+    ("an integer >= 1 or null", "one of official, random")."""
+    if field.description:
+        return field.description
+    union = typing.get_origin(field.annotation) in (typing.Union, types.UnionType)
+    kinds = typing.get_args(field.annotation) if union else (field.annotation,)
+    nullable = type(None) in kinds
+    kinds = tuple(k for k in kinds if k is not type(None))
+    if kinds == (int,):
+        text = "an integer" + _bounds(field)
+    elif kinds == (int, float):
+        text = "a number" + _bounds(field)
+    elif kinds == (bool,):
+        text = "true or false"
+    elif kinds == (str,):
+        text = "a non-empty string"
+    elif len(kinds) == 1 and typing.get_origin(kinds[0]) is Literal:
+        text = "one of " + ", ".join(map(str, typing.get_args(kinds[0])))
+    else:
+        raise TypeError(f"no words for {field.annotation}: give the field a description")
+    return text + (" or null" if nullable else "")
+
+
+def _check(field: FieldInfo) -> Callable[[Any], bool]:
+    adapter = TypeAdapter(Annotated[field.annotation, field], config=ConfigDict(strict=True))
+
+    def ok(value: Any) -> bool:
+        try:
+            adapter.validate_python(_frozen(value))
+        except ValidationError:
+            return False
+        return True
+
+    return ok
+
+
+# Every key as section.leaf, with its check and what it allows: from the sections' fields.
 SCHEMA: dict[str, Check] = {
-    f"{section}.{f.name}": f.metadata["check"] for section, kind in SECTIONS.items() for f in dataclasses.fields(kind)
+    f"{name}.{leaf}": (_check(field), allowed(field))
+    for name, kind in SECTIONS.items() for leaf, field in kind.__pydantic_fields__.items()
 }
 
 
 def _flatten(params: dict, source: str) -> dict[str, Any]:
     """{"train": {"epochs": 1}} -> {"train.epochs": 1}: every key is section.leaf."""
     flat: dict[str, Any] = {}
-    for section, values in params.items():
+    for name, values in params.items():
         if not isinstance(values, dict):
-            raise PipelineError(f"{source}: {section} must be a section of keys, not {values!r}")
-        flat.update({f"{section}.{key}": value for key, value in values.items()})
+            raise PipelineError(f"{source}: {name} must be a section of keys, not {values!r}")
+        flat.update({f"{name}.{key}": value for key, value in values.items()})
     return flat
 
 
-def validate(params: dict[str, Any], source: str = "params.yaml") -> None:
-    """Check every key against SCHEMA; raise one PipelineError naming the key, the value and what is allowed."""
+def _one_line(error: dict, name: str, flat: dict[str, Any], source: str) -> str:
+    """pydantic's first error for section `name` as the one line a stage stops with."""
+    if not error["loc"]:  # a validator's rule across keys
+        return f"{source}: {error['ctx']['error']}"
+    key = f"{name}.{error['loc'][0]}"
+    if key not in flat:
+        return f"{source}: missing key {key} ({SCHEMA[key][1]})"
+    return f"{source}: {key} is {flat[key]!r}; expected {SCHEMA[key][1]}"
+
+
+def params_from_dict(params: dict[str, Any], source: str = "params.yaml") -> Params:
+    """Validate a params tree (as params.yaml spells it) and build its typed sections; the first
+    failure is one PipelineError naming the key, the value and what is allowed."""
     from medqa.modeling.profiles import get_profile, lora_targets
 
     flat = _flatten(params, source)
@@ -255,36 +293,25 @@ def validate(params: dict[str, Any], source: str = "params.yaml") -> None:
             close = difflib.get_close_matches(key, SCHEMA, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise PipelineError(f"{source}: unknown key {key}{hint}")
-    for key, (ok, allowed) in SCHEMA.items():
-        if key not in flat:
-            raise PipelineError(f"{source}: missing key {key} ({allowed})")
-        if not ok(flat[key]):
-            raise PipelineError(f"{source}: {key} is {flat[key]!r}; expected {allowed}")
-    if flat["train.save_steps"] % flat["train.eval_steps"]:
-        raise PipelineError(
-            f"{source}: train.save_steps ({flat['train.save_steps']}) must be a multiple of train.eval_steps "
-            f"({flat['train.eval_steps']}) so the best checkpoint by validation loss can be kept"
-        )
-    if flat["train.sampling"] == "balanced" and flat["train.max_samples"] is None:
-        raise PipelineError(
-            f"{source}: train.sampling=balanced picks train.max_samples questions, which is null: set it "
-            "(e.g. 200) or use train.sampling=stratified to train on all of them"
-        )
-    lora_targets(get_profile(flat["model.name"]), flat["lora.target_modules"])
-    get_profile(flat["judge.model"])  # a known profile, a local model directory or a hub id
+    sections = {}
+    for name, kind in SECTIONS.items():
+        try:
+            sections[name] = kind(**{key: _frozen(value) for key, value in params.get(name, {}).items()})
+        except ValidationError as exc:
+            raise PipelineError(_one_line(exc.errors()[0], name, flat, source)) from None
+    typed = Params(**sections)
+    lora_targets(get_profile(typed.model.name), typed.lora.target_modules)
+    get_profile(typed.judge.model)  # a known profile, a local model directory or a hub id
+    return typed
+
+
+def validate(params: dict[str, Any], source: str = "params.yaml") -> None:
+    """Check a params tree; raise one PipelineError naming the key, the value and what is allowed."""
+    params_from_dict(params, source)
 
 
 def _frozen(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
-
-
-def params_from_dict(params: dict[str, Any], source: str = "params.yaml") -> Params:
-    """Validate a params tree (as params.yaml spells it) and build its typed sections."""
-    validate(params, source)
-    return Params(**{
-        section: kind(**{key: _frozen(value) for key, value in params[section].items()})
-        for section, kind in SECTIONS.items()
-    })
 
 
 def as_dict(section: Any) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from collections import Counter
 
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 
 from medqa.data.sources import load_records, load_source, load_test_labels, validate_records
 from medqa.data.splits import balanced_cap, cap, split_records, split_stats
@@ -155,8 +156,8 @@ def test_official_split_without_test_ids_or_with_unknown_ids_fails_clearly():
         split_records(rows, SplitParams("official", 0.1, 0.1, 1), {})
     with pytest.raises(PipelineError, match="1 official test PMIDs are not in the data"):
         split_records(rows, SplitParams("official", 0.1, 0.1, 1), {"999999": "yes"})
-    with pytest.raises(PipelineError, match="split.strategy is 'alphabetical'"):
-        split_records(rows, SplitParams("alphabetical", 0.1, 0.1, 1), None)
+    with pytest.raises(ValidationError, match="official"):  # no such split can be asked for
+        SplitParams("alphabetical", 0.1, 0.1, 1)
 
 
 def test_random_split_is_seeded_and_stratified():

@@ -116,10 +116,8 @@ def split_records(rows: list[Record], split: SplitParams,
             )
         test = [r for r in rows if r["pmid"] in test_labels]
         train_val = [r for r in rows if r["pmid"] not in test_labels]
-    elif split.strategy == "random":
+    else:  # "random", the one other strategy SplitParams allows
         train_val, test = split_off(rows, split.test_size, split.seed)
-    else:
-        raise PipelineError(f"split.strategy is {split.strategy!r}, expected 'official' or 'random'")
     train, val = split_off(train_val, split.val_size, split.seed)
     splits = {"train": train, "val": val, "test": test}
     for name, part in splits.items():
