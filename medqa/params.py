@@ -55,6 +55,12 @@ def _distinct(values: tuple[str, ...]) -> tuple[str, ...]:
     return values
 
 
+def _fold_ids(folds: tuple[int, ...]) -> tuple[int, ...]:
+    if folds != tuple(range(len(folds))) or len(folds) == 1 or len(folds) > 10:
+        raise ValueError("not the ids of 2 to 10 folds")
+    return folds
+
+
 Criterion = Literal[tuple(CRITERIA)]  # type: ignore[valid-type]
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -146,6 +152,13 @@ class TrainParams:
 
 
 @section
+class CvParams:
+    folds: Annotated[tuple[int, ...], AfterValidator(_fold_ids)] = Field(
+        description="[] (off), or the fold ids 0, 1, ..., k-1 of 2 to 10 folds, e.g. [0, 1, 2, 3, 4]")
+    seed: int = Field(ge=0)
+
+
+@section
 class GenerationParams:
     max_new_tokens: int = Field(ge=1)
     temperature: Number = Field(ge=0)
@@ -200,6 +213,7 @@ class Params:
     split: SplitParams
     lora: LoraParams
     train: TrainParams
+    cv: CvParams
     generation: GenerationParams
     eval: EvalParams
     judge: JudgeParams

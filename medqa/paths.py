@@ -14,6 +14,19 @@ CHECKPOINTS = Path("models/checkpoints")
 TRAIN_METRICS = Path("metrics/train.json")
 LIVE_DIR = Path("dvclive")  # DVCLive logs of the finetune stage: loss and learning-rate curves
 PREDICTIONS_DIR = Path("data/predictions")
+CV_DIR = Path("data/cv")  # cross-validation: the fold of each non-test question, then each fold's outputs
+CV_FOLDS = CV_DIR / "folds.json"
+CV_METRICS = Path("metrics/cv.json")  # the out-of-fold estimate and the test decisions under its rule
+
+
+def cv_fold_dir(fold: int) -> Path:
+    """A fold's outputs: its train/val/held-out questions, its training metrics and the held-out scores."""
+    return CV_DIR / f"fold-{fold}"
+
+
+def cv_fold_models(fold: int) -> Path:
+    """A fold's adapter and its resumable checkpoints (scratch, as models/checkpoints is)."""
+    return Path(f"models/cv/fold-{fold}")
 PROGRESS = Path("data/progress")  # scratch: the finished questions of an interrupted eval or judge stage
 
 

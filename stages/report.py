@@ -6,7 +6,14 @@ from medqa.evaluation.metrics import paired_differences, tables_from_rows
 from medqa.io import read_json, read_jsonl, write_text
 from medqa.params import load_params
 from medqa.report.plots import plot_confusions, plot_head_to_head, plot_losses
-from medqa.report.render import decisions_csv_text, describe_run, judge_section, render_report, standing_section
+from medqa.report.render import (
+    cv_section,
+    decisions_csv_text,
+    describe_run,
+    judge_section,
+    render_report,
+    standing_section,
+)
 from medqa.rubric import OUTCOMES
 
 
@@ -34,7 +41,8 @@ def main() -> None:
         base_metrics, tuned_metrics, differences, read_json(paths.TRAIN_METRICS), baseline_rows=base_rows,
         finetuned_rows=tuned_rows, run=describe_run(params.model.name, params.lora, params.split.strategy), n_examples=params.report.n_examples,
         loss_png=paths.LOSS_PNG.name, decisions_png=paths.DECISIONS_PNG.name,
-        standing=standing_section(base_metrics, tuned_metrics, params.split.strategy), judge=judge,
+        standing=standing_section(base_metrics, tuned_metrics, params.split.strategy),
+        cross_validation=cv_section(read_json(paths.CV_METRICS)), judge=judge,
     )
     write_text(paths.REPORT, text)
     print(f"report: {paths.REPORT}")

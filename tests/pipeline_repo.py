@@ -16,8 +16,9 @@ import yaml
 from tests.conftest import save_tiny_base
 
 ROOT = Path(__file__).resolve().parents[1]
+# (With cv.folds: [], the default, there is no cv_fold stage: cv_folds and cv_rule write that it is off.)
 ALL_STAGES = {"check_params", "download", "format", "split", "baseline_eval", "finetune", "finetuned_eval", "judge",
-              "report", "harness_task", "release"}
+              "report", "harness_task", "release", "cv_folds", "cv_rule"}
 FAKE_TOKEN = "hf_" + uuid.uuid4().hex  # made at run time, so no file holds it beforehand
 TINY = {
     # 3 of the synthetic set's 50 non-test questions: the eval stages score the whole validation split

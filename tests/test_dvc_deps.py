@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EXEMPT = PLUMBING
 
 
-STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+# A foreach stage (cv_fold) as its `do` block: the same command, deps and params for every item.
+STAGES = {name: spec.get("do", spec) for name, spec in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items()}
 
 
 def test_the_import_walk_finds_what_a_stage_reaches():
@@ -33,7 +34,7 @@ def test_every_module_a_stage_reaches_is_a_dependency(name):
     folder), and every medqa dep is reached (a folder only where the stage reaches all of its modules), so a
     change re-runs the stages it can change and no other."""
     stage = STAGES[name]
-    script = re.fullmatch(r"python -m (stages\.\w+)", stage["cmd"]).group(1).replace(".", "/") + ".py"
+    script = re.fullmatch(r"python -m (stages\.\w+)( \$\{item\})?", stage["cmd"]).group(1).replace(".", "/") + ".py"
     deps = set(stage["deps"])
     assert script in deps, f"{name}: its script {script} is not in its deps"
     folders = {d for d in deps if d.startswith("medqa/") and (ROOT / d).is_dir()}
@@ -53,7 +54,7 @@ def test_every_config_file_a_stage_opens_is_a_dependency(name):
     import ast
 
     stage = STAGES[name]
-    script = re.fullmatch(r"python -m (stages\.\w+)", stage["cmd"]).group(1).replace(".", "/") + ".py"
+    script = re.fullmatch(r"python -m (stages\.\w+)( \$\{item\})?", stage["cmd"]).group(1).replace(".", "/") + ".py"
     named = set()
     for path in [script, *reached_modules(ROOT / script, set(stage["deps"]))]:
         for node in ast.walk(ast.parse((ROOT / path).read_text())):

@@ -293,7 +293,7 @@ def _params_each_stage_reads() -> list[tuple[str, str]]:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     pairs = []
     for stage, spec in stages.items():
-        for entry in spec.get("params", []):
+        for entry in spec.get("do", spec).get("params", []):  # a foreach stage's params are in its `do`
             names = entry if isinstance(entry, str) else None
             assert names, f"{stage}: params entry {entry!r} is neither a key nor a section"
             keys = [k for k in SCHEMA if k == names or k.startswith(names + ".")]

@@ -120,7 +120,8 @@ def test_pipeline_runs_then_reruns_only_what_changed(project):
     run(["git", "commit", "-qm", "baseline run"], repo, env)
     generation = run(["dvc", "exp", "run", "-S", "generation.max_new_tokens=6"], repo, env)
     # check_params runs on any param change; its output never changes, so it re-runs nothing else.
-    assert stages_run(generation) == {"check_params", "baseline_eval", "finetuned_eval", "judge", "report", "release"}
+    assert stages_run(generation) == {"check_params", "baseline_eval", "finetuned_eval", "cv_rule", "judge", "report",
+                                      "release"}
 
     judge = run(["dvc", "exp", "run", "-S", "judge.max_samples=3"], repo, env)
     assert stages_run(judge) == {"check_params", "judge", "report"}
@@ -183,7 +184,7 @@ def test_push_then_pull_in_a_fresh_clone_needs_no_rerun(project, tmp_path):
     # The judge re-runs only if the fine-tuned answers changed (a tiny random model's may not).
     changed = (clone / "data/predictions/finetuned.jsonl").read_text() != answers
     assert stages_run(ran) == ({"check_params", "finetune", "finetuned_eval", "report", "release"}
-                                | ({"judge"} if changed else set()))
+                                | ({"judge", "cv_rule"} if changed else set()))
     run(["dvc", "exp", "push", "origin", "three-epochs"], clone, env)
     other = _clone(repo, tmp_path / "other", env)
     run(["dvc", "exp", "pull", "origin", "three-epochs"], other, env)
@@ -279,7 +280,7 @@ def test_a_killed_stage_is_never_taken_as_done_and_a_rerun_gives_the_same_output
     # computed afresh: without the killed run's kept answers.
     shutil.rmtree(progress)
     rerun = run(["dvc", "repro", "--force", "--no-run-cache", "baseline_eval", "finetuned_eval"], repo, env)
-    assert stages_run(rerun) == ALL_STAGES - {"judge", "report", "harness_task", "release"}
+    assert stages_run(rerun) == ALL_STAGES - {"judge", "report", "harness_task", "release", "cv_folds", "cv_rule"}
     for name in outputs:  # same params and seed: byte-identical data, generations and metrics
         assert (repo / name).read_bytes() == before[name], name
 
@@ -505,6 +506,29 @@ def test_a_failed_run_loses_nothing_and_says_how_to_restore(project):
     # Only check_params ran with a bad value (and succeeded), so only it is out of date.
     assert stages_run(run(["dvc", "repro"], repo, env)) <= {"check_params"}
     assert _outputs(repo) == before
+
+
+def test_cross_validation_scores_every_non_test_question_out_of_fold(project):
+    """cv.folds=[0,1]: one stage per fold, each trained without its own questions, which it scores; every
+    non-test question is scored once, and the report shows the estimate. Last in this module: it leaves
+    cross-validation on in the workspace."""
+    repo, env = project
+    folds = run(["dvc", "exp", "run", "-S", "cv.folds=[0,1]"], repo, env)
+    assert {"cv_folds", "cv_fold@0", "cv_fold@1", "cv_rule", "report"} <= stages_run(folds)
+    assert not {"finetune", "baseline_eval", "finetuned_eval"} & stages_run(folds)
+
+    def pmids(path: Path) -> list[str]:
+        return [json.loads(line)["pmid"] for line in path.read_text().splitlines()]
+
+    non_test = pmids(repo / "data/split/train.jsonl") + pmids(repo / "data/split/val.jsonl")
+    held_out = {f: pmids(repo / f"data/cv/fold-{f}/held_out_scores.jsonl") for f in (0, 1)}
+    assert sorted(held_out[0] + held_out[1]) == sorted(non_test)
+    for f in (0, 1):
+        seen = pmids(repo / f"data/cv/fold-{f}/train.jsonl") + pmids(repo / f"data/cv/fold-{f}/val.jsonl")
+        assert seen and not set(seen) & set(held_out[f])
+    assert json.loads((repo / "metrics/cv.json").read_text())["n_questions"] == len(non_test)
+    assert f"## Cross-validation: 2 folds over {len(non_test)} non-test questions" in (
+        repo / "reports/report.md").read_text()
 
 
 def _restore_params(repo: Path, env: dict) -> None:

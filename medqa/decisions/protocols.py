@@ -44,14 +44,37 @@ NO_OFFSETS = np.linspace(-4.0, 4.0, 81)
 MAYBE_OFFSETS = np.linspace(-4.0, 4.0, 21)
 
 
-def fit_offsets(loglik: np.ndarray, truth: np.ndarray) -> np.ndarray:
+def _accuracy_per_row(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    return (predicted == truth).mean(axis=1)
+
+
+def _macro_f1_per_row(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Macro-F1 over the decisions of each row of `predicted` (option indices, shape (g, n)) against
+    `truth` (shape (n,)), as sklearn's `f1_score(average="macro", zero_division=0)` over the three
+    labels (tests/test_metrics.py checks)."""
+    scores = []
+    for option in range(len(DECISIONS)):
+        hits = ((predicted == option) & (truth == option)).sum(axis=1)
+        denominator = (predicted == option).sum(axis=1) + (truth == option).sum()
+        scores.append(np.divide(2.0 * hits, denominator, out=np.zeros(len(predicted)), where=denominator > 0))
+    return np.mean(scores, axis=0)
+
+
+# What `fit_offsets` can maximise.
+OFFSET_OBJECTIVES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "accuracy": _accuracy_per_row, "macro_f1": _macro_f1_per_row}
+
+
+def fit_offsets(loglik: np.ndarray, truth: np.ndarray, objective: str = "accuracy") -> np.ndarray:
     """Offsets added to the options' log-likelihoods (shape (n, 3)) before the argmax, "yes" fixed at
-    0, that make the most of these questions' decisions right (`truth`: option indices): the grid
-    point with the best accuracy, the one nearest to no offsets where several tie. Fitted on
-    validation questions, they undo a model's lean to one answer and keep its ranking of questions."""
+    0, that make the most of these questions' decisions right (`truth`: option indices) by `objective`
+    (accuracy, or macro-F1, which counts a rare decision as much as a common one): the grid point with
+    the best score, the one nearest to no offsets where several tie. Fitted on held-out questions, they
+    undo a model's lean to one answer and keep its ranking of questions."""
     grid = np.array([[0.0, no, maybe] for no in NO_OFFSETS for maybe in MAYBE_OFFSETS])
-    accuracy = ((np.asarray(loglik)[None] + grid[:, None, :]).argmax(axis=2) == np.asarray(truth)).mean(axis=1)
-    best = np.flatnonzero(accuracy == accuracy.max())
+    predicted = (np.asarray(loglik)[None] + grid[:, None, :]).argmax(axis=2)
+    score = OFFSET_OBJECTIVES[objective](predicted, np.asarray(truth))
+    best = np.flatnonzero(score == score.max())
     return grid[best[np.argmin(np.linalg.norm(grid[best], axis=1))]]
 
 

@@ -219,10 +219,10 @@ def describe_run(model_name: str, lora: LoraParams, split_strategy: str) -> str:
 def render_report(
     baseline: dict, finetuned: dict, differences: dict[str, tuple[float, float, float]], train: dict, *,
     baseline_rows: list[dict], finetuned_rows: list[dict], run: str, n_examples: int, loss_png: str,
-    decisions_png: str, standing: str = "", judge: str = "",
+    decisions_png: str, standing: str = "", cross_validation: str = "", judge: str = "",
 ) -> str:
     """The whole report as Markdown; `run` is `describe_run`'s line, `standing` the `standing_section`,
-    `judge` the `judge_section`."""
+    `cross_validation` the `cv_section`, `judge` the `judge_section`."""
     table = metrics_table(baseline, finetuned, differences).to_markdown(index=False, disable_numparse=True)
     verdict = verdict_table(baseline, finetuned, differences).to_markdown(index=False, disable_numparse=True)
     decision = baseline["decision"]
@@ -234,7 +234,7 @@ def render_report(
         "*Verdict*: better or worse where the paired 95% bootstrap interval of fine-tuned minus base on the "
         "same questions excludes 0 (lower is better for perplexity). *questions*: how many test questions a "
         "row is taken on.\n\n"
-        + (f"{standing}\n" if standing else "") +
+        + (f"{standing}\n" if standing else "") + (f"{cross_validation}\n" if cross_validation else "") +
         "## Every metric, each protocol\n\n"
         f"{table}\n\n"
         "Brackets: 95% bootstrap confidence intervals; for the change, the paired bootstrap interval of "
@@ -256,6 +256,41 @@ def render_report(
         + (f"{judge}\n\n" if judge else "") +
         "## Example answers\n\n"
         f"{examples_table(baseline_rows, finetuned_rows, n_examples)}"
+    )
+
+
+def _cv_row(label: str, summary: dict, n: int) -> dict[str, str]:
+    return {"": label, "questions": str(n),
+            "accuracy": f"{summary['accuracy']:.3f} [{summary['accuracy_ci_low']:.3f}, {summary['accuracy_ci_high']:.3f}]",
+            "macro-F1": f"{summary['macro_f1']:.3f} [{summary['macro_f1_ci_low']:.3f}, {summary['macro_f1_ci_high']:.3f}]",
+            f"F1 {' · '.join(DECISIONS)}": _by_decision({d: summary[f"f1_{d}"] for d in DECISIONS}, "{:.2f}"),
+            f"answered {' · '.join(DECISIONS)}": _by_decision(summary["chosen"], "{}")}
+
+
+def cv_section(cv: dict) -> str:
+    """The report's cross-validation section (metrics/cv.json): the out-of-fold estimate of the recipe,
+    plain and under the decision rule fitted out of fold, and the test decisions under that rule; "" with
+    cross-validation off."""
+    if not cv.get("folds"):
+        return ""
+    n, test = cv["n_questions"], cv["test"]
+    table = pd.DataFrame([
+        _cv_row(f"out of fold: {PRIMARY.label}", cv["choice"], n),
+        _cv_row(f"out of fold: {PRIMARY.label} + rule (fitted on the other folds)", cv["choice_with_rule"], n),
+        _cv_row(f"test: {PRIMARY.label} (the verdict above)", test["choice"], test["n_questions"]),
+        _cv_row(f"test: {PRIMARY.label} + rule (fitted on every out-of-fold score)", test["choice_with_rule"],
+                test["n_questions"]),
+    ]).to_markdown(index=False, disable_numparse=True)
+    offsets = " · ".join(f"{d} {cv['rule']['offsets'][d]:+.1f}" for d in DECISIONS)
+    return (
+        f"## Cross-validation: {cv['folds']} folds over {n} non-test questions\n\n"
+        "Each fold's adapter is trained as the fine-tuned model is, on the other folds' questions, and scores "
+        "its own: every non-test question is scored by a model that never saw it, and no test question is "
+        "used. The rule adds offsets to the options' log-likelihoods chosen to maximise macro-F1, so a rare "
+        "decision counts as much as a common one; its out-of-fold row fits them on the other folds only.\n\n"
+        f"{table}\n\n"
+        f"The rule fitted on every out-of-fold score: {offsets}. The test rows are the pipeline's fine-tuned "
+        "model (trained on the train split), read under that rule; brackets: 95% bootstrap intervals.\n"
     )
 
 
