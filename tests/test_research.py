@@ -90,3 +90,22 @@ def test_ranking_aucs_tell_a_maybe_signal_from_none():
     assert yes_vs_no > 0.99 and abs(maybe_vs_rest - 0.5) < 0.15
     leaning = informed + np.array([5.0, 0.0, 0.0])
     assert ranking_aucs(leaning, truth)[0] == ranking_aucs(informed, truth)[0]
+
+
+def test_rules_compared_out_of_fold_and_on_test():
+    """research.cv_rules: the plain choice and each objective's offsets, out of fold (nested) and on test;
+    the macro-F1 offsets say "maybe" where the scores lean away from it."""
+    from research.cv_rules import compare_rules
+    from tests.test_cross_validation import _leaning_scores
+
+    loglik, truth = _leaning_scores(150)
+    rows = [{"pmid": str(i), "final_decision": ("yes", "no", "maybe")[t], "loglik": list(s)}
+            for i, (s, t) in enumerate(zip(loglik, truth))]
+    probs = np.exp(loglik) / np.exp(loglik).sum(axis=1, keepdims=True)
+    test_rows = [{"reference_decision": r["final_decision"], "choice_probs": dict(zip(("yes", "no", "maybe"), p))}
+                 for r, p in zip(rows, probs)]
+    tables = compare_rules(rows, {str(i): i % 3 for i in range(150)}, test_rows)
+    assert [r["rule"] for r in tables["out_of_fold"]] == ["choice", "offsets for accuracy", "offsets for macro_f1"]
+    plain, _, for_macro_f1 = tables["out_of_fold"]
+    assert for_macro_f1["f1_maybe"] > plain["f1_maybe"] and for_macro_f1["macro_f1"] > plain["macro_f1"]
+    assert tables["test"][0]["accuracy"] == pytest.approx(float(np.mean(probs.argmax(axis=1) == truth)))

@@ -44,13 +44,14 @@ def _decisions_summary(truth: np.ndarray, chosen: np.ndarray, evaluation: EvalPa
             **{f"f1_{d}": round(float(v), 6) for d, v in zip(DECISIONS, f1)}}
 
 
-def nested_offsets_decisions(loglik: np.ndarray, truth: np.ndarray, fold_of: np.ndarray) -> np.ndarray:
-    """Each question's decision under offsets fitted on the other folds' questions only: the rule's
-    estimate out of fold, never scored on a question it was fitted on."""
+def nested_offsets_decisions(loglik: np.ndarray, truth: np.ndarray, fold_of: np.ndarray,
+                             objective: str = OBJECTIVE) -> np.ndarray:
+    """Each question's decision under offsets fitted (for `objective`) on the other folds' questions
+    only: the rule's estimate out of fold, never scored on a question it was fitted on."""
     chosen = np.zeros(len(truth), dtype=int)
     for fold in np.unique(fold_of):
         mine = fold_of == fold
-        offsets = fit_offsets(loglik[~mine], truth[~mine], OBJECTIVE)
+        offsets = fit_offsets(loglik[~mine], truth[~mine], objective)
         chosen[mine] = (loglik[mine] + offsets).argmax(axis=1)
     return chosen
 
