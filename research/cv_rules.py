@@ -17,7 +17,7 @@ import numpy as np
 from medqa import paths
 from medqa.crossval.estimate import nested_offsets_decisions
 from medqa.decisions.answer_format import DECISIONS
-from medqa.decisions.protocols import OFFSET_OBJECTIVES, fit_offsets, reference_codes
+from medqa.decisions.protocols import OFFSET_OBJECTIVES, choice_probabilities, fit_offsets, reference_codes
 from medqa.evaluation.metrics import class_f1, per_class_f1
 from medqa.io import read_json, read_jsonl
 
@@ -26,7 +26,17 @@ def _row(name: str, truth: np.ndarray, chosen: np.ndarray) -> dict:
     f1, _ = per_class_f1(truth, chosen)
     return {"rule": name, "accuracy": float(np.mean(truth == chosen)), "macro_f1": class_f1(truth, chosen, "macro"),
             **{f"f1_{d}": float(v) for d, v in zip(DECISIONS, f1)},
-            "answered": " · ".join(str(int(np.sum(chosen == i))) for i in range(len(DECISIONS)))}
+            "answered": " · ".join(str(int(np.sum(chosen == i))) for i in range(len(DECISIONS))),
+            "right": " · ".join(str(int(np.sum((chosen == i) & (truth == i)))) for i in range(len(DECISIONS)))}
+
+
+def ranking_aucs(rows: list[dict]) -> dict[str, float]:
+    """Per decision, the AUC of its out-of-fold probability for telling its questions from the rest:
+    0.5 is no signal, which no rule on these scores can turn into right answers."""
+    from sklearn.metrics import roc_auc_score
+
+    probs, truth = choice_probabilities(np.array([r["loglik"] for r in rows])), reference_codes(rows)
+    return {d: float(roc_auc_score(truth == i, probs[:, i])) for i, d in enumerate(DECISIONS)}
 
 
 def compare_rules(rows: list[dict], folds: dict[str, int], test_rows: list[dict]) -> dict[str, list[dict]]:
@@ -53,11 +63,13 @@ def main() -> None:
     rows = [r for fold in sorted(set(folds.values()))
             for r in read_jsonl(root / paths.cv_fold_dir(fold) / "held_out_scores.jsonl")]
     tables = compare_rules(rows, folds, read_jsonl(root / paths.eval_outputs("finetuned")["predictions_path"]))
+    print("ranking AUC out of fold: " + ", ".join(f"{d} {v:.3f}" for d, v in ranking_aucs(rows).items()))
     for where, table in tables.items():
         print(f"\n{where} ({len(rows) if where == 'out_of_fold' else 'test'} questions)")
         for row in table:
             print(f"  {row['rule']:<40} acc {row['accuracy']:.3f}  macro-F1 {row['macro_f1']:.3f}  "
-                  f"F1 {row['f1_yes']:.2f} · {row['f1_no']:.2f} · {row['f1_maybe']:.2f}  answered {row['answered']}")
+                  f"F1 {row['f1_yes']:.2f} · {row['f1_no']:.2f} · {row['f1_maybe']:.2f}  answered {row['answered']}  "
+                  f"right {row['right']}")
 
 
 if __name__ == "__main__":

@@ -109,3 +109,9 @@ def test_rules_compared_out_of_fold_and_on_test():
     plain, _, for_macro_f1 = tables["out_of_fold"]
     assert for_macro_f1["f1_maybe"] > plain["f1_maybe"] and for_macro_f1["macro_f1"] > plain["macro_f1"]
     assert tables["test"][0]["accuracy"] == pytest.approx(float(np.mean(probs.argmax(axis=1) == truth)))
+    from research.cv_rules import ranking_aucs
+
+    aucs = ranking_aucs(rows)
+    assert aucs["yes"] > 0.7 and aucs["maybe"] > 0.55  # every decision's evidence ranks its questions
+    noise = [dict(r, loglik=list(np.random.default_rng(i).normal(size=3))) for i, r in enumerate(rows)]
+    assert abs(ranking_aucs(noise)["maybe"] - 0.5) < 0.15
