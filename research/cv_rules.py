@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from medqa import paths
-from medqa.crossval.estimate import nested_offsets_decisions
+from medqa.crossval.estimate import nested_offsets_decisions, scores_of_predictions
 from medqa.decisions.answer_format import DECISIONS
 from medqa.decisions.protocols import OFFSET_OBJECTIVES, choice_probabilities, fit_offsets, reference_codes
 from medqa.evaluation.metrics import class_f1, per_class_f1
@@ -43,8 +43,7 @@ def compare_rules(rows: list[dict], folds: dict[str, int], test_rows: list[dict]
     """Out of fold and on the test questions: the plain choice, and each objective's offsets."""
     loglik, truth = np.array([r["loglik"] for r in rows]), reference_codes(rows)
     fold_of = np.array([folds[r["pmid"]] for r in rows])
-    test = np.log(np.array([[max(r["choice_probs"][d], 1e-12) for d in DECISIONS] for r in test_rows]))
-    test_truth = reference_codes([{"final_decision": r["reference_decision"]} for r in test_rows])
+    test, test_truth = scores_of_predictions(test_rows)
     out = {"out_of_fold": [_row("choice", truth, loglik.argmax(axis=1))],
            "test": [_row("choice", test_truth, test.argmax(axis=1))]}
     for objective in OFFSET_OBJECTIVES:

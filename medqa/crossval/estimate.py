@@ -74,11 +74,17 @@ def out_of_fold(rows: list[dict], folds: dict[str, int], evaluation: EvalParams)
     }
 
 
+def scores_of_predictions(test_rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """The options' log-probabilities of each prediction row (from its stored `choice_probs`, so a
+    rule reads the test decisions without the model), and the reference decisions as option indices."""
+    log_probs = np.log(np.array([[max(r["choice_probs"][d], 1e-12) for d in DECISIONS] for r in test_rows]))
+    return log_probs, reference_codes([{"final_decision": r["reference_decision"]} for r in test_rows])
+
+
 def rule_on_test_decisions(test_rows: list[dict], offsets: dict[str, float], evaluation: EvalParams) -> dict:
     """The fine-tuned model's test decisions (its prediction rows' choice probabilities) as they are and
     under the out-of-fold rule's offsets: both summarised on every test question."""
-    log_probs = np.log(np.array([[max(r["choice_probs"][d], 1e-12) for d in DECISIONS] for r in test_rows]))
-    truth = reference_codes([{"final_decision": r["reference_decision"]} for r in test_rows])
+    log_probs, truth = scores_of_predictions(test_rows)
     shift = np.array([offsets[d] for d in DECISIONS])
     return {
         "n_questions": len(test_rows),
