@@ -3,8 +3,8 @@ the other folds' questions, then its own (held-out) questions' decisions scored.
 import sys
 
 from medqa import paths
-from medqa.crossval.estimate import score_held_out
 from medqa.crossval.folds import fold_parts
+from medqa.crossval.scoring import score_held_out
 from medqa.errors import stage_main
 from medqa.io import read_json, read_jsonl, write_jsonl
 from medqa.params import load_params

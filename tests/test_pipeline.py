@@ -513,6 +513,7 @@ def test_cross_validation_scores_every_non_test_question_out_of_fold(project):
     non-test question is scored once, and the report shows the estimate. Last in this module: it leaves
     cross-validation on in the workspace."""
     repo, env = project
+    run(["dvc", "repro"], repo, env)  # up to date after the tests above; a whole run where this runs alone
     folds = run(["dvc", "exp", "run", "-S", "cv.folds=[0,1]"], repo, env)
     assert {"cv_folds", "cv_fold@0", "cv_fold@1", "cv_rule", "report"} <= stages_run(folds)
     assert not {"finetune", "baseline_eval", "finetuned_eval"} & stages_run(folds)

@@ -1,39 +1,20 @@
-"""Cross-validation, the evaluation side: a fold's held-out questions scored by the adapter trained
-without them, and the decision rule fitted on those out-of-fold scores of every non-test question
+"""Cross-validation's decision rule, fitted on the folds' out-of-fold scores of every non-test question
 (offsets that maximise macro-F1, so that a rare decision counts as much as a common one), with its
-out-of-fold estimate and the test decisions under it."""
+out-of-fold estimate and the test decisions under it. No model runs here (the scores: `scoring`)."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 
-from medqa.decisions.answer_format import DECISIONS, AnswerFormat
+from medqa.decisions.answer_format import DECISIONS
 from medqa.decisions.protocols import fit_offsets, reference_codes, rounded_by_decision
 from medqa.evaluation.metrics import choice_summary, per_class_f1
-from medqa.params import CvParams, EvalParams, ModelParams, PromptParams
+from medqa.params import CvParams, EvalParams
 
 log = logging.getLogger(__name__)
 
 OBJECTIVE = "macro_f1"  # what the out-of-fold offsets maximise
-
-
-def score_held_out(base_dir: Path, adapter_dir: Path, held_out: list[dict], *, model: ModelParams,
-                   prompt: PromptParams, evaluation: EvalParams) -> list[dict]:
-    """Each held-out question's option log-likelihoods after its prompt and the answer prefix, from the
-    base model with the fold's adapter, computed as the eval stages compute the test decisions (the
-    adapter merged, prompts cut to `eval.max_prompt_length`): one row per question."""
-    from medqa.inference.decision_scorer import DecisionScorer
-    from medqa.modeling.hardware import resolve_hardware
-    from medqa.modeling.loading import load_for_inference
-
-    loaded = load_for_inference(base_dir, resolve_hardware(model.quantization, model.dtype), adapter_dir, merge=True)
-    scorer = DecisionScorer(loaded.model, loaded.tokenizer, AnswerFormat.of(prompt), evaluation.max_prompt_length,
-                            evaluation.batch_size)
-    loglik = scorer.after_examples(held_out, desc="held-out decisions")
-    return [{"pmid": ex["pmid"], "final_decision": ex["final_decision"],
-             "loglik": [round(float(v), 6) for v in row]} for ex, row in zip(held_out, loglik)]
 
 
 def _decisions_summary(truth: np.ndarray, chosen: np.ndarray, evaluation: EvalParams) -> dict:

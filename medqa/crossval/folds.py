@@ -2,7 +2,7 @@
 fold trains on, takes its validation loss on and scores (its held-out questions)."""
 from __future__ import annotations
 
-from medqa.data.splits import Record, _labels, balanced_cap, cap, validation_loss_examples
+from medqa.data.splits import Record, _labels, training_sample, validation_loss_examples
 from medqa.errors import PipelineError
 from medqa.params import CvParams, TrainParams
 
@@ -37,6 +37,6 @@ def fold_parts(pool: list[Record], folds: dict[str, int], fold: int, train: Trai
     val = validation_loss_examples(others, train, seed)
     chosen = {r["pmid"] for r in val}
     rest = [r for r in others if r["pmid"] not in chosen]
-    wanted = train.max_samples if train.max_samples is None or train.max_samples < len(rest) else len(rest)
-    pick = balanced_cap if train.sampling == "balanced" else cap
-    return {"train": pick(rest, wanted, seed, "train.max_samples"), "val": val, "held_out": held_out}
+    # The other folds may hold fewer questions than the cap: then all of them.
+    wanted = None if train.max_samples is None else min(train.max_samples, len(rest))
+    return {"train": training_sample(rest, wanted, train.sampling, seed), "val": val, "held_out": held_out}

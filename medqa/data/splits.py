@@ -79,6 +79,12 @@ def balanced_cap(rows: list[Record], max_samples: int | None, seed: int, name: s
     return [r for i, r in enumerate(rows) if i in chosen]
 
 
+def training_sample(rows: list[Record], max_samples: int | None, sampling: str, seed: int) -> list[Record]:
+    """`max_samples` of `rows` (all where null), drawn as `train.sampling` says: `balanced_cap` or `cap`."""
+    pick = balanced_cap if sampling == "balanced" else cap
+    return pick(rows, max_samples, seed, "train.max_samples")
+
+
 def validation_loss_examples(val: list[Record], train: TrainParams, seed: int) -> list[Record]:
     """The validation questions the finetune stage takes its validation loss on: a seeded, stratified
     `train.max_val_samples` of them (its passes cost as much as training steps), all of them when null."""
@@ -133,8 +139,7 @@ def make_splits(rows: list[Record], test_labels: dict[str, str] | None, split: S
     drawn as train.sampling says, and eval.max_samples). The validation split stays whole: the eval
     stages fit their decision offsets on all of it (finetune caps its validation loss)."""
     splits = split_records(rows, split, test_labels)
-    pick = balanced_cap if train.sampling == "balanced" else cap
-    splits["train"] = pick(splits["train"], train.max_samples, split.seed, "train.max_samples")
+    splits["train"] = training_sample(splits["train"], train.max_samples, train.sampling, split.seed)
     splits["test"] = cap(splits["test"], evaluation.max_samples, split.seed, "eval.max_samples")
     assert_disjoint(splits)
     return splits
