@@ -123,6 +123,7 @@ class TrainParams:
     max_length: int = Field(ge=32)
     decision_loss_weight: Number = Field(gt=0)
     decision_class_weights: Literal["none", "balanced"] = Field()
+    decision_loss: Literal["vocabulary", "choices"] = Field()
     logging_steps: int = Field(ge=1)
     eval_steps: int = Field(ge=1)
     save_steps: int = Field(ge=1)

@@ -593,13 +593,13 @@ def _weighted_train(**overrides):
 
 
 def test_decision_weights_are_the_param_or_inverse_frequency_with_mean_the_param():
-    from medqa.training.examples import decision_weighting
+    from medqa.training.examples import decision_loss
 
     decisions = ["yes"] * 6 + ["no"] * 3 + ["maybe"]
-    assert decision_weighting(_weighted_train(decision_loss_weight=1.0), decisions, AnswerFormat("The answer is:")) is None  # plain
-    flat = decision_weighting(_weighted_train(decision_loss_weight=3.0), decisions, AnswerFormat("The answer is:"))
+    assert decision_loss(_weighted_train(decision_loss_weight=1.0), decisions, AnswerFormat("The answer is:")) is None  # plain
+    flat = decision_loss(_weighted_train(decision_loss_weight=3.0), decisions, AnswerFormat("The answer is:"))
     assert flat.weights == {"yes": 3.0, "no": 3.0, "maybe": 3.0}
-    balanced = decision_weighting(_weighted_train(decision_loss_weight=2.0, decision_class_weights="balanced"),
+    balanced = decision_loss(_weighted_train(decision_loss_weight=2.0, decision_class_weights="balanced"),
                                   decisions, AnswerFormat("The answer is:")).weights
     assert balanced["maybe"] == pytest.approx(6 * balanced["yes"])
     assert balanced["no"] == pytest.approx(2 * balanced["yes"])
@@ -608,13 +608,13 @@ def test_decision_weights_are_the_param_or_inverse_frequency_with_mean_the_param
 
 @pytest.mark.parametrize("decision_first", [True, False])
 def test_the_decision_word_alone_carries_the_decision_weight(tokenizer, decision_first):
-    from medqa.training.examples import DecisionWeighting, tokenize_example
+    from medqa.training.examples import DecisionLoss, tokenize_example
 
     fmt = PromptFormat(tokenizer)
     record = {"pmid": "1", "question": "Does it work, or not?", "contexts": ["No effect was seen; maybe later."],
               "long_answer": "No, it does not work in these patients.", "final_decision": "no"}
     example = format_record(record, fmt, PromptParams("Answer.", None, "The answer is:", decision_first))
-    weighting = DecisionWeighting({"no": 5.0}, AnswerFormat("The answer is:"))
+    weighting = DecisionLoss({"no": 5.0}, AnswerFormat("The answer is:"))
     tokenized = tokenize_example(example, tokenizer, 256, weighting)
     plain = tokenize_example(example, tokenizer, 256)
     assert {k: tokenized[k] for k in plain} == plain
@@ -625,6 +625,66 @@ def test_the_decision_word_alone_carries_the_decision_weight(tokenizer, decision
     # The "No," opening the long answer and the "no" in the context stay at weight 1.
     assert tokenizer.decode([tokenized["input_ids"][i] for i in weighted]).strip() == "no"
     assert sum(w == 1.0 for w in weights) == len(weights) - len(weighted) - labels.count(-100)
+
+
+def test_the_three_way_decision_loss_needs_the_option_tokens_and_marks_their_first(tokenizer):
+    """decision_loss=choices: a DecisionLoss even at weight 1 (the plain loss is no longer it), with the
+    options' first tokens; the example marks one position, the decision word's first token, whose label is
+    that option's token, in either order of the target."""
+    from medqa.training.examples import decision_loss, option_first_tokens, tokenize_example
+
+    answer_format = AnswerFormat("The answer is:")
+    train = _weighted_train(decision_loss_weight=1.0, decision_loss="choices")
+    with pytest.raises(ValueError, match="first tokens"):
+        decision_loss(train, ["yes"], answer_format)
+    ids = option_first_tokens(answer_format, tokenizer)
+    assert len(set(ids)) == 3
+    loss = decision_loss(train, ["yes", "maybe"], answer_format, ids)
+    assert loss.choice_ids == ids and loss.weights == {"yes": 1.0, "maybe": 1.0}
+    assert decision_loss(_weighted_train(decision_loss_weight=2.0), ["yes"], answer_format, ids).choice_ids is None
+    fmt = PromptFormat(tokenizer)
+    record = {"pmid": "1", "question": "Does it work?", "contexts": ["Maybe, maybe not."],
+              "long_answer": "Maybe it works in some patients.", "final_decision": "maybe"}
+    for decision_first in (True, False):
+        example = format_record(record, fmt, PromptParams("Answer.", None, "The answer is:", decision_first))
+        tokenized = tokenize_example(example, tokenizer, 256, loss)
+        marked = [i for i, m in enumerate(tokenized["choice_mask"]) if m == 1.0]
+        assert len(marked) == 1 and sum(tokenized["choice_mask"]) == 1.0
+        assert tokenized["labels"][marked[0]] == ids[2]  # " maybe", not the long answer's "Maybe"
+
+
+def test_the_three_way_loss_is_the_options_cross_entropy_at_the_choice(tokenizer):
+    import torch
+    import torch.nn.functional as F
+
+    from medqa.training.trainer import AnswerBatchCollator, answer_loss
+
+    features = [
+        {"input_ids": [5, 6, 7, 8, 9], "attention_mask": [1] * 5, "labels": [-100, -100, 7, 8, 9],
+         "loss_weights": [0.0, 0.0, 1.0, 2.0, 1.0], "choice_mask": [0.0, 0.0, 0.0, 1.0, 0.0]},
+        {"input_ids": [5, 3, 7], "attention_mask": [1] * 3, "labels": [-100, 3, 7],
+         "loss_weights": [0.0, 2.0, 1.0], "choice_mask": [0.0, 1.0, 0.0]},
+    ]
+    batch = AnswerBatchCollator(tokenizer)(features)
+    assert batch["choice_mask"].tolist() == [[0, 0, 0, 1, 0], [0, 0, 0, 1, 0]]  # padded on the left
+    choice_ids = (3, 8, 10)
+    logits = torch.randn(2, 5, 11)
+    out = type("Out", (), {"logits": logits[:, -batch["logits_to_keep"]:]})()
+    per_token = F.cross_entropy(logits[:, :-1].reshape(-1, 11), batch["labels"][:, 1:].reshape(-1),
+                                ignore_index=-100, reduction="none").reshape(2, 4)
+    # Column 3 of each row is the choice, predicted by the logits at column 2: token 8 (option 1), token 3 (option 0).
+    three_way = F.cross_entropy(logits[:, 2][:, list(choice_ids)], torch.tensor([1, 0]), reduction="none")
+    expected = (per_token[0, 1] + per_token[0, 3] + per_token[1, 3] + 2 * three_way.sum()) / 5
+    got = answer_loss(out, batch["labels"], weights=batch["loss_weights"], choices=(choice_ids, batch["choice_mask"]))
+    assert got.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert got.item() != pytest.approx(answer_loss(out, batch["labels"], weights=batch["loss_weights"]).item(), abs=1e-3)
+    # The gradient reaches only the options' logits at the choice positions.
+    leaf = logits.clone().requires_grad_()
+    leaf_out = type("Out", (), {"logits": leaf[:, -batch["logits_to_keep"]:]})()
+    answer_loss(leaf_out, batch["labels"], choices=(choice_ids, batch["choice_mask"])).backward()
+    at_choice = leaf.grad[:, 2]
+    assert torch.count_nonzero(at_choice[:, [i for i in range(11) if i not in choice_ids]]) == 0
+    assert torch.count_nonzero(at_choice[:, list(choice_ids)]) == 6
 
 
 def test_the_weighted_loss_counts_the_decision_tokens_that_many_times(tokenizer):
@@ -736,3 +796,12 @@ def test_the_answer_trainer_loss_is_transformers_loss_plus_the_weights(tokenizer
                                 items, weights)
             assert weighted.item() == pytest.approx(scale * plain.item(), rel=1e-6)
             assert weighted.item() > expected.item()
+    # The three-way decision loss: `choice_mask` and the trainer's `choice_ids` reach `answer_loss`.
+    three_way = build_trainer(tiny_model, tokenizer, args, None, None, choice_ids=(8, 6, 7))
+    mask = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0], [0.0] * 5])
+    with torch.no_grad():
+        got = three_way.compute_loss(tiny_model, {**batch, "choice_mask": mask})
+        plain = answer_loss(tiny_model(**{k: v for k, v in batch.items() if k != "labels"}), batch["labels"],
+                            choices=((8, 6, 7), mask))
+    assert got.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert got.item() != pytest.approx(expected.item(), rel=1e-3)

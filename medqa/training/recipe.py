@@ -20,7 +20,7 @@ from medqa.modeling.profiles import get_profile, lora_targets
 from medqa.params import LoraParams, ModelParams, Params, TrainParams, as_dict
 from medqa.resumable import SHARED_DIR_ENV
 from medqa.training.checkpoints import claim_checkpoints
-from medqa.training.examples import decision_weighting, tokenized_dataset
+from medqa.training.examples import decision_loss, option_first_tokens, tokenized_dataset
 from medqa.training.launch import launched_by_accelerate, save_fsdp_adapter
 from medqa.training.trainer import (
     LiveLossCallback,
@@ -246,11 +246,13 @@ def train_adapter(params: Params, files: TrainFiles) -> dict:
     tokenizer = load_tokenizer(files.base_dir)
     val, train_examples = read_jsonl(files.val), read_jsonl(files.train)
     answer_format = AnswerFormat.of(params.prompt)
-    weighting = decision_weighting(train, [ex["final_decision"] for ex in train_examples], answer_format)
-    if weighting is not None:
-        log.info("decision tokens weighted %s in the training loss",
-                 ", ".join(f"{d} {w:.2f}" for d, w in sorted(weighting.weights.items())))
-    train_ds = tokenized_dataset(train_examples, tokenizer, train.max_length, weighting)
+    choice_ids = option_first_tokens(answer_format, tokenizer) if train.decision_loss == "choices" else None
+    loss = decision_loss(train, [ex["final_decision"] for ex in train_examples], answer_format, choice_ids)
+    if loss is not None:
+        log.info("decision tokens weighted %s in the training loss%s",
+                 ", ".join(f"{d} {w:.2f}" for d, w in sorted(loss.weights.items())),
+                 ", the decision's cross-entropy over the three options alone" if loss.choice_ids else "")
+    train_ds = tokenized_dataset(train_examples, tokenizer, train.max_length, loss)
     # The validation loss stays the plain answer loss, comparable between recipes, on a seeded subset
     # of the validation split (its passes cost as much as training steps); the decisions use all of it.
     val_loss_examples = validation_loss_examples(val, train, params.split.seed)
@@ -272,7 +274,8 @@ def train_adapter(params: Params, files: TrainFiles) -> dict:
     model = setup_model(files.base_dir, params.model, params.lora, hardware, args.activation_checkpointing)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
-    trainer = build_trainer(model, tokenizer, args, train_ds, val_ds, callbacks=_callbacks(train, files.live))
+    trainer = build_trainer(model, tokenizer, args, train_ds, val_ds, callbacks=_callbacks(train, files.live),
+                            choice_ids=loss.choice_ids if loss else None)
     with explain_out_of_memory("lower train.batch_size (raising train.grad_accum keeps the effective batch) "
                                "or train.max_length, or on CUDA keep model.quantization=auto (4-bit)"):
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)

@@ -97,6 +97,10 @@ class LiveLossCallback(TrainerCallback):
             self.live.end()
 
 
+# Per-token columns of the training examples (`examples.DecisionLoss`) that the loss reads, not the model.
+DECISION_COLUMNS = ("loss_weights", "choice_mask")
+
+
 class AnswerBatchCollator:
     """Pads a batch on the left, so every answer ends in the last column, and asks the model for
     logits only over the columns that predict answer tokens (`logits_to_keep`).
@@ -117,11 +121,11 @@ class AnswerBatchCollator:
     def __call__(self, features: list[dict]) -> dict[str, Any]:
         import torch
 
-        weights = [f.pop("loss_weights") for f in features] if "loss_weights" in features[0] else None
+        columns = {name: [f.pop(name) for f in features] for name in DECISION_COLUMNS if name in features[0]}
         batch = self.pad(features)
-        if weights is not None:
-            width = batch["labels"].shape[1]
-            batch["loss_weights"] = torch.tensor([[0.0] * (width - len(w)) + list(w) for w in weights])
+        width = batch["labels"].shape[1]
+        for name, rows in columns.items():
+            batch[name] = torch.tensor([[0.0] * (width - len(row)) + list(row) for row in rows])
         batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         if self.window_logits:
             labelled = batch["labels"] != -100
@@ -131,14 +135,17 @@ class AnswerBatchCollator:
         return batch
 
 
-def answer_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None, weights: Any = None) -> Any:
+def answer_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None, weights: Any = None,
+                choices: tuple[Any, Any] | None = None) -> Any:
     """Cross-entropy of the answer tokens from logits over the last columns of the batch (all, or
     the `logits_to_keep` window): the same value as the model's own causal-LM loss.
 
     Normalised by `num_items_in_batch` (the labelled tokens of the whole accumulated batch, as
     the Trainer counts them) when given, else by this batch's labelled tokens. `weights` (the
     collator's `loss_weights`, shaped like `labels`) counts each token's cross-entropy that many
-    times: the decision's weight (`training.decision_weighting`).
+    times: the decision's weight. `choices`, the options' first tokens and the collator's
+    `choice_mask`: where the mask is 1 the cross-entropy is over those tokens' logits alone, the
+    three-way decision (`examples.DecisionLoss`).
     """
     import torch.nn.functional as F
 
@@ -146,12 +153,30 @@ def answer_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None, weigh
     window = slice(labels.shape[1] - logits.shape[1] + 1, None)
     targets = labels[:, window].to(logits.device)
     flat_logits, flat_targets = logits[:, :-1].flatten(0, 1).float(), targets.flatten()
-    if weights is None:
+    if weights is None and choices is None:
         total = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100, reduction="sum")
     else:
         per_token = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100, reduction="none")
-        total = (per_token * weights[:, window].to(per_token.device).flatten()).sum()
+        if choices is not None:
+            per_token = _three_way_at_choices(per_token, flat_logits, flat_targets, choices, window)
+        if weights is not None:
+            per_token = per_token * weights[:, window].to(per_token.device).flatten()
+        total = per_token.sum()
     return total / (num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum())
+
+
+def _three_way_at_choices(per_token: Any, flat_logits: Any, flat_targets: Any, choices: tuple[Any, Any],
+                          window: slice) -> Any:
+    """`per_token` with the cross-entropy at the choice positions taken over the options' logits alone."""
+    import torch
+    import torch.nn.functional as F
+
+    choice_ids, mask = choices
+    ids = torch.as_tensor(choice_ids, device=flat_logits.device)
+    at = mask[:, window].to(flat_logits.device).flatten().nonzero().squeeze(-1)
+    option = (flat_targets[at].unsqueeze(-1) == ids).int().argmax(-1)
+    three_way = F.cross_entropy(flat_logits[at][:, ids], option, reduction="none")
+    return per_token.index_put((at,), three_way)
 
 
 def supports_logits_to_keep(model: Any) -> bool:
@@ -183,19 +208,23 @@ class AnswerTrainer(Trainer):
     logits (`answer_loss`) with each token's cross-entropy counted as the batch's `loss_weights` say, and
     a warmup that starts above rate 0 (`warm_up_from_the_first_step`)."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, choice_ids: Sequence[int] | None = None, **kwargs: Any):
         # A loss function of its own: the Trainer then counts the labelled tokens of the whole accumulated
         # batch, over every process (`num_items_in_batch`), and takes the loss as scaled for accumulation.
         super().__init__(*args, compute_loss_func=answer_loss, **kwargs)
+        self.choice_ids = choice_ids
 
     def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        """The batch's answer loss. Its `loss_weights` (the decision's weight) are no model input; the
-        validation batches have none, so the validation loss stays the plain answer loss."""
+        """The batch's answer loss. Its `loss_weights` (the decision's weight) and `choice_mask` (where the
+        decision is chosen among the options, `choice_ids`) are no model input; the validation batches
+        have neither, so the validation loss stays the plain answer loss."""
         inputs = dict(inputs)
-        labels, weights = inputs.pop("labels"), inputs.pop("loss_weights", None)
+        labels, weights, mask = inputs.pop("labels"), inputs.pop("loss_weights", None), inputs.pop("choice_mask", None)
         outputs = model(**inputs)
-        loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch, weights=weights)
+        choices = (self.choice_ids, mask) if mask is not None and self.choice_ids is not None else None
+        loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch, weights=weights,
+                                      choices=choices)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # `num_items_in_batch` counts every process's tokens while data parallelism averages the
             # gradients over processes: scaled back, as transformers' own compute_loss does.
@@ -210,10 +239,11 @@ class AnswerTrainer(Trainer):
 
 
 def build_trainer(model: Any, tokenizer: Any, args: Any, train_ds: Any, val_ds: Any, *,
-                  callbacks: Sequence[TrainerCallback] = ()) -> AnswerTrainer:
+                  callbacks: Sequence[TrainerCallback] = (), choice_ids: Sequence[int] | None = None) -> AnswerTrainer:
     """The finetune stage's Trainer over these datasets, its batches left-padded with logits kept only
-    where answers are predicted (`AnswerBatchCollator`)."""
+    where answers are predicted (`AnswerBatchCollator`); `choice_ids` for a three-way decision loss."""
     return AnswerTrainer(
+        choice_ids=choice_ids,
         model=model,
         args=args,
         train_dataset=train_ds,
