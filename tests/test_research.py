@@ -1,6 +1,8 @@
 """The research scripts (research/): the analyses' own statistics on known answers."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -115,3 +117,41 @@ def test_rules_compared_out_of_fold_and_on_test():
     assert aucs["yes"] > 0.7 and aucs["maybe"] > 0.55  # every decision's evidence ranks its questions
     noise = [dict(r, loglik=list(np.random.default_rng(i).normal(size=3))) for i, r in enumerate(rows)]
     assert abs(ranking_aucs(noise)["maybe"] - 0.5) < 0.15
+
+
+def test_levers_compared_out_of_fold_on_the_same_questions(tmp_path, capsys, monkeypatch):
+    """research.cv_levers: each run's out-of-fold row from its data/cv layout, a run against itself differs
+    by 0, a run that knows every answer scores 1 with AUC 1; runs with other folds are refused."""
+    import sys
+
+    from research import cv_levers
+    from tests.test_cross_validation import _leaning_scores
+
+    loglik, truth = _leaning_scores(90)
+    names = ("yes", "no", "maybe")
+    for run, scores in (("lean", loglik), ("oracle", np.eye(3)[truth] * 4.0)):
+        folds = {str(i): i % 3 for i in range(90)}
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "folds.json").write_text(json.dumps(folds))
+        for fold in range(3):
+            (tmp_path / run / f"fold-{fold}").mkdir()
+            rows = [{"pmid": str(i), "final_decision": names[truth[i]], "loglik": list(map(float, scores[i]))}
+                    for i in range(90) if folds[str(i)] == fold]
+            (tmp_path / run / f"fold-{fold}" / "held_out_scores.jsonl").write_text(
+                "".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(sys, "argv", ["cv_levers", f"lean={tmp_path / 'lean'}", f"again={tmp_path / 'lean'}",
+                                      f"oracle={tmp_path / 'oracle'}", f"twice={tmp_path / 'lean'},{tmp_path / 'lean'}",
+                                      f"mixed={tmp_path / 'lean'},{tmp_path / 'oracle'}", "--bootstrap", "50"])
+    cv_levers.main()
+    lines = capsys.readouterr().out.splitlines()
+    lean, again, oracle, twice, mixed = (line.split(" | ") for line in lines[2:7])
+    assert lean[1:7] == again[1:7] and again[-1] == "+0.000 [+0.000, +0.000] / +0.000 [+0.000, +0.000] |"
+    assert oracle[1].startswith("1.000") and oracle[5] == "1.000 · 1.000 · 1.000"
+    assert twice[1:7] == lean[1:7]  # a run's ensemble with itself is the run
+    assert float(lean[1].split()[0]) < float(mixed[1].split()[0])  # the two runs' probabilities averaged
+    (tmp_path / "lean" / "folds.json").write_text(json.dumps({str(i): (i + 1) % 3 for i in range(90)}))
+    with pytest.raises(SystemExit, match="an ensemble's runs must have the same questions in the same folds"):
+        cv_levers.main()
+    monkeypatch.setattr(sys, "argv", ["cv_levers", f"oracle={tmp_path / 'oracle'}", f"lean={tmp_path / 'lean'}"])
+    with pytest.raises(SystemExit, match="lean: not the reference's questions and folds"):
+        cv_levers.main()
