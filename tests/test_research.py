@@ -48,7 +48,29 @@ def test_seeds_predictions_pool_to_their_mean_and_its_gain_over_the_majority(tmp
     pool_predictions.main()
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| m")]
     assert [line.split(" | ")[2].split()[0] for line in lines] == ["0.800", "+0.200", "0.950", "+0.350"]
+    # Under each run's out-of-fold rule: "maybe" +1 turns the hesitant run's every answer to "maybe" (1 right of
+    # 10) and leaves the confident one's right answers alone.
+    for row in always_yes:
+        row["choice_probs"] = {"yes": 0.5, "no": 0.3, "maybe": 0.2}
+    for row in right:
+        row["choice_probs"] = {d: 0.8 if d == row["reference_decision"] else 0.1 for d in ("yes", "no", "maybe")}
+    write_jsonl(tmp_path / "a.jsonl", always_yes)
+    write_jsonl(tmp_path / "b.jsonl", right)
+    (tmp_path / "cv.json").write_text(json.dumps({"rule": {"offsets": {"yes": 0.0, "no": 0.0, "maybe": 1.0}}}))
+    monkeypatch.setattr("sys.argv", ["pool", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--protocols",
+                                     "choice", "--rules", str(tmp_path / "cv.json"), str(tmp_path / "cv.json"),
+                                     "--bootstrap", "50"])
+    pool_predictions.main()
+    out = capsys.readouterr().out
+    assert "mean accuracy (choice + rule)" in out
+    lines = [line for line in out.splitlines() if line.startswith("| m")]
+    assert [line.split(" | ")[2].split()[0] for line in lines] == ["0.800", "+0.200", "0.550", "-0.050"]
+    monkeypatch.setattr("sys.argv", ["pool", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"),
+                                     "--rules", str(tmp_path / "cv.json")])
+    with pytest.raises(SystemExit, match="one metrics/cv.json per run"):
+        pool_predictions.main()
     write_jsonl(tmp_path / "b.jsonl", right[::-1])
+    monkeypatch.setattr("sys.argv", ["pool", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")])
     with pytest.raises(SystemExit, match="same questions"):
         pool_predictions.main()
     no_decision = dict(_row("yes", "none"), pmid="0")
