@@ -289,8 +289,10 @@ def cv_section(cv: dict) -> str:
         "used. The rule adds offsets to the options' log-likelihoods chosen to maximise macro-F1, so a rare "
         "decision counts as much as a common one; its out-of-fold row fits them on the other folds only.\n\n"
         f"{table}\n\n"
-        f"The rule fitted on every out-of-fold score: {offsets}. The test rows are the pipeline's fine-tuned "
-        "model (trained on the train split), read under that rule; brackets: 95% bootstrap intervals.\n"
+        f"The rule fitted on every out-of-fold score: {offsets}. The test rows are the final model, the "
+        "pipeline's fine-tuned model refit on the train split (not the folds' ensemble, which no out-of-fold "
+        "score can judge: every question was seen by all fold models but its own), read under that rule; "
+        "brackets: 95% bootstrap intervals.\n"
     )
 
 
