@@ -20,16 +20,8 @@ from medqa.crossval.estimate import nested_offsets_decisions
 from medqa.decisions.answer_format import DECISIONS
 from medqa.decisions.protocols import choice_probabilities, reference_codes
 from medqa.evaluation.metrics import per_class_f1
-from medqa.io import read_json, read_jsonl
-from research.cv_rules import ranking_aucs
+from research.cv_rules import ranking_aucs, read_out_of_fold
 from research.sweep_decisions import pooled
-
-
-def read_out_of_fold(cv_dir: Path) -> tuple[list[dict], dict[str, int]]:
-    """A run's held-out score rows of every fold, sorted by PubMed id, and its fold of each question."""
-    folds = read_json(cv_dir / "folds.json")
-    rows = [r for fold in sorted(set(folds.values())) for r in read_jsonl(cv_dir / f"fold-{fold}" / "held_out_scores.jsonl")]
-    return sorted(rows, key=lambda r: r["pmid"]), folds
 
 
 def ensemble(runs: list[tuple[list[dict], dict[str, int]]]) -> tuple[list[dict], dict[str, int]]:

@@ -30,6 +30,15 @@ def _row(name: str, truth: np.ndarray, chosen: np.ndarray) -> dict:
             "right": " · ".join(str(int(np.sum((chosen == i) & (truth == i)))) for i in range(len(DECISIONS)))}
 
 
+def read_out_of_fold(cv_dir: Path) -> tuple[list[dict], dict[str, int]]:
+    """A run's held-out score rows of every fold, sorted by PubMed id, and its fold of each question, from
+    its `data/cv` (`cv_dir`, laid out as `paths` lays out the project's)."""
+    folds = read_json(cv_dir / paths.CV_FOLDS.name)
+    rows = [r for fold in sorted(set(folds.values()))
+            for r in read_jsonl(cv_dir / paths.cv_fold_dir(fold).name / "held_out_scores.jsonl")]
+    return sorted(rows, key=lambda r: r["pmid"]), folds
+
+
 def ranking_aucs(rows: list[dict]) -> dict[str, float]:
     """Per decision, the AUC of its out-of-fold probability for telling its questions from the rest:
     0.5 is no signal, which no rule on these scores can turn into right answers."""
@@ -58,9 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project", type=Path, default=Path("."), help="a project directory after a cv run")
     root = parser.parse_args().project
-    folds = read_json(root / paths.CV_FOLDS)
-    rows = [r for fold in sorted(set(folds.values()))
-            for r in read_jsonl(root / paths.cv_fold_dir(fold) / "held_out_scores.jsonl")]
+    rows, folds = read_out_of_fold(root / paths.CV_DIR)
     tables = compare_rules(rows, folds, read_jsonl(root / paths.eval_outputs("finetuned")["predictions_path"]))
     print("ranking AUC out of fold: " + ", ".join(f"{d} {v:.3f}" for d, v in ranking_aucs(rows).items()))
     for where, table in tables.items():
