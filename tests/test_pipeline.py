@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -510,13 +511,23 @@ def test_a_failed_run_loses_nothing_and_says_how_to_restore(project):
 
 def test_cross_validation_scores_every_non_test_question_out_of_fold(project):
     """cv.folds=[0,1]: one stage per fold, each trained without its own questions, which it scores; every
-    non-test question is scored once, and the report shows the estimate. Last in this module: it leaves
-    cross-validation on in the workspace."""
+    non-test question is scored once, and the report shows the estimate. The folds run in parallel as
+    queued experiments (docs/evaluation.md), whose results the experiment with every fold then restores
+    from the run cache. Last in this module: it leaves cross-validation on in the workspace."""
     repo, env = project
     run(["dvc", "repro"], repo, env)  # up to date after the tests above; a whole run where this runs alone
+    for fold in (0, 1):
+        run(["dvc", "exp", "run", "--queue", "-n", f"fold-{fold}", "-S", "cv.folds=[0,1]", f"cv_fold@{fold}"], repo, env)
+    run(["dvc", "queue", "start", "-j", "2"], repo, env)
+    deadline = time.monotonic() + 600
+    while re.search(r"\b(Queued|Running)\b", status := run(["dvc", "queue", "status"], repo, env)):
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    assert len(re.findall(r"fold-[01] .* Success", status)) == 2, status
     folds = run(["dvc", "exp", "run", "-S", "cv.folds=[0,1]"], repo, env)
-    assert {"cv_folds", "cv_fold@0", "cv_fold@1", "cv_rule", "report"} <= stages_run(folds)
-    assert not {"finetune", "baseline_eval", "finetuned_eval"} & stages_run(folds)
+    assert {"cv_rule", "report"} <= stages_run(folds)  # cv_folds, too, ran in the queue
+    assert all(f"Stage 'cv_fold@{fold}' is cached - skipping run" in folds for fold in (0, 1)), folds
+    assert not {"finetune", "baseline_eval", "finetuned_eval", "cv_fold@0", "cv_fold@1"} & stages_run(folds)
 
     def pmids(path: Path) -> list[str]:
         return [json.loads(line)["pmid"] for line in path.read_text().splitlines()]
