@@ -177,3 +177,65 @@ def test_levers_compared_out_of_fold_on_the_same_questions(tmp_path, capsys, mon
     monkeypatch.setattr(sys, "argv", ["cv_levers", f"oracle={tmp_path / 'oracle'}", f"lean={tmp_path / 'lean'}"])
     with pytest.raises(SystemExit, match="lean: not the reference's questions and folds"):
         cv_levers.main()
+
+
+def test_the_heads_hidden_state_is_what_choice_scoring_reads(tokenizer, tiny_model):
+    """research.decision_head: the LM head on the state it takes gives the options' log-likelihoods that
+    choice scoring gives, so the head reads the same position as the choice, with the prompt cut alike."""
+    import torch
+
+    from medqa.decisions.answer_format import AnswerFormat
+    from medqa.inference.decision_scorer import DecisionScorer
+    from medqa.params import PromptParams
+    from medqa.prompting.prompts import PromptFormat, format_record
+    from research.decision_head import decision_states
+    from tests.conftest import make_original
+
+    prompt = PromptParams("Answer from the context.", None, "The answer is:", False)
+    answer_format = AnswerFormat.of(prompt)
+    examples = [format_record({"pmid": k, "question": v["QUESTION"], "contexts": v["CONTEXTS"] * 8,
+                               "long_answer": v["LONG_ANSWER"], "final_decision": v["final_decision"]},
+                              PromptFormat(tokenizer), prompt) for k, v in make_original(3).items()]
+    states = decision_states(tiny_model, tokenizer, examples, answer_format, budget=64, desc=None)
+    assert states.shape == (3, tiny_model.config.hidden_size)
+    options = [o[0] for o in answer_format.options(tokenizer)]
+    with torch.no_grad():
+        from_states = torch.log_softmax(tiny_model.lm_head(torch.tensor(states)), dim=-1)[:, options].numpy()
+    scorer = DecisionScorer(tiny_model, tokenizer, answer_format, max_prompt_length=64, batch_size=2)
+    assert np.allclose(from_states, scorer.after_examples(examples, desc=None), atol=1e-4)
+
+
+def test_a_head_is_fitted_on_each_folds_training_questions_and_read_on_its_own():
+    """research.decision_head: held-out rows per fold from a head that never saw them; states that carry the
+    decision give it back out of fold (maybe included), states of noise give no better than chance."""
+    from research.decision_head import held_out_head_scores
+
+    rng = np.random.default_rng(0)
+    names = ("yes", "no", "maybe")
+    truth = rng.choice(3, size=150, p=[0.55, 0.34, 0.11])
+    examples = [{"pmid": str(i), "final_decision": names[t]} for i, t in enumerate(truth)]
+    folds = {ex["pmid"]: i % 3 for i, ex in enumerate(examples)}
+
+    def parts(fold: int) -> tuple[list[dict], list[dict]]:
+        return ([ex for ex in examples if folds[ex["pmid"]] != fold],
+                [ex for ex in examples if folds[ex["pmid"]] == fold])
+
+    for signal, lowest, highest in ((3.0, 0.9, 1.0), (0.0, 0.0, 0.75)):
+        states_of = np.eye(3)[truth] * signal + rng.normal(size=(150, 3))
+        seen: list[tuple[int, set]] = []
+
+        def states(fold: int, rows: list[dict], seen: list = seen, states_of: np.ndarray = states_of) -> np.ndarray:
+            seen.append((fold, {r["pmid"] for r in rows}))
+            return states_of[[int(r["pmid"]) for r in rows]]
+
+        scores = held_out_head_scores(folds, parts, states, seed=0)
+        for fold in range(3):
+            fitted_on, read_on = (ids for f, ids in seen if f == fold)
+            assert read_on == {r["pmid"] for r in scores[fold]} == {p for p, f in folds.items() if f == fold}
+            assert not fitted_on & read_on
+        rows = [r for fold in scores.values() for r in fold]
+        chosen = np.array([np.argmax(r["loglik"]) for r in rows])
+        right = chosen == np.array([names.index(r["final_decision"]) for r in rows])
+        assert lowest <= right.mean() <= highest
+        assert all(np.isclose(np.exp(r["loglik"]).sum(), 1.0, atol=1e-4) for r in rows)
+    assert (chosen == 2).sum() < 5  # noise: the head leans to the common decisions, never a confident "maybe"
