@@ -49,7 +49,7 @@ def decision_states(model: Any, tokenizer: Any, examples: list[dict], answer_for
         for example in tqdm(examples, desc=desc, unit="q", disable=desc is None):
             ids = torch.tensor([fit_prompt(example, tokenizer, budget) + prefix], device=device)
             states.append(decoder(input_ids=ids).last_hidden_state[0, -1].float().cpu().numpy())
-    return np.array(states).reshape(len(examples), -1)
+    return np.array(states, dtype=np.float32).reshape(len(examples), model.config.hidden_size)
 
 
 def fit_head(states: np.ndarray, truth: np.ndarray, seed: int) -> Any:

@@ -198,6 +198,7 @@ def test_the_heads_hidden_state_is_what_choice_scoring_reads(tokenizer, tiny_mod
                               PromptFormat(tokenizer), prompt) for k, v in make_original(3).items()]
     states = decision_states(tiny_model, tokenizer, examples, answer_format, budget=64, desc=None)
     assert states.shape == (3, tiny_model.config.hidden_size)
+    assert decision_states(tiny_model, tokenizer, [], answer_format, budget=64, desc=None).shape == (0, states.shape[1])
     options = [o[0] for o in answer_format.options(tokenizer)]
     with torch.no_grad():
         from_states = torch.log_softmax(tiny_model.lm_head(torch.tensor(states)), dim=-1)[:, options].numpy()
