@@ -41,9 +41,11 @@ def decision_states(model: Any, tokenizer: Any, examples: list[dict], answer_for
     import torch
     from tqdm.auto import tqdm
 
+    from medqa.inference.core import model_device
+
     prefix = answer_format.prefix_ids(tokenizer)
     decoder = model.get_decoder()
-    device = next(model.parameters()).device
+    device = model_device(model)
     states = []
     with torch.no_grad():
         for example in tqdm(examples, desc=desc, unit="q", disable=desc is None):
