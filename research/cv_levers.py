@@ -20,7 +20,7 @@ from medqa.crossval.estimate import nested_offsets_decisions
 from medqa.decisions.answer_format import DECISIONS
 from medqa.decisions.protocols import choice_probabilities, reference_codes
 from medqa.evaluation.metrics import per_class_f1
-from research.cv_rules import ranking_aucs, read_out_of_fold
+from research.cv_rules import one_against_rest_aucs, read_out_of_fold
 from research.sweep_decisions import pooled
 
 
@@ -43,7 +43,7 @@ def lever_row(name: str, rows: list[dict], folds: dict[str, int], reference: lis
     summary = pooled(truth, [choice], n_resamples, seed)
     cells = [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in summary.values()]
     f1, _ = per_class_f1(truth, choice)
-    aucs = ranking_aucs(rows)
+    aucs = one_against_rest_aucs(rows)
     rule_f1, _ = per_class_f1(truth, rule)
     difference = ""
     if reference is not None:

@@ -39,7 +39,7 @@ def read_out_of_fold(cv_dir: Path) -> tuple[list[dict], dict[str, int]]:
     return sorted(rows, key=lambda r: r["pmid"]), folds
 
 
-def ranking_aucs(rows: list[dict]) -> dict[str, float]:
+def one_against_rest_aucs(rows: list[dict]) -> dict[str, float]:
     """Per decision, the AUC of its out-of-fold probability for telling its questions from the rest:
     0.5 is no signal, which no rule on these scores can turn into right answers."""
     from sklearn.metrics import roc_auc_score
@@ -69,7 +69,7 @@ def main() -> None:
     root = parser.parse_args().project
     rows, folds = read_out_of_fold(root / paths.CV_DIR)
     tables = compare_rules(rows, folds, read_jsonl(root / paths.eval_outputs("finetuned")["predictions_path"]))
-    print("ranking AUC out of fold: " + ", ".join(f"{d} {v:.3f}" for d, v in ranking_aucs(rows).items()))
+    print("ranking AUC out of fold: " + ", ".join(f"{d} {v:.3f}" for d, v in one_against_rest_aucs(rows).items()))
     for where, table in tables.items():
         print(f"\n{where} ({len(rows) if where == 'out_of_fold' else 'test'} questions)")
         for row in table:

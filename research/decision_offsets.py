@@ -6,7 +6,7 @@ options' log-likelihoods, fitted on some validation questions and scored on the 
 LOGLIK.npz is what `python -m research.sweep_decisions ... --save-loglik LOGLIK.npz` writes: each
 adapter's log-likelihoods of " yes", " no", " maybe" on the validation questions, and their labels.
 For each adapter: the choice protocol's accuracy and macro-F1 (the most likely option), how well its
-options rank the questions (`ranking_aucs`: yes against no, "maybe" against the rest), and the
+options rank the questions (`yes_no_and_maybe_aucs`: yes against no, "maybe" against the rest), and the
 accuracy and macro-F1 of the eval stages' `offsets` protocol with its offsets (`protocols.fit_offsets`)
 fitted on k-1 folds and applied to the held-out fold: cross-validated, the offsets never see the
 questions they are scored on; the figures average `--repeats` shuffles of the folds. `--against
@@ -35,7 +35,7 @@ def _score(stat: str):
 SCORES = {stat: _score(stat) for stat in ("accuracy", "macro_f1")}
 
 
-def ranking_aucs(loglik: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+def yes_no_and_maybe_aucs(loglik: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     """How the options' log-likelihoods (shape (n, 3)) rank the questions, as two AUCs: log p(yes) -
     log p(no) on the questions labelled yes or no (no offset changes it), and the normalised
     log p(maybe) of the "maybe" questions against the others (near 0.5 or below: the model cannot
@@ -96,7 +96,7 @@ def main() -> None:
         loglik = saved[name]
         chosen = loglik.argmax(axis=1)
         plain = [score(truth, chosen) for score in SCORES.values()]
-        yes_vs_no, maybe_vs_rest = ranking_aucs(loglik, truth)
+        yes_vs_no, maybe_vs_rest = yes_no_and_maybe_aucs(loglik, truth)
         held_out = [held_out_decisions(loglik, truth, args.folds, shuffle) for shuffle in range(args.repeats)]
         tuned = mean_scores(truth, held_out)
         print(f"| {name} | {plain[0]:.3f} / {plain[1]:.3f} | {yes_vs_no:.3f} | {maybe_vs_rest:.3f} | "

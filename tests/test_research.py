@@ -101,19 +101,19 @@ def test_ranking_aucs_tell_a_maybe_signal_from_none():
     questions ranks them first (AUC 1); one that scores them as it scores yes or no questions sits
     near 0.5; yes against no is read on the yes and no questions alone, and a lean (a constant added
     to one option) leaves it unchanged."""
-    from research.decision_offsets import ranking_aucs
+    from research.decision_offsets import yes_no_and_maybe_aucs
 
     rng = np.random.default_rng(1)
     truth = rng.choice(3, size=300, p=[0.55, 0.35, 0.10])
     informed = np.eye(3)[truth] * 3.0 + rng.normal(0, 0.3, size=(300, 3))
-    assert ranking_aucs(informed, truth) == (1.0, 1.0)
+    assert yes_no_and_maybe_aucs(informed, truth) == (1.0, 1.0)
     # "maybe" questions that look like yes or no ones: nothing tells them apart
     looks_like = np.where(truth == CODES["maybe"], rng.choice([CODES["yes"], CODES["no"]], size=300), truth)
     blind = np.eye(3)[looks_like] * 3.0 + rng.normal(0, 0.3, size=(300, 3))
-    yes_vs_no, maybe_vs_rest = ranking_aucs(blind, truth)
+    yes_vs_no, maybe_vs_rest = yes_no_and_maybe_aucs(blind, truth)
     assert yes_vs_no > 0.99 and abs(maybe_vs_rest - 0.5) < 0.15
     leaning = informed + np.array([5.0, 0.0, 0.0])
-    assert ranking_aucs(leaning, truth)[0] == ranking_aucs(informed, truth)[0]
+    assert yes_no_and_maybe_aucs(leaning, truth)[0] == yes_no_and_maybe_aucs(informed, truth)[0]
 
 
 def test_rules_compared_out_of_fold_and_on_test():
@@ -133,12 +133,12 @@ def test_rules_compared_out_of_fold_and_on_test():
     plain, _, for_macro_f1 = tables["out_of_fold"]
     assert for_macro_f1["f1_maybe"] > plain["f1_maybe"] and for_macro_f1["macro_f1"] > plain["macro_f1"]
     assert tables["test"][0]["accuracy"] == pytest.approx(float(np.mean(probs.argmax(axis=1) == truth)))
-    from research.cv_rules import ranking_aucs
+    from research.cv_rules import one_against_rest_aucs
 
-    aucs = ranking_aucs(rows)
+    aucs = one_against_rest_aucs(rows)
     assert aucs["yes"] > 0.7 and aucs["maybe"] > 0.55  # every decision's evidence ranks its questions
     noise = [dict(r, loglik=list(np.random.default_rng(i).normal(size=3))) for i, r in enumerate(rows)]
-    assert abs(ranking_aucs(noise)["maybe"] - 0.5) < 0.15
+    assert abs(one_against_rest_aucs(noise)["maybe"] - 0.5) < 0.15
 
 
 def test_levers_compared_out_of_fold_on_the_same_questions(tmp_path, capsys, monkeypatch):
