@@ -30,12 +30,16 @@ def _row(name: str, truth: np.ndarray, chosen: np.ndarray) -> dict:
             "right": " · ".join(str(int(np.sum((chosen == i) & (truth == i)))) for i in range(len(DECISIONS)))}
 
 
+def held_out_scores_path(cv_dir: Path, fold: int) -> Path:
+    """Where a fold's held-out score rows are in a run's `data/cv` (`cv_dir`), as the cv_fold stage writes them."""
+    return cv_dir / paths.cv_fold_dir(fold).name / "held_out_scores.jsonl"
+
+
 def read_out_of_fold(cv_dir: Path) -> tuple[list[dict], dict[str, int]]:
     """A run's held-out score rows of every fold, sorted by PubMed id, and its fold of each question, from
     its `data/cv` (`cv_dir`, laid out as `paths` lays out the project's)."""
     folds = read_json(cv_dir / paths.CV_FOLDS.name)
-    rows = [r for fold in sorted(set(folds.values()))
-            for r in read_jsonl(cv_dir / paths.cv_fold_dir(fold).name / "held_out_scores.jsonl")]
+    rows = [r for fold in sorted(set(folds.values())) for r in read_jsonl(held_out_scores_path(cv_dir, fold))]
     return sorted(rows, key=lambda r: r["pmid"]), folds
 
 

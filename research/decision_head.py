@@ -28,6 +28,7 @@ from medqa.decisions.answer_format import AnswerFormat
 from medqa.decisions.protocols import reference_codes
 from medqa.io import read_json, read_jsonl, write_json, write_jsonl
 from medqa.prompting.prompts import fit_prompt
+from research.cv_rules import held_out_scores_path
 
 # Inverse regularisation strengths the head's inner cross-validation tries.
 HEAD_CS = np.logspace(-4, 1, 11)
@@ -124,7 +125,7 @@ def main() -> None:
     scores = held_out_head_scores(folds, parts, states, args.seed)
     write_json(args.out_dir / paths.CV_FOLDS.name, folds)
     for fold, rows in scores.items():
-        write_jsonl(args.out_dir / paths.cv_fold_dir(fold).name / "held_out_scores.jsonl", rows)
+        write_jsonl(held_out_scores_path(args.out_dir, fold), rows)
     print(f"head scores of {sum(map(len, scores.values()))} held-out questions -> {args.out_dir}")
 
 
