@@ -240,3 +240,55 @@ def test_a_head_is_fitted_on_each_folds_training_questions_and_read_on_its_own()
         assert lowest <= right.mean() <= highest
         assert all(np.isclose(np.exp(r["loglik"]).sum(), 1.0, atol=1e-4) for r in rows)
     assert (chosen == 2).sum() < 5  # noise: the head leans to the common decisions, never a confident "maybe"
+
+
+def test_the_adapter_heads_classifier_starts_as_choice_scoring(tokenizer, tiny_model):
+    """research.adapter_head: the classifier shares the causal model's decoder, reads the last prompt token
+    of each right-padded row, and with the LM head's option rows as its head gives choice scoring's option
+    probabilities; a random head does not."""
+    from medqa.decisions.answer_format import AnswerFormat
+    from medqa.decisions.protocols import choice_probabilities, reference_codes
+    from medqa.inference.decision_scorer import DecisionScorer
+    from medqa.params import PromptParams
+    from medqa.prompting.prompts import PromptFormat, format_record
+    from medqa.training.examples import option_first_tokens
+    from research.adapter_head import classifier, decision_dataset, head_log_probabilities
+    from tests.conftest import make_original
+
+    prompt = PromptParams("Answer from the context.", None, "The answer is:", False)
+    answer_format = AnswerFormat.of(prompt)
+    examples = [format_record({"pmid": k, "question": v["QUESTION"], "contexts": v["CONTEXTS"] * (1 + i % 3),
+                               "long_answer": v["LONG_ANSWER"], "final_decision": v["final_decision"]},
+                              PromptFormat(tokenizer), prompt) for i, (k, v) in enumerate(make_original(5).items())]
+    dataset = decision_dataset(examples, tokenizer, answer_format, budget=96)
+    assert len({len(r) for r in dataset["input_ids"]}) > 1  # rows of several lengths: padding is exercised
+    assert dataset["labels"] == list(reference_codes(examples))
+    expected = choice_probabilities(DecisionScorer(tiny_model, tokenizer, answer_format, max_prompt_length=96,
+                                                   batch_size=2).after_examples(examples, desc=None))
+    model = classifier(tiny_model, tokenizer, list(option_first_tokens(answer_format, tokenizer)))
+    assert model.model is tiny_model.model
+    assert np.allclose(np.exp(head_log_probabilities(model, tokenizer, dataset, batch_size=3, desc=None)), expected, atol=1e-4)
+    random_head = classifier(tiny_model, tokenizer, None)
+    assert not np.allclose(np.exp(head_log_probabilities(random_head, tokenizer, dataset, batch_size=3, desc=None)), expected,
+                           atol=1e-2)
+
+
+def test_the_adapter_head_learns_its_folds_labels_and_scores_the_held_out(workdir, tmp_path):
+    """research.adapter_head: a fold's classifier trained on questions all labelled "no" answers "no" on the
+    held-out questions (labels reach the loss, and the trained head scores), one row per held-out question."""
+    from medqa.io import read_jsonl, write_jsonl
+    from medqa.params import params_from_dict
+    from research.adapter_head import fold_head_scores
+    from tests.conftest import train_params
+
+    examples = read_jsonl(workdir / "train.jsonl") + read_jsonl(workdir / "val.jsonl")
+    fold_dir = tmp_path / "fold-0"
+    write_jsonl(fold_dir / "train.jsonl", [dict(ex, final_decision="no") for ex in examples[:16]])
+    write_jsonl(fold_dir / "val.jsonl", [dict(ex, final_decision="no") for ex in examples[16:20]])
+    write_jsonl(fold_dir / "held_out.jsonl", examples[20:])
+    params = params_from_dict(train_params(max_steps=6, learning_rate=0.01, warmup_ratio=0.0))
+    rows = fold_head_scores(params, workdir / "base", fold_dir, tmp_path / "checkpoints", "random")
+    assert [r["pmid"] for r in rows] == [ex["pmid"] for ex in examples[20:]]
+    assert [r["final_decision"] for r in rows] == [ex["final_decision"] for ex in examples[20:]]
+    assert all(np.isclose(np.exp(r["loglik"]).sum(), 1.0, atol=1e-4) for r in rows)
+    assert all(np.argmax(r["loglik"]) == 1 for r in rows)
