@@ -25,13 +25,13 @@ from typing import Any, Literal
 import numpy as np
 
 from medqa import paths
-from medqa.decisions.answer_format import AnswerFormat
+from medqa.decisions.answer_format import DECISIONS, AnswerFormat
 from medqa.decisions.protocols import reference_codes
 from medqa.io import read_json, read_jsonl, write_json, write_jsonl
 from medqa.modeling.hardware import Hardware
 from medqa.params import LoraParams, ModelParams, Params
-from medqa.prompting.prompts import fit_prompt
 from research.cv_rules import held_out_scores_path
+from research.decision_head import decision_prompts
 
 HeadInit = Literal["choices", "random"]
 
@@ -44,8 +44,9 @@ def classifier(causal: Any, tokenizer: Any, choice_ids: list[int] | None) -> Any
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    config = causal.config.__class__.from_dict({**causal.config.to_dict(), "num_labels": 3,
-                                                "pad_token_id": tokenizer.pad_token_id})
+    config = causal.config.__class__.from_dict({
+        **causal.config.to_dict(), "id2label": dict(enumerate(DECISIONS)),
+        "label2id": {d: i for i, d in enumerate(DECISIONS)}, "pad_token_id": tokenizer.pad_token_id})
     with torch.device("meta"):  # the decoder is replaced below: no second copy of the weights
         model = AutoModelForSequenceClassification.from_config(config)
     setattr(model, model.base_model_prefix, causal.get_decoder())
@@ -77,8 +78,7 @@ def decision_dataset(examples: list[dict], tokenizer: Any, answer_format: Answer
     index: the position choice scoring reads is the last token."""
     from datasets import Dataset
 
-    prefix = answer_format.prefix_ids(tokenizer)
-    rows = [fit_prompt(ex, tokenizer, budget) + prefix for ex in examples]
+    rows = decision_prompts(examples, tokenizer, answer_format, budget)
     return Dataset.from_list([{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": int(code)}
                               for ids, code in zip(rows, reference_codes(examples))])
 

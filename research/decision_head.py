@@ -34,23 +34,30 @@ from research.cv_rules import held_out_scores_path
 HEAD_CS = np.logspace(-4, 1, 11)
 
 
+def decision_prompts(examples: list[dict], tokenizer: Any, answer_format: AnswerFormat, budget: int) -> list[list[int]]:
+    """Each example's tokens up to the decision: its prompt (cut to `budget` tokens) and the answer
+    prefix, as choice scoring reads the options after them; the last token's state is the head's input."""
+    prefix = answer_format.prefix_ids(tokenizer)
+    return [fit_prompt(example, tokenizer, budget) + prefix for example in examples]
+
+
 def decision_states(model: Any, tokenizer: Any, examples: list[dict], answer_format: AnswerFormat, budget: int,
                     desc: str | None = "hidden states") -> np.ndarray:
     """The model's final hidden state (after its last norm: what the LM head reads) at the position whose
-    next token is the decision, after each example's prompt (cut to `budget` tokens) and the answer
-    prefix, shape (n, hidden): one forward pass per question, unpadded."""
+    next token is the decision (`decision_prompts`), shape (n, hidden): one forward pass per question,
+    unpadded."""
     import torch
     from tqdm.auto import tqdm
 
     from medqa.inference.core import model_device
 
-    prefix = answer_format.prefix_ids(tokenizer)
     decoder = model.get_decoder()
     device = model_device(model)
     states = []
     with torch.no_grad():
-        for example in tqdm(examples, desc=desc, unit="q", disable=desc is None):
-            ids = torch.tensor([fit_prompt(example, tokenizer, budget) + prefix], device=device)
+        for prompt in tqdm(decision_prompts(examples, tokenizer, answer_format, budget), desc=desc, unit="q",
+                           disable=desc is None):
+            ids = torch.tensor([prompt], device=device)
             states.append(decoder(input_ids=ids).last_hidden_state[0, -1].float().cpu().numpy())
     return np.array(states, dtype=np.float32).reshape(len(examples), model.config.hidden_size)
 
