@@ -31,7 +31,7 @@ from medqa.io import read_json, read_jsonl, write_json, write_jsonl
 from medqa.modeling.hardware import Hardware
 from medqa.params import LoraParams, ModelParams, Params
 from research.cv_rules import held_out_scores_path
-from research.decision_head import decision_prompts
+from research.decision_head import decision_prompts, held_out_rows
 
 HeadInit = Literal["choices", "random"]
 
@@ -134,8 +134,7 @@ def fold_head_scores(params: Params, base_dir: Path, fold_dir: Path, work_dir: P
     trainer.train()
     scored = decision_dataset(held_out, tokenizer, answer_format, params.eval.max_prompt_length)
     logprobs = head_log_probabilities(trainer.model, tokenizer, scored, params.eval.batch_size)
-    return [{"pmid": ex["pmid"], "final_decision": ex["final_decision"],
-             "loglik": [round(float(v), 6) for v in row]} for ex, row in zip(held_out, logprobs)]
+    return held_out_rows(held_out, logprobs)
 
 
 def main() -> None:

@@ -76,6 +76,13 @@ def fit_head(states: np.ndarray, truth: np.ndarray, seed: int) -> Any:
         l1_ratios=(0.0,), max_iter=5000, use_legacy_attributes=False)).fit(states, truth)
 
 
+def held_out_rows(examples: list[dict], loglik: np.ndarray) -> list[dict]:
+    """The held-out questions' rows as `cv_fold` writes them (`pmid`, `final_decision`, `loglik`), with a
+    head's log-probabilities (or any option scores, shape (n, 3)) as `loglik`."""
+    return [{"pmid": ex["pmid"], "final_decision": ex["final_decision"], "loglik": [round(float(v), 6) for v in row]}
+            for ex, row in zip(examples, loglik)]
+
+
 def held_out_head_scores(folds: dict[str, int], parts: Callable[[int], tuple[list[dict], list[dict]]],
                          states: Callable[[int, list[dict]], np.ndarray], seed: int) -> dict[int, list[dict]]:
     """Per fold, its held-out questions' rows as `cv_fold` writes them (`pmid`, `final_decision`, and as
@@ -86,9 +93,7 @@ def held_out_head_scores(folds: dict[str, int], parts: Callable[[int], tuple[lis
     for fold in sorted(set(folds.values())):
         train, held_out = parts(fold)
         head = fit_head(states(fold, train), reference_codes(train), seed)
-        logprobs = np.log(np.clip(head.predict_proba(states(fold, held_out)), 1e-12, None))
-        out[fold] = [{"pmid": ex["pmid"], "final_decision": ex["final_decision"],
-                      "loglik": [round(float(v), 6) for v in row]} for ex, row in zip(held_out, logprobs)]
+        out[fold] = held_out_rows(held_out, np.log(np.clip(head.predict_proba(states(fold, held_out)), 1e-12, None)))
     return out
 
 

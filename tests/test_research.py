@@ -292,3 +292,53 @@ def test_the_adapter_head_learns_its_folds_labels_and_scores_the_held_out(workdi
     assert [r["final_decision"] for r in rows] == [ex["final_decision"] for ex in examples[20:]]
     assert all(np.isclose(np.exp(r["loglik"]).sum(), 1.0, atol=1e-4) for r in rows)
     assert all(np.argmax(r["loglik"]) == 1 for r in rows)
+
+
+def _formatted(tokenizer, n: int, decision: str | None = None) -> list[dict]:
+    """`n` synthetic questions formatted as the workdir's (decision after the long answer), all with
+    `decision` when given."""
+    from medqa.params import PromptParams
+    from medqa.prompting.prompts import PromptFormat, format_record
+    from tests.conftest import make_original
+
+    prompt = PromptParams("Answer from the context.", None, "The answer is:", False)
+    return [format_record({"pmid": k, "question": v["QUESTION"], "contexts": v["CONTEXTS"], "long_answer": v["LONG_ANSWER"],
+                           "final_decision": decision or v["final_decision"]}, PromptFormat(tokenizer), prompt)
+            for k, v in make_original(n).items()]
+
+
+def test_the_joint_head_starts_as_choice_scoring_and_learns_its_folds_labels(workdir, tokenizer, tmp_path):
+    """research.joint_head: before training, the head on the final hidden state gives the LM's own option
+    probabilities (the state is the normed one the LM head reads); trained with the answer loss on questions
+    all answered "no", both the head and the plain choice say "no" on the held-out questions."""
+    from medqa.decisions.answer_format import AnswerFormat
+    from medqa.decisions.protocols import choice_probabilities
+    from medqa.io import write_jsonl
+    from medqa.params import params_from_dict
+    from medqa.training.examples import option_first_tokens
+    from research.decision_head import decision_prompts
+    from research.joint_head import fold_joint_scores, joint_log_probabilities, setup_joint_model
+    from tests.conftest import train_params
+
+    params = params_from_dict(train_params(max_steps=6, learning_rate=0.01, warmup_ratio=0.0))
+    answer_format = AnswerFormat.of(params.prompt)
+    options = option_first_tokens(answer_format, tokenizer)
+    held_out = _formatted(tokenizer, 24)[20:]
+    prompts = decision_prompts(held_out, tokenizer, answer_format, budget=200)
+    head, choice = joint_log_probabilities(setup_joint_model(workdir / "base", params, options), prompts, options)
+    assert head.shape == choice.shape == (4, 3)
+    assert np.allclose(np.exp(head), choice_probabilities(choice), atol=1e-4)
+
+    said_no = _formatted(tokenizer, 20, decision="no")
+    fold_dir = tmp_path / "fold-0"
+    write_jsonl(fold_dir / "train.jsonl", said_no[:16])
+    write_jsonl(fold_dir / "val.jsonl", said_no[16:])
+    write_jsonl(fold_dir / "held_out.jsonl", held_out)
+    head_rows, choice_rows = fold_joint_scores(params, workdir / "base", fold_dir, tmp_path / "checkpoints", 1.0)
+    for rows in (head_rows, choice_rows):
+        assert [r["pmid"] for r in rows] == [ex["pmid"] for ex in held_out]
+        assert all(np.argmax(r["loglik"]) == 1 for r in rows)
+    assert all(np.isclose(np.exp(r["loglik"]).sum(), 1.0, atol=1e-4) for r in head_rows)
+    # The head learnt on its own loss: no longer the LM's option probabilities.
+    trained_head, trained_choice = (np.array([r["loglik"] for r in rows]) for rows in (head_rows, choice_rows))
+    assert not np.allclose(np.exp(trained_head), choice_probabilities(trained_choice), atol=1e-2)
