@@ -315,6 +315,12 @@ def params_from_dict(params: dict[str, Any], source: str = "params.yaml") -> Par
         except ValidationError as exc:
             raise PipelineError(_one_line(exc.errors()[0], name, flat, source)) from None
     typed = Params(**sections)
+    if typed.cv.folds and typed.train.max_val_samples is None:
+        # A fold draws its validation questions from the other folds (`crossval.folds.fold_parts`): null
+        # would take every one of them and leave it none to train on.
+        raise PipelineError(f"{source}: cv.folds is set and train.max_val_samples is null, so each fold would take "
+                            "all the other folds' questions for its validation loss and train on none: set "
+                            "train.max_val_samples (e.g. 16, or 50 with profiles/gpu.args)")
     lora_targets(get_profile(typed.model.name), typed.lora.target_modules)
     get_profile(typed.judge.model)  # a known profile, a local model directory or a hub id
     return typed

@@ -87,6 +87,10 @@ def test_typos_missing_keys_and_cross_field_rules():
     with pytest.raises(PipelineError, match="train.sampling=balanced picks train.max_samples questions, which is null"):
         validate({**PARAMS, "train": dict(PARAMS["train"], sampling="balanced", max_samples=None)})
     validate(_with("train.sampling", "balanced"))
+    with pytest.raises(PipelineError, match="cv.folds is set and train.max_val_samples is null, so each fold"):
+        validate({**PARAMS, "cv": dict(PARAMS["cv"], folds=[0, 1, 2]),
+                  "train": dict(PARAMS["train"], max_val_samples=None)})
+    validate(_with("cv.folds", [0, 1, 2]))
     with pytest.raises(PipelineError, match="unknown model.name 'gpt-5'"):
         validate(_with("model.name", "gpt-5"))
     with pytest.raises(PipelineError, match="set lora.target_modules"):
