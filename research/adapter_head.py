@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +37,58 @@ from research.decision_head import decision_prompts, held_out_rows
 HeadInit = Literal["choices", "random"]
 
 
+def option_head(causal: Any, choice_ids: Sequence[int] | None) -> Any:
+    """A 3-way linear head on `causal`'s hidden states, in its LM head's dtype and device: the LM head's rows
+    for `choice_ids` (its logits are then the options' logits, what choice scoring compares), or with None
+    a fresh random layer."""
+    import torch
+
+    lm_head = causal.get_output_embeddings().weight
+    head = torch.nn.Linear(lm_head.shape[1], 3, bias=False, dtype=lm_head.dtype, device=lm_head.device)
+    if choice_ids is not None:
+        with torch.no_grad():
+            head.weight.copy_(lm_head[list(choice_ids)])
+    return head
+
+
+def lora_config(model: ModelParams, lora: LoraParams, task_type: str, modules_to_save: list[str] | None = None) -> Any:
+    """peft's LoraConfig as the finetune stage builds it (the lora section, the profile's modules), for
+    `task_type`, with `modules_to_save` trained in full and saved with the adapter."""
+    from peft import LoraConfig
+
+    from medqa.modeling.profiles import get_profile, lora_targets
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
+                      target_modules=lora_targets(get_profile(model.name), lora.target_modules),
+                      task_type=task_type, modules_to_save=modules_to_save)
+
+
+def with_train(params: Params, **changes: Any) -> Params:
+    """`params` with the train section's keys in `changes` replaced, those given as None left as they are."""
+    given = {key: value for key, value in changes.items() if value is not None}
+    return dataclasses.replace(params, train=dataclasses.replace(params.train, **given))
+
+
+def score_folds(cv_dir: Path, out_dirs: Sequence[Path], fold_ids: Sequence[int] | None,
+                score_fold: Callable[[Path, Path], Sequence[list[dict]]]) -> None:
+    """Each fold of a run's `data/cv` (`cv_dir`; all, or `fold_ids`) scored by `score_fold(fold_dir,
+    work_dir)`, whose row lists are written to `out_dirs` in order, each laid out as `data/cv`. A fold
+    whose last file exists (finished before a crash) is kept; its scratch `work_dir` is removed after."""
+    folds = read_json(cv_dir / paths.CV_FOLDS.name)
+    for out_dir in out_dirs:
+        write_json(out_dir / paths.CV_FOLDS.name, folds)
+    for fold in fold_ids or sorted(set(folds.values())):
+        if held_out_scores_path(out_dirs[-1], fold).exists():
+            print(f"fold {fold}: scored already, kept")
+            continue
+        work_dir = out_dirs[0] / f"checkpoints-{fold}"
+        scored = score_fold(cv_dir / paths.cv_fold_dir(fold).name, work_dir)
+        for out_dir, rows in zip(out_dirs, scored):
+            write_jsonl(held_out_scores_path(out_dir, fold), rows)
+        shutil.rmtree(work_dir, ignore_errors=True)
+        print(f"fold {fold}: {len(scored[0])} held-out questions -> {', '.join(map(str, out_dirs))}")
+
+
 def classifier(causal: Any, tokenizer: Any, choice_ids: list[int] | None) -> Any:
     """A 3-way sequence classifier on `causal`'s own decoder (shared, not copied): transformers'
     `AutoModelForSequenceClassification` for its architecture, which reads the last token that is not
@@ -50,11 +103,7 @@ def classifier(causal: Any, tokenizer: Any, choice_ids: list[int] | None) -> Any
     with torch.device("meta"):  # the decoder is replaced below: no second copy of the weights
         model = AutoModelForSequenceClassification.from_config(config)
     setattr(model, model.base_model_prefix, causal.get_decoder())
-    lm_head = causal.get_output_embeddings().weight
-    model.score = torch.nn.Linear(lm_head.shape[1], 3, bias=False, dtype=lm_head.dtype, device=lm_head.device)
-    if choice_ids is not None:
-        with torch.no_grad():
-            model.score.weight.copy_(lm_head[list(choice_ids)])
+    model.score = option_head(causal, choice_ids)
     return model
 
 
@@ -62,15 +111,12 @@ def setup_classifier(base_dir: Path, model: ModelParams, lora: LoraParams, hardw
                      choice_ids: list[int] | None) -> Any:
     """The base model as `classifier`, with a fresh LoRA adapter on the profile's modules and the head
     trained in full (peft's sequence-classification task keeps `score` trainable)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     from medqa.modeling.loading import load_model
-    from medqa.modeling.profiles import get_profile, lora_targets
 
     causal = load_model(base_dir, hardware)
-    return get_peft_model(classifier(causal, tokenizer, choice_ids), LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
-        target_modules=lora_targets(get_profile(model.name), lora.target_modules), task_type="SEQ_CLS"))
+    return get_peft_model(classifier(causal, tokenizer, choice_ids), lora_config(model, lora, "SEQ_CLS"))
 
 
 def decision_dataset(examples: list[dict], tokenizer: Any, answer_format: AnswerFormat, budget: int) -> Any:
@@ -149,23 +195,9 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, help="instead of train.learning_rate")
     parser.add_argument("--folds", type=int, nargs="+", help="only these folds (a screen; cv_levers needs all)")
     args = parser.parse_args()
-    params = load_params()
-    changes = {"epochs": args.epochs, "learning_rate": args.learning_rate}
-    train = dataclasses.replace(params.train, **{k: v for k, v in changes.items() if v is not None})
-    params = dataclasses.replace(params, train=train)
-    folds = read_json(args.cv_dir / paths.CV_FOLDS.name)
-    write_json(args.out_dir / paths.CV_FOLDS.name, folds)
-    for fold in args.folds or sorted(set(folds.values())):
-        out = held_out_scores_path(args.out_dir, fold)
-        if out.exists():  # a fold finished before a crash is not trained again
-            print(f"fold {fold}: {out} exists, kept")
-            continue
-        work_dir = args.out_dir / f"checkpoints-{fold}"
-        rows = fold_head_scores(params, args.base, args.cv_dir / paths.cv_fold_dir(fold).name, work_dir, args.init)
-        write_jsonl(out, rows)
-        shutil.rmtree(work_dir, ignore_errors=True)
-        print(f"fold {fold}: {len(rows)} held-out questions -> {out}")
-
+    params = with_train(load_params(), epochs=args.epochs, learning_rate=args.learning_rate)
+    score_folds(args.cv_dir, [args.out_dir], args.folds,
+                lambda fold_dir, work_dir: [fold_head_scores(params, args.base, fold_dir, work_dir, args.init)])
 
 if __name__ == "__main__":
     main()

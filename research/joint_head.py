@@ -17,8 +17,6 @@ Inputs: a cross-validated run's `data/cv` (each fold's `train.jsonl`, `val.jsonl
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,35 +25,26 @@ import numpy as np
 
 from medqa import paths
 from medqa.decisions.answer_format import DECISIONS, AnswerFormat
-from medqa.io import read_json, read_jsonl, write_json, write_jsonl
+from medqa.io import read_jsonl
+from medqa.modeling.hardware import Hardware
 from medqa.params import Params
 from medqa.training.trainer import AnswerTrainer
-from research.cv_rules import held_out_scores_path
+from research.adapter_head import lora_config, option_head, score_folds, with_train
 from research.decision_head import decision_prompts, held_out_rows
 
 HEAD = "decision_head"  # the head's module name in the base model, saved with the adapter
 
 
-def setup_joint_model(base_dir: Path, params: Params, choice_ids: Sequence[int]) -> Any:
+def setup_joint_model(base_dir: Path, params: Params, hardware: Hardware, choice_ids: Sequence[int]) -> Any:
     """The base model with a 3-way head (`HEAD`, started from the LM head's rows for `choice_ids`) and a
     fresh LoRA adapter on the profile's modules; the head trains in full and is saved with the adapter."""
-    import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    from medqa.modeling.hardware import resolve_hardware
     from medqa.modeling.loading import load_model
-    from medqa.modeling.profiles import get_profile, lora_targets
 
-    base = load_model(base_dir, resolve_hardware(params.model.quantization, params.model.dtype))
-    lm_head = base.get_output_embeddings().weight
-    head = torch.nn.Linear(lm_head.shape[1], len(choice_ids), bias=False, dtype=lm_head.dtype, device=lm_head.device)
-    with torch.no_grad():
-        head.weight.copy_(lm_head[list(choice_ids)])
-    base.add_module(HEAD, head)
-    lora = params.lora
-    return get_peft_model(base, LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", modules_to_save=[HEAD],
-        target_modules=lora_targets(get_profile(params.model.name), lora.target_modules), task_type="CAUSAL_LM"))
+    base = load_model(base_dir, hardware)
+    base.add_module(HEAD, option_head(base, choice_ids))
+    return get_peft_model(base, lora_config(params.model, params.lora, "CAUSAL_LM", modules_to_save=[HEAD]))
 
 
 def decision_head_of(model: Any) -> Any:
@@ -117,7 +106,6 @@ def fold_joint_scores(params: Params, base_dir: Path, fold_dir: Path, work_dir: 
     `val.jsonl`); its `held_out.jsonl` rows as `cv_fold` writes them, by the head and by the plain choice."""
     from transformers import set_seed
 
-    from medqa.data.splits import validation_loss_examples
     from medqa.modeling.hardware import resolve_hardware
     from medqa.modeling.loading import load_tokenizer
     from medqa.training.examples import DecisionLoss, decision_loss, option_first_tokens, tokenized_dataset
@@ -134,13 +122,13 @@ def fold_joint_scores(params: Params, base_dir: Path, fold_dir: Path, work_dir: 
     # The options' ids mark where the head reads (`choice_mask`); the trainer gets none, so the decision
     # word's own cross-entropy stays over the whole vocabulary, as train.decision_loss says.
     marked = DecisionLoss(weighted.weights if weighted else dict.fromkeys(DECISIONS, 1.0), answer_format, option_ids)
-    model = setup_joint_model(base_dir, params, option_ids)
     hardware = resolve_hardware(params.model.quantization, params.model.dtype)
+    model = setup_joint_model(base_dir, params, hardware, option_ids)
     trainer = JointTrainer(
         model=model, args=training_arguments(train, hardware, work_dir),
         train_dataset=tokenized_dataset(examples, tokenizer, train.max_length, marked),
-        eval_dataset=tokenized_dataset(validation_loss_examples(val, train, params.split.seed), tokenizer,
-                                       train.max_length),
+        # The fold's val.jsonl holds its validation-loss questions already (`crossval.folds.fold_parts`).
+        eval_dataset=tokenized_dataset(val, tokenizer, train.max_length),
         data_collator=AnswerBatchCollator(tokenizer, window_logits=supports_logits_to_keep(model)),
         processing_class=tokenizer, option_ids=option_ids, head_weight=head_weight)
     trainer.train()
@@ -160,25 +148,9 @@ def main() -> None:
     parser.add_argument("--folds", type=int, nargs="+", help="only these folds (a screen; cv_levers needs all)")
     parser.add_argument("--seed", type=int, help="instead of train.seed")
     args = parser.parse_args()
-    params = load_params()
-    if args.seed is not None:
-        params = dataclasses.replace(params, train=dataclasses.replace(params.train, seed=args.seed))
-    folds = read_json(args.cv_dir / paths.CV_FOLDS.name)
-    choice_dir = args.out_dir / "choice"
-    for out_dir in (args.out_dir, choice_dir):
-        write_json(out_dir / paths.CV_FOLDS.name, folds)
-    for fold in args.folds or sorted(set(folds.values())):
-        if held_out_scores_path(choice_dir, fold).exists():  # a fold finished before a crash is kept
-            print(f"fold {fold}: scored already, kept")
-            continue
-        work_dir = args.out_dir / f"checkpoints-{fold}"
-        head, choice = fold_joint_scores(params, args.base, args.cv_dir / paths.cv_fold_dir(fold).name, work_dir,
-                                         args.head_weight)
-        write_jsonl(held_out_scores_path(args.out_dir, fold), head)
-        write_jsonl(held_out_scores_path(choice_dir, fold), choice)
-        shutil.rmtree(work_dir, ignore_errors=True)
-        print(f"fold {fold}: {len(head)} held-out questions -> {args.out_dir}, {choice_dir}")
-
+    params = with_train(load_params(), seed=args.seed)
+    score_folds(args.cv_dir, [args.out_dir, args.out_dir / "choice"], args.folds,
+                lambda fold_dir, work_dir: fold_joint_scores(params, args.base, fold_dir, work_dir, args.head_weight))
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,7 @@ import pytest
 
 from medqa.decisions.protocols import fit_offsets
 from medqa.evaluation.metrics import CODES, decision_table
+from medqa.params import PromptParams
 from tests.test_metrics import _row
 
 
@@ -179,6 +180,24 @@ def test_levers_compared_out_of_fold_on_the_same_questions(tmp_path, capsys, mon
         cv_levers.main()
 
 
+# The synthetic questions' prompt: short, the decision after the long answer (as the `workdir` fixture's).
+SHORT_PROMPT = PromptParams("Answer from the context.", None, "The answer is:", False)
+
+
+def _formatted(tokenizer, n: int, decision: str | None = None, context_copies: tuple[int, ...] = (1,)) -> list[dict]:
+    """`n` synthetic questions formatted with a short prompt (decision after the long answer), all with
+    `decision` when given; question i's contexts repeated `context_copies[i % len(context_copies)]` times
+    (longer prompts, or prompts of several lengths)."""
+    from medqa.prompting.prompts import PromptFormat, format_record
+    from tests.conftest import make_original
+
+    return [format_record({"pmid": k, "question": v["QUESTION"],
+                           "contexts": v["CONTEXTS"] * context_copies[i % len(context_copies)],
+                           "long_answer": v["LONG_ANSWER"], "final_decision": decision or v["final_decision"]},
+                          PromptFormat(tokenizer), SHORT_PROMPT)
+            for i, (k, v) in enumerate(make_original(n).items())]
+
+
 def test_the_heads_hidden_state_is_what_choice_scoring_reads(tokenizer, tiny_model):
     """research.decision_head: the LM head on the state it takes gives the options' log-likelihoods that
     choice scoring gives, so the head reads the same position as the choice, with the prompt cut alike."""
@@ -186,16 +205,10 @@ def test_the_heads_hidden_state_is_what_choice_scoring_reads(tokenizer, tiny_mod
 
     from medqa.decisions.answer_format import AnswerFormat
     from medqa.inference.decision_scorer import DecisionScorer
-    from medqa.params import PromptParams
-    from medqa.prompting.prompts import PromptFormat, format_record
     from research.decision_head import decision_states
-    from tests.conftest import make_original
 
-    prompt = PromptParams("Answer from the context.", None, "The answer is:", False)
-    answer_format = AnswerFormat.of(prompt)
-    examples = [format_record({"pmid": k, "question": v["QUESTION"], "contexts": v["CONTEXTS"] * 8,
-                               "long_answer": v["LONG_ANSWER"], "final_decision": v["final_decision"]},
-                              PromptFormat(tokenizer), prompt) for k, v in make_original(3).items()]
+    answer_format = AnswerFormat.of(SHORT_PROMPT)
+    examples = _formatted(tokenizer, 3, context_copies=(8,))
     states = decision_states(tiny_model, tokenizer, examples, answer_format, budget=64, desc=None)
     assert states.shape == (3, tiny_model.config.hidden_size)
     assert decision_states(tiny_model, tokenizer, [], answer_format, budget=64, desc=None).shape == (0, states.shape[1])
@@ -249,17 +262,11 @@ def test_the_adapter_heads_classifier_starts_as_choice_scoring(tokenizer, tiny_m
     from medqa.decisions.answer_format import AnswerFormat
     from medqa.decisions.protocols import choice_probabilities, reference_codes
     from medqa.inference.decision_scorer import DecisionScorer
-    from medqa.params import PromptParams
-    from medqa.prompting.prompts import PromptFormat, format_record
     from medqa.training.examples import option_first_tokens
     from research.adapter_head import classifier, decision_dataset, head_log_probabilities
-    from tests.conftest import make_original
 
-    prompt = PromptParams("Answer from the context.", None, "The answer is:", False)
-    answer_format = AnswerFormat.of(prompt)
-    examples = [format_record({"pmid": k, "question": v["QUESTION"], "contexts": v["CONTEXTS"] * (1 + i % 3),
-                               "long_answer": v["LONG_ANSWER"], "final_decision": v["final_decision"]},
-                              PromptFormat(tokenizer), prompt) for i, (k, v) in enumerate(make_original(5).items())]
+    answer_format = AnswerFormat.of(SHORT_PROMPT)
+    examples = _formatted(tokenizer, 5, context_copies=(1, 2, 3))
     dataset = decision_dataset(examples, tokenizer, answer_format, budget=96)
     assert len({len(r) for r in dataset["input_ids"]}) > 1  # rows of several lengths: padding is exercised
     assert dataset["labels"] == list(reference_codes(examples))
@@ -294,19 +301,6 @@ def test_the_adapter_head_learns_its_folds_labels_and_scores_the_held_out(workdi
     assert all(np.argmax(r["loglik"]) == 1 for r in rows)
 
 
-def _formatted(tokenizer, n: int, decision: str | None = None) -> list[dict]:
-    """`n` synthetic questions formatted as the workdir's (decision after the long answer), all with
-    `decision` when given."""
-    from medqa.params import PromptParams
-    from medqa.prompting.prompts import PromptFormat, format_record
-    from tests.conftest import make_original
-
-    prompt = PromptParams("Answer from the context.", None, "The answer is:", False)
-    return [format_record({"pmid": k, "question": v["QUESTION"], "contexts": v["CONTEXTS"], "long_answer": v["LONG_ANSWER"],
-                           "final_decision": decision or v["final_decision"]}, PromptFormat(tokenizer), prompt)
-            for k, v in make_original(n).items()]
-
-
 def test_the_joint_head_starts_as_choice_scoring_and_learns_its_folds_labels(workdir, tokenizer, tmp_path):
     """research.joint_head: before training, the head on the final hidden state gives the LM's own option
     probabilities (the state is the normed one the LM head reads); trained with the answer loss on questions
@@ -314,6 +308,7 @@ def test_the_joint_head_starts_as_choice_scoring_and_learns_its_folds_labels(wor
     from medqa.decisions.answer_format import AnswerFormat
     from medqa.decisions.protocols import choice_probabilities
     from medqa.io import write_jsonl
+    from medqa.modeling.hardware import resolve_hardware
     from medqa.params import params_from_dict
     from medqa.training.examples import option_first_tokens
     from research.decision_head import decision_prompts
@@ -325,7 +320,9 @@ def test_the_joint_head_starts_as_choice_scoring_and_learns_its_folds_labels(wor
     options = option_first_tokens(answer_format, tokenizer)
     held_out = _formatted(tokenizer, 24)[20:]
     prompts = decision_prompts(held_out, tokenizer, answer_format, budget=200)
-    head, choice = joint_log_probabilities(setup_joint_model(workdir / "base", params, options), prompts, options)
+    hardware = resolve_hardware(params.model.quantization, params.model.dtype)
+    head, choice = joint_log_probabilities(setup_joint_model(workdir / "base", params, hardware, options), prompts,
+                                           options)
     assert head.shape == choice.shape == (4, 3)
     assert np.allclose(np.exp(head), choice_probabilities(choice), atol=1e-4)
 
